@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: demo test lint typecheck pytest bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The runtime install (torch pinned for development; the package itself allows torch>=2.1).
+$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -e . "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.installed
+	$(PIP) install -e ".[dev]" "$(TORCH_SPEC)"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/gradwatch demo --logdir runs
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check gradwatch tests examples benchmarks
+
+typecheck: $(VENV)/.dev
+	$(BIN)/mypy gradwatch
+
+pytest: $(VENV)/.dev
+	$(BIN)/python -m pytest -q -ra
+
+test: lint typecheck pytest
+
+bench: $(VENV)/.dev
+	$(PIP) install -r benchmarks/requirements-peers.txt "$(TORCH_SPEC)" || echo "peers not installed: their rows are skipped"
+	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/flush.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

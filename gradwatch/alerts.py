@@ -1,0 +1,98 @@
+"""Alerts and how they reach the user: warnings, an exception, a logger or a callable."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Union
+
+KINDS = ("vanishing", "exploding", "nonfinite", "dead", "saturated")
+ON_ALERT = ("warn", "raise", "log", "ignore")
+
+logger = logging.getLogger("gradwatch")
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One finding of the rules: ``kind`` at ``layer`` on ``stat`` at training ``step``."""
+
+    step: int
+    layer: str
+    kind: str
+    stat: str
+    value: float
+    threshold: float
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class GradwatchWarning(RuntimeWarning):
+    """Base class of every warning gradwatch issues."""
+
+
+class VanishingGradientWarning(GradwatchWarning):
+    pass
+
+
+class ExplodingGradientWarning(GradwatchWarning):
+    pass
+
+
+class NonFiniteWarning(GradwatchWarning):
+    pass
+
+
+class DeadActivationWarning(GradwatchWarning):
+    pass
+
+
+class SaturationWarning(GradwatchWarning):
+    pass
+
+
+WARNING_FOR: dict[str, type[GradwatchWarning]] = {
+    "vanishing": VanishingGradientWarning,
+    "exploding": ExplodingGradientWarning,
+    "nonfinite": NonFiniteWarning,
+    "dead": DeadActivationWarning,
+    "saturated": SaturationWarning,
+}
+
+
+class GradientAlertError(RuntimeError):
+    """Raised by ``step()``/``flush()`` under ``on_alert="raise"``; carries the ``alert``."""
+
+    def __init__(self, alert: Alert) -> None:
+        super().__init__(alert.message)
+        self.alert = alert
+
+
+OnAlert = Union[str, Callable[[Alert], None]]
+
+
+def validate_on_alert(on_alert: object) -> None:
+    if callable(on_alert):
+        return
+    if not isinstance(on_alert, str):
+        raise TypeError(
+            f"on_alert must be one of {ON_ALERT} or a callable(Alert), got {on_alert!r}"
+        )
+    if on_alert not in ON_ALERT:
+        raise ValueError(
+            f"on_alert must be one of {ON_ALERT} or a callable(Alert), got {on_alert!r}"
+        )
+
+
+def deliver(alert: Alert, on_alert: OnAlert) -> None:
+    """Hand one alert to the user, on the training thread."""
+    if callable(on_alert):
+        on_alert(alert)
+    elif on_alert == "warn":
+        warnings.warn(alert.message, WARNING_FOR[alert.kind], stacklevel=4)
+    elif on_alert == "raise":
+        raise GradientAlertError(alert)
+    elif on_alert == "log":
+        logger.warning(alert.message)

@@ -1,0 +1,1 @@
+"""Writers of flushed windows. A sink never touches the model or the device."""

@@ -1,0 +1,55 @@
+"""Plain-text table of a Snapshot (``Watcher.report()``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from gradwatch.alerts import Alert
+from gradwatch.snapshot import Snapshot
+
+COLUMNS = ("grad_rms", "grad_max", "update_ratio", "act_mean", "act_std", "act_zero_frac",
+           "act_sat_frac", "out_grad_rms", "nonfinite")
+_ALERT_STAT = {"vanishing": "grad_rms", "exploding": "grad_rms", "dead": "act_zero_frac",
+               "saturated": "act_sat_frac", "nonfinite": "nonfinite"}
+
+
+def _cell(v: float | None) -> str:
+    if v is None:
+        return "-"
+    if math.isnan(v):
+        return "nan"
+    if v == 0:
+        return "0"
+    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
+
+
+def report(snap: Snapshot | None, alerts: Sequence[Alert], types: dict[str, str]) -> str:
+    """One row per layer; a cell whose stat was alerted in this window ends with ``!``."""
+    if snap is None:
+        return "gradwatch: nothing flushed yet"
+    marked = {(a.layer, _ALERT_STAT[a.kind]) for a in alerts if a.step <= snap.step}
+    head = ["layer", "type", *COLUMNS]
+    rows = [head]
+    for layer, stats in snap.stats.items():
+        row = [layer, types.get(layer, "")]
+        for c in COLUMNS:
+            cell = _cell(stats.get(c))
+            row.append(cell + ("!" if (layer, c) in marked else ""))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = [f"gradwatch report, step {snap.step}"
+             + (f", {snap.amp_skipped} AMP-skipped step(s)" if snap.amp_skipped else "")]
+    for k, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    recent = [a for a in alerts if a.step <= snap.step][-20:]
+    if recent:
+        lines.append("")
+        lines.append(f"alerts ({len(alerts)} in all, newest {len(recent)}):")
+        lines.extend("  " + a.message for a in recent)
+    else:
+        lines.append("no alerts")
+    return "\n".join(lines)

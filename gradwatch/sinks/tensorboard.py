@@ -1,0 +1,78 @@
+"""TensorBoard sink: scalars ``gradwatch/<stat>/<layer>``, a custom-scalars layout, alerts.
+
+Runs on the watcher's background thread. Uses ``add_scalar`` with hierarchical tags (never
+``add_scalars``, which makes one event file per tag).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Any, Sequence
+
+from gradwatch.alerts import KINDS, Alert
+from gradwatch.buffers import STATS
+from gradwatch.snapshot import Snapshot
+
+ALERT_TEXT_TAG = "gradwatch/alerts"
+
+
+def scalar_tag(stat: str, layer: str) -> str:
+    """The one place where a TensorBoard scalar tag is built."""
+    return f"gradwatch/{stat}/{layer}"
+
+
+def alert_count_tag(kind: str) -> str:
+    return f"gradwatch/alert_count/{kind}"
+
+
+def layout() -> dict[str, Any]:
+    """Custom-scalars layout: category ``gradwatch``, one multi-line chart per stat."""
+    charts = {s: ["Multiline", ["^" + re.escape(scalar_tag(s, ""))]] for s in STATS}
+    charts["alert_count"] = ["Multiline", ["^" + re.escape(alert_count_tag(""))]]
+    return {"gradwatch": charts}
+
+
+def alerts_markdown(alerts: Sequence[Alert]) -> str:
+    head = "| step | layer | kind | stat | value | threshold |\n|---:|---|---|---|---:|---:|\n"
+    rows = "".join(
+        f"| {a.step} | `{a.layer.replace('|', '/').replace('`', '')}` | {a.kind} | {a.stat} "
+        f"| {a.value:.4g} | {a.threshold:.4g} |\n"
+        for a in alerts
+    )
+    return head + rows
+
+
+class TensorBoardSink:
+    def __init__(self, writer: Any, owns: bool) -> None:
+        self.writer = writer
+        self.owns = owns
+        self._layout_written = False
+        self._counts: Counter[str] = Counter()
+
+    def write(self, snap: Snapshot, alerts: Sequence[Alert]) -> None:
+        w = self.writer
+        if not self._layout_written:
+            w.add_custom_scalars(layout())
+            self._layout_written = True
+        for layer, stats in snap.stats.items():
+            for stat, v in stats.items():
+                if not math.isnan(v):
+                    w.add_scalar(scalar_tag(stat, layer), v, snap.step)
+        w.add_scalar("gradwatch/amp_skipped", snap.amp_skipped, snap.step)
+        self.write_alerts(alerts, snap.step)
+        w.flush()
+
+    def write_alerts(self, alerts: Sequence[Alert], step: int) -> None:
+        for a in alerts:
+            self._counts[a.kind] += 1
+        for kind in KINDS:
+            self.writer.add_scalar(alert_count_tag(kind), self._counts[kind], step)
+        if alerts:
+            self.writer.add_text(ALERT_TEXT_TAG, alerts_markdown(alerts), step)
+
+    def close(self) -> None:
+        self.writer.flush()
+        if self.owns:
+            self.writer.close()

@@ -1,0 +1,91 @@
+"""``Snapshot``: the one device -> host crossing of a window, and its host-side form."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gradwatch.buffers import FINAL_KEYS, STATS
+from gradwatch.selection import LayerInfo
+
+_PARAM_STATS = ("grad_norm", "grad_rms", "grad_max")
+
+
+def applicable(info: LayerInfo, has_optimizer: bool) -> tuple[str, ...]:
+    """The stats that apply to a layer; the others are absent from its dict, not zero."""
+    out = []
+    for s in STATS:
+        if s in _PARAM_STATS and not info.has_trainable:
+            continue
+        if s == "weight_norm" and not info.has_params:
+            continue
+        if s == "update_ratio" and not (has_optimizer and info.has_trainable):
+            continue
+        if s == "act_sat_frac" and info.bounds is None:
+            continue
+        out.append(s)
+    return tuple(out)
+
+
+class HostCopy:
+    """A device tensor on its way to the host.
+
+    On CUDA the copy goes non-blocking into pinned memory and an event marks its end; the
+    reader (the background thread) waits on that event, never the training thread. On CPU
+    the copy is a plain memcpy into fresh memory, so the device buffer can be reset at once.
+    """
+
+    def __init__(self, t: Tensor) -> None:
+        if t.device.type == "cuda":
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event: Any = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = t.to("cpu", copy=True)
+            self.event = None
+
+    def numpy(self) -> np.ndarray:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.numpy()
+
+
+@dataclass
+class Snapshot:
+    """One flushed window: host floats per layer and stat (NaN: not collected this window).
+
+    ``step`` is the number of training steps completed at the flush; ``amp_skipped`` the
+    steps of the window that a GradScaler skipped.
+    """
+
+    step: int
+    stats: dict[str, dict[str, float]]
+    amp_skipped: int = 0
+    act_nonfinite: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "amp_skipped": self.amp_skipped,
+                "stats": {k: dict(v) for k, v in self.stats.items()}}
+
+    @classmethod
+    def build(cls, step: int, values: np.ndarray, layers: Sequence[LayerInfo],
+              order: Sequence[int], applies: Sequence[tuple[str, ...]],
+              amp_skipped: int = 0) -> Snapshot:
+        """From the ``[layers, FINAL_KEYS]`` host array; layers in ``order`` first."""
+        col = {k: j for j, k in enumerate(FINAL_KEYS)}
+        seen = set(order)
+        rows = list(order) + [i for i in range(len(layers)) if i not in seen]
+        stats: dict[str, dict[str, float]] = {}
+        act_nf: dict[str, float] = {}
+        for i in rows:
+            name = layers[i].name
+            stats[name] = {s: float(values[i, col[s]]) for s in applies[i]}
+            v = float(values[i, col["_act_nonfinite"]])
+            act_nf[name] = 0.0 if math.isnan(v) else v
+        return cls(step, stats, amp_skipped, act_nf)

@@ -1,0 +1,56 @@
+"""The background thread that runs the rules and the sinks off the training thread."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable
+
+
+class Worker:
+    """A single daemon thread running submitted jobs in order.
+
+    ``on_error(exc)`` is called (on the worker thread) when a job raises; the worker keeps
+    running, so one bad window never stops the next ones.
+    """
+
+    def __init__(self, on_error: Callable[[BaseException], None]) -> None:
+        self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._on_error = on_error
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="gradwatch-worker",
+                                                daemon=True)
+                self._thread.start()
+        self._q.put(job)
+
+    def join(self) -> None:
+        """Wait until every submitted job has run."""
+        if self._thread is not None and self._thread.is_alive():
+            self._q.join()
+
+    def close(self) -> None:
+        t = self._thread
+        if t is not None and t.is_alive():
+            self._q.put(None)
+            t.join()
+        self._thread = None
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            try:
+                if job is None:
+                    return
+                job()
+            except BaseException as e:  # noqa: BLE001 - reported, never propagated
+                try:
+                    self._on_error(e)
+                except Exception:
+                    pass
+            finally:
+                self._q.task_done()
