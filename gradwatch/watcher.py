@@ -48,6 +48,14 @@ class _Attachment:
         return self.ref() if self.ref is not None else None
 
 
+def _given(v: object) -> str:
+    """The value given, for an error message: a short repr and its type."""
+    r = repr(v)
+    if len(r) > 80:
+        r = r[:77] + "..."
+    return f"{r} ({type(v).__name__})"
+
+
 def _check_int(name: str, v: object) -> int:
     if not isinstance(v, int) or isinstance(v, bool):
         raise TypeError(f"{name} must be an int >= 1, got {v!r}")
@@ -118,15 +126,14 @@ class Watcher:
     ) -> None:
         # -- validate everything before touching the model ----------------------------------
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+            raise TypeError(f"model must be a torch.nn.Module, got {_given(model)}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer or None, got "
-                f"{type(optimizer).__name__}"
+                f"optimizer must be a torch.optim.Optimizer or None, got {_given(optimizer)}"
             )
         if scaler is not None and not (hasattr(scaler, "get_scale") and hasattr(scaler, "step")):
             raise TypeError(
-                f"scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}"
+                f"scaler must be a torch.amp.GradScaler or None, got {_given(scaler)}"
             )
         self.every = _check_int("every", every)
         self.sample_every = _check_int("sample_every", sample_every)
@@ -139,8 +146,7 @@ class Watcher:
             raise TypeError(f"logdir must be a path (str or os.PathLike), got {logdir!r}")
         if writer is not None and not hasattr(writer, "add_scalar"):
             raise TypeError(
-                f"writer must be a torch.utils.tensorboard.SummaryWriter, got "
-                f"{type(writer).__name__}"
+                f"writer must be a torch.utils.tensorboard.SummaryWriter, got {_given(writer)}"
             )
         root = unwrap(model)
         chosen = select(root, include, exclude)
