@@ -12,7 +12,9 @@ watcher closes, or when copied or pickled with the model.
 
 from __future__ import annotations
 
+import collections
 import math
+import threading
 import warnings
 import weakref
 from typing import Any, Callable, Sequence
@@ -51,7 +53,7 @@ class ForwardHook(_Hook):
 
     def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         c = self._collector()
-        if c is not None and c.act_on:
+        if c is not None and (c.act_on or c.grad_on):
             c.on_output(self.slot, output)
         return None
 
@@ -82,36 +84,47 @@ class Collector:
         self._hooked: dict[tuple[int, int], weakref.ref[Tensor]] = {}
         self._handles: list[RemovableHandle] = []
         self._faults: set[str] = set()
+        self._fault_lock = threading.Lock()
+        # fault messages from the background thread, delivered on the training thread
+        self.deferred: collections.deque[str] = collections.deque()
 
     # -- forward ----------------------------------------------------------------------------
     def on_output(self, slot: int, output: Any) -> None:
+        # Two parts that fail and switch off independently: activation statistics, and
+        # the placement of the output-gradient hooks. Never take the training down.
         try:
             if not self.called[slot]:
                 self.called[slot] = True
                 self.order.append(slot)
-            first = True
-            for t in tree_leaves(output):
-                if not isinstance(t, Tensor) or not t.is_floating_point() or t.is_sparse:
-                    continue
-                n = t.numel()
-                if n == 0:
-                    continue
-                if first:
-                    first = False
-                    if self.full:
-                        vec = S.activation_sums(t, self.layers[slot].bounds, self.margin)
-                        self.buffers.add_activation(slot, vec, n)
-                    else:
-                        self.buffers.add_nonfinite(slot, S.nonfinite_flag(t))
-                if t.requires_grad and self.grad_on:
-                    key = (id(t), t._version)
-                    ref = self._hooked.get(key)
-                    if ref is None or ref() is not t:
-                        self._hooked[key] = weakref.ref(t)
-                        self._handles.append(t.register_hook(OutGradHook(self, slot)))
-        except Exception as e:  # never take the training down
-            self.act_on = False
+            leaves = [t for t in tree_leaves(output) if isinstance(t, Tensor)
+                      and t.is_floating_point() and not t.is_sparse and t.numel() > 0]
+        except Exception as e:
+            self.act_on = self.grad_on = False
             self.fault("forward hook", self.layers[slot].name, e)
+            return
+        if leaves and self.act_on:
+            try:
+                t = leaves[0]
+                if self.full:
+                    vec = S.activation_sums(t, self.layers[slot].bounds, self.margin)
+                    self.buffers.add_activation(slot, vec, t.numel())
+                else:
+                    self.buffers.add_nonfinite(slot, S.nonfinite_flag(t))
+            except Exception as e:
+                self.act_on = False
+                self.fault("activation statistics", self.layers[slot].name, e)
+        if self.grad_on:
+            try:
+                for t in leaves:
+                    if t.requires_grad:
+                        key = (id(t), t._version)
+                        ref = self._hooked.get(key)
+                        if ref is None or ref() is not t:
+                            self._hooked[key] = weakref.ref(t)
+                            self._handles.append(t.register_hook(OutGradHook(self, slot)))
+            except Exception as e:
+                self.grad_on = False
+                self.fault("output-gradient hook", self.layers[slot].name, e)
 
     # -- backward ---------------------------------------------------------------------------
     def on_out_grad(self, slot: int, grad: Tensor) -> None:
@@ -134,18 +147,24 @@ class Collector:
             h.remove()
         self.end_step()
 
-    def fault(self, stage: str, layer: str, exc: BaseException) -> None:
-        """Report an internal failure once per stage; the caller switches that part off."""
-        if stage in self._faults:
-            return
-        self._faults.add(stage)
-        warnings.warn(
-            f"gradwatch: internal error in the {stage} (layer {layer!r}): "
-            f"{type(exc).__name__}: {exc}; this part of the watcher is switched off, "
-            "training continues",
-            GradwatchWarning,
-            stacklevel=2,
-        )
+    def fault(self, stage: str, layer: str, exc: BaseException, defer: bool = False) -> None:
+        """Report an internal failure once per stage; the caller switches that part off.
+
+        ``layer`` is the layer being processed, ``"*"`` for a stage that serves all layers.
+        ``defer``: called off the training thread; the warning is queued in ``deferred`` and
+        issued on the training thread at the next step/flush/close."""
+        with self._fault_lock:
+            if stage in self._faults:
+                return
+            self._faults.add(stage)
+        where = "all layers" if layer == "*" else f"layer {layer!r}"
+        msg = (f"gradwatch: internal error in the {stage} ({where}): "
+               f"{type(exc).__name__}: {exc}; this part of the watcher is switched off, "
+               "training continues")
+        if defer:
+            self.deferred.append(msg)
+        else:
+            warnings.warn(msg, GradwatchWarning, stacklevel=2)
 
 
 class _StepHook:

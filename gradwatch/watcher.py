@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from gradwatch import alerts as A
+from gradwatch import lifecycle
 from gradwatch.buffers import WindowBuffers
 from gradwatch.hooks import Collector, ForwardHook, ParamTracker, _StepHook
 from gradwatch.rules import Rules, Thresholds
@@ -178,7 +179,7 @@ class Watcher:
         self._latest: Snapshot | None = None
         self._alerts: collections.deque[A.Alert] = collections.deque(maxlen=MAX_ALERTS)
         self._pending: collections.deque[A.Alert] = collections.deque()
-        self._faults: collections.deque[str] = collections.deque()
+        self._off: set[str] = set()  # internal parts switched off after a failure
         self._lock = threading.Lock()
         self._pending_grads: Any = None
         self._sink: Any = None
@@ -213,6 +214,7 @@ class Watcher:
             self._handles.append(optimizer.register_step_pre_hook(_StepHook(self._pre_step)))
             self._handles.append(optimizer.register_step_post_hook(_StepHook(self._post_step)))
         root.__dict__[_ATTACH] = _Attachment(self)
+        lifecycle.register(self)  # flushed and closed at exit / SIGTERM if left open
 
     # -- public surface -------------------------------------------------------------------------
     @property
@@ -258,6 +260,7 @@ class Watcher:
         if self._closed:
             return
         self._closed = True
+        lifecycle.unregister(self)
         c = self._collector
         c.act_on = c.grad_on = False
         for h in self._handles:
@@ -273,7 +276,7 @@ class Watcher:
                 self._launch_flush()
             self._worker.join()
             if self._sink is not None:
-                self._worker.submit(self._sink.close)
+                self._worker.submit(self._close_sink)
             self._worker.join()
         finally:
             self._worker.close()
@@ -290,7 +293,11 @@ class Watcher:
         if exc_type is None:
             self.close()
             return
-        # the block is already failing: do not let an alert replace its exception
+        self._close_at_exit()
+
+    def _close_at_exit(self) -> None:
+        """Close when the program is already ending (an exception, exit, SIGTERM): alerts
+        are delivered, but ``on_alert="raise"`` does not replace what is going on."""
         on_alert = self.on_alert
         if on_alert == "raise":
             self.on_alert = "log"
@@ -305,6 +312,8 @@ class Watcher:
 
     # -- step machinery ---------------------------------------------------------------------------
     def _params_safe(self, what: str) -> Any:
+        if what in self._off:
+            return None
         try:
             if what == "grad":
                 return self._params.grad_stats()
@@ -315,6 +324,7 @@ class Watcher:
                 return None
             return self._params.update_ratios()
         except Exception as e:
+            self._off.add(what)
             self._collector.fault(f"parameter statistics ({what})", "*", e)
             return None
 
@@ -333,19 +343,28 @@ class Watcher:
         updates = self._params_safe("update") if full and self._optimizer is not None else None
         k = self._step % 2
         try:
-            flags = self._buffers.step_flags(grads)
-            self._flags[k].copy_(flags, non_blocking=self._flags[k].is_pinned())
-            if self._flags[k].is_pinned():
-                ev = torch.cuda.Event()
-                ev.record()
-                self._flag_events[k] = ev
-            self._buffers.commit_step(grads, weights, updates)
+            if "commit" in self._off:
+                self._buffers.discard_step()
+            else:
+                flags = self._buffers.step_flags(grads)
+                self._flags[k].copy_(flags, non_blocking=self._flags[k].is_pinned())
+                if self._flags[k].is_pinned():
+                    ev = torch.cuda.Event()
+                    ev.record()
+                    self._flag_events[k] = ev
+                self._buffers.commit_step(grads, weights, updates)
         except Exception as e:
+            self._off.add("commit")
             self._collector.fault("step commit", "*", e)
         self._collector.end_step()
         self._step += 1
         self._window_steps += 1
-        self._check_flags(k)
+        if not self._off & {"commit", "flags"}:
+            try:
+                self._check_flags(k)
+            except Exception as e:
+                self._off.add("flags")
+                self._collector.fault("non-finite check", "*", e)
         self._collector.full = self._step % self.sample_every == 0
         if self._window_steps >= self.every:
             self._launch_flush()
@@ -391,10 +410,13 @@ class Watcher:
         step, amp = self._step, self._amp_skipped
         order = list(self._collector.order)
         try:
+            if "flush" in self._off:
+                return
             if self._distributed():
                 self._buffers.reduce_across_ranks()
             copy = HostCopy(self._buffers.finalize())
         except Exception as e:
+            self._off.add("flush")
             self._collector.fault("flush", "*", e)
             return
         finally:
@@ -417,29 +439,46 @@ class Watcher:
         """On the background thread: host values -> Snapshot -> rules -> sinks."""
         snap = Snapshot.build(step, copy.numpy(), self._infos, order, self._applies, amp)
         names = [self._infos[i].name for i in order]
-        found = self._rules.evaluate(step, snap.stats, names, snap.act_nonfinite)
+        found: list[A.Alert] = []
+        if "rules" not in self._off:
+            try:
+                found = self._rules.evaluate(step, snap.stats, names, snap.act_nonfinite)
+            except Exception as e:
+                self._off.add("rules")
+                self._collector.fault("rules", "*", e, defer=True)
         self._latest = snap
-        if self._sink is not None and self._is_writer_rank():
-            self._sink.write(snap, found)
+        if self._sink is not None and "sink" not in self._off and self._is_writer_rank():
+            try:
+                self._sink.write(snap, found)
+            except Exception as e:  # e.g. the disk is full
+                self._off.add("sink")
+                self._collector.fault("TensorBoard sink", "*", e, defer=True)
         with self._lock:
             self._pending.extend(found)
 
+    def _close_sink(self) -> None:
+        """On the background thread: flush and close the sink; a sink already switched
+        off after a failure is closed without a second report."""
+        try:
+            self._sink.close()
+        except Exception as e:
+            if "sink" not in self._off:
+                self._off.add("sink")
+                self._collector.fault("TensorBoard sink", "*", e, defer=True)
+
     def _worker_error(self, e: BaseException) -> None:
-        with self._lock:
-            self._faults.append(f"gradwatch: internal error in the background writer: "
-                                f"{type(e).__name__}: {e}; training continues")
+        self._collector.fault("background writer", "*", e, defer=True)
 
     def _deliver(self) -> None:
         """Alerts and faults reach the user here, on the training thread."""
-        if not self._pending and not self._faults:
+        faults = self._collector.deferred
+        while faults:
+            warnings.warn(faults.popleft(), A.GradwatchWarning, stacklevel=3)
+        if not self._pending:
             return
         with self._lock:
             found = list(self._pending)
             self._pending.clear()
-            faults = list(self._faults)
-            self._faults.clear()
-        for f in faults:
-            warnings.warn(f, A.GradwatchWarning, stacklevel=3)
         if not self._is_writer_rank():
             return
         for i, a in enumerate(found):

@@ -23,10 +23,24 @@ class Worker:
     def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="gradwatch-worker",
-                                                daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="gradwatch-worker",
+                                          daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # interpreter shutting down: no new threads
+                    self._run_inline(job)
+                    return
+                self._thread = thread
         self._q.put(job)
+
+    def _run_inline(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as e:  # noqa: BLE001 - reported, never propagated
+            try:
+                self._on_error(e)
+            except Exception:
+                pass
 
     def join(self) -> None:
         """Wait until every submitted job has run."""
@@ -46,11 +60,6 @@ class Worker:
             try:
                 if job is None:
                     return
-                job()
-            except BaseException as e:  # noqa: BLE001 - reported, never propagated
-                try:
-                    self._on_error(e)
-                except Exception:
-                    pass
+                self._run_inline(job)
             finally:
                 self._q.task_done()
