@@ -55,15 +55,32 @@ def nonfinite_flag(x: Tensor) -> Tensor:
     return torch.isfinite(s).logical_not().to(torch.float32)
 
 
+_UPCAST = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _norm(t: Tensor, ord: float = 2.0) -> Tensor:
+    """fp32 norm of any float or complex tensor: half precision is accumulated in fp32,
+    float64 and complex in their own precision (``dtype=`` may not narrow), then cast."""
+    if t.dtype in _UPCAST:
+        return torch.linalg.vector_norm(t, ord, dtype=torch.float32)
+    return torch.linalg.vector_norm(t, ord).to(torch.float32)
+
+
 def grad_sq_sum(g: Tensor) -> Tensor:
     """Σg² in fp32 (a dense view of a sparse gradient is taken first)."""
     if g.is_sparse:
         g = g.coalesce()._values()
-    n = torch.linalg.vector_norm(g.detach(), dtype=torch.float32)
+    if g.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=g.device)
+    n = _norm(g.detach())
     return n * n
 
 
 def foreach_norms(tensors: Sequence[Tensor], ord: float) -> Tensor:
     """Per-tensor norms of a list, one fp32 vector, using the fused foreach kernel."""
     dense = [t.coalesce()._values() if t.is_sparse else t for t in tensors]
-    return torch.stack(torch._foreach_norm(dense, ord, dtype=torch.float32))
+    # the norm of nothing is 0 (the max-norm kernel refuses empty tensors)
+    dense = [t if t.numel() else t.new_zeros(1) for t in dense]
+    if all(t.dtype in _UPCAST for t in dense):
+        return torch.stack(torch._foreach_norm(dense, ord, dtype=torch.float32))
+    return torch.stack([_norm(t, ord) for t in dense])
