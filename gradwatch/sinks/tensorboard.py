@@ -34,10 +34,18 @@ def layout() -> dict[str, Any]:
     return {"gradwatch": charts}
 
 
+def _code_span(name: str) -> str:
+    """A layer name as one markdown table cell: a code span (so markup in it is shown, not
+    rendered) without the characters that would end the span, the cell or the row."""
+    for ch, to in (("|", "/"), ("`", ""), ("\r", " "), ("\n", " ")):
+        name = name.replace(ch, to)
+    return f"`{name}`"
+
+
 def alerts_markdown(alerts: Sequence[Alert]) -> str:
     head = "| step | layer | kind | stat | value | threshold |\n|---:|---|---|---|---:|---:|\n"
     rows = "".join(
-        f"| {a.step} | `{a.layer.replace('|', '/').replace('`', '')}` | {a.kind} | {a.stat} "
+        f"| {a.step} | {_code_span(a.layer)} | {a.kind} | {a.stat} "
         f"| {a.value:.4g} | {a.threshold:.4g} |\n"
         for a in alerts
     )
