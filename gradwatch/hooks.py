@@ -84,7 +84,7 @@ class Collector:
         self._hooked: dict[tuple[int, int], weakref.ref[Tensor]] = {}
         self._handles: list[RemovableHandle] = []
         self._faults: set[str] = set()
-        self._fault_lock = threading.Lock()
+        self._fault_lock = threading.RLock()
         # fault messages from the background thread, delivered on the training thread
         self.deferred: collections.deque[str] = collections.deque()
 

@@ -22,13 +22,21 @@ if TYPE_CHECKING:
     from gradwatch.watcher import Watcher
 
 _open: weakref.WeakSet[Watcher] = weakref.WeakSet()
-_lock = threading.Lock()
-_state: dict[str, Any] = {"atexit": False, "installed": False, "previous": None}
+# re-entrant: the SIGTERM handler runs on the main thread, possibly inside register()
+_lock = threading.RLock()
+_state: dict[str, Any] = {"atexit": False, "installed": False, "previous": None,
+                          "pid": os.getpid()}
+# At exit, the most seconds spent closing one watcher: a stuck background thread (say, the
+# signal came while the training thread held a lock it needs) must not hang the exit.
+EXIT_BUDGET = 15.0
 
 
 def register(w: Watcher) -> None:
     """Called when a watcher opens."""
     with _lock:
+        if _state["pid"] != os.getpid():  # a forked child: start from an empty registry
+            _open.clear()
+            _state.update(installed=False, previous=None, pid=os.getpid())
         _open.add(w)
         if not _state["atexit"]:
             atexit.register(_at_exit)
@@ -46,12 +54,15 @@ def unregister(w: Watcher) -> None:
 
 
 def close_all() -> None:
-    """Flush and close every open watcher; never raises (used at exit)."""
+    """Flush and close every open watcher; never raises (used at exit).
+
+    Only in the process that opened them: a forked child (a DataLoader worker) holds copies
+    of the parent's watchers, and must not write into the parent's logs."""
     with _lock:
-        watchers = list(_open)
+        watchers = list(_open) if _state["pid"] == os.getpid() else []
     for w in watchers:
         try:
-            w._close_at_exit()
+            w._close_at_exit(EXIT_BUDGET)
         except Exception:  # noqa: BLE001 - at exit, a failure must not hide the others
             pass
 

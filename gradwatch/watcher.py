@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, Mapping, Sequence
@@ -180,7 +181,8 @@ class Watcher:
         self._alerts: collections.deque[A.Alert] = collections.deque(maxlen=MAX_ALERTS)
         self._pending: collections.deque[A.Alert] = collections.deque()
         self._off: set[str] = set()  # internal parts switched off after a failure
-        self._lock = threading.Lock()
+        # re-entrant: the SIGTERM handler closes on the training thread, maybe inside it
+        self._lock = threading.RLock()
         self._pending_grads: Any = None
         self._sink: Any = None
         if tensorboard:
@@ -257,6 +259,11 @@ class Watcher:
 
     def close(self) -> None:
         """Flush a non-empty window, remove every hook, close an owned writer. Idempotent."""
+        self._close(None)
+
+    def _close(self, budget: float | None) -> None:
+        """``budget``: at most this many seconds waiting for the background thread (at exit,
+        where a hang is worse than a lost window); None waits as long as it takes."""
         if self._closed:
             return
         self._closed = True
@@ -271,15 +278,23 @@ class Watcher:
             att = self._root.__dict__[_ATTACH]
             if isinstance(att, _Attachment) and att.get() is self:
                 del self._root.__dict__[_ATTACH]
+        end = None if budget is None else time.monotonic() + budget
+
+        def left() -> float | None:
+            return None if end is None else max(0.0, end - time.monotonic())
+
         try:
             if self._window_steps:
                 self._launch_flush()
-            self._worker.join()
+            done = self._worker.join(left())
             if self._sink is not None:
-                self._worker.submit(self._close_sink)
-            self._worker.join()
+                if done:
+                    self._worker.submit(self._close_sink)
+                    self._worker.join(left())
+                else:  # the background thread is stuck: close the writer from here
+                    self._close_sink()
         finally:
-            self._worker.close()
+            self._worker.close(left())
         self._deliver()
 
     def report(self) -> str:
@@ -295,14 +310,14 @@ class Watcher:
             return
         self._close_at_exit()
 
-    def _close_at_exit(self) -> None:
+    def _close_at_exit(self, budget: float | None = None) -> None:
         """Close when the program is already ending (an exception, exit, SIGTERM): alerts
         are delivered, but ``on_alert="raise"`` does not replace what is going on."""
         on_alert = self.on_alert
         if on_alert == "raise":
             self.on_alert = "log"
         try:
-            self.close()
+            self._close(budget)
         finally:
             self.on_alert = on_alert
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from typing import Callable
 
 
@@ -18,7 +19,7 @@ class Worker:
         self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._on_error = on_error
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: see Watcher._lock
 
     def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
@@ -42,16 +43,27 @@ class Worker:
             except Exception:
                 pass
 
-    def join(self) -> None:
-        """Wait until every submitted job has run."""
-        if self._thread is not None and self._thread.is_alive():
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted job has run; False if ``timeout`` ran out first."""
+        if self._thread is None or not self._thread.is_alive():
+            return True
+        if timeout is None:
             self._q.join()
+            return True
+        deadline = time.monotonic() + timeout
+        with self._q.all_tasks_done:
+            while self._q.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._q.all_tasks_done.wait(left)
+        return True
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         t = self._thread
         if t is not None and t.is_alive():
             self._q.put(None)
-            t.join()
+            t.join(timeout)
         self._thread = None
 
     def _run(self) -> None:

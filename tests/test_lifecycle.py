@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,23 @@ SCRIPT = textwrap.dedent("""
     elif mode == "forgot_close":
         for _ in range(25):
             step()
+    elif mode == "fork":
+        import os
+        for _ in range(25):
+            step()
+        quiet = os.fork()
+        if quiet == 0:  # a child (think DataLoader worker) that ends normally: atexit runs
+            sys.exit(0)
+        killed = os.fork()
+        if killed == 0:  # a child that is terminated
+            time.sleep(60)
+            os._exit(0)
+        time.sleep(0.2)
+        os.kill(killed, signal.SIGTERM)
+        print("QUIET", os.waitpid(quiet, 0)[1], flush=True)
+        status = os.waitpid(killed, 0)[1]
+        print("KILLED", os.WIFSIGNALED(status) and os.WTERMSIG(status), flush=True)
+        w.close()
     elif mode.startswith("sigterm"):
         for _ in range(35):
             step()
@@ -148,6 +166,42 @@ def test_sigterm_previously_ignored(tmp_path: Path) -> None:
     assert code == 0, err  # SIG_IGN was in place: the process goes on
     assert "SURVIVED" in out
     assert steps(tmp_path / "logs") == [10, 20, 30, 35]  # closed at the signal
+
+
+@pytest.mark.slow
+def test_forked_children_do_not_write(tmp_path: Path) -> None:
+    code, out, err = run(tmp_path, "fork")
+    assert code == 0, err
+    assert "QUIET 0" in out
+    assert f"KILLED {int(signal.SIGTERM)}" in out  # the child still dies by SIGTERM
+    assert steps(tmp_path / "logs") == [10, 20, 25]  # written once, by the parent
+    assert len(list((tmp_path / "logs").glob("events.out.tfevents.*"))) == 1
+
+
+def test_exit_close_does_not_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signal that lands while the training thread holds the watcher's lock: the exit
+    close cannot get the background thread's help, and must still end, within budget."""
+    import torch
+
+    monkeypatch.setattr(lifecycle, "EXIT_BUDGET", 1.0)
+    model = nn.Linear(3, 2)
+    w = gradwatch.watch(model, logdir=tmp_path, every=10)
+    for _ in range(15):
+        model(torch.randn(2, 3)).sum().backward()
+        w.step()
+    w.flush()
+    for _ in range(5):
+        model(torch.randn(2, 3)).sum().backward()
+        w.step()
+    t0 = time.monotonic()
+    with w._lock:  # as if interrupted inside ``with self._lock``
+        lifecycle.close_all()  # what the SIGTERM handler does
+    assert time.monotonic() - t0 < 10
+    assert "closed" in repr(w)
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+    # the windows written before are safe; the one the stuck thread held is written once
+    # the lock is released, or lost if the process ends first
+    assert steps(tmp_path, "gradwatch/grad_norm/(root)")[:2] == [10, 15]
 
 
 def _handler(signum: int, frame: object) -> None:  # pragma: no cover - never signalled
