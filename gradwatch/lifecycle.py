@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 _open: weakref.WeakSet[Watcher] = weakref.WeakSet()
 # re-entrant: the SIGTERM handler runs on the main thread, possibly inside register()
 _lock = threading.RLock()
-_state: dict[str, Any] = {"atexit": False, "installed": False, "previous": None,
-                          "pid": os.getpid()}
+# "handler": the SIGTERM handler gradwatch installed last (None: none in place)
+_state: dict[str, Any] = {"atexit": False, "handler": None, "pid": os.getpid()}
 # At exit, the most seconds spent closing one watcher: a stuck background thread (say, the
 # signal came while the training thread held a lock it needs) must not hang the exit.
 EXIT_BUDGET = 15.0
@@ -36,7 +36,7 @@ def register(w: Watcher) -> None:
     with _lock:
         if _state["pid"] != os.getpid():  # a forked child: start from an empty registry
             _open.clear()
-            _state.update(installed=False, previous=None, pid=os.getpid())
+            _state.update(handler=None, pid=os.getpid())
         _open.add(w)
         if not _state["atexit"]:
             atexit.register(_at_exit)
@@ -75,41 +75,51 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+class SigtermHandler:
+    """Closes the open watchers, then hands the signal on to ``previous``.
+
+    One per installation, each with its own ``previous``: should a handler installed later
+    by the user chain back to an earlier one of ours, the chain still ends."""
+
+    def __init__(self, previous: Any) -> None:
+        self.previous = previous
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        close_all()  # the last close puts ``previous`` back in place
+        _chain(self.previous, signum, frame)
+
+
 def _install() -> None:
-    if _state["installed"] or not _main_thread():
+    if not _main_thread():
         return
     try:
-        previous = signal.getsignal(signal.SIGTERM)
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        current = signal.getsignal(signal.SIGTERM)
+        if current is not None and current is _state["handler"]:
+            return  # ours is in place
+        handler = SigtermHandler(current)
+        signal.signal(signal.SIGTERM, handler)
     except (ValueError, OSError, AttributeError):  # not the main interpreter, no SIGTERM
         return
-    _state["previous"] = previous
-    _state["installed"] = True
+    _state["handler"] = handler
 
 
 def _restore() -> None:
-    if not _state["installed"] or not _main_thread():
+    handler: SigtermHandler | None = _state["handler"]
+    if handler is None or not _main_thread():
         return
+    previous = handler.previous
     try:
-        if signal.getsignal(signal.SIGTERM) is _on_sigterm:
-            previous = _state["previous"]
+        if signal.getsignal(signal.SIGTERM) is handler:  # else: replaced since, leave it
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     except (ValueError, OSError):
         return
-    _state["installed"] = False
-    _state["previous"] = None
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    previous = _state["previous"]
-    close_all()  # the last close puts ``previous`` back in place
-    _chain(previous, signum, frame)
+    _state["handler"] = None
 
 
 def _chain(previous: Any, signum: int, frame: Any) -> None:
     if previous is signal.SIG_IGN:
         return
-    if callable(previous) and previous is not _on_sigterm:
+    if callable(previous):
         previous(signum, frame)
         return
     # SIG_DFL, or a handler installed outside Python: end the process the default way

@@ -213,10 +213,11 @@ def test_sigterm_handler_installed_and_restored() -> None:
     try:
         m1, m2 = nn.Linear(2, 2), nn.Linear(2, 2)
         w1 = gradwatch.watch(m1, tensorboard=False)
-        assert signal.getsignal(signal.SIGTERM) is lifecycle._on_sigterm
+        assert isinstance(signal.getsignal(signal.SIGTERM), lifecycle.SigtermHandler)
         w2 = gradwatch.watch(m2, tensorboard=False)
         w1.close()
-        assert signal.getsignal(signal.SIGTERM) is lifecycle._on_sigterm  # w2 still open
+        # w2 still open
+        assert isinstance(signal.getsignal(signal.SIGTERM), lifecycle.SigtermHandler)
         w2.close()
         assert signal.getsignal(signal.SIGTERM) is _handler
         w2.close()  # twice is fine
@@ -231,6 +232,26 @@ def test_handler_replaced_by_user_is_left_alone() -> None:
         w = gradwatch.watch(nn.Linear(2, 2), tensorboard=False)
         signal.signal(signal.SIGTERM, _handler)  # the user takes SIGTERM over
         w.close()
+        assert signal.getsignal(signal.SIGTERM) is _handler
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_reinstalled_over_a_user_handler() -> None:
+    """Ours was replaced by the user's (and its watcher dropped without close): the next
+    watcher installs a fresh handler on top, chaining to the user's."""
+    import gc
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        w = gradwatch.watch(nn.Linear(2, 2), tensorboard=False)
+        del w
+        gc.collect()
+        signal.signal(signal.SIGTERM, _handler)
+        w2 = gradwatch.watch(nn.Linear(2, 2), tensorboard=False)
+        ours = signal.getsignal(signal.SIGTERM)
+        assert isinstance(ours, lifecycle.SigtermHandler) and ours.previous is _handler
+        w2.close()
         assert signal.getsignal(signal.SIGTERM) is _handler
     finally:
         signal.signal(signal.SIGTERM, before)
