@@ -25,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.hooks import RemovableHandle
 
 from gradwatch import stats as S
-from gradwatch.alerts import GradwatchWarning
+from gradwatch.alerts import GradwatchWarning, logger
 from gradwatch.buffers import ParamStepStats, WindowBuffers
 from gradwatch.selection import LayerInfo
 
@@ -164,7 +164,16 @@ class Collector:
         if defer:
             self.deferred.append(msg)
         else:
-            warnings.warn(msg, GradwatchWarning, stacklevel=2)
+            report_fault(msg)
+
+
+def report_fault(msg: str) -> None:
+    """Issue a fault warning; where warnings are turned into errors (``-W error``), log it
+    instead: a fault inside gradwatch must not stop the training that way either."""
+    try:
+        warnings.warn(msg, GradwatchWarning, stacklevel=3)
+    except Exception:
+        logger.warning(msg)
 
 
 class _StepHook:

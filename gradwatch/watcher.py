@@ -23,7 +23,7 @@ import torch.nn as nn
 from gradwatch import alerts as A
 from gradwatch import lifecycle
 from gradwatch.buffers import WindowBuffers
-from gradwatch.hooks import Collector, ForwardHook, ParamTracker, _StepHook
+from gradwatch.hooks import Collector, ForwardHook, ParamTracker, _StepHook, report_fault
 from gradwatch.rules import Rules, Thresholds
 from gradwatch.selection import describe, select, unwrap
 from gradwatch.sinks.console import report as _report
@@ -488,7 +488,7 @@ class Watcher:
         """Alerts and faults reach the user here, on the training thread."""
         faults = self._collector.deferred
         while faults:
-            warnings.warn(faults.popleft(), A.GradwatchWarning, stacklevel=3)
+            report_fault(faults.popleft())
         if not self._pending:
             return
         with self._lock:

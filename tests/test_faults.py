@@ -304,3 +304,22 @@ def test_only_raise_stops_training() -> None:
     with pytest.raises(gradwatch.GradientAlertError) as e:
         train(base, {"tensorboard": False, "on_alert": "raise", "thresholds": th})
     assert e.value.alert.kind == "vanishing" and e.value.alert.step == EVERY
+
+
+def test_fault_under_warnings_as_errors(monkeypatch: pytest.MonkeyPatch,
+                                        caplog: pytest.LogCaptureFixture) -> None:
+    """With warnings turned into errors (``-W error``), a fault is logged instead: it still
+    does not stop the training."""
+    monkeypatch.setattr(gradwatch.stats, "activation_sums", boom)
+    monkeypatch.setattr(Rules, "evaluate", boom)  # a deferred one, from the worker
+    base = make_model()
+    ref_losses, _, _ = train(copy.deepcopy(base), None)
+    with warnings.catch_warnings(), caplog.at_level("WARNING", logger="gradwatch"):
+        warnings.simplefilter("error")
+        losses, _, w = train(base, {"tensorboard": False, "on_alert": "ignore"})
+        assert w is not None
+        w.close()
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(ref_losses, losses))
+    logged = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
+    assert len(logged) == 2
+    assert "activation statistics (layer '0')" in logged[0] and "rules" in logged[1]
