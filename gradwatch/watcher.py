@@ -23,7 +23,7 @@ from gradwatch import alerts as A
 from gradwatch.buffers import WindowBuffers
 from gradwatch.hooks import Collector, ForwardHook, ParamTracker, _StepHook
 from gradwatch.rules import Rules, Thresholds
-from gradwatch.selection import describe, select, unwrap
+from gradwatch.selection import assign_params, describe, select, unwrap
 from gradwatch.sinks.console import report as _report
 from gradwatch.snapshot import HostCopy, Snapshot, applicable
 from gradwatch.worker import Worker
@@ -149,7 +149,11 @@ class Watcher:
         self._optimizer = optimizer
         self._scaler = scaler
         self._root = root
-        self._infos = [describe(n, m) for n, m in chosen]
+        owners = assign_params(root, chosen)
+        own: list[list[nn.Parameter]] = [[] for _ in chosen]
+        for p, slot in owners:
+            own[slot].append(p)
+        self._infos = [describe(n, m, own[i]) for i, (n, m) in enumerate(chosen)]
         self._applies = [applicable(i, optimizer is not None) for i in self._infos]
         self._types = {i.name: i.type_name for i in self._infos}
         self._device = _device_of(root)
@@ -157,12 +161,6 @@ class Watcher:
         self._buffers = WindowBuffers(L, self._device)
         self._collector = Collector(self._buffers, self._infos, self.thresholds.saturation_margin)
         self._rules = Rules(self.thresholds, self._infos)
-        owner: dict[int, int] = {}
-        for slot, (_, m) in enumerate(chosen):
-            for p in m._parameters.values():
-                if p is not None and id(p) not in owner:
-                    owner[id(p)] = slot
-        owners = [(p, owner[id(p)]) for p in root.parameters() if id(p) in owner]
         self._params = ParamTracker(owners, L, self._device)
 
         self._step = 0
