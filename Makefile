@@ -24,7 +24,7 @@ demo: $(VENV)/.installed
 	$(BIN)/gradwatch demo --logdir runs
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check gradwatch tests examples benchmarks
+	$(BIN)/ruff check $(wildcard gradwatch tests examples benchmarks)
 
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy gradwatch
