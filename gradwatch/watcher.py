@@ -183,7 +183,7 @@ class Watcher:
                 self._sink = TensorBoardSink(_open_writer(logdir), owns=True)
         self._worker = Worker(self._worker_error)
         # per-step non-finite flags: [layers, 2] copied each step without waiting
-        self._flags = [self._host_flags(L) for _ in range(2)]
+        self._flags = [self._host_flags(L, self._device) for _ in range(2)]
         self._flag_views = [f.numpy() for f in self._flags]
         self._flag_events: list[Any] = [None, None]
 
@@ -344,8 +344,8 @@ class Watcher:
         self._deliver()
 
     @staticmethod
-    def _host_flags(n: int) -> torch.Tensor:
-        pin = torch.cuda.is_available()
+    def _host_flags(n: int, device: torch.device) -> torch.Tensor:
+        pin = device.type == "cuda"
         return torch.zeros(n, 2, dtype=torch.float32, pin_memory=pin)
 
     def _check_flags(self, k: int) -> None:
