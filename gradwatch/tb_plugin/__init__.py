@@ -92,13 +92,13 @@ class GradwatchPlugin(base_plugin.TBPlugin):
             mine = [t for t in tags if t.startswith(PREFIX)]
             if not mine:
                 continue
-            layers: dict[str, None] = {}
+            seen: dict[str, None] = {}
             for t in mine:
                 st = split_tag(t)
                 if st is not None:
                     stats.add(st[0])
-                    layers.setdefault(st[1], None)
-            order[run] = list(layers)
+                    seen.setdefault(st[1], None)
+            order[run] = list(seen)
             wanted[run] = [t for t in mine if (split_tag(t) or ("",))[0] == stat
                            or t.startswith(PREFIX + ALERT_COUNT + "/")]
         tags = sorted({t for ts in wanted.values() for t in ts})
