@@ -135,9 +135,14 @@ function legend(sc) {
 function heatmap(run, stat, sc, tip) {
   const wrap = el('div', 'gw-heatmap');
   wrap.setAttribute('role', 'grid');
-  const width = Math.max(3, Math.min(28, Math.floor((window.innerWidth - 260) /
+  // labels as wide as the longest name (monospace 11px), cells filling the rest
+  const longest = run.layers.reduce((n, la) => Math.max(n, la.length), 4);
+  const labelW = Math.max(40, Math.min(280, Math.ceil(longest * 6.7) + 12));
+  const width = Math.max(3, Math.min(56, Math.floor((window.innerWidth - labelW - 48) /
                                                      Math.max(1, run.steps.length))));
   wrap.style.setProperty('--gw-w', `${width}px`);
+  wrap.style.setProperty('--gw-label', `${labelW}px`);
+  wrap.style.setProperty('--gw-h', run.layers.length > 40 ? '12px' : '18px');
   const marked = new Set();
   for (const a of run.alerts) {
     if (a.stat !== stat) continue;
