@@ -29,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="latest stats per layer and every alert of a logdir")
     rep.add_argument("logdir", help="a TensorBoard log directory written by gradwatch")
     rep.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    rep.add_argument("--stats", default=None,
+                     help="comma-separated stats to show as columns, or all (default: all that "
+                          "fit the terminal)")
     rep.add_argument("--fail-on-alert", action="store_true",
                      help="exit with status 1 when any run holds an alert (for CI)")
     plot = sub.add_parser("plot", help="gradient-flow heatmap of a logdir as a PNG")
@@ -56,7 +59,14 @@ def _report(args: argparse.Namespace) -> int:
         textreport.require_rich()
         from rich.console import Console
 
-        textreport.print_report(runs, Console())
+        stats = None
+        if args.stats == "all":
+            from gradwatch.buffers import STATS
+
+            stats = list(STATS)
+        elif args.stats:
+            stats = [s.strip() for s in args.stats.split(",")]
+        textreport.print_report(runs, Console(), stats)
     return 1 if args.fail_on_alert and n_alerts else 0
 
 

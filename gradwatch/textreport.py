@@ -10,6 +10,9 @@ import math
 from typing import Any, Sequence
 
 from gradwatch.reader import RunData, json_number
+from gradwatch.sinks.console import COLUMNS as CORE
+
+NUM_WIDTH = 11  # a number like -4.4e-05, its padding and the column divider
 
 
 def require_rich() -> Any:
@@ -27,7 +30,7 @@ def fmt(v: float) -> str:
         return "inf" if v > 0 else "-inf"
     if v == 0:
         return "0"
-    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
+    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.1e}"
 
 
 def to_json(runs: Sequence[RunData], logdir: str) -> dict[str, Any]:
@@ -49,9 +52,11 @@ def to_json(runs: Sequence[RunData], logdir: str) -> dict[str, Any]:
     return {"logdir": logdir, "runs": out, "alerts": sum(len(r.alerts) for r in runs)}
 
 
-def print_report(runs: Sequence[RunData], console: Any) -> None:
+def print_report(runs: Sequence[RunData], console: Any,
+                 stats: Sequence[str] | None = None) -> None:
     """One table per run (``!`` alerted in the latest window, ``*`` alerted earlier),
-    then the run's alerts."""
+    then the run's alerts. ``stats``: the columns to show (default: every stat present)."""
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
@@ -59,14 +64,25 @@ def print_report(runs: Sequence[RunData], console: Any) -> None:
         latest = run.latest()
         alerted = run.alerted()
         last = run.last_step
+        shown = [s for s in run.stats if stats is None or s in stats]
+        label_w = min(40, max((len(la) for la in run.layers), default=5))
+        hidden: list[str] = []
+        fit = max(1, (console.width - label_w - 4) // NUM_WIDTH)
+        if stats is None and len(shown) > fit:  # narrow terminal: the most telling stats
+            keep = sorted(shown, key=lambda s: CORE.index(s) if s in CORE else len(CORE))[:fit]
+            hidden = [s for s in shown if s not in keep]
+            shown = [s for s in shown if s in keep]
         table = Table(title=Text(f"run {run.name} · step {last}", style="bold"),
-                      title_justify="left", header_style="bold", pad_edge=False)
-        table.add_column("layer", no_wrap=True)
-        for stat in run.stats:
-            table.add_column(stat, justify="right")
+                      title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
+                      pad_edge=False)
+        table.add_column("layer", overflow="fold", min_width=label_w)
+        for stat in shown:
+            # stacked header words keep the columns as narrow as their numbers
+            table.add_column(stat.replace("_", "\n"), justify="right", no_wrap=True,
+                             min_width=NUM_WIDTH - 3)
         for layer in run.layers:
             cells: list[Any] = [Text(layer)]
-            for stat in run.stats:
+            for stat in shown:
                 if stat not in latest[layer]:
                     cells.append(Text("-", style="dim"))
                     continue
@@ -80,9 +96,14 @@ def print_report(runs: Sequence[RunData], console: Any) -> None:
                     cells.append(Text(fmt(v) + "*", style="yellow"))
             table.add_row(*cells)
         console.print(table)
+        if hidden:
+            console.print(Text(f"(not shown for width: {', '.join(hidden)}; "
+                               "--stats all, --json or a wider terminal show them)",
+                               style="dim"))
         if run.alerts:
             at = Table(title=Text(f"alerts in {run.name}: {len(run.alerts)}", style="bold red"),
-                       title_justify="left", header_style="bold", pad_edge=False)
+                       title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
+                       pad_edge=False)
             for c in ("step", "layer", "kind", "stat", "value", "threshold"):
                 at.add_column(c, justify="right" if c in ("step", "value", "threshold")
                               else "left")

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -25,24 +26,52 @@ def _env():
     return env
 
 
+def _tables(out):
+    """Body rows of each printed table, as lists of cells (split on runs of spaces)."""
+    tables, rows = [], None
+    for line in out.splitlines():
+        if line.strip().startswith("───"):
+            rows = []
+            tables.append(rows)
+        elif rows is not None and line.strip():
+            rows.append(re.split(r"\s{2,}", line.strip()))
+        else:
+            rows = None
+    return tables
+
+
 def test_report_command_prints_table_and_every_alert(written):
     p = subprocess.run([sys.executable, "-m", "gradwatch", "report", written.logdir],
                        capture_output=True, text=True, env=_env(), timeout=120)
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert f"run {written.run} · step {written.steps}" in out
-    rows = [ln for ln in out.splitlines() if ln.startswith("│")]
-    table = rows[: len(LAYERS)]
-    assert [r.split("│")[1].strip() for r in table] == LAYERS  # the payload is printed as text
-    hostile = table[LAYERS.index(HOSTILE)]
+    stats, alerts = _tables(out)
+    assert [r[0] for r in stats] == LAYERS  # the payload is printed as text
+    run = read_logdir(written.logdir)[0]
+    assert all(len(r) == 1 + len(run.stats) for r in stats)  # 200 columns: every stat
+    hostile = dict(zip(run.stats, stats[LAYERS.index(HOSTILE)][1:]))
     # act_zero_frac 1, marked "!" if alerted in the latest window, "*" if earlier
     mark = "!" if written.alerts[-1].step == written.steps else "*"
-    assert f"│1{mark}│" in hostile.replace(" ", "")
+    assert hostile["act_zero_frac"] == "1" + mark
+    assert hostile["grad_rms"] == "-"  # a ReLU has no parameters
     assert f"alerts in {written.run}: {len(written.alerts)}" in out
-    alert_rows = rows[len(LAYERS):]
-    assert len(alert_rows) == len(written.alerts)
-    assert all(HOSTILE in r and "dead" in r for r in alert_rows)
+    assert [r[:3] for r in alerts] == [[str(a.step), a.layer, a.kind] for a in written.alerts]
     assert f"1 run(s), {len(written.alerts)} alert(s)" in out
+
+
+def test_narrow_terminal_keeps_the_core_stats(written, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["report", written.logdir]) == 0
+    out = capsys.readouterr().out
+    stats, _ = _tables(out)
+    assert [r[0] for r in stats] == LAYERS and 3 <= len(stats[0]) - 1 < 12
+    assert "not shown for width: grad_norm" in out.replace("\n", " ")
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert main(["report", written.logdir, "--stats", "grad_rms,act_zero_frac"]) == 0
+    stats, _ = _tables(capsys.readouterr().out)
+    assert stats[LAYERS.index(HOSTILE)][1:] == ["-", "1" + ("!" if written.alerts[-1].step
+                                                             == written.steps else "*")]
 
 
 def test_report_json_and_fail_on_alert(written, capsys):
