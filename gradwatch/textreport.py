@@ -45,7 +45,8 @@ def to_json(runs: Sequence[RunData], logdir: str) -> dict[str, Any]:
                 layer: {stat: json_number(v) for stat, (_s, v) in stats.items()}
                 for layer, stats in latest.items()
             },
-            "alerted": sorted({f"{la}/{st}" for la, st in alerted}),
+            "alerted": [{"layer": la, "stat": st, "step": step}
+                        for (la, st), step in sorted(alerted.items())],
             "alerts": [a.to_dict() for a in run.alerts],
             "alert_counts": dict(run.alert_counts),
         })

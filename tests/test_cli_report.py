@@ -82,6 +82,8 @@ def test_report_json_and_fail_on_alert(written, capsys):
     assert list(run["layers"]) == LAYERS
     assert run["layers"][HOSTILE]["act_zero_frac"] == 1.0
     assert "grad_rms" not in run["layers"]["act"]
+    assert run["alerted"] == [{"layer": HOSTILE, "stat": "act_zero_frac",
+                               "step": written.alerts[-1].step}]
     assert [(a["step"], a["layer"], a["kind"]) for a in run["alerts"]] == [
         (a.step, a.layer, a.kind) for a in written.alerts]
     assert data["alerts"] == len(written.alerts) > 0
