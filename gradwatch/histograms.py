@@ -37,10 +37,12 @@ def bucket_limits() -> np.ndarray:
 def bin_counts(x: Tensor) -> Tensor:
     """``[NBINS]`` fp32 counts of the elements of ``x`` in the fixed bins (on x's device)."""
     xf = x.detach().reshape(-1).float()
-    u = (torch.log10(xf.abs()) - LO_EXP) * PER_DECADE  # bin units; -inf for 0
-    y = torch.where(u < 0, torch.zeros_like(u),
-                    torch.sign(xf) * (u.clamp(0.0, HALF - 1e-3) + 0.5))
-    y = torch.nan_to_num(y, nan=4.0 * HALF)  # NaN: outside the range, histc skips it
+    # position in bin units from the edge of the middle bin: |x| < 1e-12 (and 0) -> 0,
+    # |x| in [10^(LO + k/PD), 10^(LO + (k+1)/PD)) -> [k + 0.5, k + 1.5); in-place on temporaries
+    u = torch.log10(xf.abs())
+    u.sub_(LO_EXP).mul_(PER_DECADE).clamp_(-0.5, HALF - 1e-3).add_(0.5)
+    y = torch.copysign(u, xf)
+    y = torch.nan_to_num_(y, nan=4.0 * HALF)  # NaN: outside the range, histc skips it
     return torch.histc(y, bins=NBINS, min=-(HALF + 0.5), max=HALF + 0.5)
 
 
