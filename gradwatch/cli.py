@@ -51,6 +51,7 @@ def _report(args: argparse.Namespace) -> int:
     from gradwatch import textreport
     from gradwatch.reader import read_logdir
 
+    print(f"reading {args.logdir} ...", file=sys.stderr)
     runs = read_logdir(args.logdir)
     n_alerts = sum(len(r.alerts) for r in runs)
     if args.json:
