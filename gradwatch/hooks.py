@@ -82,6 +82,7 @@ class Collector:
         self._hooked: dict[tuple[int, int], weakref.ref[Tensor]] = {}
         self._handles: list[RemovableHandle] = []
         self._faults: set[str] = set()
+        self.hist: Any = None  # DeviceHistograms when histograms=True
 
     # -- forward ----------------------------------------------------------------------------
     def on_output(self, slot: int, output: Any) -> None:
@@ -101,6 +102,8 @@ class Collector:
                     if self.full:
                         vec = S.activation_sums(t, self.layers[slot].bounds, self.margin)
                         self.buffers.add_activation(slot, vec, n)
+                        if self.hist is not None:
+                            self.hist.add_activation(slot, t)
                     else:
                         self.buffers.add_nonfinite(slot, S.nonfinite_flag(t))
                 if t.requires_grad and self.grad_on:

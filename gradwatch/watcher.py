@@ -25,6 +25,7 @@ from gradwatch.hooks import Collector, ForwardHook, ParamTracker, _StepHook
 from gradwatch.rules import Rules, Thresholds
 from gradwatch.selection import assign_params, describe, select, unwrap
 from gradwatch.sinks.console import report as _report
+from gradwatch.sinks.pictures import Pictures
 from gradwatch.snapshot import HostCopy, Snapshot, applicable
 from gradwatch.worker import Worker
 
@@ -181,6 +182,9 @@ class Watcher:
                 self._sink = TensorBoardSink(writer, owns=False)
             else:
                 self._sink = TensorBoardSink(_open_writer(logdir), owns=True)
+        self._pictures = Pictures.create(self._sink, L, self._device, self.histograms,
+                                         self.images, self._collector.fault)
+        self._collector.hist = self._pictures.hist if self._pictures is not None else None
         self._worker = Worker(self._worker_error)
         # per-step non-finite flags: [layers, 2] copied each step without waiting
         self._flags = [self._host_flags(L, self._device) for _ in range(2)]
@@ -264,6 +268,8 @@ class Watcher:
             if self._window_steps:
                 self._launch_flush()
             self._worker.join()
+            if self._pictures is not None and self._is_writer_rank():
+                self._worker.submit(self._pictures.close)
             if self._sink is not None:
                 self._worker.submit(self._sink.close)
             self._worker.join()
@@ -299,6 +305,8 @@ class Watcher:
     def _params_safe(self, what: str) -> Any:
         try:
             if what == "grad":
+                if self._collector.hist is not None and self._collector.full:
+                    self._collector.hist.add_grads(self._params.trainable)
                 return self._params.grad_stats()
             if what == "weight":
                 return self._params.weight_norms()
@@ -386,6 +394,7 @@ class Watcher:
             if self._distributed():
                 self._buffers.reduce_across_ranks()
             copy = HostCopy(self._buffers.finalize())
+            hist = self._pictures.take() if self._pictures is not None else None
         except Exception as e:
             self._collector.fault("flush", "*", e)
             return
@@ -393,7 +402,7 @@ class Watcher:
             self._buffers.reset_window()
             self._window_steps = 0
             self._amp_skipped = 0
-        self._worker.submit(lambda: self._process(step, copy, order, amp))
+        self._worker.submit(lambda: self._process(step, copy, order, amp, hist))
 
     def _distributed(self) -> bool:
         import torch.distributed as dist
@@ -405,7 +414,8 @@ class Watcher:
 
         return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
-    def _process(self, step: int, copy: HostCopy, order: list[int], amp: int) -> None:
+    def _process(self, step: int, copy: HostCopy, order: list[int], amp: int,
+                 hist: Any = None) -> None:
         """On the background thread: host values -> Snapshot -> rules -> sinks."""
         snap = Snapshot.build(step, copy.numpy(), self._infos, order, self._applies, amp)
         names = [self._infos[i].name for i in order]
@@ -413,6 +423,8 @@ class Watcher:
         self._latest = snap
         if self._sink is not None and self._is_writer_rank():
             self._sink.write(snap, found)
+            if self._pictures is not None:
+                self._pictures.write(snap, found, hist, [i.name for i in self._infos])
         with self._lock:
             self._pending.extend(found)
 
