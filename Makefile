@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,12 +24,16 @@ demo: $(VENV)/.installed
 	$(BIN)/gradwatch demo --logdir runs
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check gradwatch tests examples benchmarks
+	$(BIN)/ruff check $(wildcard gradwatch tests examples benchmarks)
 
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy gradwatch
 
-pytest: $(VENV)/.dev
+# the dashboard test drives a headless Chromium: install it when missing
+browser:
+	@.ci/install-chromium
+
+pytest: $(VENV)/.dev browser
 	$(BIN)/python -m pytest -q -ra
 
 test: lint typecheck pytest

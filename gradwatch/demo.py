@@ -76,5 +76,8 @@ def run(logdir: str = "runs", steps: int = 300) -> dict[str, gradwatch.Watcher]:
             print(w.report())
             out[name] = w
     print(f"\nTensorBoard logs written under {logdir}/. Open them with:\n"
-          f"  tensorboard --logdir {logdir}")
+          f"  tensorboard --logdir {logdir}    (the GRADWATCH tab)\n"
+          f"or read them without TensorBoard:\n"
+          f"  gradwatch report {logdir}\n"
+          f"  gradwatch plot {logdir} -o flow.png")
     return out

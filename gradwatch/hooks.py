@@ -87,6 +87,7 @@ class Collector:
         self._fault_lock = threading.RLock()
         # fault messages from the background thread, delivered on the training thread
         self.deferred: collections.deque[str] = collections.deque()
+        self.hist: Any = None  # DeviceHistograms when histograms=True
 
     # -- forward ----------------------------------------------------------------------------
     def on_output(self, slot: int, output: Any) -> None:
@@ -108,6 +109,8 @@ class Collector:
                 if self.full:
                     vec = S.activation_sums(t, self.layers[slot].bounds, self.margin)
                     self.buffers.add_activation(slot, vec, t.numel())
+                    if self.hist is not None:
+                        self.hist.add_activation(slot, t)
                 else:
                     self.buffers.add_nonfinite(slot, S.nonfinite_flag(t))
             except Exception as e:

@@ -96,8 +96,21 @@ def select(
     return chosen
 
 
-def describe(name: str, m: nn.Module) -> LayerInfo:
-    own = [p for p in m._parameters.values() if p is not None]
+def assign_params(
+    root: nn.Module, chosen: Sequence[tuple[str, nn.Module]]
+) -> list[tuple[nn.Parameter, int]]:
+    """(parameter, slot) pairs: each parameter once (tied weights included), for the first
+    watched module that directly owns it, in ``root.parameters()`` order."""
+    owner: dict[int, int] = {}
+    for slot, (_, m) in enumerate(chosen):
+        for p in m._parameters.values():
+            if p is not None and id(p) not in owner:
+                owner[id(p)] = slot
+    return [(p, owner[id(p)]) for p in root.parameters() if id(p) in owner]
+
+
+def describe(name: str, m: nn.Module, own: Sequence[nn.Parameter]) -> LayerInfo:
+    """``own``: the parameters assigned to this module by ``assign_params``."""
     return LayerInfo(
         name=name,
         type_name=type(m).__name__,

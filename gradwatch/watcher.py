@@ -21,12 +21,13 @@ import torch
 import torch.nn as nn
 
 from gradwatch import alerts as A
-from gradwatch import lifecycle
+from gradwatch import shutdown
 from gradwatch.buffers import WindowBuffers
 from gradwatch.hooks import Collector, ForwardHook, ParamTracker, _StepHook, report_fault
 from gradwatch.rules import Rules, Thresholds
-from gradwatch.selection import describe, select, unwrap
+from gradwatch.selection import assign_params, describe, select, unwrap
 from gradwatch.sinks.console import report as _report
+from gradwatch.sinks.pictures import Pictures
 from gradwatch.snapshot import HostCopy, Snapshot, applicable
 from gradwatch.worker import Worker
 
@@ -157,7 +158,11 @@ class Watcher:
         self._optimizer = optimizer
         self._scaler = scaler
         self._root = root
-        self._infos = [describe(n, m) for n, m in chosen]
+        owners = assign_params(root, chosen)
+        own: list[list[nn.Parameter]] = [[] for _ in chosen]
+        for p, slot in owners:
+            own[slot].append(p)
+        self._infos = [describe(n, m, own[i]) for i, (n, m) in enumerate(chosen)]
         self._applies = [applicable(i, optimizer is not None) for i in self._infos]
         self._types = {i.name: i.type_name for i in self._infos}
         self._device = _device_of(root)
@@ -165,12 +170,6 @@ class Watcher:
         self._buffers = WindowBuffers(L, self._device)
         self._collector = Collector(self._buffers, self._infos, self.thresholds.saturation_margin)
         self._rules = Rules(self.thresholds, self._infos)
-        owner: dict[int, int] = {}
-        for slot, (_, m) in enumerate(chosen):
-            for p in m._parameters.values():
-                if p is not None and id(p) not in owner:
-                    owner[id(p)] = slot
-        owners = [(p, owner[id(p)]) for p in root.parameters() if id(p) in owner]
         self._params = ParamTracker(owners, L, self._device)
 
         self._step = 0
@@ -192,9 +191,12 @@ class Watcher:
                 self._sink = TensorBoardSink(writer, owns=False)
             else:
                 self._sink = TensorBoardSink(_open_writer(logdir), owns=True)
+        self._pictures = Pictures.create(self._sink, L, self._device, self.histograms,
+                                         self.images, self._collector.fault)
+        self._collector.hist = self._pictures.hist if self._pictures is not None else None
         self._worker = Worker(self._worker_error)
         # per-step non-finite flags: [layers, 2] copied each step without waiting
-        self._flags = [self._host_flags(L) for _ in range(2)]
+        self._flags = [self._host_flags(L, self._device) for _ in range(2)]
         self._flag_views = [f.numpy() for f in self._flags]
         self._flag_events: list[Any] = [None, None]
 
@@ -216,7 +218,7 @@ class Watcher:
             self._handles.append(optimizer.register_step_pre_hook(_StepHook(self._pre_step)))
             self._handles.append(optimizer.register_step_post_hook(_StepHook(self._post_step)))
         root.__dict__[_ATTACH] = _Attachment(self)
-        lifecycle.register(self)  # flushed and closed at exit / SIGTERM if left open
+        shutdown.register(self)  # flushed and closed at exit / SIGTERM if left open
 
     # -- public surface -------------------------------------------------------------------------
     @property
@@ -267,7 +269,7 @@ class Watcher:
         if self._closed:
             return
         self._closed = True
-        lifecycle.unregister(self)
+        shutdown.unregister(self)
         c = self._collector
         c.act_on = c.grad_on = False
         for h in self._handles:
@@ -331,6 +333,8 @@ class Watcher:
             return None
         try:
             if what == "grad":
+                if self._collector.hist is not None and self._collector.full:
+                    self._collector.hist.add_grads(self._params.trainable)
                 return self._params.grad_stats()
             if what == "weight":
                 return self._params.weight_norms()
@@ -386,8 +390,8 @@ class Watcher:
         self._deliver()
 
     @staticmethod
-    def _host_flags(n: int) -> torch.Tensor:
-        pin = torch.cuda.is_available()
+    def _host_flags(n: int, device: torch.device) -> torch.Tensor:
+        pin = device.type == "cuda"
         return torch.zeros(n, 2, dtype=torch.float32, pin_memory=pin)
 
     def _check_flags(self, k: int) -> None:
@@ -430,6 +434,7 @@ class Watcher:
             if self._distributed():
                 self._buffers.reduce_across_ranks()
             copy = HostCopy(self._buffers.finalize())
+            hist = self._pictures.take() if self._pictures is not None else None
         except Exception as e:
             self._off.add("flush")
             self._collector.fault("flush", "*", e)
@@ -438,7 +443,7 @@ class Watcher:
             self._buffers.reset_window()
             self._window_steps = 0
             self._amp_skipped = 0
-        self._worker.submit(lambda: self._process(step, copy, order, amp))
+        self._worker.submit(lambda: self._process(step, copy, order, amp, hist))
 
     def _distributed(self) -> bool:
         import torch.distributed as dist
@@ -450,7 +455,8 @@ class Watcher:
 
         return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
-    def _process(self, step: int, copy: HostCopy, order: list[int], amp: int) -> None:
+    def _process(self, step: int, copy: HostCopy, order: list[int], amp: int,
+                 hist: Any = None) -> None:
         """On the background thread: host values -> Snapshot -> rules -> sinks."""
         snap = Snapshot.build(step, copy.numpy(), self._infos, order, self._applies, amp)
         names = [self._infos[i].name for i in order]
@@ -468,12 +474,26 @@ class Watcher:
             except Exception as e:  # e.g. the disk is full
                 self._off.add("sink")
                 self._collector.fault("TensorBoard sink", "*", e, defer=True)
+        if self._pictures is not None and not self._off & {"sink", "pictures"} \
+                and self._is_writer_rank():
+            try:
+                self._pictures.write(snap, found, hist, [i.name for i in self._infos])
+            except Exception as e:
+                self._off.add("pictures")
+                self._collector.fault("TensorBoard pictures", "*", e, defer=True)
         with self._lock:
             self._pending.extend(found)
 
     def _close_sink(self) -> None:
-        """On the background thread: flush and close the sink; a sink already switched
-        off after a failure is closed without a second report."""
+        """On the background thread: draw the last pictures, flush and close the sink; a
+        part already switched off after a failure is closed without a second report."""
+        if self._pictures is not None and not self._off & {"sink", "pictures"} \
+                and self._is_writer_rank():
+            try:
+                self._pictures.close()
+            except Exception as e:
+                self._off.add("pictures")
+                self._collector.fault("TensorBoard pictures", "*", e, defer=True)
         try:
             self._sink.close()
         except Exception as e:

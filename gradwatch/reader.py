@@ -1,0 +1,218 @@
+"""Read gradwatch data back from a TensorBoard log directory.
+
+Uses TensorBoard's own event reader (``EventAccumulator``), one per run directory (a
+directory that directly holds ``*tfevents*`` files). Knows the tag scheme written by
+``gradwatch.sinks.tensorboard``: scalars ``gradwatch/<stat>/<layer>``, cumulative alert
+counts ``gradwatch/alert_count/<kind>`` and the alerts as a markdown table under the text
+tag ``gradwatch/alerts``. Host-only code: no torch tensors are touched here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from gradwatch.buffers import STATS
+from gradwatch.sinks.tensorboard import ALERT_TEXT_TAG
+
+PREFIX = "gradwatch/"
+ALERT_TEXT_TAGS = (ALERT_TEXT_TAG, ALERT_TEXT_TAG + "/text_summary")
+ALERT_COUNT = "alert_count"
+# The stat a kind of alert is about (for marking table cells).
+ALERT_STAT = {"vanishing": "grad_rms", "exploding": "grad_rms", "dead": "act_zero_frac",
+              "saturated": "act_sat_frac", "nonfinite": "nonfinite"}
+
+
+class LogdirError(ValueError):
+    """A log directory that is missing, empty, or holds no gradwatch data."""
+
+
+@dataclass(frozen=True)
+class AlertRecord:
+    """One alert as read back from the ``gradwatch/alerts`` text."""
+
+    step: int
+    layer: str
+    kind: str
+    stat: str
+    value: float
+    threshold: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: json_number(v) if isinstance(v, float) else v
+                for k, v in asdict(self).items()}
+
+
+@dataclass
+class RunData:
+    """Everything gradwatch wrote into one run directory."""
+
+    name: str
+    path: str
+    layers: list[str] = field(default_factory=list)  # order of first appearance (forward order)
+    stats: list[str] = field(default_factory=list)  # present stats, in STATS order
+    # stat -> layer -> [(step, value)] sorted by step
+    series: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
+    alerts: list[AlertRecord] = field(default_factory=list)
+    alert_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def last_step(self) -> int:
+        return max((pts[-1][0] for by in self.series.values() for pts in by.values() if pts),
+                   default=0)
+
+    def steps(self) -> list[int]:
+        """Every step at which some stat was written, ascending."""
+        return sorted({s for by in self.series.values() for pts in by.values() for s, _ in pts})
+
+    def latest(self) -> dict[str, dict[str, tuple[int, float]]]:
+        """layer -> stat -> (step, value) of the newest point."""
+        out: dict[str, dict[str, tuple[int, float]]] = {la: {} for la in self.layers}
+        for stat in self.stats:
+            for layer, pts in self.series[stat].items():
+                if pts:
+                    out[layer][stat] = pts[-1]
+        return out
+
+    def matrix(self, stat: str) -> tuple[list[str], list[int], list[list[float]]]:
+        """(layers having ``stat``, steps, values[layer][step]) with NaN where absent."""
+        by = self.series.get(stat, {})
+        layers = [la for la in self.layers if la in by]
+        steps = self.steps()
+        col = {s: j for j, s in enumerate(steps)}
+        rows = []
+        for la in layers:
+            row = [math.nan] * len(steps)
+            for s, v in by[la]:
+                row[col[s]] = v
+            rows.append(row)
+        return layers, steps, rows
+
+    def alerted(self) -> dict[tuple[str, str], int]:
+        """(layer as in tags, stat) -> step of the newest alert on it."""
+        out: dict[tuple[str, str], int] = {}
+        for a in self.alerts:
+            key = (a.layer, ALERT_STAT.get(a.kind, a.stat))
+            out[key] = max(out.get(key, a.step), a.step)
+        return out
+
+
+def json_number(v: float) -> float | str:
+    """JSON has no NaN/Infinity: non-finite floats become the strings nan, inf, -inf."""
+    if math.isfinite(v):
+        return v
+    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+
+
+def parse_alerts_markdown(text: str) -> list[AlertRecord]:
+    """Rows of the table written by ``sinks.tensorboard.alerts_markdown``."""
+    out = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 6 or not cells[0].lstrip("-").isdigit():
+            continue  # header, separator or a foreign line
+        step, layer, kind, stat, value, threshold = cells
+        try:
+            out.append(AlertRecord(int(step), layer.strip("`"), kind, stat,
+                                   float(value), float(threshold)))
+        except ValueError:
+            continue
+    return out
+
+
+def split_tag(tag: str) -> tuple[str, str] | None:
+    """``gradwatch/<stat>/<layer>`` -> (stat, layer); None for any other tag."""
+    if not tag.startswith(PREFIX):
+        return None
+    parts = tag[len(PREFIX):].split("/", 1)
+    if len(parts) != 2 or parts[0] not in STATS or not parts[1]:
+        return None
+    return parts[0], parts[1]
+
+
+def find_runs(logdir: str) -> list[str]:
+    """Directories under ``logdir`` (itself included) that directly hold event files."""
+    if not os.path.exists(logdir):
+        raise LogdirError(f"logdir {logdir!r} does not exist")
+    if not os.path.isdir(logdir):
+        raise LogdirError(f"logdir {logdir!r} is not a directory")
+    runs = []
+    for root, dirs, files in os.walk(logdir):
+        dirs.sort()
+        if any("tfevents" in f for f in files):
+            runs.append(root)
+    if not runs:
+        raise LogdirError(f"logdir {logdir!r} holds no TensorBoard event files")
+    return runs
+
+
+def build_run(name: str, path: str, scalars: Iterable[tuple[str, list[tuple[int, float]]]],
+              alert_texts: Iterable[str]) -> RunData:
+    """A RunData from (tag, points) pairs in first-seen order and the alert texts."""
+    run = RunData(name, path)
+    seen_layers: dict[str, None] = {}
+    series: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for tag, pts in scalars:
+        if tag.startswith(PREFIX + ALERT_COUNT + "/"):
+            if pts:
+                run.alert_counts[tag.rsplit("/", 1)[1]] = int(max(pts)[1])
+            continue
+        st = split_tag(tag)
+        if st is None:
+            continue
+        stat, layer = st
+        seen_layers.setdefault(layer, None)
+        series.setdefault(stat, {})[layer] = sorted(pts)
+    run.layers = list(seen_layers)
+    run.stats = [s for s in STATS if s in series]
+    run.series = {s: series[s] for s in run.stats}
+    for text in alert_texts:
+        run.alerts.extend(parse_alerts_markdown(text))
+    run.alerts.sort(key=lambda a: a.step)
+    return run
+
+
+def _texts(acc: Any, tag: str) -> list[str]:
+    from tensorboard.util import tensor_util
+
+    out = []
+    for ev in acc.Tensors(tag):
+        arr = tensor_util.make_ndarray(ev.tensor_proto)
+        for item in arr.flat:
+            out.append(item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item))
+    return out
+
+
+def read_run(path: str, name: str) -> RunData:
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    # 0 keeps every event: "every alert" means every one, not a reservoir sample
+    acc = ea.EventAccumulator(path, size_guidance={ea.SCALARS: 0, ea.TENSORS: 0,
+                                                   ea.HISTOGRAMS: 1, ea.IMAGES: 1})
+    acc.Reload()
+    tags = acc.Tags()
+    scalars = [(t, [(e.step, float(e.value)) for e in acc.Scalars(t)])
+               for t in tags.get("scalars", []) if t.startswith(PREFIX)]
+    # SummaryWriter.add_text stores the text under "<tag>/text_summary"
+    texts = [x for t in tags.get("tensors", []) if t in ALERT_TEXT_TAGS for x in _texts(acc, t)]
+    return build_run(name, path, scalars, texts)
+
+
+def read_logdir(logdir: str | os.PathLike[str]) -> list[RunData]:
+    """Every run under ``logdir`` that holds gradwatch data, in directory order.
+
+    Raises ``LogdirError`` (naming the path) when the directory is missing, has no event
+    files, or none of them holds gradwatch data.
+    """
+    path = os.fspath(logdir)
+    runs = []
+    for d in find_runs(path):
+        rel = os.path.relpath(d, path)
+        run = read_run(d, rel)
+        if run.layers or run.alerts:
+            runs.append(run)
+    if not runs:
+        raise LogdirError(f"the event files under {path!r} hold no gradwatch data")
+    return runs

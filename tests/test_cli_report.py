@@ -1,0 +1,142 @@
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+
+import pytest
+from flowlog import HOSTILE, LAYERS, PARAM_LAYERS, train
+
+from gradwatch.cli import main
+from gradwatch.plot import Flow, default_size
+from gradwatch.reader import read_logdir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    return train(str(tmp_path_factory.mktemp("logs")))
+
+
+def _env():
+    env = dict(os.environ, COLUMNS="200")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    return env
+
+
+def _tables(out):
+    """Body rows of each printed table, as lists of cells (split on runs of spaces)."""
+    tables, rows = [], None
+    for line in out.splitlines():
+        if line.strip().startswith("───"):
+            rows = []
+            tables.append(rows)
+        elif rows is not None and line.strip():
+            rows.append(re.split(r"\s{2,}", line.strip()))
+        else:
+            rows = None
+    return tables
+
+
+def test_report_command_prints_table_and_every_alert(written):
+    p = subprocess.run([sys.executable, "-m", "gradwatch", "report", written.logdir],
+                       capture_output=True, text=True, env=_env(), timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert f"run {written.run} · step {written.steps}" in out
+    stats, alerts = _tables(out)
+    assert [r[0] for r in stats] == LAYERS  # the payload is printed as text
+    run = read_logdir(written.logdir)[0]
+    assert all(len(r) == 1 + len(run.stats) for r in stats)  # 200 columns: every stat
+    hostile = dict(zip(run.stats, stats[LAYERS.index(HOSTILE)][1:]))
+    # act_zero_frac 1, marked "!" if alerted in the latest window, "*" if earlier
+    mark = "!" if written.alerts[-1].step == written.steps else "*"
+    assert hostile["act_zero_frac"] == "1" + mark
+    assert hostile["grad_rms"] == "-"  # a ReLU has no parameters
+    assert f"alerts in {written.run}: {len(written.alerts)}" in out
+    assert [r[:3] for r in alerts] == [[str(a.step), a.layer, a.kind] for a in written.alerts]
+    assert f"1 run(s), {len(written.alerts)} alert(s)" in out
+
+
+def test_narrow_terminal_keeps_the_core_stats(written, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["report", written.logdir]) == 0
+    out = capsys.readouterr().out
+    stats, _ = _tables(out)
+    assert [r[0] for r in stats] == LAYERS and 3 <= len(stats[0]) - 1 < 12
+    assert "not shown for width: grad_norm" in out.replace("\n", " ")
+    assert max(len(line) for line in out.splitlines()) <= 80
+    assert main(["report", written.logdir, "--stats", "grad_rms,act_zero_frac"]) == 0
+    stats, _ = _tables(capsys.readouterr().out)
+    assert stats[LAYERS.index(HOSTILE)][1:] == ["-", "1" + ("!" if written.alerts[-1].step
+                                                             == written.steps else "*")]
+
+
+def test_report_json_and_fail_on_alert(written, capsys):
+    assert main(["report", written.logdir, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    (run,) = data["runs"]
+    assert run["run"] == written.run and run["step"] == written.steps
+    assert list(run["layers"]) == LAYERS
+    assert run["layers"][HOSTILE]["act_zero_frac"] == 1.0
+    assert "grad_rms" not in run["layers"]["act"]
+    assert run["alerted"] == [{"layer": HOSTILE, "stat": "act_zero_frac",
+                               "step": written.alerts[-1].step}]
+    assert [(a["step"], a["layer"], a["kind"]) for a in run["alerts"]] == [
+        (a.step, a.layer, a.kind) for a in written.alerts]
+    assert data["alerts"] == len(written.alerts) > 0
+    assert main(["report", written.logdir, "--json", "--fail-on-alert"]) == 1
+    capsys.readouterr()
+
+
+def test_fail_on_alert_passes_a_healthy_run(tmp_path, capsys):
+    healthy = train(str(tmp_path), run="healthy", steps=20, every=10,
+                    include=["inp", "act", "deep", "out"])  # the dead ReLU not watched
+    assert healthy.alerts == []
+    assert main(["report", str(tmp_path), "--fail-on-alert"]) == 0
+    assert "no alerts in healthy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cmd", ["report", "plot"])
+def test_missing_or_empty_logdir_is_an_error_naming_it(tmp_path, capsys, cmd):
+    missing = str(tmp_path / "absent")
+    assert main([cmd, missing]) == 2
+    assert f"gradwatch: error: logdir {missing!r} does not exist" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([cmd, str(empty)]) == 2
+    assert str(empty) in capsys.readouterr().err
+
+
+def _png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_plot_writes_a_png_of_the_expected_size(written, tmp_path, capsys):
+    out = tmp_path / "flow.png"
+    assert main(["plot", written.logdir, "-o", str(out)]) == 0
+    runs = read_logdir(written.logdir)
+    assert _png_size(out) == default_size([Flow.from_run(r) for r in runs])
+    assert _png_size(out)[0] == 1200
+    sized = tmp_path / "sized.png"
+    assert main(["plot", written.logdir, "-o", str(sized), "--size", "640x480"]) == 0
+    assert _png_size(sized) == (640, 480)
+    assert "wrote" in capsys.readouterr().err
+
+
+def test_plot_pixels_show_the_heatmap(written, tmp_path):
+    import numpy as np
+
+    from gradwatch.plot import render_rgb
+
+    flows = [Flow.from_run(r) for r in read_logdir(written.logdir)]
+    assert flows[0].layers == PARAM_LAYERS
+    img = render_rgb(flows, (600, 300))
+    assert img.shape == (300, 600, 3) and img.dtype == np.uint8
+    # viridis cells: many distinct colours, not a blank canvas
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50
