@@ -298,6 +298,19 @@ def test_sink_disk_full_at_close(tmp_path) -> None:
     assert w.latest is not None and w.latest.step == STEPS
 
 
+def test_pictures_fault(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from gradwatch.sinks.pictures import Pictures
+
+    monkeypatch.setattr(Pictures, "write", boom)
+    w, faults = run_with_fault({"tensorboard": True, "logdir": tmp_path, "histograms": True})
+    one_fault(faults, "TensorBoard pictures", "all layers")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("gradwatch/grad_norm/0")] == [4, 8, 12]
+
+
 def test_only_raise_stops_training() -> None:
     base = make_model()
     th = {"vanishing_rms": 10.0, "patience": 1}

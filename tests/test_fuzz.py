@@ -225,12 +225,13 @@ configs = st.fixed_dictionaries({
     "every": st.integers(1, 3),
     "sample_every": st.integers(1, 2),
     "tensorboard": st.sampled_from([False, False, True]),
+    "histograms": st.booleans(),
 })
 
 
 BASE: dict[str, Any] = {"seed": 0, "batch": 3, "dtype": torch.float32, "bad": [],
                         "optimizer": False, "include": None, "every": 1, "sample_every": 1,
-                        "tensorboard": False}
+                        "tensorboard": False, "histograms": False}
 
 
 def make_model(spec: Any, cfg: dict[str, Any]) -> nn.Module:
@@ -285,6 +286,7 @@ def train(spec: Any, cfg: dict[str, Any], watched: bool, logdir: str | None) -> 
             model, optimizer=opt if cfg["optimizer"] else None,
             tensorboard=cfg["tensorboard"], logdir=logdir, every=cfg["every"],
             sample_every=cfg["sample_every"], include=cfg["include"],
+            histograms=cfg["histograms"],
             on_alert=lambda a: None)
     record: list[Any] = []
     try:
@@ -322,6 +324,8 @@ def train(spec: Any, cfg: dict[str, Any], watched: bool, logdir: str | None) -> 
 @example(spec=("linear",), cfg={**BASE, "dtype": torch.float64})
 @example(spec=("embed",), cfg={**BASE, "batch": 0})
 @example(spec=("complex",), cfg={**BASE, "optimizer": True})
+@example(spec=("embed",), cfg={**BASE, "tensorboard": True, "histograms": True,
+                               "dtype": torch.float64, "bad": [(0, math.nan)]})
 def test_watching_never_raises_and_never_changes_training(spec: Any, cfg: dict) -> None:
     torch.set_num_threads(1)
     ref = train(spec, cfg, watched=False, logdir=None)
