@@ -121,8 +121,8 @@ class Collector:
         try:
             if self.full:
                 self.buffers.add_out_grad(slot, S.grad_sq_sum(grad), grad.numel())
-            else:
-                self.buffers.add_nonfinite(slot, S.nonfinite_flag(grad))
+            else:  # the gradient column: the output column locates where a NaN started
+                self.buffers.add_grad_nonfinite(slot, S.nonfinite_flag(grad))
         except Exception as e:
             self.grad_on = False
             self.fault("output-gradient hook", self.layers[slot].name, e)

@@ -385,6 +385,9 @@ class Watcher:
         if a is not None:
             with self._lock:
                 self._pending.append(a)
+            sink = self._sink
+            if sink is not None and self._is_writer_rank():  # also into TensorBoard
+                self._worker.submit(lambda: sink.write_alerts([a], step))
 
     def _launch_flush(self) -> None:
         """On the training thread: launch the copy, reset the window, hand over."""
