@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from gradwatch import alerts as A
 from gradwatch.buffers import WindowBuffers
+from gradwatch.flags import StepFlags
 from gradwatch.hooks import Collector, ForwardHook, ParamTracker, _StepHook
 from gradwatch.rules import Rules, Thresholds
 from gradwatch.selection import assign_params, describe, select, unwrap
@@ -186,10 +187,8 @@ class Watcher:
                                          self.images, self._collector.fault)
         self._collector.hist = self._pictures.hist if self._pictures is not None else None
         self._worker = Worker(self._worker_error)
-        # per-step non-finite flags: [layers, 2] copied each step without waiting
-        self._flags = [self._host_flags(L, self._device) for _ in range(2)]
-        self._flag_views = [f.numpy() for f in self._flags]
-        self._flag_events: list[Any] = [None, None]
+        # per-step non-finite flags, read on the host without a stall (flags.py)
+        self._flags = StepFlags(L, self._device)
 
         # -- attach: replace an open watcher of the same model first -----------------------------
         old = root.__dict__.get(_ATTACH)
@@ -331,46 +330,32 @@ class Watcher:
         grads, self._pending_grads = self._pending_grads, None
         weights = self._params_safe("weight") if full else None
         updates = self._params_safe("update") if full and self._optimizer is not None else None
-        k = self._step % 2
         try:
-            flags = self._buffers.step_flags(grads)
-            self._flags[k].copy_(flags, non_blocking=self._flags[k].is_pinned())
-            if self._flags[k].is_pinned():
-                ev = torch.cuda.Event()
-                ev.record()
-                self._flag_events[k] = ev
+            self._flags.push(self._buffers.step_flags(grads), self._step + 1)
             self._buffers.commit_step(grads, weights, updates)
         except Exception as e:
             self._collector.fault("step commit", "*", e)
         self._collector.end_step()
         self._step += 1
         self._window_steps += 1
-        self._check_flags(k)
+        self._check_flags()
         self._collector.full = self._step % self.sample_every == 0
         if self._window_steps >= self.every:
             self._launch_flush()
         self._deliver()
 
-    @staticmethod
-    def _host_flags(n: int, device: torch.device) -> torch.Tensor:
-        pin = device.type == "cuda"
-        return torch.zeros(n, 2, dtype=torch.float32, pin_memory=pin)
-
-    def _check_flags(self, k: int) -> None:
-        """Read a step's non-finite flags on the host: this step's on CPU (the copy is done),
-        the previous step's on CUDA once its event has completed. No torch read op."""
-        if self._flag_events[k] is not None:  # CUDA: look at the previous step instead
-            k = 1 - k
-            ev = self._flag_events[k]
-            if ev is None or not ev.query():
-                return
-            self._flag_events[k] = None
-            step = self._step - 1
-        else:
-            step = self._step
-        view = self._flag_views[k]
-        if not view.any():
+    def _check_flags(self) -> None:
+        """Non-finite flags that reached the host (this step's on CPU, a step or so later on
+        CUDA) -> an alert at the layer where the NaN started. No torch read op."""
+        try:
+            landed = self._flags.poll()
+        except Exception as e:
+            self._collector.fault("non-finite flags", "*", e)
             return
+        for step, view in landed:
+            self._flag_alert(step, view)
+
+    def _flag_alert(self, step: int, view: np.ndarray) -> None:
         order = self._collector.order
         acts = view[:, 0]
         origin = next((i for i in order if acts[i] > 0), None)
@@ -380,7 +365,6 @@ class Watcher:
             if origin is None:
                 origin = int(np.argmax(grads))
         count = float(view[origin].sum())
-        view[:] = 0
         a = self._rules.nonfinite_now(step, self._infos[origin].name, count)
         if a is not None:
             with self._lock:

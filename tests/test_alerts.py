@@ -32,16 +32,17 @@ def dead_net() -> nn.Sequential:
     return m
 
 
-def nan_net(at: int) -> nn.Sequential:
+def nan_net(at: int, device: str = "cpu") -> nn.Sequential:
     """Its module '2' starts returning NaN at the ``at``-th training step (0-based)."""
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), NaNAfter(16, at), nn.Linear(16, 16),
-                         nn.ReLU(), nn.Linear(16, 2))
+                         nn.ReLU(), nn.Linear(16, 2)).to(device)
 
 
 def train_step(m: nn.Module, opt: torch.optim.Optimizer) -> None:
-    x = torch.randn(4, 8)
-    loss = F.cross_entropy(m(x), torch.zeros(4, dtype=torch.long))
+    dev = next(m.parameters()).device
+    x = torch.randn(4, 8).to(dev)
+    loss = F.cross_entropy(m(x), torch.zeros(4, dtype=torch.long, device=dev))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -199,4 +200,23 @@ def test_nan_reported_within_one_step_at_its_origin(sample_every: int) -> None:
     for _ in range(5):  # NaN has spread to every layer, upstream too: no new origins
         train_step(m, opt)
     w.close()
+    assert {a.layer for a in got} == {"2"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nan_on_cuda_reported_within_a_few_steps_without_a_sync() -> None:
+    at = 5
+    m = nan_net(at, "cuda")
+    opt = sgd(m)
+    got: list[gradwatch.Alert] = []
+    w = gradwatch.watch(m, optimizer=opt, tensorboard=False, every=100, on_alert=got.append)
+    for _ in range(at + 1):
+        train_step(m, opt)
+    for _ in range(50):  # the host reads a copy once its event is done: a step or so later
+        if got:
+            break
+        train_step(m, opt)
+    w.close()
+    assert got and got[0].layer == "2" and got[0].kind == "nonfinite"
+    assert got[0].step >= at + 1
     assert {a.layer for a in got} == {"2"}
