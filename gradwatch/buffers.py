@@ -130,7 +130,9 @@ class WindowBuffers:
         row = self.stage[slot]
         row[ST_GN].add_(numel)
         row[ST_GS2].add_(sq)
-        row[ST_GNF].add_(torch.isfinite(sq).logical_not())
+        # NaN only: Σg² of finite values overflows to inf for |g| ~ 1e19 (exploding, not
+        # non-finite); an Inf element reaches the parameter gradients, checked exactly
+        row[ST_GNF].add_(torch.isnan(sq))
 
     # -- once per step ----------------------------------------------------------------------
     def commit_step(self, params: ParamStepStats | None, weights: Tensor | None,
@@ -185,12 +187,16 @@ class WindowBuffers:
         st.zero_()
 
     def step_flags(self, params: ParamStepStats | None) -> Tensor:
-        """``[layers, 2]`` non-finite counts of this step: outputs, gradients. Call before
-        ``commit_step``; the watcher copies it to the host without waiting (pinned)."""
+        """``[layers, 3]`` of this step: non-finite counts in the outputs and in the
+        gradients, and the parameter-gradient RMS (0 without one), for the rules that fire
+        within a step. Call before ``commit_step``; the watcher copies it to the host without
+        waiting (``flags.StepFlags``)."""
         grads = self.stage[:, ST_GNF]
+        rms = torch.zeros_like(grads)
         if params is not None:
             grads = grads + params.grad_nonfinite
-        return torch.stack([self.stage[:, ST_NF], grads], dim=1)
+            rms = torch.where(params.grad_present > 0, params.grad_rms, rms)
+        return torch.stack([self.stage[:, ST_NF], grads, rms], dim=1)
 
     def discard_step(self) -> None:
         """Drop the staged step (a step the GradScaler skipped)."""

@@ -1,13 +1,14 @@
-"""Per-step non-finite flags, device -> host without a stall and without a torch read op.
+"""Per-step flags, device -> host without a stall and without a torch read op.
 
-Each step the watcher pushes a ``[layers, 2]`` device tensor (non-finite counts in the
-outputs, in the gradients). On CPU the copy is a plain memcpy and the step is read at once.
-On CUDA the flags are added into a device accumulator; whenever a pinned host slot is free,
-the accumulator is copied into it with ``non_blocking=True`` and zeroed, and an event is
-recorded behind the copy. The host reads a slot, through a numpy view made once here, only
-after its event reports done (``Event.query()`` never blocks). When the device runs several
-steps behind, flags wait in the accumulator instead of being overwritten, so nothing is lost;
-they are then reported with the last step of the span they cover.
+Each step the watcher pushes a ``[layers, 3]`` device tensor: non-finite counts in the
+outputs and in the gradients (summed over steps), and the parameter-gradient RMS (max over
+steps). On CPU the copy is a plain memcpy and the step is read at once. On CUDA the flags
+go into a device accumulator; whenever a pinned host slot is free, the accumulator is
+copied into it with ``non_blocking=True`` and zeroed, and an event is recorded behind the
+copy. The host reads a slot, through a numpy view made once here, only after its event
+reports done (``Event.query()`` never blocks). When the device runs several steps behind,
+flags wait in the accumulator instead of being overwritten, so nothing is lost; they are
+then reported with the last step of the span they cover.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import Tensor
+
+COLS = 3  # non-finite in outputs, non-finite in gradients, gradient RMS
 
 
 class StepFlags:
@@ -32,10 +35,10 @@ class StepFlags:
             event = torch.cuda.Event
         self._event = event
         pin = device.type == "cuda"
-        self._host = [torch.zeros(n_layers, 2, dtype=torch.float32, pin_memory=pin)
+        self._host = [torch.zeros(n_layers, COLS, dtype=torch.float32, pin_memory=pin)
                       for _ in range(slots if event is not None else 1)]
         self._views = [h.numpy() for h in self._host]  # made once: reading is no torch op
-        self._acc = (torch.zeros(n_layers, 2, dtype=torch.float32, device=device)
+        self._acc = (torch.zeros(n_layers, COLS, dtype=torch.float32, device=device)
                      if event is not None else None)
         self._events: list[Any] = [None] * len(self._host)
         self._span: list[tuple[int, int, int]] = [(0, 0, 0)] * len(self._host)  # seq, first, last
@@ -49,7 +52,9 @@ class StepFlags:
             self._span[0] = (0, step, step)
             self._events[0] = True
             return
-        self._acc.add_(flags)
+        acc = self._acc
+        acc[:, :2] += flags[:, :2]
+        acc[:, 2].copy_(torch.maximum(acc[:, 2], flags[:, 2]))
         if self._first is None:
             self._first = step
         free = next((i for i, e in enumerate(self._events) if e is None), None)
@@ -66,8 +71,8 @@ class StepFlags:
         self._first = None
 
     def poll(self) -> list[tuple[int, np.ndarray]]:
-        """The flags that have reached the host, oldest first: ``(step, [layers, 2] array)``
-        for each span holding a non-zero flag. The arrays are copies; slots are freed."""
+        """The flags that have reached the host, oldest first: ``(step, [layers, 3] array)``
+        for each span holding a non-zero value. The arrays are copies; slots are freed."""
         done = []
         for i, ev in enumerate(self._events):
             if ev is None:

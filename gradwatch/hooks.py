@@ -227,7 +227,8 @@ class ParamTracker:
         gnorm = torch.sqrt(sq)
         grms = gnorm / torch.sqrt(torch.clamp(numel, min=1.0))
         gmax = torch.zeros(L, device=self.device).scatter_reduce_(0, idx, maxes, "amax")
-        bad = torch.isfinite(norms).logical_not().to(torch.float32)
+        # from the max-abs, exact: an L2 norm of finite values can overflow (|g| ~ 1e19)
+        bad = torch.isfinite(maxes).logical_not().to(torch.float32)
         nonfinite = torch.zeros(L, device=self.device).index_add_(0, idx, bad)
         return ParamStepStats(gnorm, grms, gmax, has, nonfinite)
 

@@ -20,7 +20,8 @@ from gradwatch.selection import LayerInfo
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Limits of the rules. Defaults were measured on the zoo in ``tests/zoo.py`` (README)."""
+    """Limits of the rules. Defaults were measured on the zoo in ``tests/zoo.py``: see
+    ``docs/thresholds.md`` for each value and the measurements behind it."""
 
     vanishing_rms: float = 1e-7
     """A layer's ``grad_rms`` below this is vanishing (absolute floor)."""
@@ -234,8 +235,9 @@ class Rules:
         warm = self.windows >= t.warmup
         # A parameter without a gradient (None: unused branch, frozen; or exactly zero:
         # behind a dead ReLU, set_to_none=False) has no grad_rms here: never vanishing.
+        # inf stays: finite gradients whose norm overflowed fp32 (|g| ~ 1e19) are exploding.
         rms = {n: s["grad_rms"] for n, s in stats.items()
-               if "grad_rms" in s and math.isfinite(s["grad_rms"]) and s["grad_rms"] > 0}
+               if "grad_rms" in s and not math.isnan(s["grad_rms"]) and s["grad_rms"] > 0}
         vanishing, exploding = classify_grads(rms, self._ema, warm, t)
         for name, v in rms.items():  # the running average learns only from normal windows
             if name not in exploding:
@@ -275,6 +277,13 @@ class Rules:
             if s.get("nonfinite", 0) > 0:
                 return n
         return None
+
+    def exploding_now(self, step: int, layer: str, rms: float) -> Alert | None:
+        """A per-step ``grad_rms`` above ``extreme_rms``, reported from the training thread
+        within the step (the window's evaluation shares its rate limit)."""
+        if not rms > self.t.extreme_rms:
+            return None
+        return self._emit(step, layer, "exploding", "grad_rms", rms, self.t.extreme_rms, ">")
 
     def nonfinite_now(self, step: int, layer: str, count: float) -> Alert | None:
         """A per-step non-finite flag, reported from the training thread at once (the

@@ -356,6 +356,12 @@ class Watcher:
             self._flag_alert(step, view)
 
     def _flag_alert(self, step: int, view: np.ndarray) -> None:
+        if not view[:, :2].any():  # finite: only an extreme gradient is reported at once
+            limit = self.thresholds.extreme_rms
+            for i in np.flatnonzero(view[:, 2] > limit):
+                self._pend(self._rules.exploding_now(step, self._infos[i].name,
+                                                     float(view[i, 2])), step)
+            return
         order = self._collector.order
         acts = view[:, 0]
         origin = next((i for i in order if acts[i] > 0), None)
@@ -364,14 +370,18 @@ class Watcher:
             origin = next((i for i in reversed(order) if grads[i] > 0), None)
             if origin is None:
                 origin = int(np.argmax(grads))
-        count = float(view[origin].sum())
-        a = self._rules.nonfinite_now(step, self._infos[origin].name, count)
-        if a is not None:
-            with self._lock:
-                self._pending.append(a)
-            sink = self._sink
-            if sink is not None and self._is_writer_rank():  # also into TensorBoard
-                self._worker.submit(lambda: sink.write_alerts([a], step))
+        count = float(view[origin, :2].sum())
+        self._pend(self._rules.nonfinite_now(step, self._infos[origin].name, count), step)
+
+    def _pend(self, a: A.Alert | None, step: int) -> None:
+        """A per-step alert: delivered at the end of this step, and written to TensorBoard."""
+        if a is None:
+            return
+        with self._lock:
+            self._pending.append(a)
+        sink = self._sink
+        if sink is not None and self._is_writer_rank():
+            self._worker.submit(lambda: sink.write_alerts([a], step))
 
     def _launch_flush(self) -> None:
         """On the training thread: launch the copy, reset the window, hand over."""

@@ -6,8 +6,9 @@ For each setup and seed, the per-window statistics the rules look at, reduced to
 that matters: for healthy runs the value closest to a limit (the smallest grad_rms ratio to
 the largest layer, the largest ratio to the median, the largest spike against the running
 average, the largest zero/saturated fraction), for broken runs the same at the labelled
-layers. The first window is left out of the relative columns (warm-up). Alerts are disabled
-(``on_alert`` collects them) so every window is seen.
+layers, and the largest per-step grad_rms. The first window is left out of the relative
+columns (warm-up; ``w0_*`` show it alone). Alerts are collected, not raised, with patience
+and rate limit 1, so every window is seen.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from gradwatch.selection import describe  # noqa: E402
 def measure(setup: zoo.Setup, seed: int, ema_decay: float = 0.9) -> dict[str, float]:
     r = zoo.run(setup, seed, every=10, keep_snapshots=True,
                 thresholds={"rate_limit": 1, "patience": 1})
-    trial_layers = {n: describe(n, m) for n, m in setup.build(seed).model.named_modules()}
+    trial_layers = {n: describe(n, m, list(m.parameters(recurse=False)))
+                    for n, m in setup.build(seed).model.named_modules()}
     want = set(setup.layers) if setup.kinds else None
     out = {"min_rms": math.inf, "min_ratio_top": math.inf, "max_ratio_med": 0.0,
            "max_rms": 0.0, "max_spike": 0.0, "max_zero": 0.0, "max_sat": 0.0,
@@ -72,16 +74,39 @@ def measure(setup: zoo.Setup, seed: int, ema_decay: float = 0.9) -> dict[str, fl
     return out
 
 
+def step_rms_max(setup: zoo.Setup, seed: int) -> float:
+    """Largest per-step ``grad_rms`` of any layer (of the labelled layers for broken setups),
+    in float64 without gradwatch: what the within-a-step ``extreme_rms`` rule sees."""
+    t = setup.build(seed)
+    want = set(setup.layers) if setup.kinds else None
+    owned = [(n, [p for p in m._parameters.values() if p is not None])
+             for n, m in t.model.named_modules() if want is None or n in want]
+    top = 0.0
+    for step in range(setup.steps):
+        loss = t.loss(step)
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for _, ps in owned:
+            gs = [p.grad for p in ps if p.grad is not None]
+            if gs:
+                sq = sum(float(g.double().square().sum()) for g in gs)
+                top = max(top, math.sqrt(sq / sum(g.numel() for g in gs)))
+        t.optimizer.step()
+    return top
+
+
 def main(names: list[str]) -> None:
     torch.set_num_threads(1)
     cols = ["min_rms", "max_rms", "min_ratio_top", "max_ratio_med", "max_spike",
-            "max_zero", "max_sat", "min_out_ratio", "w0_ratio_top", "w0_ratio_med", "final_loss"]
+            "max_zero", "max_sat", "min_out_ratio", "w0_ratio_top", "w0_ratio_med",
+            "step_rms_max", "final_loss"]
     print(f"{'setup':24s} seed " + " ".join(f"{c[:9]:>9s}" for c in cols))
     for s in zoo.ZOO:
         if names and s.name not in names:
             continue
         for seed in zoo.SEEDS:
             m = measure(s, seed)
+            m["step_rms_max"] = step_rms_max(s, seed)
             print(f"{s.name[:24]:24s} {seed:4d} " + " ".join(f"{m[c]:9.3g}" for c in cols),
                   flush=True)
 

@@ -8,10 +8,13 @@ import torch
 from gradwatch.flags import StepFlags
 
 
-def flags(step_bad: dict[int, float], n: int = 3) -> torch.Tensor:
-    t = torch.zeros(n, 2)
+def flags(step_bad: dict[int, float], n: int = 3,
+          rms: dict[int, float] | None = None) -> torch.Tensor:
+    t = torch.zeros(n, 3)
     for layer, v in step_bad.items():
         t[layer, 0] = v
+    for layer, v in (rms or {}).items():
+        t[layer, 2] = v
     return t
 
 
@@ -77,3 +80,18 @@ def test_oldest_copy_first() -> None:
     f.push(flags({1: 8.0}, 2), 5)
     clock.now = 5
     assert [(s, a[1, 0]) for s, a in f.poll()] == [(4, 7.0), (5, 8.0)]
+
+
+def test_counts_add_up_and_the_gradient_rms_is_the_max_of_the_span() -> None:
+    clock = Clock()
+    f = StepFlags(2, torch.device("cpu"), slots=1, event=clock.event)
+    f.push(flags({}, 2, {0: 1.0}), 1)  # in flight
+    f.push(flags({1: 2.0}, 2, {0: 5.0}), 2)  # accumulating
+    f.push(flags({1: 3.0}, 2, {0: 4.0}), 3)
+    clock.now = 1
+    ((step, arr),) = f.poll()
+    assert step == 1 and arr.tolist() == [[0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
+    f.push(flags({}, 2, {0: 2.0}), 4)
+    clock.now = 2
+    ((step, arr),) = f.poll()
+    assert step == 4 and arr.tolist() == [[0.0, 0.0, 5.0], [5.0, 0.0, 0.0]]

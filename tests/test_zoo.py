@@ -22,6 +22,7 @@ from gradwatch.alerts import KINDS  # noqa: E402
 
 EVERY = 10
 LABELS = ("healthy", *KINDS)
+VERDICTS = (*LABELS, "wrong layer")
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +39,23 @@ def results() -> dict[str, list[zoo.Result]]:
 
 
 def confusion(results: dict[str, list[zoo.Result]]) -> tuple[str, Counter[tuple[str, str]]]:
-    """Per-setup table and the label x verdict matrix (verdict: first alert's kind)."""
+    """Per-setup table and the label x verdict matrix. Verdict: the kind of the alert that
+    matches the label (right kind, right layer), else the first alert's kind ("wrong layer"
+    when that is the labelled kind elsewhere), else healthy."""
     lines = [f"{'setup':26s} {'label':20s} {'seed':>4s} {'verdict':10s} "
              f"{'first matching alert':40s} other alerts"]
     matrix: Counter[tuple[str, str]] = Counter()
     for name, runs in results.items():
         for r in runs:
             s = r.setup
-            truth = s.kinds[0] if len(s.kinds) == 1 else ("healthy" if not s.kinds else "")
-            verdict = r.predicted
-            if s.kinds and r.hit is not None:
-                verdict = r.hit.kind  # the matching alert is the verdict
-                truth = verdict if not truth else truth
-            truth = truth or s.kinds[0]
-            matrix[(truth, verdict)] += 1
             hit = r.hit
+            # verdict: the alert matching the label if there is one, else the first alert
+            verdict = hit.kind if hit is not None else r.predicted
+            if s.kinds and hit is None and verdict in s.kinds:
+                verdict = "wrong layer"
+            truth = "healthy" if not s.kinds else (verdict if verdict in s.kinds
+                                                   else s.kinds[0])
+            matrix[(truth, verdict)] += 1
             first = f"{hit.kind}@{hit.layer} step {hit.step}" if hit else "-"
             others = Counter(f"{a.kind}@{a.layer}" for a in r.alerts if a is not hit)
             lines.append(f"{name:26s} {s.label:20s} {r.seed:4d} "
@@ -60,9 +63,9 @@ def confusion(results: dict[str, list[zoo.Result]]) -> tuple[str, Counter[tuple[
                          f"{dict(others) if others else ''}")
     lines.append("")
     lines.append("confusion (rows: label, columns: verdict; runs)")
-    lines.append(f"{'':12s}" + "".join(f"{c:>11s}" for c in LABELS))
+    lines.append(f"{'':12s}" + "".join(f"{c:>12s}" for c in VERDICTS))
     for t in LABELS:
-        lines.append(f"{t:12s}" + "".join(f"{matrix[(t, c)]:11d}" for c in LABELS))
+        lines.append(f"{t:12s}" + "".join(f"{matrix[(t, c)]:12d}" for c in VERDICTS))
     return "\n".join(lines), matrix
 
 
