@@ -7,6 +7,7 @@ import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -220,3 +221,50 @@ def test_nan_on_cuda_reported_within_a_few_steps_without_a_sync() -> None:
     assert got and got[0].layer == "2" and got[0].kind == "nonfinite"
     assert got[0].step >= at + 1
     assert {a.layer for a in got} == {"2"}
+
+
+# -- extreme gradients within one step -----------------------------------------------------------
+def scaled_loss_net(scale: float) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)  # weights stay as they are
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        (m(torch.randn(4, 8)).sum() * scale).backward()
+        opt.step()
+
+    return m, opt, step
+
+
+def test_extreme_gradient_reported_within_its_step() -> None:
+    m, opt, step = scaled_loss_net(1e6)
+    got: list[gradwatch.Alert] = []
+    with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=100, on_alert=got.append):
+        step()
+        assert {(a.kind, a.layer, a.step) for a in got} == {("exploding", "0", 1),
+                                                            ("exploding", "2", 1)}
+        assert all(a.value > 1e3 and a.threshold == 1e3 for a in got)
+        for _ in range(3):
+            step()
+    assert len(got) == 2  # rate-limited: the window's own report is held back
+
+
+def test_gradient_whose_norm_overflows_is_exploding_not_nonfinite() -> None:
+    m, opt, step = scaled_loss_net(1e25)  # finite elements (~1e25), Σg² overflows fp32
+    got: list[gradwatch.Alert] = []
+    with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=2, on_alert=got.append):
+        for _ in range(2):
+            step()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+    assert {a.kind for a in got} == {"exploding"}
+    assert {a.layer for a in got} == {"0", "2"}
+
+
+def test_inf_in_a_parameter_gradient_is_nonfinite_at_that_layer() -> None:
+    m, opt, step = scaled_loss_net(1.0)
+    m[2].bias.register_hook(lambda g: torch.full_like(g, float("inf")))
+    got: list[gradwatch.Alert] = []
+    with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=100, on_alert=got.append):
+        step()
+        assert [(a.kind, a.layer, a.step) for a in got] == [("nonfinite", "2", 1)]
