@@ -1,8 +1,9 @@
 """The detectors: pure functions of a Snapshot plus bounded per-layer history -> Alerts.
 
 ``Thresholds`` holds every limit. ``Rules.evaluate`` runs once per flushed window (on the
-background thread); ``Rules.nonfinite_now`` runs on the training thread from the per-step
-non-finite flags, so a NaN is reported within one step, without waiting for the flush.
+background thread); ``Rules.nonfinite_now`` and ``Rules.exploding_now`` run on the training
+thread from the per-step flags, so a NaN or an extreme gradient is reported within one step,
+without waiting for the flush.
 Patience, warm-up, hysteresis and rate limiting live here and nowhere else.
 """
 

@@ -345,8 +345,9 @@ class Watcher:
         self._deliver()
 
     def _check_flags(self) -> None:
-        """Non-finite flags that reached the host (this step's on CPU, a step or so later on
-        CUDA) -> an alert at the layer where the NaN started. No torch read op."""
+        """Per-step flags that reached the host (this step's on CPU, a step or so later on
+        CUDA) -> a non-finite alert at the layer where the NaN started, or an exploding
+        alert for a gradient above ``extreme_rms``. No torch read op."""
         try:
             landed = self._flags.poll()
         except Exception as e:
