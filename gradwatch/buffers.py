@@ -198,6 +198,10 @@ class WindowBuffers:
             rms = torch.where(params.grad_present > 0, params.grad_rms, rms)
         return torch.stack([self.stage[:, ST_NF], grads, rms], dim=1)
 
+    def scale_out_grads(self, factor: Tensor) -> None:
+        """Multiply the staged output-gradient Σg² by ``factor`` (AMP: 1/scale²)."""
+        self.stage[:, ST_GS2].mul_(factor)
+
     def discard_step(self) -> None:
         """Drop the staged step (a step the GradScaler skipped)."""
         self.stage.zero_()

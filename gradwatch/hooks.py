@@ -56,6 +56,18 @@ class ForwardHook(_Hook):
         return None
 
 
+class ForwardDoneHook(_Hook):
+    """Forward hook on the watched root: ends the identity bookkeeping of compiled code."""
+
+    __slots__ = ()
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        c = self._collector()
+        if c is not None:
+            c._traced.clear()
+        return None
+
+
 class OutGradHook(_Hook):
     __slots__ = ()
 
@@ -80,6 +92,7 @@ class Collector:
         self.order: list[int] = []  # slots in order of first forward call
         # (id, version) -> tensor weakref: a tensor gets its gradient hook once per step
         self._hooked: dict[tuple[int, int], weakref.ref[Tensor]] = {}
+        self._traced: list[Tensor] = []  # the same, for compiled code (see _first_hook)
         self._handles: list[RemovableHandle] = []
         self._faults: set[str] = set()
         self.hist: Any = None  # DeviceHistograms when histograms=True
@@ -106,15 +119,37 @@ class Collector:
                             self.hist.add_activation(slot, t)
                     else:
                         self.buffers.add_nonfinite(slot, S.nonfinite_flag(t))
-                if t.requires_grad and self.grad_on:
-                    key = (id(t), t._version)
-                    ref = self._hooked.get(key)
-                    if ref is None or ref() is not t:
-                        self._hooked[key] = weakref.ref(t)
-                        self._handles.append(t.register_hook(OutGradHook(self, slot)))
+                if t.requires_grad and self.grad_on and self._first_hook(t):
+                    h = t.register_hook(OutGradHook(self, slot))
+                    # a handle made in traced code cannot leave the graph; that hook dies
+                    # with its tensor and is inert once the watcher closes (grad_on)
+                    if not torch.compiler.is_compiling():
+                        self._handles.append(h)
         except Exception as e:  # never take the training down
             self.act_on = False
             self.fault("forward hook", self.layers[slot].name, e)
+
+    def _first_hook(self, t: Tensor) -> bool:
+        """True the first time this tensor (at this version) reaches a hook in this step.
+
+        Eager: keyed by (id, version) with a weak reference, so no activation is kept
+        alive. Under torch.compile the version is a data-dependent value and weak
+        references cannot be traced (a graph break each), so the traced code compares
+        identities against the tensors hooked so far in this forward call (the list is
+        cleared by ``ForwardDoneHook`` at the end of the call, so guards on it are stable).
+        """
+        if torch.compiler.is_compiling():
+            for o in self._traced:
+                if o is t:
+                    return False
+            self._traced.append(t)
+            return True
+        key = (id(t), t._version)
+        ref = self._hooked.get(key)
+        if ref is not None and ref() is t:
+            return False
+        self._hooked[key] = weakref.ref(t)
+        return True
 
     # -- backward ---------------------------------------------------------------------------
     def on_out_grad(self, slot: int, grad: Tensor) -> None:
@@ -130,6 +165,7 @@ class Collector:
     # -- step boundary ----------------------------------------------------------------------
     def end_step(self) -> None:
         self._hooked.clear()
+        self._traced.clear()
         self._handles.clear()
 
     def remove_tensor_hooks(self) -> None:

@@ -20,9 +20,11 @@ import torch
 import torch.nn as nn
 
 from gradwatch import alerts as A
+from gradwatch.amp import ScalerTap
 from gradwatch.buffers import WindowBuffers
+from gradwatch.compiled import forget_compiled_code
 from gradwatch.flags import StepFlags
-from gradwatch.hooks import Collector, ForwardHook, ParamTracker, _StepHook
+from gradwatch.hooks import Collector, ForwardDoneHook, ForwardHook, ParamTracker, _StepHook
 from gradwatch.rules import Rules, Thresholds
 from gradwatch.selection import assign_params, describe, select, unwrap
 from gradwatch.sinks.console import report as _report
@@ -202,11 +204,16 @@ class Watcher:
             )
             prev.close()
         self._handles: list[Any] = []
+        forget_compiled_code(model)  # else a compiled model that already ran ignores hooks
         for slot, (_, m) in enumerate(chosen):
             self._handles.append(m.register_forward_hook(ForwardHook(self._collector, slot)))
+        self._handles.append(root.register_forward_hook(ForwardDoneHook(self._collector, -1)))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(_StepHook(self._pre_step)))
             self._handles.append(optimizer.register_step_post_hook(_StepHook(self._post_step)))
+        self._amp: ScalerTap | None = None
+        if scaler is not None:
+            self._amp = ScalerTap(scaler, optimizer, self._amp_unscale, self._amp_skip)
         root.__dict__[_ATTACH] = _Attachment(self)
 
     # -- public surface -------------------------------------------------------------------------
@@ -235,6 +242,9 @@ class Watcher:
             )
         if self._closed:
             return
+        if self._amp is not None and self._amp.take_pending_skip():
+            self._end_step(skipped=True)
+            return
         self._pending_grads = self._params_safe("grad")
         self._end_step()
 
@@ -259,6 +269,8 @@ class Watcher:
             h.remove()
         self._handles.clear()
         c.remove_tensor_hooks()
+        if self._amp is not None:
+            self._amp.remove()
         if self._root.__dict__.get(_ATTACH) is not None:
             att = self._root.__dict__[_ATTACH]
             if isinstance(att, _Attachment) and att.get() is self:
@@ -325,16 +337,27 @@ class Watcher:
     def _post_step(self) -> None:
         self._end_step()
 
-    def _end_step(self) -> None:
-        full = self._collector.full
+    def _amp_unscale(self, factor: torch.Tensor) -> None:
+        try:
+            self._buffers.scale_out_grads(factor)
+        except Exception as e:
+            self._collector.fault("AMP unscale", "*", e)
+
+    def _amp_skip(self) -> None:
+        """The GradScaler skipped the optimizer step (inf/NaN gradients)."""
+        if not self._closed:
+            self._end_step(skipped=True)
+
+    def _end_step(self, skipped: bool = False) -> None:
+        full = self._collector.full and not skipped
         grads, self._pending_grads = self._pending_grads, None
         weights = self._params_safe("weight") if full else None
         updates = self._params_safe("update") if full and self._optimizer is not None else None
-        try:
-            self._flags.push(self._buffers.step_flags(grads), self._step + 1)
-            self._buffers.commit_step(grads, weights, updates)
-        except Exception as e:
-            self._collector.fault("step commit", "*", e)
+        if skipped:  # its staged stats see the inf/NaN that made the scaler skip: drop them
+            self._buffers.discard_step()
+            self._amp_skipped += 1
+        else:
+            self._commit(grads, weights, updates)
         self._collector.end_step()
         self._step += 1
         self._window_steps += 1
@@ -343,6 +366,13 @@ class Watcher:
         if self._window_steps >= self.every:
             self._launch_flush()
         self._deliver()
+
+    def _commit(self, grads: Any, weights: Any, updates: Any) -> None:
+        try:
+            self._flags.push(self._buffers.step_flags(grads), self._step + 1)
+            self._buffers.commit_step(grads, weights, updates)
+        except Exception as e:
+            self._collector.fault("step commit", "*", e)
 
     def _check_flags(self) -> None:
         """Per-step flags that reached the host (this step's on CPU, a step or so later on
