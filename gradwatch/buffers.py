@@ -40,16 +40,19 @@ STATS: tuple[str, ...] = (
 ST_N, ST_S1, ST_S2, ST_NNZ, ST_SAT, ST_NF, ST_MAX, ST_GN, ST_GS2, ST_GNF = range(10)
 STAGE_COLS = 10
 
-# Window columns: (name, reduce). Means are stored as sums plus a count column.
+# Window columns: (name, reduce across ranks). Means are stored as sums plus a count column.
+# "same": the parameter statistics are already global on every rank (DDP all-reduces the
+# gradients; sharded norms are all-reduced when measured), so they are not reduced again.
 WINDOW: tuple[tuple[str, str], ...] = (
-    ("grad_norm", "sum"),
-    ("grad_rms", "sum"),
-    ("grad_cnt", "sum"),
-    ("grad_max", "max"),
-    ("weight_norm", "sum"),
-    ("weight_cnt", "sum"),
-    ("update_ratio", "sum"),
-    ("update_cnt", "sum"),
+    ("grad_norm", "same"),
+    ("grad_rms", "same"),
+    ("grad_cnt", "same"),
+    ("grad_max", "same"),
+    ("weight_norm", "same"),
+    ("weight_cnt", "same"),
+    ("update_ratio", "same"),
+    ("update_cnt", "same"),
+    ("grad_nonfinite", "same"),  # the parameter part of "nonfinite"
     ("act_mean", "sum"),
     ("act_std", "sum"),
     ("act_zero_frac", "sum"),
@@ -176,6 +179,7 @@ class WindowBuffers:
                 win[:, W["grad_max"]], torch.where(ok, params.grad_max, zero)
             )
             win[:, W["nonfinite"]] += params.grad_nonfinite
+            win[:, W["grad_nonfinite"]] += params.grad_nonfinite
         if weights is not None:
             ok = ~torch.isnan(weights)
             win[:, W["weight_norm"]] += torch.where(ok, weights, zero)
@@ -229,12 +233,19 @@ class WindowBuffers:
         self.window.zero_()
 
     def reduce_across_ranks(self, group: object | None = None) -> None:
-        """One all-reduce per declared reduction kind over the whole window buffer."""
+        """One all-reduce per declared reduction kind over the whole window buffer.
+
+        Columns declared "same" keep their local value. ``nonfinite`` sums the local
+        part (outputs, output gradients) and adds the parameter part once.
+        """
         import torch.distributed as dist
 
+        nf, gnf = W["nonfinite"], W["grad_nonfinite"]
+        self.window[:, nf] -= self.window[:, gnf]
         sums = self.window[:, SUM_COLS].contiguous()
         maxs = self.window[:, MAX_COLS].contiguous()
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)  # type: ignore[arg-type]
         dist.all_reduce(maxs, op=dist.ReduceOp.MAX, group=group)  # type: ignore[arg-type]
         self.window[:, SUM_COLS] = sums
         self.window[:, MAX_COLS] = maxs
+        self.window[:, nf] += self.window[:, gnf]

@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from gradwatch import stats as S
 from gradwatch.alerts import GradwatchWarning
 from gradwatch.buffers import ParamStepStats, WindowBuffers
+from gradwatch.distributed import local, shard_reducer
 from gradwatch.selection import LayerInfo
 
 
@@ -232,6 +233,8 @@ class ParamTracker:
         self._cache: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] = {}
         self._before: list[Tensor] | None = None
         self._views_idx: Tensor | None = None
+        # FSDP2: norms of local shards are partial; one all-reduce makes them global
+        self._shards = shard_reducer(self.params)
 
     def _layout(self, present: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
         hit = self._cache.get(present)
@@ -254,34 +257,40 @@ class ParamTracker:
         present = tuple(k for k, (p, _) in enumerate(self.trainable) if p.grad is not None)
         if not present:
             return None
-        grads = [self.trainable[k][0].grad for k in present]
+        grads = [local(self.trainable[k][0].grad) for k in present]  # type: ignore[arg-type]
         idx, numel, has = self._layout(present)
-        norms = S.foreach_norms(grads, 2.0)  # type: ignore[arg-type]
-        maxes = S.foreach_norms(grads, math.inf)  # type: ignore[arg-type]
+        norms = S.foreach_norms(grads, 2.0)
+        maxes = S.foreach_norms(grads, math.inf)
         L = self.n_layers
         sq = torch.zeros(L, device=self.device).index_add_(0, idx, norms * norms)
-        gnorm = torch.sqrt(sq)
-        grms = gnorm / torch.sqrt(torch.clamp(numel, min=1.0))
         gmax = torch.zeros(L, device=self.device).scatter_reduce_(0, idx, maxes, "amax")
         # from the max-abs, exact: an L2 norm of finite values can overflow (|g| ~ 1e19)
         bad = torch.isfinite(maxes).logical_not().to(torch.float32)
         nonfinite = torch.zeros(L, device=self.device).index_add_(0, idx, bad)
+        if self._shards is not None:
+            both = self._shards.sum_(torch.stack([sq, nonfinite]))
+            sq, nonfinite = both[0], both[1]
+            gmax = self._shards.max_(gmax)
+        gnorm = torch.sqrt(sq)
+        grms = gnorm / torch.sqrt(torch.clamp(numel, min=1.0))
         return ParamStepStats(gnorm, grms, gmax, has, nonfinite)
 
     def weight_norms(self) -> Tensor | None:
         if not self.params:
             return None
-        norms = S.foreach_norms([p.detach() for p in self.params], 2.0)
+        norms = S.foreach_norms([local(p.detach()) for p in self.params], 2.0)
         sq = torch.zeros(self.n_layers, device=self.device).index_add_(
             0, self._all_idx, norms * norms
         )
+        if self._shards is not None:
+            sq = self._shards.sum_(sq)
         return torch.where(self._has_param, torch.sqrt(sq), torch.full_like(sq, math.nan))
 
     # -- update ratio: a strided sample of each parameter, copied before the step -----------
     def _sample_views(self) -> list[Tensor]:
         out = []
         for p, _ in self.trainable:
-            flat = p.detach().reshape(-1)
+            flat = local(p.detach()).reshape(-1)
             stride = max(1, -(-flat.numel() // UPDATE_SAMPLE))
             out.append(flat[::stride])
         return out
@@ -309,6 +318,9 @@ class ParamTracker:
         L = self.n_layers
         d2 = torch.zeros(L, device=self.device).index_add_(0, self._views_idx, dn * dn)
         w2 = torch.zeros(L, device=self.device).index_add_(0, self._views_idx, wn * wn)
+        if self._shards is not None:
+            both = self._shards.sum_(torch.stack([d2, w2]))
+            d2, w2 = both[0], both[1]
         has = torch.zeros(L, dtype=torch.bool, device=self.device)
         has[self._views_idx] = True
         return torch.where(has, torch.sqrt(d2) / torch.sqrt(w2), torch.full_like(d2, math.nan))

@@ -23,6 +23,7 @@ from gradwatch import alerts as A
 from gradwatch.amp import ScalerTap
 from gradwatch.buffers import WindowBuffers
 from gradwatch.compiled import forget_compiled_code
+from gradwatch.distributed import is_writer_rank
 from gradwatch.flags import StepFlags
 from gradwatch.hooks import Collector, ForwardDoneHook, ForwardHook, ParamTracker, _StepHook
 from gradwatch.rules import Rules, Thresholds
@@ -178,7 +179,8 @@ class Watcher:
         self._lock = threading.Lock()
         self._pending_grads: Any = None
         self._sink: Any = None
-        if tensorboard:
+        # distributed: only rank 0 opens a writer, so a run has one event file
+        if tensorboard and is_writer_rank():
             from gradwatch.sinks.tensorboard import TensorBoardSink
 
             if writer is not None:
