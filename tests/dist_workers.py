@@ -46,7 +46,7 @@ def ddp_body(rank: int, world: int, out: str) -> dict[str, Any]:
     import warnings
 
     import gradwatch
-    from gradwatch.buffers import W, ParamStepStats, WindowBuffers
+    from gradwatch.buffers import ParamStepStats, W, WindowBuffers
 
     ddp = nn.parallel.DistributedDataParallel(model())
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)

@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dist_workers as DW
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import dist_workers as DW
 from events import event_files, scalars
 
 pytestmark = [
@@ -68,7 +67,7 @@ def _reference() -> dict[str, dict[str, float]]:
     for step in range(DW.STEPS):
         for r in range(WORLD):
             outs: dict[str, torch.Tensor] = {}
-            hs = [mod.register_forward_hook(lambda _m, _a, o, n=n: outs.__setitem__(n, o))
+            hs = [mod.register_forward_hook(lambda _m, _a, o, n=n, d=outs: d.__setitem__(n, o))
                   for n, mod in layers.items()]
             loss = m(DW.batch(step, r).double()).pow(2).mean()
             for h in hs:
