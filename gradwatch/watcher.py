@@ -331,12 +331,17 @@ class Watcher:
             self._collector.fault(f"parameter statistics ({what})", "*", e)
             return None
 
-    def _pre_step(self) -> None:
-        self._pending_grads = self._params_safe("grad")
+    def _pre_step(self, closure: bool) -> None:
+        # with a closure (Lightning, LBFGS) the backward runs inside step(): read the
+        # gradients after it, in _post_step (optimizers do not modify .grad in place)
+        if not closure:
+            self._pending_grads = self._params_safe("grad")
         if self._collector.full:
             self._params_safe("before")
 
-    def _post_step(self) -> None:
+    def _post_step(self, closure: bool) -> None:
+        if closure:
+            self._pending_grads = self._params_safe("grad")
         self._end_step()
 
     def _amp_unscale(self, factor: torch.Tensor) -> None:
