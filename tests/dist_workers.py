@@ -25,21 +25,23 @@ def batch(step: int, rank: int) -> torch.Tensor:
     return torch.randn(BATCH, 6, generator=g)
 
 
-def run(rank: int, world: int, port: int, out: str, body: Callable[..., Any]) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def run(rank: int, world: int, out: str, body: Callable[..., Any]) -> None:
+    """One rank: a file rendezvous in the test's tmp dir (no fixed or raced TCP port; gloo
+    then connects the ranks on ports the OS assigns)."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        result = body(rank, world, out)
+        dist.init_process_group("gloo", init_method="file://" + os.path.join(out, "store"),
+                                rank=rank, world_size=world)
+        try:
+            result = body(rank, world, out)
+        finally:
+            dist.destroy_process_group()
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     except BaseException:
         with open(os.path.join(out, f"rank{rank}.error"), "w") as f:
             f.write(traceback.format_exc())
         raise
-    finally:
-        dist.destroy_process_group()
 
 
 def ddp_body(rank: int, world: int, out: str) -> dict[str, Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from events import event_files, scalars
+from torch.multiprocessing.spawn import ProcessException
 
 pytestmark = [
     pytest.mark.slow,
@@ -25,28 +25,27 @@ WORLD = 2
 TIMEOUT = 240.0
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _launch(body: Any, out: Path) -> list[dict[str, Any]]:
-    """Spawn WORLD processes; any child failure or a hang fails the test."""
-    ctx = mp.start_processes(DW.run, args=(WORLD, _free_port(), str(out), body),
-                             nprocs=WORLD, join=False, start_method="spawn")
+    """Spawn WORLD processes; any child failure or a hang fails the test with its traceback."""
+    ctx = mp.start_processes(DW.run, args=(WORLD, str(out), body), nprocs=WORLD, join=False,
+                             start_method="spawn")
     deadline = time.monotonic() + TIMEOUT
+    failure = None
     try:
         while not ctx.join(timeout=1.0):
             if time.monotonic() > deadline:
-                pytest.fail(f"distributed run did not finish in {TIMEOUT:.0f}s")
+                failure = f"distributed run did not finish in {TIMEOUT:.0f}s"
+                break
+    except ProcessException as e:
+        failure = f"a rank failed: {e}"
     finally:
         for p in ctx.processes:
             if p.is_alive():
                 p.terminate()
                 p.join(5)
-    errors = sorted(out.glob("rank*.error"))
-    assert not errors, errors[0].read_text()
+    errors = "".join(e.read_text() for e in sorted(out.glob("rank*.error")))
+    if failure or errors:
+        pytest.fail(f"{failure or 'a rank failed'}\n{errors}")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
