@@ -13,10 +13,17 @@ import torch.nn as nn
 
 
 def is_compiled(model: nn.Module) -> bool:
-    """True for a ``torch.compile`` wrapper, or a module compiled in place."""
-    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        return True
-    return getattr(model, "_compiled_call_impl", None) is not None
+    """True for a ``torch.compile`` wrapper or a module compiled in place, also inside a
+    DDP / DataParallel wrapper (``DDP(torch.compile(m))``, ``torch.compile(DDP(m))``)."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            return True
+        if getattr(model, "_compiled_call_impl", None) is not None:
+            return True
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        return False
 
 
 def forget_compiled_code(model: nn.Module) -> bool:

@@ -170,3 +170,36 @@ def test_bf16_autocast_accumulates_in_fp32():
     naive = captured[0].reshape(-1).pow(2).sum(dtype=torch.bfloat16).double()
     assert abs(naive.item() - out.pow(2).sum().item()) / out.pow(2).sum().item() > 1e-3
     assert math.isfinite(st["out_grad_rms"]) and st["out_grad_rms"] > 0
+
+
+def _amp_reads(watched: bool, bad_step: bool) -> int:
+    from syncs import count_host_reads
+
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    w = (gradwatch.watch(model, optimizer=opt, scaler=scaler, tensorboard=False, every=1000,
+                         on_alert="raise") if watched else None)
+    xs = _batches()
+    scaler.scale(model(xs[0]).pow(2).mean()).backward()  # warm-up step (lazy scaler state)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    x = xs[BAD] if bad_step else xs[1]
+    with count_host_reads() as c:
+        scaler.scale(model(x).pow(2).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    if w is not None:
+        assert w._amp_skipped == int(bad_step)
+        w.close()
+    return c.total
+
+
+@pytest.mark.parametrize("bad_step", [False, True])
+def test_scaler_adds_no_host_read(bad_step):
+    """scaler.step reads its inf flag once; gradwatch reads nothing more, skipped or not."""
+    bare = _amp_reads(False, bad_step)
+    assert bare >= 1
+    assert _amp_reads(True, bad_step) == bare

@@ -119,3 +119,15 @@ def test_closed_watcher_is_inert_in_compiled_code():
 @pytest.mark.slow
 def test_inductor_stats_equal_eager():
     _assert_same(_train("watch_compiled", backend="inductor"), _train("eager"))
+
+
+def test_is_compiled_sees_through_wrappers():
+    from gradwatch.compiled import is_compiled
+
+    m = _model()
+    assert not is_compiled(m)
+    assert is_compiled(torch.compile(m, backend="eager"))
+    assert is_compiled(nn.DataParallel(torch.compile(m, backend="eager")))
+    m2 = _model()
+    m2.compile(backend="eager")
+    assert is_compiled(m2)
