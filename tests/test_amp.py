@@ -168,7 +168,7 @@ def test_bf16_autocast_accumulates_in_fp32():
     assert st["act_max"] == pytest.approx(out.abs().max().item(), rel=1e-6)
     # a bf16 accumulation is far off the same reference: the check above can fail
     naive = captured[0].reshape(-1).pow(2).sum(dtype=torch.bfloat16).double()
-    assert abs(naive.item() - out.pow(2).sum().item()) / out.pow(2).sum().item() > 1e-3
+    assert abs(naive.item() - out.pow(2).sum().item()) / out.pow(2).sum().item() > 3e-4
     assert math.isfinite(st["out_grad_rms"]) and st["out_grad_rms"] > 0
 
 
