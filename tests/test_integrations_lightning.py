@@ -92,3 +92,29 @@ def test_lightning_fit_writes_into_the_logger(tmp_path):
 def test_lightning_callback_refuses_what_it_sets():
     with pytest.raises(ValueError, match="optimizer"):
         GradwatchCallback(optimizer=None)
+
+
+def test_lightning_mixed_precision_scaler_skip(tmp_path):
+    """Lightning's AMP plugin with a GradScaler: the overflow step is counted, not alerted."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    data = _data()
+    x, y = data.tensors
+    x = x.clone()
+    x[2 * BATCH, 0] = float("inf")  # the third batch overflows
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    cb = GradwatchCallback(every=1000, on_alert="raise", tensorboard=False)
+    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False,
+                         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[cb])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
+                                         batch_size=BATCH, shuffle=False)
+    trainer.fit(Tiny(), loader)
+    snap = cb.watcher.latest if cb.watcher is not None else None
+    assert snap is not None and snap.amp_skipped == 1
+    assert cb.watcher is not None and cb.watcher.alerts == []
+    for name, stats in snap.stats.items():
+        assert stats["nonfinite"] == 0.0, name
+        assert all(v == v for v in stats.values()), name  # no NaN from the skipped step
+    assert "step" not in scaler.__dict__  # handed back at fit end
