@@ -28,23 +28,26 @@ import torch
 class _ScalerStep:
     """The instance attribute that stands in for ``scaler.step`` while watched.
 
-    Without a live tap it is a plain pass-through: that is what a pickled or copied scaler
-    gets, so a copy is not watched (and a later ``watch()`` may install a tap on it).
+    It serves every live tap on the scaler (several watchers may share one scaler, e.g.
+    one model and optimizer each). Without a live tap it is a plain pass-through: that is
+    what a pickled or copied scaler gets, so a copy is not watched.
     """
 
-    def __init__(self, scaler: Any, tap: ScalerTap | None) -> None:
+    def __init__(self, scaler: Any) -> None:
         self._scaler = scaler
-        self._tap = weakref.ref(tap) if tap is not None else None
+        self.taps: list[weakref.ref[ScalerTap]] = []
 
-    def tap(self) -> ScalerTap | None:
-        return self._tap() if self._tap is not None else None
+    def live(self) -> list[ScalerTap]:
+        taps = [t() for t in self.taps]
+        return [t for t in taps if t is not None]
 
     def __call__(self, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         real = types.MethodType(type(self._scaler).step, self._scaler)
-        tap = self.tap()
-        if tap is None or not tap.active(optimizer):
+        taps = [t for t in self.live() if t.active(optimizer)]
+        if not taps:
             return real(optimizer, *args, **kwargs)
-        tap.before_step()
+        for t in taps:
+            t.before_step()
         stepped = [False]
 
         def mark(*_: Any) -> None:
@@ -55,19 +58,20 @@ class _ScalerStep:
             out = real(optimizer, *args, **kwargs)
         finally:
             handle.remove()
-        tap.after_step(stepped[0])
+        for t in taps:
+            t.after_step(stepped[0])
         return out
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return (_ScalerStep, (self._scaler, None))
+        return (_ScalerStep, (self._scaler,))
 
 
 class ScalerTap:
     """Connects one GradScaler to one watcher (see the module docstring).
 
     ``unscale(factor)`` multiplies the staged output-gradient Σg² by ``factor`` (a device
-    tensor); ``skipped()`` is called on the training thread when the scaler skipped the
-    optimizer step.
+    tensor), at most once per watcher step; ``skipped()`` is called on the training thread
+    when the scaler skipped the optimizer step.
     """
 
     def __init__(self, scaler: Any, optimizer: Any, unscale: Callable[[torch.Tensor], None],
@@ -76,22 +80,31 @@ class ScalerTap:
         self.optimizer = optimizer
         self._unscale = unscale
         self._skipped = skipped
+        self._unscaled = False  # this step's staged sums are unscaled already
         self.pending_skip = False  # for watchers stepped by hand: consumed by step()
         cur = scaler.__dict__.get("step")
-        self._installed = cur is None or (isinstance(cur, _ScalerStep) and cur.tap() is None)
-        if self._installed:
-            scaler.step = _ScalerStep(scaler, self)
+        if not isinstance(cur, _ScalerStep):
+            if cur is not None:  # someone else's wrapper: leave it alone, stay inactive
+                self._wrapper: _ScalerStep | None = None
+                return
+            cur = _ScalerStep(scaler)
+            scaler.step = cur
+        cur.taps.append(weakref.ref(self))
+        self._wrapper = cur
 
     def active(self, optimizer: Any) -> bool:
         enabled = getattr(self.scaler, "is_enabled", lambda: True)()
         return bool(enabled) and (self.optimizer is None or optimizer is self.optimizer)
 
     def before_step(self) -> None:
+        if self._unscaled:
+            return
         get = getattr(self.scaler, "_get_scale_async", None)
         scale = get() if get is not None else None
         if isinstance(scale, torch.Tensor):
             inv = torch.reciprocal(scale.detach().to(torch.float32))
             self._unscale(inv * inv)
+            self._unscaled = True
 
     def after_step(self, stepped: bool) -> None:
         if stepped:
@@ -101,11 +114,18 @@ class ScalerTap:
         else:
             self._skipped()
 
+    def new_step(self) -> None:
+        """The watcher's step ended (committed or dropped)."""
+        self._unscaled = False
+
     def take_pending_skip(self) -> bool:
         skip, self.pending_skip = self.pending_skip, False
         return skip
 
     def remove(self) -> None:
-        if self._installed and isinstance(self.scaler.__dict__.get("step"), _ScalerStep):
+        w, self._wrapper = self._wrapper, None
+        if w is None:
+            return
+        w.taps = [t for t in w.taps if t() is not None and t() is not self]
+        if not w.taps and self.scaler.__dict__.get("step") is w:
             del self.scaler.__dict__["step"]
-        self._installed = False

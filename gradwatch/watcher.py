@@ -366,6 +366,8 @@ class Watcher:
         else:
             self._commit(grads, weights, updates)
         self._collector.end_step()
+        if self._amp is not None:
+            self._amp.new_step()
         self._step += 1
         self._window_steps += 1
         self._check_flags()

@@ -203,3 +203,73 @@ def test_scaler_adds_no_host_read(bad_step):
     bare = _amp_reads(False, bad_step)
     assert bare >= 1
     assert _amp_reads(True, bad_step) == bare
+
+
+def test_one_scaler_two_watchers():
+    """Two models, two optimizers, one scaler: each watcher sees its own skips, unscaled."""
+    ma, mb = _model(), _model()
+    oa = torch.optim.SGD(ma.parameters(), lr=0.1)
+    ob = torch.optim.SGD(mb.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    wa = gradwatch.watch(ma, optimizer=oa, scaler=scaler, tensorboard=False, every=1000,
+                         on_alert="raise")
+    wb = gradwatch.watch(mb, optimizer=ob, scaler=scaler, tensorboard=False, every=1000,
+                         on_alert="raise")
+    xs = _batches()
+    clean = [x for i, x in enumerate(xs) if i != BAD]
+    for i, x in enumerate(xs):
+        loss = ma(x).pow(2).mean() + mb(clean[i % len(clean)]).pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.step(oa)
+        scaler.step(ob)
+        scaler.update()
+        oa.zero_grad()
+        ob.zero_grad()
+    sa, sb = wa.flush(), wb.flush()
+    wa.close()
+    wb.close()
+    assert sa is not None and sb is not None
+    assert (sa.amp_skipped, sb.amp_skipped) == (1, 0)
+    _assert_close(sa.stats, _reference())
+    # b trained on every step: its reference is a plain run on the same batches
+    m = _model()
+    o = torch.optim.SGD(m.parameters(), lr=0.1)
+    w = gradwatch.watch(m, optimizer=o, tensorboard=False, every=1000)
+    for i in range(len(xs)):
+        m(clean[i % len(clean)]).pow(2).mean().backward()
+        o.step()
+        o.zero_grad()
+    ref = w.flush()
+    w.close()
+    assert ref is not None
+    _assert_close(sb.stats, ref.stats)
+    assert "step" not in scaler.__dict__
+
+
+def test_manual_watcher_two_optimizers_unscales_once():
+    def run(with_scaler: bool) -> dict[str, dict[str, float]]:
+        m = _model()
+        o1 = torch.optim.SGD(m[0].parameters(), lr=0.1)
+        o2 = torch.optim.SGD(m[2].parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=with_scaler)
+        w = gradwatch.watch(m, scaler=scaler, tensorboard=False, every=1000, on_alert="raise")
+        xs = _batches()
+        xs[BAD] = xs[BAD - 1]  # finite input; the loss overflows instead: both optimizers skip
+        for i, x in enumerate(xs):
+            if i == BAD and not with_scaler:
+                continue
+            loss = m(x).pow(2).mean() * (math.inf if i == BAD else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(o1)
+            scaler.step(o2)
+            scaler.update()
+            w.step()
+            o1.zero_grad()
+            o2.zero_grad()
+        snap = w.flush()
+        w.close()
+        assert snap is not None
+        assert snap.amp_skipped == int(with_scaler)
+        return snap.stats
+
+    _assert_close(run(True), run(False))
