@@ -19,10 +19,13 @@ skipped step. Output-gradient tensor hooks run during ``backward`` and see gradi
 from __future__ import annotations
 
 import types
+import warnings
 import weakref
 from typing import Any, Callable
 
 import torch
+
+from gradwatch.alerts import GradwatchWarning
 
 
 class _ScalerStep:
@@ -85,6 +88,13 @@ class ScalerTap:
         cur = scaler.__dict__.get("step")
         if not isinstance(cur, _ScalerStep):
             if cur is not None:  # someone else's wrapper: leave it alone, stay inactive
+                warnings.warn(
+                    "gradwatch: scaler.step is already replaced on this GradScaler instance; "
+                    "skipped AMP steps cannot be detected and output-gradient stats stay "
+                    "scaled",
+                    GradwatchWarning,
+                    stacklevel=4,
+                )
                 self._wrapper: _ScalerStep | None = None
                 return
             cur = _ScalerStep(scaler)

@@ -273,3 +273,16 @@ def test_manual_watcher_two_optimizers_unscales_once():
         return snap.stats
 
     _assert_close(run(True), run(False))
+
+
+def test_foreign_step_wrapper_is_left_alone_with_a_warning():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    theirs = scaler.step
+    scaler.step = theirs  # some other tool already replaced it on the instance
+    with pytest.warns(gradwatch.GradwatchWarning, match="already replaced"):
+        w = gradwatch.watch(model, optimizer=opt, scaler=scaler, tensorboard=False)
+    assert scaler.__dict__["step"] is theirs
+    w.close()
+    assert scaler.__dict__["step"] is theirs
