@@ -40,16 +40,19 @@ STATS: tuple[str, ...] = (
 ST_N, ST_S1, ST_S2, ST_NNZ, ST_SAT, ST_NF, ST_MAX, ST_GN, ST_GS2, ST_GNF = range(10)
 STAGE_COLS = 10
 
-# Window columns: (name, reduce). Means are stored as sums plus a count column.
+# Window columns: (name, reduce across ranks). Means are stored as sums plus a count column.
+# "same": the parameter statistics are already global on every rank (DDP all-reduces the
+# gradients; sharded norms are all-reduced when measured), so they are not reduced again.
 WINDOW: tuple[tuple[str, str], ...] = (
-    ("grad_norm", "sum"),
-    ("grad_rms", "sum"),
-    ("grad_cnt", "sum"),
-    ("grad_max", "max"),
-    ("weight_norm", "sum"),
-    ("weight_cnt", "sum"),
-    ("update_ratio", "sum"),
-    ("update_cnt", "sum"),
+    ("grad_norm", "same"),
+    ("grad_rms", "same"),
+    ("grad_cnt", "same"),
+    ("grad_max", "same"),
+    ("weight_norm", "same"),
+    ("weight_cnt", "same"),
+    ("update_ratio", "same"),
+    ("update_cnt", "same"),
+    ("grad_nonfinite", "same"),  # the parameter part of "nonfinite"
     ("act_mean", "sum"),
     ("act_std", "sum"),
     ("act_zero_frac", "sum"),
@@ -123,11 +126,16 @@ class WindowBuffers:
     def add_nonfinite(self, slot: int, flag: Tensor) -> None:
         self.stage[slot, ST_NF].add_(flag)
 
+    def add_grad_nonfinite(self, slot: int, flag: Tensor) -> None:
+        self.stage[slot, ST_GNF].add_(flag)
+
     def add_out_grad(self, slot: int, sq: Tensor, numel: int) -> None:
         row = self.stage[slot]
         row[ST_GN].add_(numel)
         row[ST_GS2].add_(sq)
-        row[ST_GNF].add_(torch.isfinite(sq).logical_not())
+        # NaN only: Σg² of finite values overflows to inf for |g| ~ 1e19 (exploding, not
+        # non-finite); an Inf element reaches the parameter gradients, checked exactly
+        row[ST_GNF].add_(torch.isnan(sq))
 
     # -- once per step ----------------------------------------------------------------------
     def commit_step(self, params: ParamStepStats | None, weights: Tensor | None,
@@ -171,6 +179,7 @@ class WindowBuffers:
                 win[:, W["grad_max"]], torch.where(ok, params.grad_max, zero)
             )
             win[:, W["nonfinite"]] += params.grad_nonfinite
+            win[:, W["grad_nonfinite"]] += params.grad_nonfinite
         if weights is not None:
             ok = ~torch.isnan(weights)
             win[:, W["weight_norm"]] += torch.where(ok, weights, zero)
@@ -182,12 +191,20 @@ class WindowBuffers:
         st.zero_()
 
     def step_flags(self, params: ParamStepStats | None) -> Tensor:
-        """``[layers, 2]`` non-finite counts of this step: outputs, gradients. Call before
-        ``commit_step``; the watcher copies it to the host without waiting (pinned)."""
+        """``[layers, 3]`` of this step: non-finite counts in the outputs and in the
+        gradients, and the parameter-gradient RMS (0 without one), for the rules that fire
+        within a step. Call before ``commit_step``; the watcher copies it to the host without
+        waiting (``flags.StepFlags``)."""
         grads = self.stage[:, ST_GNF]
+        rms = torch.zeros_like(grads)
         if params is not None:
             grads = grads + params.grad_nonfinite
-        return torch.stack([self.stage[:, ST_NF], grads], dim=1)
+            rms = torch.where(params.grad_present > 0, params.grad_rms, rms)
+        return torch.stack([self.stage[:, ST_NF], grads, rms], dim=1)
+
+    def scale_out_grads(self, factor: Tensor) -> None:
+        """Multiply the staged output-gradient Σg² by ``factor`` (AMP: 1/scale²)."""
+        self.stage[:, ST_GS2].mul_(factor)
 
     def discard_step(self) -> None:
         """Drop the staged step (a step the GradScaler skipped)."""
@@ -216,12 +233,19 @@ class WindowBuffers:
         self.window.zero_()
 
     def reduce_across_ranks(self, group: object | None = None) -> None:
-        """One all-reduce per declared reduction kind over the whole window buffer."""
+        """One all-reduce per declared reduction kind over the whole window buffer.
+
+        Columns declared "same" keep their local value. ``nonfinite`` sums the local
+        part (outputs, output gradients) and adds the parameter part once.
+        """
         import torch.distributed as dist
 
+        nf, gnf = W["nonfinite"], W["grad_nonfinite"]
+        self.window[:, nf] -= self.window[:, gnf]
         sums = self.window[:, SUM_COLS].contiguous()
         maxs = self.window[:, MAX_COLS].contiguous()
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)  # type: ignore[arg-type]
         dist.all_reduce(maxs, op=dist.ReduceOp.MAX, group=group)  # type: ignore[arg-type]
         self.window[:, SUM_COLS] = sums
         self.window[:, MAX_COLS] = maxs
+        self.window[:, nf] += self.window[:, gnf]

@@ -27,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 from gradwatch import stats as S
 from gradwatch.alerts import GradwatchWarning, logger
 from gradwatch.buffers import ParamStepStats, WindowBuffers
+from gradwatch.distributed import local, shard_reducer
 from gradwatch.selection import LayerInfo
 
 
@@ -58,6 +59,18 @@ class ForwardHook(_Hook):
         return None
 
 
+class ForwardDoneHook(_Hook):
+    """Forward hook on the watched root: ends the identity bookkeeping of compiled code."""
+
+    __slots__ = ()
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        c = self._collector()
+        if c is not None:
+            c._traced.clear()
+        return None
+
+
 class OutGradHook(_Hook):
     __slots__ = ()
 
@@ -82,6 +95,7 @@ class Collector:
         self.order: list[int] = []  # slots in order of first forward call
         # (id, version) -> tensor weakref: a tensor gets its gradient hook once per step
         self._hooked: dict[tuple[int, int], weakref.ref[Tensor]] = {}
+        self._traced: list[Tensor] = []  # the same, for compiled code (see _first_hook)
         self._handles: list[RemovableHandle] = []
         self._faults: set[str] = set()
         self._fault_lock = threading.RLock()
@@ -119,23 +133,45 @@ class Collector:
         if self.grad_on:
             try:
                 for t in leaves:
-                    if t.requires_grad:
-                        key = (id(t), t._version)
-                        ref = self._hooked.get(key)
-                        if ref is None or ref() is not t:
-                            self._hooked[key] = weakref.ref(t)
-                            self._handles.append(t.register_hook(OutGradHook(self, slot)))
+                    if t.requires_grad and self._first_hook(t):
+                        h = t.register_hook(OutGradHook(self, slot))
+                        # a handle made in traced code cannot leave the graph; that hook
+                        # dies with its tensor and is inert once the watcher closes
+                        if not torch.compiler.is_compiling():
+                            self._handles.append(h)
             except Exception as e:
                 self.grad_on = False
                 self.fault("output-gradient hook", self.layers[slot].name, e)
+
+    def _first_hook(self, t: Tensor) -> bool:
+        """True the first time this tensor (at this version) reaches a hook in this step.
+
+        Eager: keyed by (id, version) with a weak reference, so no activation is kept
+        alive. Under torch.compile the version is a data-dependent value and weak
+        references cannot be traced (a graph break each), so the traced code compares
+        identities against the tensors hooked so far in this forward call (the list is
+        cleared by ``ForwardDoneHook`` at the end of the call, so guards on it are stable).
+        """
+        if torch.compiler.is_compiling():
+            for o in self._traced:
+                if o is t:
+                    return False
+            self._traced.append(t)
+            return True
+        key = (id(t), t._version)
+        ref = self._hooked.get(key)
+        if ref is not None and ref() is t:
+            return False
+        self._hooked[key] = weakref.ref(t)
+        return True
 
     # -- backward ---------------------------------------------------------------------------
     def on_out_grad(self, slot: int, grad: Tensor) -> None:
         try:
             if self.full:
                 self.buffers.add_out_grad(slot, S.grad_sq_sum(grad), grad.numel())
-            else:
-                self.buffers.add_nonfinite(slot, S.nonfinite_flag(grad))
+            else:  # the gradient column: the output column locates where a NaN started
+                self.buffers.add_grad_nonfinite(slot, S.nonfinite_flag(grad))
         except Exception as e:
             self.grad_on = False
             self.fault("output-gradient hook", self.layers[slot].name, e)
@@ -143,6 +179,7 @@ class Collector:
     # -- step boundary ----------------------------------------------------------------------
     def end_step(self) -> None:
         self._hooked.clear()
+        self._traced.clear()
         self._handles.clear()
 
     def remove_tensor_hooks(self) -> None:
@@ -180,17 +217,24 @@ def report_fault(msg: str) -> None:
 
 
 class _StepHook:
-    """Optimizer step pre/post hook; inert when copied or pickled."""
+    """Optimizer step pre/post hook; inert when copied or pickled.
+
+    Calls ``fn(closure)``: whether ``step`` was given a closure (positional or keyword),
+    in which case the gradients only exist once the step has run the closure.
+    """
 
     __slots__ = ("_fn",)
 
-    def __init__(self, fn: Callable[[], None]) -> None:
+    def __init__(self, fn: Callable[[bool], None]) -> None:
         self._fn = weakref.WeakMethod(fn)  # type: ignore[arg-type]
 
     def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         fn = self._fn()
         if fn is not None:
-            fn()
+            closure = kwargs.get("closure") if kwargs else None
+            if closure is None and len(args) > 1:  # args[0] is the optimizer itself
+                closure = args[1]
+            fn(callable(closure))
         return None
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
@@ -224,6 +268,8 @@ class ParamTracker:
         self._cache: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] = {}
         self._before: list[Tensor] | None = None
         self._views_idx: Tensor | None = None
+        # FSDP2: norms of local shards are partial; one all-reduce makes them global
+        self._shards = shard_reducer(self.params)
 
     def _layout(self, present: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
         hit = self._cache.get(present)
@@ -246,33 +292,40 @@ class ParamTracker:
         present = tuple(k for k, (p, _) in enumerate(self.trainable) if p.grad is not None)
         if not present:
             return None
-        grads = [self.trainable[k][0].grad for k in present]
+        grads = [local(self.trainable[k][0].grad) for k in present]  # type: ignore[arg-type]
         idx, numel, has = self._layout(present)
-        norms = S.foreach_norms(grads, 2.0)  # type: ignore[arg-type]
-        maxes = S.foreach_norms(grads, math.inf)  # type: ignore[arg-type]
+        norms = S.foreach_norms(grads, 2.0)
+        maxes = S.foreach_norms(grads, math.inf)
         L = self.n_layers
         sq = torch.zeros(L, device=self.device).index_add_(0, idx, norms * norms)
+        gmax = torch.zeros(L, device=self.device).scatter_reduce_(0, idx, maxes, "amax")
+        # from the max-abs, exact: an L2 norm of finite values can overflow (|g| ~ 1e19)
+        bad = torch.isfinite(maxes).logical_not().to(torch.float32)
+        nonfinite = torch.zeros(L, device=self.device).index_add_(0, idx, bad)
+        if self._shards is not None:
+            both = self._shards.sum_(torch.stack([sq, nonfinite]))
+            sq, nonfinite = both[0], both[1]
+            gmax = self._shards.max_(gmax)
         gnorm = torch.sqrt(sq)
         grms = gnorm / torch.sqrt(torch.clamp(numel, min=1.0))
-        gmax = torch.zeros(L, device=self.device).scatter_reduce_(0, idx, maxes, "amax")
-        bad = torch.isfinite(norms).logical_not().to(torch.float32)
-        nonfinite = torch.zeros(L, device=self.device).index_add_(0, idx, bad)
         return ParamStepStats(gnorm, grms, gmax, has, nonfinite)
 
     def weight_norms(self) -> Tensor | None:
         if not self.params:
             return None
-        norms = S.foreach_norms([p.detach() for p in self.params], 2.0)
+        norms = S.foreach_norms([local(p.detach()) for p in self.params], 2.0)
         sq = torch.zeros(self.n_layers, device=self.device).index_add_(
             0, self._all_idx, norms * norms
         )
+        if self._shards is not None:
+            sq = self._shards.sum_(sq)
         return torch.where(self._has_param, torch.sqrt(sq), torch.full_like(sq, math.nan))
 
     # -- update ratio: a strided sample of each parameter, copied before the step -----------
     def _sample_views(self) -> list[Tensor]:
         out = []
         for p, _ in self.trainable:
-            flat = p.detach().reshape(-1)
+            flat = local(p.detach()).reshape(-1)
             stride = max(1, -(-flat.numel() // UPDATE_SAMPLE))
             out.append(flat[::stride])
         return out
@@ -300,6 +353,9 @@ class ParamTracker:
         L = self.n_layers
         d2 = torch.zeros(L, device=self.device).index_add_(0, self._views_idx, dn * dn)
         w2 = torch.zeros(L, device=self.device).index_add_(0, self._views_idx, wn * wn)
+        if self._shards is not None:
+            both = self._shards.sum_(torch.stack([d2, w2]))
+            d2, w2 = both[0], both[1]
         has = torch.zeros(L, dtype=torch.bool, device=self.device)
         has[self._views_idx] = True
         return torch.where(has, torch.sqrt(d2) / torch.sqrt(w2), torch.full_like(d2, math.nan))

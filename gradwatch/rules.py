@@ -1,8 +1,9 @@
 """The detectors: pure functions of a Snapshot plus bounded per-layer history -> Alerts.
 
 ``Thresholds`` holds every limit. ``Rules.evaluate`` runs once per flushed window (on the
-background thread); ``Rules.nonfinite_now`` runs on the training thread from the per-step
-non-finite flags, so a NaN is reported within one step, without waiting for the flush.
+background thread); ``Rules.nonfinite_now`` and ``Rules.exploding_now`` run on the training
+thread from the per-step flags, so a NaN or an extreme gradient is reported within one step,
+without waiting for the flush.
 Patience, warm-up, hysteresis and rate limiting live here and nowhere else.
 """
 
@@ -12,7 +13,7 @@ import math
 import statistics
 import threading
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, Tuple
 
 from gradwatch.alerts import Alert
 from gradwatch.selection import LayerInfo
@@ -20,28 +21,33 @@ from gradwatch.selection import LayerInfo
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Limits of the rules. Defaults were measured on the zoo in ``tests/zoo.py`` (README)."""
+    """Limits of the rules. Defaults were measured on the zoo in ``tests/zoo.py``: see
+    ``docs/thresholds.md`` for each value and the measurements behind it."""
 
     vanishing_rms: float = 1e-7
     """A layer's ``grad_rms`` below this is vanishing (absolute floor)."""
     vanishing_ratio: float = 1e-3
-    """... or below this fraction of the largest layer's ``grad_rms`` in the same window."""
-    exploding_rms: float = 1e2
+    """... or below this fraction of the largest non-exploding layer's ``grad_rms`` in the
+    same window (scale-free; after warm-up)."""
+    exploding_rms: float = 10.0
     """A layer's ``grad_rms`` above this is exploding (absolute ceiling)."""
-    exploding_ratio: float = 1e3
-    """... or above this multiple of the median layer's ``grad_rms`` (after warm-up)."""
-    spike_factor: float = 1e2
+    exploding_ratio: float = 100.0
+    """... or above this multiple of the median layer's ``grad_rms`` (after warm-up; needs
+    at least 3 layers with gradients)."""
+    spike_factor: float = 100.0
     """... or above this multiple of its own running average (after warm-up)."""
-    extreme_rms: float = 1e5
+    extreme_rms: float = 1e3
     """Above this, exploding fires at once, without patience or warm-up."""
     dead_frac: float = 0.99
     """A ReLU-like layer whose outputs are exactly zero at least this often is dead."""
-    saturated_frac: float = 0.9
+    saturated_frac: float = 0.4
     """A bounded activation with at least this fraction of outputs at its bounds is saturated."""
     saturation_margin: float = 0.01
-    """An output within this fraction of the range from a bound counts as saturated."""
+    """An output within this fraction of the range from a bound counts as saturated (for
+    sigmoid and tanh: the local derivative is below ~4% of its peak)."""
     patience: int = 2
-    """Windows a condition must hold before it is reported."""
+    """Windows a condition must hold before it is reported, and stay clear before the same
+    (layer, kind) is re-armed (hysteresis)."""
     warmup: int = 1
     """Windows before the relative and spike rules apply (absolute rules apply at once)."""
     rate_limit: int = 10
@@ -91,14 +97,74 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
+Verdict = Tuple[float, float, bool]  # value, threshold, extreme
+
+
+def classify_grads(rms: Mapping[str, float], ema: Mapping[str, float], warm: bool,
+                   t: Thresholds) -> tuple[dict[str, Verdict], dict[str, Verdict]]:
+    """Vanishing and exploding layers of one window from their (finite, > 0) ``grad_rms``.
+
+    Each relative rule uses a reference that the other condition cannot distort: vanishing
+    is measured against the largest layer that is not exploding, and the ratio-to-median
+    rule against the median of the layers that are neither vanishing nor exploding (in a
+    net whose lower half vanishes, the healthy top is not "exploding"). ``ema``: each
+    layer's running average of normal windows, for the spike rule.
+    """
+    exploding: dict[str, Verdict] = {}
+    for n, v in rms.items():  # absolute: from the first window
+        if v > t.extreme_rms:
+            exploding[n] = (v, t.extreme_rms, True)
+        elif v > t.exploding_rms:
+            exploding[n] = (v, t.exploding_rms, False)
+
+    def vanishing_vs(ref: float) -> dict[str, Verdict]:
+        out: dict[str, Verdict] = {}
+        for n, v in rms.items():
+            if n in exploding:
+                continue
+            if v < t.vanishing_rms:
+                out[n] = (v, t.vanishing_rms, False)
+            elif warm and v < t.vanishing_ratio * ref:
+                out[n] = (v, t.vanishing_ratio * ref, False)
+        return out
+
+    def top() -> float:
+        return max((v for n, v in rms.items() if n not in exploding), default=math.nan)
+
+    vanishing = vanishing_vs(top())
+    if warm:
+        normal = [v for n, v in rms.items() if n not in exploding and n not in vanishing]
+        med = statistics.median(normal) if len(normal) >= 3 else math.nan
+        for n, v in rms.items():
+            if n in exploding or n in vanishing:
+                continue
+            avg = ema.get(n)
+            if v > t.exploding_ratio * med:
+                exploding[n] = (v, t.exploding_ratio * med, False)
+            elif avg is not None and v > t.spike_factor * avg:
+                exploding[n] = (v, t.spike_factor * avg, False)
+        vanishing = vanishing_vs(top())
+    return vanishing, exploding
+
+
+NONFINITE_KEY = ("*", "nonfinite")
+"""Non-finite values are one event for the whole model: once reported at the layer where
+they started, the layers they spread to are not reported again until it clears."""
+
+
 class Rules:
-    """Stateful evaluation over windows. State is per (layer, kind): O(layers), bounded."""
+    """Stateful evaluation over windows. State is per (layer, kind): O(layers), bounded.
+
+    ``evaluate`` runs on the background thread, ``nonfinite_now`` on the training thread;
+    the rate-limiting state they share is guarded by a lock.
+    """
 
     def __init__(self, thresholds: Thresholds, layers: Sequence[LayerInfo]) -> None:
         self.t = thresholds
         self.layers = {li.name: li for li in layers}
         self.windows = 0
         self._streak: dict[tuple[str, str], int] = {}
+        self._clear: dict[tuple[str, str], int] = {}
         self._quiet_until: dict[tuple[str, str], int] = {}
         self._held: dict[tuple[str, str], int] = {}
         self._ema: dict[str, float] = {}
@@ -106,8 +172,8 @@ class Rules:
 
     # -- rate limiting ------------------------------------------------------------------------
     def _emit(self, step: int, layer: str, kind: str, stat: str, value: float,
-              threshold: float, why: str) -> Alert | None:
-        key = (layer, kind)
+              threshold: float, why: str, key: tuple[str, str] | None = None) -> Alert | None:
+        key = key or (layer, kind)
         with self._lock:
             if self.windows < self._quiet_until.get(key, -1):
                 self._held[key] = self._held.get(key, 0) + 1
@@ -122,14 +188,22 @@ class Rules:
         return Alert(step, layer, kind, stat, value, threshold, msg)
 
     def _condition(self, key: tuple[str, str], holds: bool, immediate: bool = False) -> bool:
-        """Patience and hysteresis: True once ``holds`` has lasted ``patience`` windows."""
+        """Patience and hysteresis: True once ``holds`` has lasted ``patience`` windows (at
+        once if ``immediate``); re-armed after it has been clear for ``patience`` windows."""
         if not holds:
-            if self._streak.pop(key, None) is not None:
-                # cleared: re-arm, so the next occurrence is reported at once
-                with self._lock:
-                    self._quiet_until.pop(key, None)
-                    self._held.pop(key, None)
+            self._streak.pop(key, None)
+            c = self._clear.get(key)
+            if c is not None:
+                c += 1
+                if c >= self.t.patience:  # cleared for good: the next one is reported at once
+                    del self._clear[key]
+                    with self._lock:
+                        self._quiet_until.pop(key, None)
+                        self._held.pop(key, None)
+                else:
+                    self._clear[key] = c
             return False
+        self._clear[key] = 0
         s = self._streak.get(key, 0) + 1
         self._streak[key] = s
         return immediate or s >= self.t.patience
@@ -139,70 +213,55 @@ class Rules:
                  order: Sequence[str], act_nonfinite: Mapping[str, float]) -> list[Alert]:
         """One window's alerts. ``order``: layers in forward order; ``act_nonfinite``: per
         layer, non-finite elements in its outputs alone (to find where a NaN started)."""
-        t = self.t
         out: list[Alert] = []
-        warm = self.windows >= t.warmup
-        rms = {n: s["grad_rms"] for n, s in stats.items()
-               if "grad_rms" in s and math.isfinite(s["grad_rms"]) and s["grad_rms"] > 0}
-        top = max(rms.values(), default=math.nan)
-        med = statistics.median(rms.values()) if rms else math.nan
 
         def add(a: Alert | None) -> None:
             if a is not None:
                 out.append(a)
 
         # non-finite: name the origin, the first layer in forward order whose output went bad
-        bad = [n for n in order if stats.get(n, {}).get("nonfinite", 0) > 0]
         origin = self._origin(stats, order, act_nonfinite)
-        for n in order:
-            holds = n == origin
-            if self._condition((n, "nonfinite"), holds, immediate=True):
-                add(self._emit(step, n, "nonfinite", "nonfinite", stats[n]["nonfinite"], 0.0,
-                               ">"))
+        if self._condition(NONFINITE_KEY, origin is not None, immediate=True) and origin:
+            add(self._emit(step, origin, "nonfinite", "nonfinite",
+                           stats.get(origin, {}).get("nonfinite", math.nan), 0.0, ">",
+                           NONFINITE_KEY))
+        if origin is None:  # everything downstream of a NaN is meaningless this window
+            self._window(step, stats, add)
+        self.windows += 1
+        return out
+
+    def _window(self, step: int, stats: Mapping[str, Mapping[str, float]],
+                add: Callable[[Alert | None], None]) -> None:
+        t = self.t
+        warm = self.windows >= t.warmup
+        # A parameter without a gradient (None: unused branch, frozen; or exactly zero:
+        # behind a dead ReLU, set_to_none=False) has no grad_rms here: never vanishing.
+        # inf stays: finite gradients whose norm overflowed fp32 (|g| ~ 1e19) are exploding.
+        rms = {n: s["grad_rms"] for n, s in stats.items()
+               if "grad_rms" in s and not math.isnan(s["grad_rms"]) and s["grad_rms"] > 0}
+        vanishing, exploding = classify_grads(rms, self._ema, warm, t)
+        for name, v in rms.items():  # the running average learns only from normal windows
+            if name not in exploding:
+                ema = self._ema.get(name)
+                self._ema[name] = v if ema is None else t.ema * ema + (1 - t.ema) * v
         for name, s in stats.items():
             info = self.layers.get(name)
-            r = rms.get(name)
-            if bad:  # everything downstream of a NaN is meaningless this window
-                continue
-            # vanishing
-            van = None
-            if r is not None:
-                if r < t.vanishing_rms:
-                    van = ("grad_rms", r, t.vanishing_rms)
-                elif warm and r < t.vanishing_ratio * top:
-                    van = ("grad_rms", r, t.vanishing_ratio * top)
+            van = vanishing.get(name)
             if self._condition((name, "vanishing"), van is not None) and van:
-                add(self._emit(step, name, "vanishing", van[0], van[1], van[2], "<"))
-            # exploding
-            exp = None
-            extreme = False
-            if r is not None:
-                ema = self._ema.get(name)
-                if r > t.extreme_rms:
-                    exp, extreme = ("grad_rms", r, t.extreme_rms), True
-                elif r > t.exploding_rms:
-                    exp = ("grad_rms", r, t.exploding_rms)
-                elif warm and len(rms) >= 3 and r > t.exploding_ratio * med:
-                    exp = ("grad_rms", r, t.exploding_ratio * med)
-                elif warm and ema is not None and r > t.spike_factor * ema:
-                    exp = ("grad_rms", r, t.spike_factor * ema)
-                if exp is None:  # the running average learns only from normal windows
-                    self._ema[name] = r if ema is None else t.ema * ema + (1 - t.ema) * r
-            if self._condition((name, "exploding"), exp is not None, extreme) and exp:
-                add(self._emit(step, name, "exploding", exp[0], exp[1], exp[2], ">"))
-            # dead units
+                add(self._emit(step, name, "vanishing", "grad_rms", van[0], van[1], "<"))
+            exp = exploding.get(name)
+            if self._condition((name, "exploding"), exp is not None,
+                               exp is not None and exp[2]) and exp:
+                add(self._emit(step, name, "exploding", "grad_rms", exp[0], exp[1], ">"))
             z = s.get("act_zero_frac", math.nan)
             dead = info is not None and info.relu_like and z >= t.dead_frac
             if self._condition((name, "dead"), dead) and dead:
                 add(self._emit(step, name, "dead", "act_zero_frac", z, t.dead_frac, ">="))
-            # saturation
             f = s.get("act_sat_frac", math.nan)
             sat = info is not None and info.bounds is not None and f >= t.saturated_frac
             if self._condition((name, "saturated"), sat) and sat:
                 add(self._emit(step, name, "saturated", "act_sat_frac", f, t.saturated_frac,
                                ">="))
-        self.windows += 1
-        return out
 
     @staticmethod
     def _origin(stats: Mapping[str, Mapping[str, float]], order: Sequence[str],
@@ -215,8 +274,20 @@ class Rules:
         for n in reversed(order):
             if stats.get(n, {}).get("nonfinite", 0) > 0:
                 return n
+        for n, s in stats.items():  # a layer never called in forward order
+            if s.get("nonfinite", 0) > 0:
+                return n
         return None
 
+    def exploding_now(self, step: int, layer: str, rms: float) -> Alert | None:
+        """A per-step ``grad_rms`` above ``extreme_rms``, reported from the training thread
+        within the step (the window's evaluation shares its rate limit)."""
+        if not rms > self.t.extreme_rms:
+            return None
+        return self._emit(step, layer, "exploding", "grad_rms", rms, self.t.extreme_rms, ">")
+
     def nonfinite_now(self, step: int, layer: str, count: float) -> Alert | None:
-        """A per-step non-finite flag, reported from the training thread."""
-        return self._emit(step, layer, "nonfinite", "nonfinite", count, 0.0, ">")
+        """A per-step non-finite flag, reported from the training thread at once (the
+        window's own evaluation re-arms the rule once a window is clean)."""
+        return self._emit(step, layer, "nonfinite", "nonfinite", count, 0.0, ">",
+                          NONFINITE_KEY)

@@ -22,8 +22,19 @@ import torch.nn as nn
 
 from gradwatch import alerts as A
 from gradwatch import shutdown
+from gradwatch.amp import ScalerTap
 from gradwatch.buffers import WindowBuffers
-from gradwatch.hooks import Collector, ForwardHook, ParamTracker, _StepHook, report_fault
+from gradwatch.compiled import forget_compiled_code
+from gradwatch.distributed import is_writer_rank
+from gradwatch.flags import StepFlags
+from gradwatch.hooks import (
+    Collector,
+    ForwardDoneHook,
+    ForwardHook,
+    ParamTracker,
+    _StepHook,
+    report_fault,
+)
 from gradwatch.rules import Rules, Thresholds
 from gradwatch.selection import assign_params, describe, select, unwrap
 from gradwatch.sinks.console import report as _report
@@ -184,7 +195,8 @@ class Watcher:
         self._lock = threading.RLock()
         self._pending_grads: Any = None
         self._sink: Any = None
-        if tensorboard:
+        # distributed: only rank 0 opens a writer, so a run has one event file
+        if tensorboard and is_writer_rank():
             from gradwatch.sinks.tensorboard import TensorBoardSink
 
             if writer is not None:
@@ -195,10 +207,8 @@ class Watcher:
                                          self.images, self._collector.fault)
         self._collector.hist = self._pictures.hist if self._pictures is not None else None
         self._worker = Worker(self._worker_error)
-        # per-step non-finite flags: [layers, 2] copied each step without waiting
-        self._flags = [self._host_flags(L, self._device) for _ in range(2)]
-        self._flag_views = [f.numpy() for f in self._flags]
-        self._flag_events: list[Any] = [None, None]
+        # per-step non-finite flags, read on the host without a stall (flags.py)
+        self._flags = StepFlags(L, self._device)
 
         # -- attach: replace an open watcher of the same model first -----------------------------
         old = root.__dict__.get(_ATTACH)
@@ -212,11 +222,16 @@ class Watcher:
             )
             prev.close()
         self._handles: list[Any] = []
+        forget_compiled_code(model)  # else a compiled model that already ran ignores hooks
         for slot, (_, m) in enumerate(chosen):
             self._handles.append(m.register_forward_hook(ForwardHook(self._collector, slot)))
+        self._handles.append(root.register_forward_hook(ForwardDoneHook(self._collector, -1)))
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(_StepHook(self._pre_step)))
             self._handles.append(optimizer.register_step_post_hook(_StepHook(self._post_step)))
+        self._amp: ScalerTap | None = None
+        if scaler is not None:
+            self._amp = ScalerTap(scaler, optimizer, self._amp_unscale, self._amp_skip)
         root.__dict__[_ATTACH] = _Attachment(self)
         shutdown.register(self)  # flushed and closed at exit / SIGTERM if left open
 
@@ -245,6 +260,9 @@ class Watcher:
                 "steps itself after every optimizer.step()"
             )
         if self._closed:
+            return
+        if self._amp is not None and self._amp.take_pending_skip():
+            self._end_step(skipped=True)
             return
         self._pending_grads = self._params_safe("grad")
         self._end_step()
@@ -276,6 +294,8 @@ class Watcher:
             h.remove()
         self._handles.clear()
         c.remove_tensor_hooks()
+        if self._amp is not None:
+            self._amp.remove()
         if self._root.__dict__.get(_ATTACH) is not None:
             att = self._root.__dict__[_ATTACH]
             if isinstance(att, _Attachment) and att.get() is self:
@@ -347,67 +367,81 @@ class Watcher:
             self._collector.fault(f"parameter statistics ({what})", "*", e)
             return None
 
-    def _pre_step(self) -> None:
-        self._pending_grads = self._params_safe("grad")
+    def _pre_step(self, closure: bool) -> None:
+        # with a closure (Lightning, LBFGS) the backward runs inside step(): read the
+        # gradients after it, in _post_step (optimizers do not modify .grad in place)
+        if not closure:
+            self._pending_grads = self._params_safe("grad")
         if self._collector.full:
             self._params_safe("before")
 
-    def _post_step(self) -> None:
+    def _post_step(self, closure: bool) -> None:
+        if closure:
+            self._pending_grads = self._params_safe("grad")
         self._end_step()
 
-    def _end_step(self) -> None:
-        full = self._collector.full
+    def _amp_unscale(self, factor: torch.Tensor) -> None:
+        try:
+            self._buffers.scale_out_grads(factor)
+        except Exception as e:
+            self._collector.fault("AMP unscale", "*", e)
+
+    def _amp_skip(self) -> None:
+        """The GradScaler skipped the optimizer step (inf/NaN gradients)."""
+        if not self._closed:
+            self._end_step(skipped=True)
+
+    def _end_step(self, skipped: bool = False) -> None:
+        full = self._collector.full and not skipped
         grads, self._pending_grads = self._pending_grads, None
         weights = self._params_safe("weight") if full else None
         updates = self._params_safe("update") if full and self._optimizer is not None else None
-        k = self._step % 2
-        try:
-            if "commit" in self._off:
-                self._buffers.discard_step()
-            else:
-                flags = self._buffers.step_flags(grads)
-                self._flags[k].copy_(flags, non_blocking=self._flags[k].is_pinned())
-                if self._flags[k].is_pinned():
-                    ev = torch.cuda.Event()
-                    ev.record()
-                    self._flag_events[k] = ev
-                self._buffers.commit_step(grads, weights, updates)
-        except Exception as e:
-            self._off.add("commit")
-            self._collector.fault("step commit", "*", e)
+        if skipped:  # its staged stats see the inf/NaN that made the scaler skip: drop them
+            self._buffers.discard_step()
+            self._amp_skipped += 1
+        else:
+            self._commit(grads, weights, updates)
         self._collector.end_step()
+        if self._amp is not None:
+            self._amp.new_step()
         self._step += 1
         self._window_steps += 1
-        if not self._off & {"commit", "flags"}:
-            try:
-                self._check_flags(k)
-            except Exception as e:
-                self._off.add("flags")
-                self._collector.fault("non-finite check", "*", e)
+        self._check_flags()
         self._collector.full = self._step % self.sample_every == 0
         if self._window_steps >= self.every:
             self._launch_flush()
         self._deliver()
 
-    @staticmethod
-    def _host_flags(n: int, device: torch.device) -> torch.Tensor:
-        pin = device.type == "cuda"
-        return torch.zeros(n, 2, dtype=torch.float32, pin_memory=pin)
-
-    def _check_flags(self, k: int) -> None:
-        """Read a step's non-finite flags on the host: this step's on CPU (the copy is done),
-        the previous step's on CUDA once its event has completed. No torch read op."""
-        if self._flag_events[k] is not None:  # CUDA: look at the previous step instead
-            k = 1 - k
-            ev = self._flag_events[k]
-            if ev is None or not ev.query():
+    def _commit(self, grads: Any, weights: Any, updates: Any) -> None:
+        try:
+            if "commit" in self._off:  # switched off: drop the staged step
+                self._buffers.discard_step()
                 return
-            self._flag_events[k] = None
-            step = self._step - 1
-        else:
-            step = self._step
-        view = self._flag_views[k]
-        if not view.any():
+            self._flags.push(self._buffers.step_flags(grads), self._step + 1)
+            self._buffers.commit_step(grads, weights, updates)
+        except Exception as e:
+            self._off.add("commit")
+            self._collector.fault("step commit", "*", e)
+
+    def _check_flags(self) -> None:
+        """Per-step flags that reached the host (this step's on CPU, a step or so later on
+        CUDA) -> a non-finite alert at the layer where the NaN started, or an exploding
+        alert for a gradient above ``extreme_rms``. No torch read op."""
+        if self._off & {"commit", "flags"}:
+            return
+        try:
+            for step, view in self._flags.poll():
+                self._flag_alert(step, view)
+        except Exception as e:
+            self._off.add("flags")
+            self._collector.fault("non-finite flags", "*", e)
+
+    def _flag_alert(self, step: int, view: np.ndarray) -> None:
+        if not view[:, :2].any():  # finite: only an extreme gradient is reported at once
+            limit = self.thresholds.extreme_rms
+            for i in np.flatnonzero(view[:, 2] > limit):
+                self._pend(self._rules.exploding_now(step, self._infos[i].name,
+                                                     float(view[i, 2])), step)
             return
         order = self._collector.order
         acts = view[:, 0]
@@ -417,12 +451,27 @@ class Watcher:
             origin = next((i for i in reversed(order) if grads[i] > 0), None)
             if origin is None:
                 origin = int(np.argmax(grads))
-        count = float(view[origin].sum())
-        view[:] = 0
-        a = self._rules.nonfinite_now(step, self._infos[origin].name, count)
-        if a is not None:
-            with self._lock:
-                self._pending.append(a)
+        count = float(view[origin, :2].sum())
+        self._pend(self._rules.nonfinite_now(step, self._infos[origin].name, count), step)
+
+    def _pend(self, a: A.Alert | None, step: int) -> None:
+        """A per-step alert: delivered at the end of this step, and written to TensorBoard."""
+        if a is None:
+            return
+        with self._lock:
+            self._pending.append(a)
+        if self._sink is not None and self._is_writer_rank():
+            self._worker.submit(lambda: self._write_alerts(a, step))
+
+    def _write_alerts(self, a: A.Alert, step: int) -> None:
+        """On the background thread: one per-step alert to TensorBoard."""
+        if "sink" in self._off:
+            return
+        try:
+            self._sink.write_alerts([a], step)
+        except Exception as e:  # e.g. the disk is full
+            self._off.add("sink")
+            self._collector.fault("TensorBoard sink", "*", e, defer=True)
 
     def _launch_flush(self) -> None:
         """On the training thread: launch the copy, reset the window, hand over."""

@@ -236,7 +236,7 @@ def test_nonfinite_check_fault(monkeypatch: pytest.MonkeyPatch) -> None:
             w.step()
         w.close()
     faults = [r for r in rec if "internal error" in str(r.message)]
-    one_fault(faults, "non-finite check", "all layers")
+    one_fault(faults, "non-finite flags", "all layers")
     # the window rules still report it, at the layer where it started
     assert seen and seen[0].kind == "nonfinite" and seen[0].layer == "2"
 

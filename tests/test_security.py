@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import gradwatch
 from gradwatch.alerts import Alert
-from gradwatch.sinks.tensorboard import alerts_markdown
+from gradwatch.sinks.tensorboard import ALERT_TEXT_TAG, alerts_markdown
 
 PACKAGE = Path(gradwatch.__file__).resolve().parent
 SOURCES = sorted(PACKAGE.rglob("*.py"))
@@ -138,7 +138,8 @@ def test_hostile_names_round_trip_through_tensorboard(tmp_path: Path) -> None:
     for n in names:  # tags carry the names as they are: no injection into other tags
         assert f"gradwatch/act_zero_frac/{n}" in tags
         assert [e.value for e in acc.Scalars(f"gradwatch/act_zero_frac/{n}")] == [1.0, 1.0]
-    events = acc.Tensors("gradwatch/alerts/text_summary")
+    tag = next(t for t in acc.Tags()["tensors"] if t.startswith(ALERT_TEXT_TAG))
+    events = acc.Tensors(tag)
     texts = [e.tensor_proto.string_val[0].decode() for e in events]
     rows = [r for t in texts for r in t.splitlines()[2:]]
     assert len(rows) == len(seen) == len(HOSTILE)

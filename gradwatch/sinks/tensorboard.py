@@ -52,6 +52,20 @@ def alerts_markdown(alerts: Sequence[Alert]) -> str:
     return head + rows
 
 
+def add_text(writer: Any, tag: str, text: str, step: int) -> None:
+    """A markdown text summary under exactly ``tag`` (``SummaryWriter.add_text`` would file
+    it under ``<tag>/text_summary``)."""
+    get_file_writer = getattr(writer, "_get_file_writer", None)
+    if get_file_writer is None:
+        writer.add_text(tag, text, step)
+        return
+    from torch.utils.tensorboard.summary import text as text_summary
+
+    summary = text_summary(tag, text)
+    summary.value[0].tag = tag
+    get_file_writer().add_summary(summary, step)
+
+
 class TensorBoardSink:
     def __init__(self, writer: Any, owns: bool) -> None:
         self.writer = writer
@@ -78,7 +92,7 @@ class TensorBoardSink:
         for kind in KINDS:
             self.writer.add_scalar(alert_count_tag(kind), self._counts[kind], step)
         if alerts:
-            self.writer.add_text(ALERT_TEXT_TAG, alerts_markdown(alerts), step)
+            add_text(self.writer, ALERT_TEXT_TAG, alerts_markdown(alerts), step)
 
     def close(self) -> None:
         self.writer.flush()

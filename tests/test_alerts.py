@@ -1,0 +1,270 @@
+"""Alert delivery through a real watcher: warn, raise, log, ignore, a callable; the bounded
+``watcher.alerts``; a NaN reported within one step at the module where it started."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gradwatch
+from gradwatch import alerts as A
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from zoo import NaNAfter  # noqa: E402
+
+FAST = {"patience": 1}
+
+
+def dead_net() -> nn.Sequential:
+    """Linear -> ReLU '1' that is dead (bias -100) -> Linear."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    with torch.no_grad():
+        m[0].bias.fill_(-100.0)
+    return m
+
+
+def nan_net(at: int, device: str = "cpu") -> nn.Sequential:
+    """Its module '2' starts returning NaN at the ``at``-th training step (0-based)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), NaNAfter(16, at), nn.Linear(16, 16),
+                         nn.ReLU(), nn.Linear(16, 2)).to(device)
+
+
+def train_step(m: nn.Module, opt: torch.optim.Optimizer) -> None:
+    dev = next(m.parameters()).device
+    x = torch.randn(4, 8).to(dev)
+    loss = F.cross_entropy(m(x), torch.zeros(4, dtype=torch.long, device=dev))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def sgd(m: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(m.parameters(), lr=0.01)
+
+
+# -- warn ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,cls", [
+    ("vanishing", gradwatch.VanishingGradientWarning),
+    ("exploding", gradwatch.ExplodingGradientWarning),
+    ("nonfinite", gradwatch.NonFiniteWarning),
+    ("dead", gradwatch.DeadActivationWarning),
+    ("saturated", gradwatch.SaturationWarning),
+])
+def test_each_kind_warns_with_its_subclass(kind: str, cls: type[Warning]) -> None:
+    assert issubclass(cls, gradwatch.GradwatchWarning)
+    assert issubclass(cls, RuntimeWarning)
+    a = gradwatch.Alert(5, "x", kind, "s", 1.0, 2.0, f"{kind} message")
+    with pytest.warns(cls, match=f"{kind} message"):
+        A.deliver(a, "warn")
+
+
+def test_warn_through_the_watcher_names_layer_stat_value_threshold_step() -> None:
+    m = dead_net()
+    opt = sgd(m)
+    w = gradwatch.watch(m, optimizer=opt, tensorboard=False, every=2, thresholds=FAST)
+    with pytest.warns(gradwatch.DeadActivationWarning) as rec:
+        for _ in range(2):
+            train_step(m, opt)
+        w.flush()
+    w.close()
+    msgs = [str(r.message) for r in rec if issubclass(r.category, gradwatch.GradwatchWarning)]
+    assert len(msgs) == 1
+    for part in ("'1'", "act_zero_frac", "=1 ", "0.99", "step 2", "dead"):
+        assert part in msgs[0], (part, msgs[0])
+    (a,) = w.alerts
+    assert (a.layer, a.kind, a.stat, a.value, a.threshold, a.step) == (
+        "1", "dead", "act_zero_frac", 1.0, 0.99, 2)
+
+
+# -- raise ---------------------------------------------------------------------------------------
+def test_raise_from_flush_carries_the_alert() -> None:
+    m = dead_net()
+    opt = sgd(m)
+    w = gradwatch.watch(m, optimizer=opt, tensorboard=False, every=1000, thresholds=FAST,
+                        on_alert="raise")
+    train_step(m, opt)
+    with pytest.raises(gradwatch.GradientAlertError) as e:
+        w.flush()
+    assert (e.value.alert.layer, e.value.alert.kind) == ("1", "dead")
+    assert str(e.value) == e.value.alert.message
+    w.close()
+
+
+def test_raise_from_step_without_optimizer() -> None:
+    m = dead_net()
+    opt = sgd(m)
+    w = gradwatch.watch(m, tensorboard=False, every=1, thresholds=FAST, on_alert="raise")
+    x = torch.randn(4, 8)
+    F.cross_entropy(m(x), torch.zeros(4, dtype=torch.long)).backward()
+    opt.step()
+    with pytest.raises(gradwatch.GradientAlertError) as e:
+        w.step()
+        w.flush()  # the window's rules run off the training thread: flush waits for them
+    assert e.value.alert.kind == "dead"
+    w.close()
+
+
+def test_raise_at_the_step_a_nan_appears() -> None:
+    m = nan_net(at=3)
+    opt = sgd(m)
+    w = gradwatch.watch(m, optimizer=opt, tensorboard=False, every=100, on_alert="raise")
+    for _ in range(3):
+        train_step(m, opt)
+    with pytest.raises(gradwatch.GradientAlertError) as e:
+        train_step(m, opt)  # from optimizer.step(), through the watcher's step hook
+    assert (e.value.alert.kind, e.value.alert.layer, e.value.alert.step) == ("nonfinite", "2", 4)
+    w.close()
+
+
+# -- log / ignore / callable ---------------------------------------------------------------------
+def test_log_goes_to_the_gradwatch_logger(caplog: pytest.LogCaptureFixture) -> None:
+    m = dead_net()
+    opt = sgd(m)
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", gradwatch.GradwatchWarning)
+            with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=2, thresholds=FAST,
+                                 on_alert="log"):
+                for _ in range(2):
+                    train_step(m, opt)
+    recs = [r for r in caplog.records if r.name == "gradwatch"]
+    assert len(recs) == 1 and recs[0].levelno == logging.WARNING
+    assert "dead at layer '1'" in recs[0].getMessage()
+
+
+def test_ignore_records_but_does_not_warn() -> None:
+    m = dead_net()
+    opt = sgd(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", gradwatch.GradwatchWarning)
+        with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=2, thresholds=FAST,
+                             on_alert="ignore") as w:
+            for _ in range(4):
+                train_step(m, opt)
+    assert [(a.layer, a.kind) for a in w.alerts] == [("1", "dead")]
+
+
+def test_callable_receives_alert_objects() -> None:
+    m = dead_net()
+    opt = sgd(m)
+    got: list[gradwatch.Alert] = []
+    with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=2, thresholds=FAST,
+                         on_alert=got.append) as w:
+        for _ in range(2):
+            train_step(m, opt)
+    assert got == w.alerts and len(got) == 1
+    assert isinstance(got[0], gradwatch.Alert) and got[0].kind == "dead"
+
+
+def test_alerts_list_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradwatch import watcher as W
+
+    assert W.MAX_ALERTS == 10_000
+    monkeypatch.setattr(W, "MAX_ALERTS", 3)  # the bound is read when a watcher is made
+    m = dead_net()
+    opt = sgd(m)
+    with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=1, on_alert="ignore",
+                         thresholds={"patience": 1, "rate_limit": 1}) as w:
+        for _ in range(8):
+            train_step(m, opt)
+            w.flush()
+    assert [a.step for a in w.alerts] == [6, 7, 8]
+
+
+# -- non-finite within one step ------------------------------------------------------------------
+@pytest.mark.parametrize("sample_every", [1, 3])
+def test_nan_reported_within_one_step_at_its_origin(sample_every: int) -> None:
+    at = 7  # a step that is not a sampled one when sample_every=3
+    m = nan_net(at)
+    opt = sgd(m)
+    got: list[gradwatch.Alert] = []
+    w = gradwatch.watch(m, optimizer=opt, tensorboard=False, every=100,
+                        sample_every=sample_every, on_alert=got.append)
+    for _ in range(at):
+        train_step(m, opt)
+    assert got == []
+    train_step(m, opt)  # the step whose forward goes NaN at module '2'
+    # reported by the end of that same step, long before the window's flush (every=100)
+    assert [(a.kind, a.layer, a.step) for a in got] == [("nonfinite", "2", at + 1)]
+    assert got[0].value > 0 and "'2'" in got[0].message
+    for _ in range(5):  # NaN has spread to every layer, upstream too: no new origins
+        train_step(m, opt)
+    w.close()
+    assert {a.layer for a in got} == {"2"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nan_on_cuda_reported_within_a_few_steps_without_a_sync() -> None:
+    at = 5
+    m = nan_net(at, "cuda")
+    opt = sgd(m)
+    got: list[gradwatch.Alert] = []
+    w = gradwatch.watch(m, optimizer=opt, tensorboard=False, every=100, on_alert=got.append)
+    for _ in range(at + 1):
+        train_step(m, opt)
+    for _ in range(50):  # the host reads a copy once its event is done: a step or so later
+        if got:
+            break
+        train_step(m, opt)
+    w.close()
+    assert got and got[0].layer == "2" and got[0].kind == "nonfinite"
+    assert got[0].step >= at + 1
+    assert {a.layer for a in got} == {"2"}
+
+
+# -- extreme gradients within one step -----------------------------------------------------------
+def scaled_loss_net(scale: float) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)  # weights stay as they are
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        (m(torch.randn(4, 8)).sum() * scale).backward()
+        opt.step()
+
+    return m, opt, step
+
+
+def test_extreme_gradient_reported_within_its_step() -> None:
+    m, opt, step = scaled_loss_net(1e6)
+    got: list[gradwatch.Alert] = []
+    with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=100, on_alert=got.append):
+        step()
+        assert {(a.kind, a.layer, a.step) for a in got} == {("exploding", "0", 1),
+                                                            ("exploding", "2", 1)}
+        assert all(a.value > 1e3 and a.threshold == 1e3 for a in got)
+        for _ in range(3):
+            step()
+    assert len(got) == 2  # rate-limited: the window's own report is held back
+
+
+def test_gradient_whose_norm_overflows_is_exploding_not_nonfinite() -> None:
+    m, opt, step = scaled_loss_net(1e25)  # finite elements (~1e25), Σg² overflows fp32
+    got: list[gradwatch.Alert] = []
+    with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=2, on_alert=got.append):
+        for _ in range(2):
+            step()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters())
+    assert {a.kind for a in got} == {"exploding"}
+    assert {a.layer for a in got} == {"0", "2"}
+
+
+def test_inf_in_a_parameter_gradient_is_nonfinite_at_that_layer() -> None:
+    m, opt, step = scaled_loss_net(1.0)
+    m[2].bias.register_hook(lambda g: torch.full_like(g, float("inf")))
+    got: list[gradwatch.Alert] = []
+    with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=100, on_alert=got.append):
+        step()
+        assert [(a.kind, a.layer, a.step) for a in got] == [("nonfinite", "2", 1)]

@@ -1,0 +1,146 @@
+"""DDP and FSDP2 across two real processes (gloo on CPU), against single-process references."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import dist_workers as DW
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from events import event_files, scalars
+from torch.multiprocessing.spawn import ProcessException
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                       reason="torch built without gloo"),
+]
+WORLD = 2
+TIMEOUT = 240.0
+
+
+def _launch(body: Any, out: Path) -> list[dict[str, Any]]:
+    """Spawn WORLD processes; any child failure or a hang fails the test with its traceback."""
+    ctx = mp.start_processes(DW.run, args=(WORLD, str(out), body), nprocs=WORLD, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT
+    failure = None
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                failure = f"distributed run did not finish in {TIMEOUT:.0f}s"
+                break
+    except ProcessException as e:
+        failure = f"a rank failed: {e}"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    errors = "".join(e.read_text() for e in sorted(out.glob("rank*.error")))
+    if failure or errors:
+        pytest.fail(f"{failure or 'a rank failed'}\n{errors}")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def _reference() -> dict[str, dict[str, float]]:
+    """Float64, one process: each rank's batch through the same model, DDP-averaged grads.
+
+    Activation and output-gradient stats: the mean over steps and ranks of each rank's
+    value (the max for maxima), which is what a flush over two ranks reports.
+    """
+    m = DW.model().double()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    layers = {"0": m[0], "1": m[1], "2": m[2]}
+    acc: dict[str, dict[str, list[float]]] = {n: {} for n in layers}
+
+    def add(n: str, k: str, v: float) -> None:
+        acc[n].setdefault(k, []).append(v)
+
+    for step in range(DW.STEPS):
+        for r in range(WORLD):
+            outs: dict[str, torch.Tensor] = {}
+            hs = [mod.register_forward_hook(lambda _m, _a, o, n=n, d=outs: d.__setitem__(n, o))
+                  for n, mod in layers.items()]
+            loss = m(DW.batch(step, r).double()).pow(2).mean()
+            for h in hs:
+                h.remove()
+            grads = torch.autograd.grad(loss, list(outs.values()), retain_graph=True)
+            loss.backward()
+            for (n, o), g in zip(outs.items(), grads):
+                o = o.detach()
+                add(n, "act_mean", o.mean().item())
+                add(n, "act_std", o.std().item())
+                add(n, "act_max", o.abs().max().item())
+                add(n, "act_zero_frac", (o == 0).double().mean().item())
+                add(n, "out_grad_rms", g.pow(2).mean().sqrt().item())
+        before = {n: torch.cat([p.detach().reshape(-1) for p in mod.parameters()]).clone()
+                  for n, mod in layers.items() if n != "1"}
+        for p in m.parameters():
+            p.grad /= WORLD  # DDP averages the gradients of the ranks
+        for n in before:
+            g = torch.cat([p.grad.reshape(-1) for p in layers[n].parameters()])
+            add(n, "grad_norm", g.norm().item())
+            add(n, "grad_rms", (g.norm() / math.sqrt(g.numel())).item())
+            add(n, "grad_max", g.abs().max().item())
+        opt.step()
+        opt.zero_grad()
+        for n, w0 in before.items():
+            w1 = torch.cat([p.detach().reshape(-1) for p in layers[n].parameters()])
+            add(n, "weight_norm", w1.norm().item())
+            add(n, "update_ratio", ((w1 - w0).norm() / w1.norm()).item())
+    return {n: {k: (max(v) if k.endswith("_max") else sum(v) / len(v)) for k, v in d.items()}
+            for n, d in acc.items()}
+
+
+def _assert_matches(got: dict[str, dict[str, float]], ref: dict[str, dict[str, float]],
+                    keys: tuple[str, ...] | None = None) -> None:
+    for n, stats in ref.items():
+        for k, v in stats.items():
+            if keys is None or k in keys:
+                assert got[n][k] == pytest.approx(v, rel=1e-5, abs=1e-7), (n, k, got[n][k], v)
+
+
+def test_ddp_two_processes(tmp_path):
+    results = _launch(DW.ddp_body, tmp_path)
+    r0, r1 = results
+    assert r0["layers"] == ["0", "1", "2"]  # no "module." prefix
+    assert r0["stats"] == r1["stats"]  # both ranks hold the reduced window
+    ref = _reference()
+    _assert_matches(r0["stats"], ref)
+    for n, stats in r0["stats"].items():
+        assert stats["nonfinite"] == 0.0, n
+    # the reduction: local counts add up, parameter statistics are not multiplied by 2
+    for r in results:
+        red = r["reduced"]
+        assert red["nonfinite"] == [1.0 + 2.0 + 1.0] * 2  # outputs 1 + 2, parameters 1
+        assert red["grad_norm"] == [2.0, 2.0] and red["grad_cnt"] == [1.0, 1.0]
+        assert red["act_cnt"] == [2.0, 2.0]
+    # one writer, one warner: rank 0
+    files = event_files(tmp_path / "tb")
+    assert len(files) == 1
+    sc = scalars(tmp_path / "tb")
+    for n, stats in r0["stats"].items():
+        for k, v in stats.items():
+            assert sc[f"gradwatch/{k}/{n}"][DW.STEPS] == pytest.approx(v, rel=1e-6)
+    assert r0["alerts"] > 0 and r0["warned"] > 0
+    assert r1["alerts"] == 0 and r1["warned"] == 0
+
+
+def test_fsdp2_norms_are_global(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    results = _launch(DW.fsdp_body, tmp_path)
+    ref = _reference()
+    keys = ("grad_norm", "grad_rms", "grad_max", "weight_norm", "update_ratio")
+    for r in results:
+        _assert_matches(r["stats"], ref, keys)
+    # activations are each rank's own data, reduced over the ranks at flush
+    _assert_matches(results[0]["stats"], ref, ("act_mean", "act_std", "act_max",
+                                               "out_grad_rms"))
+

@@ -1,0 +1,377 @@
+"""The zoo: a labeled dataset of small training setups, healthy and broken.
+
+Each ``Setup`` builds a model, its optimizer and a data stream from a seed; ``expect`` is
+the label: None for a healthy run (no alert at all), else the alert kind and the layers at
+which it is right to report it. ``run`` trains one setup under gradwatch and returns the
+alerts. The same setups chose the defaults of ``gradwatch.Thresholds`` (docs/thresholds.md).
+
+Everything is small (widths 32-64, batches 16-64) so the whole zoo trains on one CPU core in
+well under a minute per seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gradwatch
+
+
+@dataclass
+class Trial:
+    """One built setup: train ``model`` with ``optimizer`` on ``loss(step)``."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[int], torch.Tensor]
+    clip: float | None = None
+
+
+@dataclass(frozen=True)
+class Setup:
+    name: str
+    build: Callable[[int], Trial]
+    kinds: tuple[str, ...] = ()  # the right alert kind(s); () for a healthy setup
+    layers: tuple[str, ...] = ()  # where such an alert is right
+    steps: int = 160
+
+    @property
+    def label(self) -> str:
+        return "/".join(self.kinds) if self.kinds else "healthy"
+
+
+@dataclass
+class Result:
+    setup: Setup
+    seed: int
+    alerts: list[gradwatch.Alert]
+    final_loss: float
+    snapshots: list[gradwatch.Snapshot] = field(default_factory=list)
+
+    @property
+    def hit(self) -> gradwatch.Alert | None:
+        """The first alert that matches the label (kind at one of the right layers)."""
+        for a in self.alerts:
+            if a.kind in self.setup.kinds and a.layer in self.setup.layers:
+                return a
+        return None
+
+    @property
+    def predicted(self) -> str:
+        """The verdict of gradwatch on this run: the kind of its first alert, or healthy."""
+        return self.alerts[0].kind if self.alerts else "healthy"
+
+    @property
+    def ok(self) -> bool:
+        if not self.setup.kinds:
+            return not self.alerts
+        return self.hit is not None
+
+
+# -- data ------------------------------------------------------------------------------------
+def _classify(seed: int, d_in: int, n_cls: int, batch: int) -> Callable[[int], Any]:
+    """A fixed linear-teacher classification task; returns step -> (x, y)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    teacher = torch.randn(d_in, n_cls, generator=g)
+
+    def data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gs = torch.Generator().manual_seed(seed * 100_003 + step)
+        x = torch.randn(batch, d_in, generator=gs)
+        return x, (x @ teacher).argmax(1)
+
+    return data
+
+
+def _mlp(widths: Sequence[int], act: Callable[[], nn.Module],
+         init: Callable[[nn.Linear], None] | None = None, dropout: float = 0.0) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+        lin = nn.Linear(a, b)
+        if init is not None:
+            init(lin)
+        layers.append(lin)
+        if i < len(widths) - 2:
+            layers.append(act())
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+    return nn.Sequential(*layers)
+
+
+def _ce_trial(model: nn.Module, opt: torch.optim.Optimizer, seed: int, d_in: int,
+              n_cls: int = 10, batch: int = 64, clip: float | None = None) -> Trial:
+    data = _classify(seed, d_in, n_cls, batch)
+
+    def loss(step: int) -> torch.Tensor:
+        x, y = data(step)
+        return F.cross_entropy(model(x), y)
+
+    return Trial(model, opt, loss, clip)
+
+
+# -- healthy ---------------------------------------------------------------------------------
+def relu_mlp_he(seed: int) -> Trial:
+    torch.manual_seed(seed)
+
+    def he(lin: nn.Linear) -> None:
+        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+        nn.init.zeros_(lin.bias)
+
+    m = _mlp([32, 64, 64, 64, 64, 64, 10], nn.ReLU, he)
+    return _ce_trial(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), seed, 32)
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += x
+        return self.relu(out)
+
+
+class SmallResNet(nn.Module):
+    def __init__(self, c: int = 8, blocks: int = 3, n_cls: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.blocks = nn.Sequential(*[_Block(c) for _ in range(blocks)])
+        self.fc = nn.Linear(c, n_cls)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.relu(self.bn(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def resnet_bn(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    m = SmallResNet()
+    g = torch.Generator().manual_seed(2000 + seed)
+    protos = torch.randn(10, 3, 8, 8, generator=g)
+
+    def loss(step: int) -> torch.Tensor:
+        gs = torch.Generator().manual_seed(seed * 100_003 + step)
+        y = torch.randint(0, 10, (32,), generator=gs)
+        x = protos[y] + 0.5 * torch.randn(32, 3, 8, 8, generator=gs)
+        return F.cross_entropy(m(x), y)
+
+    return Trial(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), loss)
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self, vocab: int = 16, d: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        enc = nn.TransformerEncoderLayer(d, nhead=4, dim_feedforward=64, dropout=0.1,
+                                         batch_first=True)
+        self.enc = nn.TransformerEncoder(enc, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x)))
+
+
+def transformer(seed: int) -> Trial:
+    """Sequence reversal with a 2-layer Transformer encoder, Adam."""
+    torch.manual_seed(seed)
+    m = TinyTransformer()
+
+    def loss(step: int) -> torch.Tensor:
+        gs = torch.Generator().manual_seed(seed * 100_003 + step)
+        x = torch.randint(0, 16, (16, 8), generator=gs)
+        return F.cross_entropy(m(x).reshape(-1, 16), x.flip(1).reshape(-1))
+
+    return Trial(m, torch.optim.Adam(m.parameters(), lr=1e-3), loss)
+
+
+class SeqModel(nn.Module):
+    """Input projection -> recurrent layer -> head on the last hidden state."""
+
+    def __init__(self, rnn: nn.Module, d_in: int = 8, hidden: int = 32) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d_in, hidden)
+        self.rnn = rnn
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.inp(x))
+        return self.head(out[:, -1]).squeeze(-1)
+
+
+def _seq_loss(m: nn.Module, seed: int, T: int) -> Callable[[int], torch.Tensor]:
+    """Regress the sum of the first input channel over time (needs long memory)."""
+
+    def loss(step: int) -> torch.Tensor:
+        gs = torch.Generator().manual_seed(seed * 100_003 + step)
+        x = torch.randn(32, T, 8, generator=gs)
+        return F.mse_loss(m(x), x[:, :, 0].sum(1) / math.sqrt(T))
+
+    return loss
+
+
+def lstm(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    m = SeqModel(nn.LSTM(32, 32, batch_first=True))
+    return Trial(m, torch.optim.Adam(m.parameters(), lr=3e-3), _seq_loss(m, seed, 20))
+
+
+def tanh_mlp_xavier_dropout(seed: int) -> Trial:
+    torch.manual_seed(seed)
+
+    def xavier(lin: nn.Linear) -> None:
+        nn.init.xavier_uniform_(lin.weight, gain=nn.init.calculate_gain("tanh"))
+        nn.init.zeros_(lin.bias)
+
+    m = _mlp([32, 64, 64, 64, 64, 64, 64, 10], nn.Tanh, xavier, dropout=0.1)
+    return _ce_trial(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), seed, 32)
+
+
+# -- broken ------------------------------------------------------------------------------------
+def sigmoid_normal(seed: int) -> Trial:
+    """Glorot & Bengio's failing net: 8 sigmoid layers, weights from N(0, 1)."""
+    torch.manual_seed(seed)
+
+    def normal(lin: nn.Linear) -> None:
+        nn.init.normal_(lin.weight, 0.0, 1.0)
+        nn.init.zeros_(lin.bias)
+
+    m = _mlp([32] + [64] * 8 + [10], nn.Sigmoid, normal)
+    return _ce_trial(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), seed, 32)
+
+
+def tanh_tiny_init(seed: int) -> Trial:
+    """A deep tanh net initialised with std 0.02: the error signal dies on its way down."""
+    torch.manual_seed(seed)
+
+    def tiny(lin: nn.Linear) -> None:
+        nn.init.normal_(lin.weight, 0.0, 0.02)
+        nn.init.zeros_(lin.bias)
+
+    m = _mlp([32] + [64] * 10 + [10], nn.Tanh, tiny)
+    return _ce_trial(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), seed, 32)
+
+
+def exploding_rnn(seed: int, gain: float = 3.0) -> Trial:
+    """A tanh RNN whose recurrent weight is an orthogonal matrix times ``gain``."""
+    torch.manual_seed(seed)
+    m = SeqModel(nn.RNN(32, 32, batch_first=True, nonlinearity="tanh"))
+    with torch.no_grad():
+        nn.init.orthogonal_(m.rnn.weight_hh_l0)
+        m.rnn.weight_hh_l0.mul_(gain)
+    return Trial(m, torch.optim.Adam(m.parameters(), lr=1e-3), _seq_loss(m, seed, 40))
+
+
+def relu_oversized_init(seed: int) -> Trial:
+    """A deep ReLU MLP with weights from N(0, 1): activations grow ~5.7x per layer."""
+    torch.manual_seed(seed)
+
+    def big(lin: nn.Linear) -> None:
+        nn.init.normal_(lin.weight, 0.0, 1.0)
+        nn.init.zeros_(lin.bias)
+
+    m = _mlp([32] + [64] * 8 + [10], nn.ReLU, big)
+    return _ce_trial(m, torch.optim.SGD(m.parameters(), lr=0.01), seed, 32)
+
+
+def relu_negative_bias(seed: int) -> Trial:
+    """A He-initialised ReLU MLP whose third hidden layer has bias -20: that ReLU is dead."""
+    torch.manual_seed(seed)
+
+    def he(lin: nn.Linear) -> None:
+        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+        nn.init.zeros_(lin.bias)
+
+    m = _mlp([32, 64, 64, 64, 64, 10], nn.ReLU, he)
+    with torch.no_grad():
+        m[4].bias.fill_(-20.0)  # the Linear before ReLU '5'
+    return _ce_trial(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), seed, 32)
+
+
+class NaNAfter(nn.Module):
+    """A learnable per-feature scale that outputs NaN from its ``at``-th call (0-based) on:
+    a custom layer breaking mid-training (a log of a negative, a 0/0...)."""
+
+    def __init__(self, width: int, at: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(width))
+        self.at = at
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        y = x * self.scale
+        if self.calls > self.at:
+            return y * float("nan")
+        return y
+
+
+NAN_STEP = 57  # 0-based index of the training step at which NaNAfter breaks
+
+
+def nan_midway(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
+        NaNAfter(64, NAN_STEP), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10),
+    )
+    return _ce_trial(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), seed, 32)
+
+
+_SIGMOIDS = tuple(str(i) for i in range(1, 16, 2))
+_TANH_LOW = ("0", "2", "4", "6", "8")
+_LINEARS_RELU = tuple(str(i) for i in range(0, 17, 2))
+
+ZOO: tuple[Setup, ...] = (
+    Setup("relu_mlp_he", relu_mlp_he),
+    Setup("resnet_bn_inplace", resnet_bn),
+    Setup("transformer_encoder", transformer),
+    Setup("lstm", lstm),
+    Setup("tanh_mlp_xavier_dropout", tanh_mlp_xavier_dropout),
+    Setup("sigmoid_normal_init", sigmoid_normal, ("saturated",), _SIGMOIDS, 60),
+    Setup("tanh_tiny_init", tanh_tiny_init, ("vanishing",), _TANH_LOW, 60),
+    Setup("tanh_rnn_gain3", exploding_rnn, ("exploding",), ("rnn",), 60),
+    Setup("relu_oversized_init", relu_oversized_init, ("exploding", "nonfinite"),
+          _LINEARS_RELU, 40),
+    Setup("relu_negative_bias", relu_negative_bias, ("dead",), ("5",), 60),
+    Setup("nan_midway", nan_midway, ("nonfinite",), ("4",), 80),
+)
+SEEDS = (0, 1)
+
+
+def run(setup: Setup, seed: int, every: int = 10,
+        thresholds: gradwatch.Thresholds | dict[str, Any] | None = None,
+        keep_snapshots: bool = False, steps: int | None = None) -> Result:
+    """Train ``setup`` for its steps under gradwatch (no TensorBoard); collect alerts."""
+    trial = setup.build(seed)
+    alerts: list[gradwatch.Alert] = []
+    snaps: list[gradwatch.Snapshot] = []
+    w = gradwatch.watch(trial.model, optimizer=trial.optimizer, tensorboard=False,
+                        every=every, thresholds=thresholds, on_alert=alerts.append)
+    loss = torch.tensor(math.nan)
+    try:
+        for step in range(steps or setup.steps):
+            loss = trial.loss(step)
+            trial.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if trial.clip is not None:
+                nn.utils.clip_grad_norm_(trial.model.parameters(), trial.clip)
+            trial.optimizer.step()
+            if keep_snapshots and (step + 1) % every == 0:
+                snap = w.flush()  # the window was just launched: this waits for it
+                if snap is not None:
+                    snaps.append(snap)
+    finally:
+        w.close()
+    return Result(setup, seed, alerts, float(loss.detach()), snaps)
