@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Union
@@ -86,12 +87,33 @@ def validate_on_alert(on_alert: object) -> None:
         )
 
 
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` attributed to the user's line (the first frame outside gradwatch
+    and torch), without a per-module registry: every alert message is unique (it names
+    the step), so the registry ``warnings.warn`` keeps would grow for the whole run. The
+    rules already rate-limit, so nothing needs de-duplicating here."""
+    frame = sys._getframe(1)
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").split(".")[0] in (
+        "gradwatch", "torch"
+    ):
+        frame = frame.f_back
+    warnings.warn_explicit(
+        message,
+        category,
+        frame.f_code.co_filename,
+        frame.f_lineno,
+        module=frame.f_globals.get("__name__"),
+        registry=None,
+        module_globals=frame.f_globals,
+    )
+
+
 def deliver(alert: Alert, on_alert: OnAlert) -> None:
     """Hand one alert to the user, on the training thread."""
     if callable(on_alert):
         on_alert(alert)
     elif on_alert == "warn":
-        warnings.warn(alert.message, WARNING_FOR[alert.kind], stacklevel=4)
+        warn_at_caller(alert.message, WARNING_FOR[alert.kind])
     elif on_alert == "raise":
         raise GradientAlertError(alert)
     elif on_alert == "log":

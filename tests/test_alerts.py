@@ -268,3 +268,24 @@ def test_inf_in_a_parameter_gradient_is_nonfinite_at_that_layer() -> None:
     with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=100, on_alert=got.append):
         step()
         assert [(a.kind, a.layer, a.step) for a in got] == [("nonfinite", "2", 1)]
+
+
+def test_warnings_point_at_the_training_loop_and_keep_no_registry():
+    """Every alert message is unique (it names the step): warnings.warn's per-module
+    registry would grow for the whole run. The warning is attributed to the user's line."""
+    m = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    nn.init.constant_(m[0].bias, -100.0)
+    w = gradwatch.watch(m, tensorboard=False, every=1,
+                        thresholds=dict(rate_limit=1, patience=1))
+    registry = sys.modules[__name__].__dict__.setdefault("__warningregistry__", {})
+    registry.clear()
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("default")
+        for _ in range(6):
+            m(torch.randn(2, 4)).sum().backward()
+            w.step()
+        w.close()
+    dead = [g for g in got if issubclass(g.category, gradwatch.DeadActivationWarning)]
+    assert len(dead) >= 5
+    assert {g.filename for g in dead} == {__file__}
+    assert not [k for k in registry if k != "version"]
