@@ -37,8 +37,9 @@ STATS: tuple[str, ...] = (
 )
 
 # Stage columns (one step).
-ST_N, ST_S1, ST_S2, ST_NNZ, ST_SAT, ST_NF, ST_MAX, ST_GN, ST_GS2, ST_GNF = range(10)
-STAGE_COLS = 10
+(ST_N, ST_S1, ST_S2, ST_NNZ, ST_SAT, ST_NF, ST_MAX, ST_GN, ST_GS2, ST_GNF, ST_STUCK,
+ ST_UNITS) = range(12)
+STAGE_COLS = 12
 
 # Window columns: (name, reduce across ranks). Means are stored as sums plus a count column.
 # "same": the parameter statistics are already global on every rank (DDP all-reduces the
@@ -63,6 +64,8 @@ WINDOW: tuple[tuple[str, str], ...] = (
     ("out_grad_cnt", "sum"),
     ("nonfinite", "sum"),
     ("act_nonfinite", "sum"),  # outputs only: where a NaN starts (the rules' origin)
+    ("act_stuck_frac", "sum"),  # bounded activations: units at a bound for every sample
+    ("stuck_cnt", "sum"),
 )
 W = {name: i for i, (name, _) in enumerate(WINDOW)}
 SUM_COLS = [i for i, (_, r) in enumerate(WINDOW) if r == "sum"]
@@ -83,6 +86,7 @@ _FINAL: dict[str, tuple[str, str | None]] = {
     "out_grad_rms": ("out_grad_rms", "out_grad_cnt"),
     "nonfinite": ("nonfinite", None),
     "_act_nonfinite": ("act_nonfinite", None),
+    "_act_stuck_frac": ("act_stuck_frac", "stuck_cnt"),
 }
 # Columns of ``finalize()``: the public STATS, then internal ones for the rules.
 FINAL_KEYS: tuple[str, ...] = tuple(_FINAL)
@@ -122,6 +126,12 @@ class WindowBuffers:
         row[ST_N].add_(numel)
         row[ST_S1 : ST_NF + 1].add_(vec[: S.A_NF + 1])
         torch.maximum(row[ST_MAX], vec[S.A_MAX], out=row[ST_MAX])
+
+    def add_stuck(self, slot: int, stuck: Tensor, units: int) -> None:
+        """Add a bounded activation's ``stats.stuck_units`` count (of ``units`` units)."""
+        row = self.stage[slot]
+        row[ST_STUCK].add_(stuck)
+        row[ST_UNITS].add_(units)
 
     def add_nonfinite(self, slot: int, flag: Tensor) -> None:
         self.stage[slot, ST_NF].add_(flag)
@@ -169,6 +179,11 @@ class WindowBuffers:
         win[:, W["out_grad_cnt"]] += ghas.to(torch.float32)
         win[:, W["nonfinite"]] += st[:, ST_NF] + st[:, ST_GNF]
         win[:, W["act_nonfinite"]] += st[:, ST_NF]
+        units = st[:, ST_UNITS]
+        uhas = units > 0
+        win[:, W["act_stuck_frac"]] += torch.where(
+            uhas, st[:, ST_STUCK] / torch.where(uhas, units, one), zero)
+        win[:, W["stuck_cnt"]] += uhas.to(torch.float32)
         if params is not None:
             p = params.grad_present
             ok = p > 0

@@ -121,8 +121,12 @@ class Collector:
             try:
                 t = leaves[0]
                 if self.full:
-                    vec = S.activation_sums(t, self.layers[slot].bounds, self.margin)
+                    bounds = self.layers[slot].bounds
+                    vec = S.activation_sums(t, bounds, self.margin)
                     self.buffers.add_activation(slot, vec, t.numel())
+                    if bounds is not None:
+                        stuck = S.stuck_units(t, bounds, self.margin)
+                        self.buffers.add_stuck(slot, stuck, S.units_of(t))
                     if self.hist is not None:
                         self.hist.add_activation(slot, t)
                 else:

@@ -41,7 +41,11 @@ class Thresholds:
     dead_frac: float = 0.99
     """A ReLU-like layer whose outputs are exactly zero at least this often is dead."""
     saturated_frac: float = 0.4
-    """A bounded activation with at least this fraction of outputs at its bounds is saturated."""
+    """A bounded activation with at least this fraction of outputs at its bounds is saturated
+    (when ``saturated_units`` of its units are stuck too)."""
+    saturated_units: float = 0.1
+    """... and at least this fraction of its units sits at a bound for every sample of the
+    batch (a well-trained tanh net saturates many outputs, but not whole units)."""
     saturation_margin: float = 0.01
     """An output within this fraction of the range from a bound counts as saturated (for
     sigmoid and tanh: the local derivative is below ~4% of its peak)."""
@@ -69,8 +73,8 @@ class Thresholds:
                 raise TypeError(f"Thresholds.{f.name} must be a number, got {v!r}")
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"Thresholds.{f.name} must be finite and >= 0, got {v!r}")
-            if f.name in ("vanishing_ratio", "dead_frac", "saturated_frac", "ema",
-                          "saturation_margin") and not 0 <= v <= 1:
+            if f.name in ("vanishing_ratio", "dead_frac", "saturated_frac", "saturated_units",
+                          "ema", "saturation_margin") and not 0 <= v <= 1:
                 raise ValueError(f"Thresholds.{f.name} must be in [0, 1], got {v!r}")
 
     @classmethod
@@ -172,7 +176,8 @@ class Rules:
 
     # -- rate limiting ------------------------------------------------------------------------
     def _emit(self, step: int, layer: str, kind: str, stat: str, value: float,
-              threshold: float, why: str, key: tuple[str, str] | None = None) -> Alert | None:
+              threshold: float, why: str, key: tuple[str, str] | None = None,
+              note: str = "") -> Alert | None:
         key = key or (layer, kind)
         with self._lock:
             if self.windows < self._quiet_until.get(key, -1):
@@ -180,7 +185,8 @@ class Rules:
                 return None
             held = self._held.pop(key, 0)
             self._quiet_until[key] = self.windows + self.t.rate_limit
-        extra = f" ({held} similar alert(s) held back)" if held else ""
+        extra = (f"; {note}" if note else "") + (
+            f" ({held} similar alert(s) held back)" if held else "")
         msg = (
             f"gradwatch: {kind} at layer '{layer}' (step {step}): {stat}={_fmt(value)} "
             f"{why} {_fmt(threshold)}{extra}"
@@ -210,9 +216,12 @@ class Rules:
 
     # -- per window -----------------------------------------------------------------------------
     def evaluate(self, step: int, stats: Mapping[str, Mapping[str, float]],
-                 order: Sequence[str], act_nonfinite: Mapping[str, float]) -> list[Alert]:
+                 order: Sequence[str], act_nonfinite: Mapping[str, float],
+                 act_stuck: Mapping[str, float] | None = None) -> list[Alert]:
         """One window's alerts. ``order``: layers in forward order; ``act_nonfinite``: per
-        layer, non-finite elements in its outputs alone (to find where a NaN started)."""
+        layer, non-finite elements in its outputs alone (to find where a NaN started);
+        ``act_stuck``: per bounded layer, the fraction of units at a bound for every sample
+        (None: not measured, the saturation rule then reads ``act_sat_frac`` alone)."""
         out: list[Alert] = []
 
         def add(a: Alert | None) -> None:
@@ -226,12 +235,13 @@ class Rules:
                            stats.get(origin, {}).get("nonfinite", math.nan), 0.0, ">",
                            NONFINITE_KEY))
         if origin is None:  # everything downstream of a NaN is meaningless this window
-            self._window(step, stats, add)
+            self._window(step, stats, add, act_stuck)
         self.windows += 1
         return out
 
     def _window(self, step: int, stats: Mapping[str, Mapping[str, float]],
-                add: Callable[[Alert | None], None]) -> None:
+                add: Callable[[Alert | None], None],
+                act_stuck: Mapping[str, float] | None) -> None:
         t = self.t
         warm = self.windows >= t.warmup
         # A parameter without a gradient (None: unused branch, frozen; or exactly zero:
@@ -258,10 +268,13 @@ class Rules:
             if self._condition((name, "dead"), dead) and dead:
                 add(self._emit(step, name, "dead", "act_zero_frac", z, t.dead_frac, ">="))
             f = s.get("act_sat_frac", math.nan)
-            sat = info is not None and info.bounds is not None and f >= t.saturated_frac
+            units = act_stuck.get(name, math.nan) if act_stuck is not None else 1.0
+            sat = (info is not None and info.bounds is not None and f >= t.saturated_frac
+                   and units >= t.saturated_units)
             if self._condition((name, "saturated"), sat) and sat:
                 add(self._emit(step, name, "saturated", "act_sat_frac", f, t.saturated_frac,
-                               ">="))
+                               ">=", note=f"{units:.0%} of its units at a bound for every "
+                               "sample" if act_stuck is not None else ""))
 
     @staticmethod
     def _origin(stats: Mapping[str, Mapping[str, float]], order: Sequence[str],

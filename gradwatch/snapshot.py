@@ -68,6 +68,7 @@ class Snapshot:
     stats: dict[str, dict[str, float]]
     amp_skipped: int = 0
     act_nonfinite: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
+    act_stuck: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "amp_skipped": self.amp_skipped,
@@ -83,9 +84,12 @@ class Snapshot:
         rows = list(order) + [i for i in range(len(layers)) if i not in seen]
         stats: dict[str, dict[str, float]] = {}
         act_nf: dict[str, float] = {}
+        stuck: dict[str, float] = {}
         for i in rows:
             name = layers[i].name
             stats[name] = {s: float(values[i, col[s]]) for s in applies[i]}
             v = float(values[i, col["_act_nonfinite"]])
             act_nf[name] = 0.0 if math.isnan(v) else v
-        return cls(step, stats, amp_skipped, act_nf)
+            if layers[i].bounds is not None:
+                stuck[name] = float(values[i, col["_act_stuck_frac"]])
+        return cls(step, stats, amp_skipped, act_nf, stuck)

@@ -84,3 +84,26 @@ def foreach_norms(tensors: Sequence[Tensor], ord: float) -> Tensor:
     if all(t.dtype in _UPCAST for t in dense):
         return torch.stack(torch._foreach_norm(dense, ord, dtype=torch.float32))
     return torch.stack([_norm(t, ord) for t in dense])
+
+
+def stuck_units(x: Tensor, bounds: tuple[float, float], margin: float) -> Tensor:
+    """Units of a bounded activation that sit at a bound for *every* sample of the batch.
+
+    ``x`` is read as ``[batch, units...]`` (dim 0 is the batch; a 0-d or 1-d tensor is one
+    sample). Returns the fp32 count of such units, from one ``aminmax`` over the batch.
+    A unit saturated on some inputs and not on others still carries information (a binary
+    feature, as in a well-trained tanh net); one stuck at a bound for all inputs passes
+    neither signal nor gradient: Glorot & Bengio's saturated sigmoid units.
+    """
+    v = x.detach()
+    v = v.reshape(v.shape[0], -1) if v.dim() >= 2 else v.reshape(1, -1)
+    lo, hi = bounds
+    m = margin * (hi - lo)
+    mn, mx = torch.aminmax(v, dim=0)
+    stuck = torch.count_nonzero(mx <= lo + m) + torch.count_nonzero(mn >= hi - m)
+    return stuck.to(torch.float32)
+
+
+def units_of(x: Tensor) -> int:
+    """The number of units ``stuck_units`` looks at."""
+    return x[0].numel() if x.dim() >= 2 else x.numel()

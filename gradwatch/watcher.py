@@ -512,7 +512,8 @@ class Watcher:
         found: list[A.Alert] = []
         if "rules" not in self._off:
             try:
-                found = self._rules.evaluate(step, snap.stats, names, snap.act_nonfinite)
+                found = self._rules.evaluate(step, snap.stats, names, snap.act_nonfinite,
+                                             snap.act_stuck)
             except Exception as e:
                 self._off.add("rules")
                 self._collector.fault("rules", "*", e, defer=True)
