@@ -111,6 +111,7 @@ class WindowBuffers:
         cnt = [W[c] if c is not None else -1 for _, c in _FINAL.values()]
         self._cnt_idx = torch.tensor([max(c, 0) for c in cnt], dtype=torch.long, device=device)
         self._is_mean = torch.tensor([c >= 0 for c in cnt], device=device)
+        self._settled = False
 
     # -- hot path: called from hooks ------------------------------------------------------
     def add_activation(self, slot: int, vec: Tensor, numel: int) -> None:
@@ -123,11 +124,35 @@ class WindowBuffers:
     def add_nonfinite(self, slot: int, flag: Tensor) -> None:
         self.stage[slot, ST_NF].add_(flag)
 
+    def add_check_sum(self, slot: int, s: Tensor) -> None:
+        """On a step without activation stats: add an output's fp32 sum, only so that a
+        NaN/Inf in it shows at ``settle_nonfinite`` (the count column stays 0, so no
+        activation stat is taken from it)."""
+        self.stage[slot, ST_S1].add_(s)
+
     def add_out_grad(self, slot: int, sq: Tensor, numel: int) -> None:
         row = self.stage[slot]
         row[ST_GN].add_(numel)
         row[ST_GS2].add_(sq)
-        row[ST_GNF].add_(torch.isfinite(sq).logical_not())
+
+    def add_out_grad_check(self, slot: int, s: Tensor) -> None:
+        """The output-gradient counterpart of ``add_check_sum``."""
+        self.stage[slot, ST_GS2].add_(s)
+
+    def settle_nonfinite(self) -> None:
+        """Turn the staged sums into non-finite counts, once per step, for all layers at
+        once: a layer whose output sums are non-finite counts at least 1 non-finite output
+        element; one whose output-gradient sum is non-finite counts 1 more. Idempotent
+        until the stage is cleared."""
+        if self._settled:
+            return
+        self._settled = True
+        st = self.stage
+        nf = st[:, ST_NF]
+        bad = torch.isfinite(st[:, ST_S1] + st[:, ST_S2]).logical_not_()
+        torch.where(bad, torch.clamp(nf, min=1.0), nf, out=nf)
+        gbad = torch.isfinite(st[:, ST_GS2]).logical_not_()
+        st[:, ST_GNF].add_(gbad)
 
     # -- once per step ----------------------------------------------------------------------
     def commit_step(self, params: ParamStepStats | None, weights: Tensor | None,
@@ -137,6 +162,7 @@ class WindowBuffers:
         ``weights``/``updates`` are per-layer weight norms and update ratios (NaN where a
         layer has none), or None on steps where they were not measured.
         """
+        self.settle_nonfinite()
         st, win = self.stage, self.window
         n = st[:, ST_N]
         has = n > 0
@@ -180,10 +206,12 @@ class WindowBuffers:
             win[:, W["update_ratio"]] += torch.where(ok, updates, zero)
             win[:, W["update_cnt"]] += ok.to(torch.float32)
         st.zero_()
+        self._settled = False
 
     def step_flags(self, params: ParamStepStats | None) -> Tensor:
         """``[layers, 2]`` non-finite counts of this step: outputs, gradients. Call before
         ``commit_step``; the watcher copies it to the host without waiting (pinned)."""
+        self.settle_nonfinite()
         grads = self.stage[:, ST_GNF]
         if params is not None:
             grads = grads + params.grad_nonfinite
@@ -192,6 +220,7 @@ class WindowBuffers:
     def discard_step(self) -> None:
         """Drop the staged step (a step the GradScaler skipped)."""
         self.stage.zero_()
+        self._settled = False
 
     # -- once per flush ---------------------------------------------------------------------
     def finalize(self) -> Tensor:

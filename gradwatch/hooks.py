@@ -74,6 +74,9 @@ class Collector:
         self.layers = layers
         self.margin = margin
         self.full = True  # this step collects the full stat set (a sampled step)
+        # elements counted per large activation (stats.activation_sums); None: every one
+        self.sample: int | None = S.SAMPLE_SIZE
+        self._phase = 0  # rotates the sample offset from call to call
         self.act_on = True
         self.grad_on = True
         self.called = [False] * len(layers)
@@ -89,8 +92,9 @@ class Collector:
             if not self.called[slot]:
                 self.called[slot] = True
                 self.order.append(slot)
+            leaves = (output,) if isinstance(output, Tensor) else tree_leaves(output)
             first = True
-            for t in tree_leaves(output):
+            for t in leaves:
                 if not isinstance(t, Tensor) or not t.is_floating_point() or t.is_sparse:
                     continue
                 n = t.numel()
@@ -99,10 +103,14 @@ class Collector:
                 if first:
                     first = False
                     if self.full:
-                        vec = S.activation_sums(t, self.layers[slot].bounds, self.margin)
+                        phase = 0
+                        if not torch.compiler.is_compiling():  # a changing int recompiles
+                            self._phase = phase = (self._phase + 1) & 0xFFFFFF
+                        vec = S.activation_sums(t, self.layers[slot].bounds, self.margin,
+                                                self.sample, phase)
                         self.buffers.add_activation(slot, vec, n)
                     else:
-                        self.buffers.add_nonfinite(slot, S.nonfinite_flag(t))
+                        self.buffers.add_check_sum(slot, S.nonfinite_sum(t))
                 if t.requires_grad and self.grad_on:
                     key = (id(t), t._version)
                     ref = self._hooked.get(key)
@@ -119,7 +127,7 @@ class Collector:
             if self.full:
                 self.buffers.add_out_grad(slot, S.grad_sq_sum(grad), grad.numel())
             else:
-                self.buffers.add_nonfinite(slot, S.nonfinite_flag(grad))
+                self.buffers.add_out_grad_check(slot, S.nonfinite_sum(grad))
         except Exception as e:
             self.grad_on = False
             self.fault("output-gradient hook", self.layers[slot].name, e)
@@ -218,7 +226,7 @@ class ParamTracker:
         grads = [self.trainable[k][0].grad for k in present]
         idx, numel, has = self._layout(present)
         norms = S.foreach_norms(grads, 2.0)  # type: ignore[arg-type]
-        maxes = S.foreach_norms(grads, math.inf)  # type: ignore[arg-type]
+        maxes = S.foreach_absmax(grads)  # type: ignore[arg-type]
         L = self.n_layers
         sq = torch.zeros(L, device=self.device).index_add_(0, idx, norms * norms)
         gnorm = torch.sqrt(sq)

@@ -1,0 +1,133 @@
+"""Merge one benchmark's results into results.json and render RESULTS.md from it."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+LABELS = {
+    "bare": "bare step",
+    "gradwatch": "gradwatch default",
+    "gradwatch_full": "gradwatch, every stat, every element, every step, flush every step",
+    "floor": "floor (norm + max-abs per activation and per gradient)",
+    "naive": "naive (.item() + add_scalar in hooks)",
+    "add_histogram": "SummaryWriter.add_histogram of every gradient",
+    "wandb_all_1": "wandb.watch(log='all', log_freq=1), offline",
+    "wandb_all_100": "wandb.watch(log='all', log_freq=100), offline",
+    "lightning_grad_norm": "Lightning grad_norm(model, 2)",
+    "delve": "Delve SaturationTracker",
+}
+
+
+def update(path: str, key: str, result: dict[str, Any]) -> None:
+    data: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError:
+                data = {}
+    data[key] = result
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(os.path.dirname(path), "RESULTS.md"), "w") as f:
+        f.write(render(data))
+
+
+def _f(x: Any, fmt: str = "{:.2f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def render(data: dict[str, Any]) -> str:
+    lines = ["# gradwatch benchmark results", "",
+             "Written by `benchmarks/overhead.py` and `benchmarks/flush.py` (`make bench`); "
+             "the numbers below are from the last run, see `results.json` for every round.", ""]
+    ov = data.get("overhead")
+    if ov:
+        m = ov["machine"]
+        lines += [
+            f"Machine: {m['cpu']}, {m['cores']} cores (shared with other work while this ran: "
+            f"load average {', '.join(f'{x:.1f}' for x in ov['load_avg'])} at the end), "
+            f"Python {m['python']}, torch {m['torch']}; {ov['date']}; one thread per process.",
+            "",
+            "## Step overhead (CPU)",
+            "",
+            f"Median over {ov['rounds']} interleaved rounds of (variant step / bare step of the "
+            "same round); each step time is the median of one process's timed steps. "
+            "`range` is min-max over rounds. `reads/step`: host reads per step counted at the "
+            "dispatcher. `+RSS`: peak RSS above what the bare run reaches (MB, after imports "
+            "and model setup).",
+            "",
+        ]
+        wls = list(ov["summary"])
+        head = "| variant | " + " | ".join(f"{w} ratio (range)" for w in wls)
+        head += " | reads/step | +RSS MB |"
+        lines += [head, "|" + " --- |" * (len(wls) + 3)]
+        variants = list(LABELS)
+        for v in variants:
+            cells = []
+            reads: list[float] = []
+            mem: list[float] = []
+            seen = False
+            for w in wls:
+                r = ov["summary"][w].get(v)
+                if r is None:
+                    cells.append("–")
+                    continue
+                seen = True
+                if "error" in r:
+                    cells.append("failed")
+                    continue
+                cells.append(f"{_f(r['ratio'])}x ({_f(r['ratio_min'])}–{_f(r['ratio_max'])})"
+                             if v != "bare" else f"{r['step_ms']:.1f} ms")
+                if r.get("reads_per_step") is not None:
+                    reads.append(r["reads_per_step"])
+                if r.get("extra_rss_mb") is not None:
+                    mem.append(r["extra_rss_mb"])
+            if not seen and v not in ov.get("skipped", {}):
+                continue
+            if v in ov.get("skipped", {}):
+                cells = ["skipped"] * len(wls)
+            rd = "/".join(_f(x, "{:.0f}") for x in reads) if reads else "–"
+            mm = _f(max(mem), "{:+.1f}") if mem and v != "bare" else "–"
+            lines.append(f"| {LABELS[v]} | " + " | ".join(cells) + f" | {rd} | {mm} |")
+        lines.append("")
+        if "gradwatch" in variants:
+            vf = [f"{w}: {_f(ov['summary'][w].get('gradwatch', {}).get('vs_floor'), '{:.3f}')}x"
+                  for w in wls]
+            lines += ["gradwatch default / floor (median of same-round ratios): "
+                      + ", ".join(vf) + ".", ""]
+        errs = [(w, v, r["error"]) for w in wls for v, r in ov["summary"][w].items()
+                if "error" in r]
+        for v, why in ov.get("skipped", {}).items():
+            lines.append(f"- {LABELS.get(v, v)}: skipped, {why}.")
+        for w, v, e in errs:
+            lines.append(f"- {LABELS.get(v, v)} on {w}: failed: `{e}`.")
+        if ov.get("notes"):
+            lines += [f"- {n}" for n in ov["notes"]]
+        lines.append("")
+    fl = data.get("flush")
+    if fl:
+        lines += ["## Flush and hook cost (CPU)", "",
+                  "Training-thread time of one flush (launch the host copy, reset, hand over to "
+                  "the background thread), and hook cost per watched layer per step, for "
+                  "models of N watched layers (median of repeats).", "",
+                  "| watched layers | flush, training thread (ms) | step overhead (ms) | "
+                  "per layer per step (µs) |", "| --- | --- | --- | --- |"]
+        for r in fl["rows"]:
+            lines.append(f"| {r['layers']} | {r['flush_ms']:.2f} | {r['overhead_ms']:.2f} | "
+                         f"{r['per_layer_us']:.1f} |")
+        lines += ["", fl.get("note", ""), ""]
+    gpu = data.get("gpu")
+    lines += ["## GPU", ""]
+    if gpu:
+        lines += [gpu]
+    else:
+        lines += ["`benchmarks/gpu_check.py` has not been run: no accelerator was available "
+                  "when these figures were taken. It needs a CUDA device and prints its "
+                  "ratios; run it by hand where one is present."]
+    lines.append("")
+    return "\n".join(lines)
