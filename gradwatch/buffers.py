@@ -36,9 +36,13 @@ STATS: tuple[str, ...] = (
     "nonfinite",
 )
 
-# Stage columns (one step).
-ST_N, ST_S1, ST_S2, ST_NNZ, ST_SAT, ST_NF, ST_MAX, ST_GN, ST_GS2, ST_GNF = range(10)
+# Stage columns (one step). S1, S2 and NNZ, NF, SAT run in the order of
+# ``stats.activation_sums``, so a batch of its vectors adds in two ops.
+ST_N, ST_S1, ST_S2, ST_NNZ, ST_NF, ST_SAT, ST_MAX, ST_GN, ST_GS2, ST_GNF = range(10)
 STAGE_COLS = 10
+assert (S.A_S2 - S.A_S1, S.A_NF - S.A_NNZ, S.A_SAT - S.A_NNZ) == (1, 1, 2)
+# Per-call results held until the next fold: bounded, also when step() is never called.
+MAX_PENDING = 1024
 
 # Window columns: (name, reduce). Means are stored as sums plus a count column.
 WINDOW: tuple[tuple[str, str], ...] = (
@@ -62,6 +66,15 @@ WINDOW: tuple[tuple[str, str], ...] = (
     ("act_nonfinite", "sum"),  # outputs only: where a NaN starts (the rules' origin)
 )
 W = {name: i for i, (name, _) in enumerate(WINDOW)}
+# Runs of adjacent window columns that ``commit_step`` updates with one op each.
+_GN, _GMAX, _WN, _UR, _ACT0, _ACTMAX, _OG, _NF = (
+    W["grad_norm"], W["grad_max"], W["weight_norm"], W["update_ratio"], W["act_mean"],
+    W["act_max"], W["out_grad_rms"], W["nonfinite"])
+assert [W[k] - _GN for k in ("grad_rms", "grad_cnt")] == [1, 2]
+assert (W["weight_cnt"] - _WN, W["update_cnt"] - _UR, W["out_grad_cnt"] - _OG) == (1, 1, 1)
+assert [W[k] - _ACT0 for k in ("act_std", "act_zero_frac", "act_sat_frac", "act_cnt")] == [
+    1, 2, 3, 4]
+assert W["act_nonfinite"] - _NF == 1
 SUM_COLS = [i for i, (_, r) in enumerate(WINDOW) if r == "sum"]
 MAX_COLS = [i for i, (_, r) in enumerate(WINDOW) if r == "max"]
 
@@ -112,22 +125,90 @@ class WindowBuffers:
         self._cnt_idx = torch.tensor([max(c, 0) for c in cnt], dtype=torch.long, device=device)
         self._is_mean = torch.tensor([c >= 0 for c in cnt], device=device)
         self._settled = False
+        self._acts: list[Tensor] = []
+        self._act_keys: list[tuple[int, int]] = []
+        self._checks: list[Tensor] = []
+        self._check_slots: list[int] = []
+        self._grads: list[Tensor] = []
+        self._grad_keys: list[tuple[int, int]] = []
+        self._key_cache: dict[tuple[tuple[int, int], ...], tuple[Tensor, Tensor]] = {}
 
     # -- hot path: called from hooks ------------------------------------------------------
+    # The hooks push one small device vector per call; ``fold`` adds them to the stage in a
+    # few batched ops (index_add_/scatter_reduce_) once per step, instead of 3-4 indexed
+    # updates per call.
+    def push_activation(self, slot: int, vec: Tensor, numel: int) -> None:
+        """Queue one output tensor's ``stats.activation_sums`` vector."""
+        self._acts.append(vec)
+        self._act_keys.append((slot, numel))
+        if len(self._acts) >= MAX_PENDING:
+            self.fold()
+
+    def push_check_sum(self, slot: int, s: Tensor) -> None:
+        """On a step without activation stats: queue an output's fp32 sum, only so that a
+        NaN/Inf in it shows at ``settle_nonfinite`` (no activation stat is taken from it)."""
+        self._checks.append(s)
+        self._check_slots.append(slot)
+        if len(self._checks) >= MAX_PENDING:
+            self.fold()
+
+    def push_out_grad(self, slot: int, sq: Tensor, numel: int) -> None:
+        """Queue Σg² of one output gradient (``numel`` 0: a check sum Σg, no stat)."""
+        self._grads.append(sq)
+        self._grad_keys.append((slot, numel))
+        if len(self._grads) >= MAX_PENDING:
+            self.fold()
+
+    def _index(self, keys: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+        k = tuple(keys)
+        hit = self._key_cache.get(k)
+        if hit is None:
+            hit = (torch.tensor([s for s, _ in keys], dtype=torch.long, device=self.device),
+                   torch.tensor([float(n) for _, n in keys], device=self.device))
+            if len(self._key_cache) >= 16:  # bounded: call patterns repeat step after step
+                self._key_cache.clear()
+            self._key_cache[k] = hit
+        return hit
+
+    def fold(self) -> None:
+        """Add the queued per-call vectors to the stage (a few batched device ops)."""
+        st = self.stage
+        if self._acts:
+            V = torch.stack(self._acts)
+            idx, numel = self._index(self._act_keys)
+            self._acts.clear()
+            self._act_keys.clear()
+            st[:, ST_N].index_add_(0, idx, numel)
+            st[:, ST_S1:ST_S2 + 1].index_add_(0, idx, V[:, S.A_S1:S.A_S2 + 1])
+            st[:, ST_NNZ:ST_SAT + 1].index_add_(0, idx, V[:, S.A_NNZ:S.A_SAT + 1])
+            amax = torch.maximum(V[:, S.A_HI], V[:, S.A_LO].neg())
+            st[:, ST_MAX].scatter_reduce_(0, idx, amax, "amax")
+        if self._checks:
+            idx = self._index([(s, 0) for s in self._check_slots])[0]
+            st[:, ST_S1].index_add_(0, idx, torch.stack(self._checks))
+            self._checks.clear()
+            self._check_slots.clear()
+        if self._grads:
+            idx, numel = self._index(self._grad_keys)
+            st[:, ST_GN].index_add_(0, idx, numel)
+            st[:, ST_GS2].index_add_(0, idx, torch.stack(self._grads))
+            self._grads.clear()
+            self._grad_keys.clear()
+
     def add_activation(self, slot: int, vec: Tensor, numel: int) -> None:
-        """Add one output tensor's ``stats.activation_sums`` vector to the stage."""
+        """Add one ``stats.activation_sums`` vector to the stage at once (no queue)."""
         row = self.stage[slot]
         row[ST_N].add_(numel)
-        row[ST_S1 : ST_NF + 1].add_(vec[: S.A_NF + 1])
-        torch.maximum(row[ST_MAX], vec[S.A_MAX], out=row[ST_MAX])
+        row[ST_S1 : ST_S2 + 1].add_(vec[S.A_S1 : S.A_S2 + 1])
+        row[ST_NNZ : ST_SAT + 1].add_(vec[S.A_NNZ : S.A_SAT + 1])
+        amax = torch.maximum(vec[S.A_HI], vec[S.A_LO].neg())
+        torch.maximum(row[ST_MAX], amax, out=row[ST_MAX])
 
     def add_nonfinite(self, slot: int, flag: Tensor) -> None:
         self.stage[slot, ST_NF].add_(flag)
 
     def add_check_sum(self, slot: int, s: Tensor) -> None:
-        """On a step without activation stats: add an output's fp32 sum, only so that a
-        NaN/Inf in it shows at ``settle_nonfinite`` (the count column stays 0, so no
-        activation stat is taken from it)."""
+        """``push_check_sum`` without the queue."""
         self.stage[slot, ST_S1].add_(s)
 
     def add_out_grad(self, slot: int, sq: Tensor, numel: int) -> None:
@@ -146,6 +227,7 @@ class WindowBuffers:
         until the stage is cleared."""
         if self._settled:
             return
+        self.fold()
         self._settled = True
         st = self.stage
         nf = st[:, ST_NF]
@@ -163,48 +245,38 @@ class WindowBuffers:
         layer has none), or None on steps where they were not measured.
         """
         self.settle_nonfinite()
+        self.fold()
         st, win = self.stage, self.window
         n = st[:, ST_N]
         has = n > 0
-        one = torch.ones_like(n)
-        n1 = torch.where(has, n, one)
+        n1 = torch.clamp(n, min=1.0)
         mean = st[:, ST_S1] / n1
         var = (st[:, ST_S2] - st[:, ST_S1] * mean) / torch.clamp(n1 - 1, min=1.0)
-        std = torch.sqrt(torch.clamp(var, min=0.0))
-        zero = torch.zeros_like(n)
-        hasf = has.to(torch.float32)
-        win[:, W["act_mean"]] += torch.where(has, mean, zero)
-        win[:, W["act_std"]] += torch.where(has, std, zero)
-        win[:, W["act_zero_frac"]] += torch.where(has, 1.0 - st[:, ST_NNZ] / n1, zero)
-        win[:, W["act_sat_frac"]] += torch.where(has, st[:, ST_SAT] / n1, zero)
-        win[:, W["act_cnt"]] += hasf
-        win[:, W["act_max"]] = torch.maximum(win[:, W["act_max"]], st[:, ST_MAX])
+        act = torch.stack([mean, torch.sqrt(torch.clamp(var, min=0.0)),
+                           1.0 - st[:, ST_NNZ] / n1, st[:, ST_SAT] / n1], dim=1)
+        # on steps without stats the sum columns hold check sums (maybe NaN): masked here
+        act = torch.where(has.unsqueeze(1), act, 0.0)
+        win[:, _ACT0:_ACT0 + 5] += torch.cat([act, has.unsqueeze(1).to(act.dtype)], dim=1)
+        torch.maximum(win[:, _ACTMAX], st[:, ST_MAX], out=win[:, _ACTMAX])
         gn = st[:, ST_GN]
         ghas = gn > 0
-        win[:, W["out_grad_rms"]] += torch.where(
-            ghas, torch.sqrt(st[:, ST_GS2] / torch.where(ghas, gn, one)), zero
-        )
-        win[:, W["out_grad_cnt"]] += ghas.to(torch.float32)
-        win[:, W["nonfinite"]] += st[:, ST_NF] + st[:, ST_GNF]
-        win[:, W["act_nonfinite"]] += st[:, ST_NF]
+        rms = torch.where(ghas, torch.sqrt(st[:, ST_GS2] / torch.clamp(gn, min=1.0)), 0.0)
+        nf = st[:, ST_NF]
+        gnf = st[:, ST_GNF] if params is None else st[:, ST_GNF] + params.grad_nonfinite
+        win[:, _OG:_OG + 2] += torch.stack([rms, ghas.to(rms.dtype)], dim=1)
+        win[:, _NF:_NF + 2] += torch.stack([nf + gnf, nf], dim=1)
         if params is not None:
             p = params.grad_present
-            ok = p > 0
-            win[:, W["grad_norm"]] += torch.where(ok, params.grad_norm, zero)
-            win[:, W["grad_rms"]] += torch.where(ok, params.grad_rms, zero)
-            win[:, W["grad_cnt"]] += p
-            win[:, W["grad_max"]] = torch.maximum(
-                win[:, W["grad_max"]], torch.where(ok, params.grad_max, zero)
-            )
-            win[:, W["nonfinite"]] += params.grad_nonfinite
-        if weights is not None:
-            ok = ~torch.isnan(weights)
-            win[:, W["weight_norm"]] += torch.where(ok, weights, zero)
-            win[:, W["weight_cnt"]] += ok.to(torch.float32)
-        if updates is not None:
-            ok = ~torch.isnan(updates)
-            win[:, W["update_ratio"]] += torch.where(ok, updates, zero)
-            win[:, W["update_cnt"]] += ok.to(torch.float32)
+            ok = (p > 0).unsqueeze(1)
+            pv = torch.stack([params.grad_norm, params.grad_rms], dim=1)
+            win[:, _GN:_GN + 3] += torch.cat([torch.where(ok, pv, 0.0), p.unsqueeze(1)], dim=1)
+            gmax = torch.where(ok.squeeze(1), params.grad_max, 0.0)
+            torch.maximum(win[:, _GMAX], gmax, out=win[:, _GMAX])
+        for vals, col in ((weights, _WN), (updates, _UR)):
+            if vals is not None:
+                ok_v = ~torch.isnan(vals)
+                win[:, col:col + 2] += torch.stack(
+                    [torch.where(ok_v, vals, 0.0), ok_v.to(vals.dtype)], dim=1)
         st.zero_()
         self._settled = False
 
@@ -219,6 +291,7 @@ class WindowBuffers:
 
     def discard_step(self) -> None:
         """Drop the staged step (a step the GradScaler skipped)."""
+        self.fold()
         self.stage.zero_()
         self._settled = False
 

@@ -102,15 +102,16 @@ class Collector:
                     continue
                 if first:
                     first = False
-                    if self.full:
-                        phase = 0
-                        if not torch.compiler.is_compiling():  # a changing int recompiles
-                            self._phase = phase = (self._phase + 1) & 0xFFFFFF
-                        vec = S.activation_sums(t, self.layers[slot].bounds, self.margin,
-                                                self.sample, phase)
-                        self.buffers.add_activation(slot, vec, n)
-                    else:
-                        self.buffers.add_check_sum(slot, S.nonfinite_sum(t))
+                    with torch.no_grad():
+                        if self.full:
+                            phase = 0
+                            if not torch.compiler.is_compiling():  # a changing int recompiles
+                                self._phase = phase = (self._phase + 1) & 0xFFFFFF
+                            vec = S.activation_sums(t, self.layers[slot].bounds, self.margin,
+                                                    self.sample, phase)
+                            self.buffers.push_activation(slot, vec, n)
+                        else:
+                            self.buffers.push_check_sum(slot, S.nonfinite_sum(t))
                 if t.requires_grad and self.grad_on:
                     key = (id(t), t._version)
                     ref = self._hooked.get(key)
@@ -125,9 +126,9 @@ class Collector:
     def on_out_grad(self, slot: int, grad: Tensor) -> None:
         try:
             if self.full:
-                self.buffers.add_out_grad(slot, S.grad_sq_sum(grad), grad.numel())
-            else:
-                self.buffers.add_out_grad_check(slot, S.nonfinite_sum(grad))
+                self.buffers.push_out_grad(slot, S.grad_sq_sum(grad), grad.numel())
+            else:  # numel 0: a check sum, only for the non-finite flag
+                self.buffers.push_out_grad(slot, S.nonfinite_sum(grad), 0)
         except Exception as e:
             self.grad_on = False
             self.fault("output-gradient hook", self.layers[slot].name, e)
@@ -201,6 +202,16 @@ class ParamTracker:
         self._cache: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] = {}
         self._before: list[Tensor] | None = None
         self._views_idx: Tensor | None = None
+        # detached views made once (a detach is a dispatched op): rebuilt if a parameter's
+        # storage was replaced (param.data = ...)
+        self._detached: list[Tensor] = []
+        self._views: list[Tensor] = []
+        self._before_buf: list[Tensor] = []
+
+    def _fresh(self, views: list[Tensor], params: Sequence[Tensor]) -> bool:
+        return len(views) == len(params) and all(
+            v.untyped_storage().data_ptr() == p.untyped_storage().data_ptr()
+            for v, p in zip(views, params))
 
     def _layout(self, present: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
         hit = self._cache.get(present)
@@ -239,7 +250,9 @@ class ParamTracker:
     def weight_norms(self) -> Tensor | None:
         if not self.params:
             return None
-        norms = S.foreach_norms([p.detach() for p in self.params], 2.0)
+        if not self._fresh(self._detached, self.params):
+            self._detached = [p.detach() for p in self.params]
+        norms = S.foreach_norms(self._detached, 2.0)
         sq = torch.zeros(self.n_layers, device=self.device).index_add_(
             0, self._all_idx, norms * norms
         )
@@ -247,18 +260,24 @@ class ParamTracker:
 
     # -- update ratio: a strided sample of each parameter, copied before the step -----------
     def _sample_views(self) -> list[Tensor]:
-        out = []
-        for p, _ in self.trainable:
-            flat = p.detach().reshape(-1)
-            stride = max(1, -(-flat.numel() // UPDATE_SAMPLE))
-            out.append(flat[::stride])
-        return out
+        params = [p for p, _ in self.trainable]
+        if not self._fresh(self._views, params):
+            out = []
+            for p in params:
+                flat = p.detach().reshape(-1)
+                stride = max(1, -(-flat.numel() // UPDATE_SAMPLE))
+                out.append(flat[::stride])
+            self._views = out
+            self._before_buf = [v.clone() for v in out]
+        return self._views
 
     def before_update(self) -> None:
         if not self.trainable or self.trainable[0][0].is_sparse:
             self._before = None
             return
-        self._before = [v.clone() for v in self._sample_views()]
+        views = self._sample_views()
+        torch._foreach_copy_(self._before_buf, views)
+        self._before = self._before_buf
 
     def update_ratios(self) -> Tensor | None:
         """‖Δw‖/‖w‖ per layer over the sampled elements (exact for tensors <= 65536)."""

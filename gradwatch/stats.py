@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 # Columns of the per-call activation vector returned by ``activation_sums``.
-A_S1, A_S2, A_NNZ, A_SAT, A_NF, A_MAX = range(6)
-ACT_VEC = 6
+A_S1, A_S2, A_HI, A_LO, A_NNZ, A_NF, A_SAT = range(7)
+ACT_VEC = 7
 
 # Element sampling of large activations (the counting stats only, see ``activation_sums``).
 SAMPLE_SIZE = 4096
@@ -51,60 +51,61 @@ def sample_view(flat: Tensor, n: int, phase: int = 0) -> Tensor:
 
 def activation_sums(x: Tensor, bounds: tuple[float, float] | None, margin: float,
                     sample: int | None = SAMPLE_SIZE, phase: int = 0) -> Tensor:
-    """One output tensor -> fp32 vector ``[Σx, Σx², nonzeros, saturated, nonfinite, max|x|]``.
+    """One output tensor -> fp32 vector ``[Σx, Σx², max x, min x, nonzeros, nonfinite,
+    saturated]`` (``max|x|`` is ``max(max x, -min x)``; the buffers take it once per step).
 
-    ``Σx``, ``Σx²`` and ``max|x|`` are exact, over every element. The counts are exact for
-    tensors of at most ``4 * sample`` elements (``SAMPLE_ABOVE`` = 16,384 by default) or when
-    ``sample`` is None; above that they are counted on ``sample`` evenly strided elements
-    (``sample_view``, start offset ``phase``) and scaled by ``numel / sample``. The
-    estimated fractions (zeros, saturated) then have a standard error of at most
-    ``0.5 / sqrt(sample)`` (0.0078 for 4,096) for data without structure aligned with the
-    stride, i.e. below 0.03 with 99.99% confidence; the window average over ``k`` sampled
-    steps (rotating offsets) divides that by about ``sqrt(k)``. A non-finite element anywhere
-    is never missed: it makes the exact ``Σx²`` non-finite, and the buffers turn that into
-    a non-finite count of at least 1 (``WindowBuffers.settle_nonfinite``).
+    ``Σx``, ``Σx²``, ``max x`` and ``min x`` are exact, over every element. The counts are
+    exact for tensors of at most ``4 * sample`` elements (``SAMPLE_ABOVE`` = 16,384 by
+    default) or when ``sample`` is None; above that they are counted on ``sample`` evenly
+    strided elements (``sample_view``, start offset ``phase``) and scaled by
+    ``numel / sample``. The estimated fractions (zeros, saturated) then have a standard
+    error of at most ``0.5 / sqrt(sample)`` (0.0078 for 4,096) for data without structure
+    aligned with the stride, i.e. below 0.03 with 99.99% confidence; the window average over
+    ``k`` sampled steps (rotating offsets) divides that by about ``sqrt(k)``. A non-finite
+    element anywhere is never missed: it makes the exact ``Σx²`` non-finite, and the buffers
+    turn that into a non-finite count of at least 1 (``WindowBuffers.settle_nonfinite``).
 
     ``saturated`` counts elements within ``margin * (hi - lo)`` of a bound of ``bounds``
     (0 when ``bounds`` is None). NaN propagates into the sums and the max, as it should: a
-    NaN layer reports NaN stats.
+    NaN layer reports NaN stats. Call it under ``torch.no_grad()`` (the hooks do).
     """
-    flat = x.detach().reshape(-1)
+    flat = x.reshape(-1)
     N = flat.numel()
     if N == 0:
         return torch.zeros(ACT_VEC, dtype=torch.float32, device=flat.device)
     if flat.dtype in (torch.float32, torch.float64):
-        s1 = flat.sum().to(torch.float32)
-        s2 = torch.dot(flat, flat).to(torch.float32)
+        s1 = flat.sum()
+        s2 = torch.dot(flat, flat)
     else:  # half types: accumulate in fp32
         s1 = torch.sum(flat, dtype=torch.float32)
         n2 = torch.linalg.vector_norm(flat, dtype=torch.float32)
         s2 = n2 * n2
-    lo_hi = torch.aminmax(flat)
-    amax = torch.maximum(lo_hi.max, lo_hi.min.neg()).to(torch.float32)
+    lo, hi = torch.aminmax(flat)
     if sample is not None and N > 4 * sample:
-        v = _as_f32(sample_view(flat, sample, phase))
+        v = sample_view(flat, sample, phase)
         scale = N / sample
     else:
-        v = _as_f32(flat)
+        v = flat
         scale = 1.0
     # x - x is 0 for finite x and NaN for NaN/Inf; NaN != 0.
     marks = [v != 0, (v - v).ne_(0)]
     if bounds is not None:
-        lo, hi = bounds
-        m = margin * (hi - lo)
-        marks.append((v <= lo + m).logical_or_(v >= hi - m))
+        lo_b, hi_b = bounds
+        m = margin * (hi_b - lo_b)
+        marks.append((v <= lo_b + m).logical_or_(v >= hi_b - m))
     counts = torch.stack(marks).sum(dim=1, dtype=torch.float32)
     if scale != 1.0:
         counts = counts.mul_(scale)
-    sat = counts[2] if bounds is not None else torch.zeros_like(s1)
-    return torch.stack([s1, s2, counts[0], sat, counts[1], amax])
+    parts = [torch.stack([s1, s2, hi.to(s1.dtype), lo.to(s1.dtype)]), counts]
+    if bounds is None:
+        parts.append(counts.new_zeros(1))
+    return torch.cat(parts).to(torch.float32)
 
 
 def nonfinite_sum(x: Tensor) -> Tensor:
     """Σx in fp32: non-finite exactly when ``x`` holds a NaN/Inf (or the sum overflows past
     3.4e38). One cheap pass; the buffers turn it into a flag once per step."""
-    x = x.detach()
-    return torch.sum(x, dtype=torch.promote_types(x.dtype, torch.float32)).to(torch.float32)
+    return torch.sum(x, dtype=torch.float32)
 
 
 def nonfinite_flag(x: Tensor) -> Tensor:
@@ -116,10 +117,10 @@ def nonfinite_flag(x: Tensor) -> Tensor:
 
 
 def grad_sq_sum(g: Tensor) -> Tensor:
-    """Σg² in fp32 (a dense view of a sparse gradient is taken first)."""
+    """Σg² in fp32 (a dense view of a sparse gradient is taken first). Gradients in a
+    tensor hook need no ``no_grad``; call it under ``no_grad`` elsewhere."""
     if g.is_sparse:
         g = g.coalesce()._values()
-    g = g.detach()
     if g.dtype in (torch.float32, torch.float64) and g.is_contiguous():
         flat = g.view(-1)
         return torch.dot(flat, flat).to(torch.float32)
@@ -136,16 +137,16 @@ def foreach_norms(tensors: Sequence[Tensor], ord: float) -> Tensor:
 def foreach_absmax(tensors: Sequence[Tensor]) -> Tensor:
     """Per-tensor max |x| of a list, one fp32 vector.
 
-    ``max(max x, -min x)`` from ``aminmax``: on CPU ``_foreach_norm(ord=inf)`` is 50-100x
-    slower than these plain reductions. An empty tensor gives 0.
+    ``max(max x, -min x)`` from one ``aminmax`` per tensor: on CPU ``_foreach_norm(ord=inf)``
+    is 20-50x slower than this plain reduction. An empty tensor gives 0.
     """
-    out = []
+    lows, highs = [], []
     for t in tensors:
         if t.is_sparse:
             t = t.coalesce()._values()
         if t.numel() == 0:
-            out.append(torch.zeros((), dtype=torch.float32, device=t.device))
-            continue
-        mm = torch.aminmax(t.detach())
-        out.append(torch.maximum(mm.max, mm.min.neg()).to(torch.float32))
-    return torch.stack(out)
+            t = torch.zeros(1, dtype=t.dtype, device=t.device)
+        lo, hi = torch.aminmax(t)
+        lows.append(lo)
+        highs.append(hi)
+    return torch.maximum(torch.stack(highs), torch.stack(lows).neg()).to(torch.float32)
