@@ -22,6 +22,12 @@ LABELS = {
 }
 
 
+def label(v: str) -> str:
+    if v.startswith("gradwatch_se"):
+        return f"gradwatch default but sample_every={v[len('gradwatch_se'):]}"
+    return LABELS.get(v, v)
+
+
 def update(path: str, key: str, result: dict[str, Any]) -> None:
     data: dict[str, Any] = {}
     if os.path.exists(path):
@@ -56,7 +62,9 @@ def render(data: dict[str, Any]) -> str:
             "## Step overhead (CPU)",
             "",
             f"Median over {ov['rounds']} interleaved rounds of (variant step / bare step of the "
-            "same round); each step time is the median of one process's timed steps. "
+            "same round); each step time is the median CPU time (all threads of the "
+            "process) of one process's timed steps, because wall time on this shared machine "
+            "swung 2-3x between processes (wall-time figures are in results.json). "
             "`range` is min-max over rounds. `reads/step`: host reads per step counted at the "
             "dispatcher. `+RSS`: peak RSS above what the bare run reaches (MB, after imports "
             "and model setup).",
@@ -67,6 +75,8 @@ def render(data: dict[str, Any]) -> str:
         head += " | reads/step | +RSS MB |"
         lines += [head, "|" + " --- |" * (len(wls) + 3)]
         variants = list(LABELS)
+        extra = sorted({v for w in wls for v in ov["summary"][w]} - set(variants))
+        variants[2:2] = extra  # e.g. gradwatch_se<k>, next to the gradwatch rows
         for v in variants:
             cells = []
             reads: list[float] = []
@@ -93,7 +103,7 @@ def render(data: dict[str, Any]) -> str:
                 cells = ["skipped"] * len(wls)
             rd = "/".join(_f(x, "{:.0f}") for x in reads) if reads else "–"
             mm = _f(max(mem), "{:+.1f}") if mem and v != "bare" else "–"
-            lines.append(f"| {LABELS[v]} | " + " | ".join(cells) + f" | {rd} | {mm} |")
+            lines.append(f"| {label(v)} | " + " | ".join(cells) + f" | {rd} | {mm} |")
         lines.append("")
         if "gradwatch" in variants:
             vf = [f"{w}: {_f(ov['summary'][w].get('gradwatch', {}).get('vs_floor'), '{:.3f}')}x"
@@ -103,9 +113,9 @@ def render(data: dict[str, Any]) -> str:
         errs = [(w, v, r["error"]) for w in wls for v, r in ov["summary"][w].items()
                 if "error" in r]
         for v, why in ov.get("skipped", {}).items():
-            lines.append(f"- {LABELS.get(v, v)}: skipped, {why}.")
+            lines.append(f"- {label(v)}: skipped, {why}.")
         for w, v, e in errs:
-            lines.append(f"- {LABELS.get(v, v)} on {w}: failed: `{e}`.")
+            lines.append(f"- {label(v)} on {w}: failed: `{e}`.")
         if ov.get("notes"):
             lines += [f"- {n}" for n in ov["notes"]]
         lines.append("")

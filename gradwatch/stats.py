@@ -87,13 +87,14 @@ def activation_sums(x: Tensor, bounds: tuple[float, float] | None, margin: float
     else:
         v = flat
         scale = 1.0
-    # x - x is 0 for finite x and NaN for NaN/Inf; NaN != 0.
-    marks = [v != 0, (v - v).ne_(0)]
+    # count_nonzero: one pass, no temporary (a bool sum converts every element first).
+    # x - x is 0 for finite x and NaN for NaN/Inf, and NaN counts as nonzero.
+    cnt = [torch.count_nonzero(v), torch.count_nonzero(v - v)]
     if bounds is not None:
         lo_b, hi_b = bounds
         m = margin * (hi_b - lo_b)
-        marks.append((v <= lo_b + m).logical_or_(v >= hi_b - m))
-    counts = torch.stack(marks).sum(dim=1, dtype=torch.float32)
+        cnt.append(torch.count_nonzero(v <= lo_b + m) + torch.count_nonzero(v >= hi_b - m))
+    counts = torch.stack(cnt).to(torch.float32)
     if scale != 1.0:
         counts = counts.mul_(scale)
     parts = [torch.stack([s1, s2, hi.to(s1.dtype), lo.to(s1.dtype)]), counts]
