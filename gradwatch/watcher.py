@@ -301,7 +301,7 @@ class Watcher:
     def _params_safe(self, what: str) -> Any:
         try:
             if what == "grad":
-                return self._params.grad_stats()
+                return self._params.grad_stats(self._collector.full)
             if what == "weight":
                 return self._params.weight_norms()
             if what == "before":
