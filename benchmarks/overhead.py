@@ -33,7 +33,7 @@ VARIANTS = (
     "wandb_all_1", "wandb_all_100", "lightning_grad_norm", "delve",
 )
 # (timed steps, warm-up steps) per workload: about 1-2 s of steps per process on one core.
-STEPS = {"mlp": (40, 5), "cnn": (40, 5), "lstm": (12, 3), "transformer": (8, 2)}
+STEPS = {"mlp": (40, 5), "cnn": (30, 5), "lstm": (10, 3), "transformer": (6, 2)}
 COUNT_STEPS = 3
 PEER_MODULES = {
     "wandb_all_1": "wandb", "wandb_all_100": "wandb", "lightning_grad_norm": "lightning",

@@ -36,11 +36,11 @@ STATS: tuple[str, ...] = (
     "nonfinite",
 )
 
-# Stage columns (one step). S1, S2 and NNZ, NF, SAT run in the order of
+# Stage columns (one step). S2, NNZ, NF, SAT run in the order of
 # ``stats.activation_sums``, so a batch of its vectors adds in two ops.
 ST_N, ST_S1, ST_S2, ST_NNZ, ST_NF, ST_SAT, ST_MAX, ST_GN, ST_GS2, ST_GNF = range(10)
 STAGE_COLS = 10
-assert (S.A_S2 - S.A_S1, S.A_NF - S.A_NNZ, S.A_SAT - S.A_NNZ) == (1, 1, 2)
+assert (S.A_NNZ - S.A_S2, S.A_NF - S.A_S2, S.A_SAT - S.A_S2) == (1, 2, 3)
 # Per-call results held until the next fold: bounded, also when step() is never called.
 MAX_PENDING = 1024
 
@@ -179,8 +179,8 @@ class WindowBuffers:
             self._acts.clear()
             self._act_keys.clear()
             st[:, ST_N].index_add_(0, idx, numel)
-            st[:, ST_S1:ST_S2 + 1].index_add_(0, idx, V[:, S.A_S1:S.A_S2 + 1])
-            st[:, ST_NNZ:ST_SAT + 1].index_add_(0, idx, V[:, S.A_NNZ:S.A_SAT + 1])
+            st[:, ST_S1].index_add_(0, idx, V[:, S.A_S1])
+            st[:, ST_S2:ST_SAT + 1].index_add_(0, idx, V[:, S.A_S2:S.A_SAT + 1])
             amax = torch.maximum(V[:, S.A_HI], V[:, S.A_LO].neg())
             st[:, ST_MAX].scatter_reduce_(0, idx, amax, "amax")
         if self._checks:
@@ -199,8 +199,8 @@ class WindowBuffers:
         """Add one ``stats.activation_sums`` vector to the stage at once (no queue)."""
         row = self.stage[slot]
         row[ST_N].add_(numel)
-        row[ST_S1 : ST_S2 + 1].add_(vec[S.A_S1 : S.A_S2 + 1])
-        row[ST_NNZ : ST_SAT + 1].add_(vec[S.A_NNZ : S.A_SAT + 1])
+        row[ST_S1].add_(vec[S.A_S1])
+        row[ST_S2 : ST_SAT + 1].add_(vec[S.A_S2 : S.A_SAT + 1])
         amax = torch.maximum(vec[S.A_HI], vec[S.A_LO].neg())
         torch.maximum(row[ST_MAX], amax, out=row[ST_MAX])
 

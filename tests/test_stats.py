@@ -21,7 +21,7 @@ def ref_activation(x: torch.Tensor, bounds: tuple[float, float] | None,
         lo, hi = bounds
         m = margin * (hi - lo)
         sat = float(((d <= lo + m) | (d >= hi - m)).sum())
-    return [float(d.sum()), float((d * d).sum()), float(d.max()), float(d.min()),
+    return [float(d.sum()), float(d.max()), float(d.min()), float((d * d).sum()),
             float((d != 0).sum()), float((~finite).sum()), sat]
 
 
@@ -83,16 +83,21 @@ def test_non_finite_small_tensor_counts_exactly():
     assert not math.isfinite(S.grad_sq_sum(x).item())
 
 
-def test_sampled_tensor_keeps_sums_and_max_exact():
+def test_sampled_tensor_sum_exact_rest_within_bounds():
     g = torch.Generator().manual_seed(2)
     x = torch.relu(torch.randn(32, 64, 16, 16, generator=g))
     x.view(-1)[12345] = 40.0  # one spike, most likely off the sample
     assert x.numel() > S.SAMPLE_ABOVE
     got = S.activation_sums(x, None, 0.01).tolist()
     want = ref_activation(x, None, 0.01)
-    for j in (S.A_S1, S.A_S2, S.A_HI, S.A_LO):
-        assert close(got[j], want[j]), (j, got[j], want[j])
-    assert got[S.A_HI] == 40.0
+    assert close(got[S.A_S1], want[S.A_S1])  # exact: every element
+    assert abs(got[S.A_S2] / want[S.A_S2] - 1) < 0.1  # ~4 standard errors
+    assert got[S.A_HI] <= want[S.A_HI] and got[S.A_LO] >= want[S.A_LO]
+    # rotating the offset visits every element: the spike is seen within `stride` calls
+    stride = S.sample_view(x.reshape(-1), S.SAMPLE_SIZE).stride()[0]
+    seen = max(S.activation_sums(x, None, 0.01, phase=p)[S.A_HI].item()
+               for p in range(stride))
+    assert seen == 40.0
 
 
 def test_sample_none_is_exact_for_large_tensors():
@@ -141,7 +146,7 @@ def test_non_finite_off_the_sample_is_still_flagged_by_the_buffers():
     x = torch.randn(64, 64, 64)
     x.view(-1)[77_777] = math.inf
     v = S.activation_sums(x, None, 0.01)
-    assert not math.isfinite(v[S.A_S2].item())
+    assert not math.isfinite(v[S.A_S1].item()) and v[S.A_NF].item() == 0.0  # off the sample
     buf = WindowBuffers(2, torch.device("cpu"))
     buf.add_activation(0, v, x.numel())
     buf.add_activation(1, S.activation_sums(torch.randn(64, 64, 64), None, 0.01), x.numel())
