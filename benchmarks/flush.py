@@ -7,7 +7,7 @@ For models of 10, 100 and 1000 watched layers (a chain of Linear(32, 32), batch 
   ``Watcher._launch_flush``; the background part (snapshot, rules, TensorBoard) is timed
   separately by joining the worker, and is not on the training thread;
 * hooks: (watched step - bare step) / layers, both timed in the same process, alternating
-  blocks, lower-quartile step times (robust to other load on a shared machine).
+  blocks; lower-quartile process CPU time per step (robust to other load on the machine).
 
     python benchmarks/flush.py [--layers 10,100,1000]
 
@@ -46,12 +46,12 @@ def measure(n_layers: int, blocks: int, steps: int, flushes: int) -> dict[str, A
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     tmp = tempfile.mkdtemp(prefix="gwflush-")
 
-    def step() -> float:
-        t0 = time.perf_counter()
+    def step() -> float:  # process CPU time: robust to other load on the machine
+        t0 = time.process_time()
         opt.zero_grad(set_to_none=True)
         model(x).square().mean().backward()
         opt.step()
-        return time.perf_counter() - t0
+        return time.process_time() - t0
 
     bare: list[float] = []
     watched: list[float] = []
