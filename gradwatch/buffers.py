@@ -132,11 +132,17 @@ class WindowBuffers:
         self._grads: list[Tensor] = []
         self._grad_keys: list[tuple[int, int]] = []
         self._key_cache: dict[tuple[tuple[int, int], ...], tuple[Tensor, Tensor]] = {}
+        self._bounded: Tensor | None = None
 
     # -- hot path: called from hooks ------------------------------------------------------
     # The hooks push one small device vector per call; ``fold`` adds them to the stage in a
     # few batched ops (index_add_/scatter_reduce_) once per step, instead of 3-4 indexed
     # updates per call.
+    def set_bounded(self, bounded: list[bool]) -> None:
+        """Which layers have bounded outputs: the saturated count of the others is masked
+        at ``fold`` (the hooks compute it with ``sat_placeholder=True``)."""
+        self._bounded = torch.tensor(bounded, dtype=torch.float32, device=self.device)
+
     def push_activation(self, slot: int, vec: Tensor, numel: int) -> None:
         """Queue one output tensor's ``stats.activation_sums`` vector."""
         self._acts.append(vec)
@@ -181,6 +187,8 @@ class WindowBuffers:
             st[:, ST_N].index_add_(0, idx, numel)
             st[:, ST_S1].index_add_(0, idx, V[:, S.A_S1])
             st[:, ST_S2:ST_SAT + 1].index_add_(0, idx, V[:, S.A_S2:S.A_SAT + 1])
+            if self._bounded is not None:
+                st[:, ST_SAT].mul_(self._bounded)
             amax = torch.maximum(V[:, S.A_HI], V[:, S.A_LO].neg())
             st[:, ST_MAX].scatter_reduce_(0, idx, amax, "amax")
         if self._checks:

@@ -85,6 +85,7 @@ class Collector:
         self._hooked: dict[tuple[int, int], weakref.ref[Tensor]] = {}
         self._handles: list[RemovableHandle] = []
         self._faults: set[str] = set()
+        buffers.set_bounded([info.bounds is not None for info in layers])
 
     # -- forward ----------------------------------------------------------------------------
     def on_output(self, slot: int, output: Any) -> None:
@@ -102,16 +103,20 @@ class Collector:
                     continue
                 if first:
                     first = False
-                    with torch.no_grad():
+                    grad_was = torch.is_grad_enabled()  # cheaper than `with no_grad()`
+                    torch._C._set_grad_enabled(False)
+                    try:
                         if self.full:
                             phase = 0
                             if not torch.compiler.is_compiling():  # a changing int recompiles
                                 self._phase = phase = (self._phase + 1) & 0xFFFFFF
                             vec = S.activation_sums(t, self.layers[slot].bounds, self.margin,
-                                                    self.sample, phase)
+                                                    self.sample, phase, sat_placeholder=True)
                             self.buffers.push_activation(slot, vec, n)
                         else:
                             self.buffers.push_check_sum(slot, S.nonfinite_sum(t))
+                    finally:
+                        torch._C._set_grad_enabled(grad_was)
                 if t.requires_grad and self.grad_on:
                     key = (id(t), t._version)
                     ref = self._hooked.get(key)

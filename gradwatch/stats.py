@@ -50,7 +50,8 @@ def sample_view(flat: Tensor, n: int, phase: int = 0) -> Tensor:
 
 
 def activation_sums(x: Tensor, bounds: tuple[float, float] | None, margin: float,
-                    sample: int | None = SAMPLE_SIZE, phase: int = 0) -> Tensor:
+                    sample: int | None = SAMPLE_SIZE, phase: int = 0,
+                    sat_placeholder: bool = False) -> Tensor:
     """One output tensor -> fp32 vector ``[Σx, max x, min x, Σx², nonzeros, nonfinite,
     saturated]`` (``max|x|`` is ``max(max x, -min x)``; the buffers take it once per step).
 
@@ -72,8 +73,9 @@ def activation_sums(x: Tensor, bounds: tuple[float, float] | None, margin: float
     exact; the count is estimated on ``SAMPLE_SIZE`` elements).
 
     ``saturated`` counts elements within ``margin * (hi - lo)`` of a bound of ``bounds``
-    (0 when ``bounds`` is None). NaN propagates into the sums: a NaN layer reports NaN
-    stats. Call it under ``torch.no_grad()`` (the hooks do).
+    (0 when ``bounds`` is None; unspecified with ``sat_placeholder=True``, which saves two
+    ops for callers that mask it, like the hooks). NaN propagates into the sums: a NaN
+    layer reports NaN stats. Call it under ``torch.no_grad()`` (the hooks do).
     """
     flat = x.reshape(-1)
     N = flat.numel()
@@ -106,12 +108,18 @@ def activation_sums(x: Tensor, bounds: tuple[float, float] | None, margin: float
         lo_b, hi_b = bounds
         m = margin * (hi_b - lo_b)
         sat = torch.count_nonzero(v <= lo_b + m) + torch.count_nonzero(v >= hi_b - m)
-    else:
-        sat = torch.zeros((), dtype=torch.float32, device=flat.device)
-    rest = torch.stack([s2, torch.count_nonzero(v), nf, sat]).to(torch.float32)
+    else:  # a placeholder, no extra op: the buffers mask it (``bounded=False``)
+        sat = nf
+    # stack promotes the int64 counts (and half-precision max/min) to fp32
+    rest = torch.stack([s2, torch.count_nonzero(v), nf, sat])
     if scale != 1.0:
         rest = rest.mul_(scale)
-    return torch.cat([torch.stack([s1, hi, lo]).to(torch.float32), rest])
+    out = torch.cat([torch.stack([s1, hi, lo]), rest])
+    if out.dtype != torch.float32:  # float64 input
+        out = out.to(torch.float32)
+    if bounds is None and not sat_placeholder:
+        out[A_SAT] = 0.0
+    return out
 
 
 def nonfinite_sum(x: Tensor) -> Tensor:
