@@ -58,3 +58,16 @@ def test_commit_gives_float64_reference_stats():
     assert math.isclose(row["out_grad_rms"], float(gr.double().pow(2).mean().sqrt()),
                         rel_tol=1e-4)
     assert row["nonfinite"] == 0.0
+
+
+def test_saturated_placeholder_is_masked_for_unbounded_layers():
+    buf = WindowBuffers(2, torch.device("cpu"))
+    buf.set_bounded([False, True])
+    x = torch.tensor([1.0, -1.0, math.inf, 0.0])  # the placeholder is the non-finite count
+    for slot in (0, 1):
+        v = S.activation_sums(x, (-1.0, 1.0) if slot else None, 0.0, sat_placeholder=True)
+        buf.push_activation(slot, v, x.numel())
+    buf.fold()
+    from gradwatch.buffers import ST_SAT
+
+    assert buf.stage[:, ST_SAT].tolist() == [0.0, 3.0]
