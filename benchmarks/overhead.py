@@ -310,6 +310,17 @@ def available(variant: str) -> str | None:
 
 
 def run_one(variant: str, workload: str, count: bool, timeout: float) -> dict[str, Any]:
+    """One worker process; a run that dies before reporting (a transient failure, e.g. the
+    shared machine short of memory while loading torch) is tried up to twice more."""
+    for attempt in range(3):
+        out = _run_once(variant, workload, count, timeout)
+        if "error" not in out or "timed out" in out["error"]:
+            break
+        time.sleep(2.0 * (attempt + 1))
+    return out
+
+
+def _run_once(variant: str, workload: str, count: bool, timeout: float) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, workload]
     if count:
         cmd.append("--count")
