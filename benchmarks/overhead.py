@@ -311,12 +311,12 @@ def available(variant: str) -> str | None:
 
 def run_one(variant: str, workload: str, count: bool, timeout: float) -> dict[str, Any]:
     """One worker process; a run that dies before reporting (a transient failure, e.g. the
-    shared machine short of memory while loading torch) is tried up to twice more."""
-    for attempt in range(3):
+    shared machine short of memory while loading torch) is tried up to three more times."""
+    for attempt in range(4):
         out = _run_once(variant, workload, count, timeout)
         if "error" not in out or "timed out" in out["error"]:
             break
-        time.sleep(2.0 * (attempt + 1))
+        time.sleep(10.0 * (attempt + 1))
     return out
 
 
@@ -387,7 +387,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", nargs=2, metavar=("VARIANT", "WORKLOAD"))
     ap.add_argument("--count", action="store_true")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--workloads", default=",".join(STEPS))
     ap.add_argument("--seed", type=int, default=0)
