@@ -324,8 +324,12 @@ def _run_once(variant: str, workload: str, count: bool, timeout: float) -> dict[
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, workload]
     if count:
         cmd.append("--count")
+    # Fixed glibc malloc thresholds: with the default dynamic mmap threshold, how many page
+    # faults a step's large tensors cost depended on what the process had imported before
+    # (a bare process paid ~10% more than one that had imported wandb, measured here).
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline",
-               WANDB_SILENT="true", PYTHONWARNINGS="ignore")
+               WANDB_SILENT="true", PYTHONWARNINGS="ignore",
+               MALLOC_MMAP_THRESHOLD_="1073741824", MALLOC_TRIM_THRESHOLD_="1073741824")
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
