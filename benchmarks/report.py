@@ -22,6 +22,29 @@ LABELS = {
 }
 
 
+NOTES = [
+    "Workloads (`benchmarks/_common.py`): MLP 8 x Linear(512) + Tanh, batch 128; CNN "
+    "4 x Conv3x3+BatchNorm+ReLU(inplace) 32/64/64/128 channels, batch 32 of 3x32x32, with a "
+    "2x2 max-pool after the first three blocks (without it one step takes ~0.5 s on one core) "
+    "and a linear head; LSTM 2 layers, hidden 256, sequence 50, batch 32; Transformer encoder "
+    "4 layers, d=256, 4 heads, sequence 64, batch 16. SGD with momentum, fixed seeds.",
+    "gradwatch default: `watch(model, optimizer=opt, logdir=...)` as a user writes it "
+    "(every=100, sample_every=1, TensorBoard on). No flush falls inside the timed steps of "
+    "that row; `benchmarks/flush.py` measures the flush.",
+    "The floor: one L2 norm (`vector_norm`) and one max-abs (`aminmax`) of each watched "
+    "module's output and of the gradient at that output, in the hooks, into a device buffer, "
+    "plus per-parameter gradient norms (`_foreach_norm`) and max-abs at the step.",
+    "wandb rows: `wandb.init(mode='offline')`, `wandb.watch(model, log='all', log_freq=N)` "
+    "and one `run.log({'step': i})` per step (wandb commits the histograms on log). "
+    "Lightning: `lightning.pytorch.utilities.grad_norm(model, 2)` after backward. Delve: "
+    "`SaturationTracker(..., stats=['lsat'])` with its hooks on every step "
+    "(`add_saturations` is an end-of-epoch call, not timed).",
+    "Load caveat: the machine's 2 cores were shared with other jobs during the run. Wall "
+    "time swung 2-3x between processes, so ratios use process CPU time; they still move by a "
+    "few percent from round to round (see the ranges), which is the size of the targets.",
+]
+
+
 def label(v: str) -> str:
     if v.startswith("gradwatch_se"):
         return f"gradwatch default but sample_every={v[len('gradwatch_se'):]}"
@@ -116,8 +139,7 @@ def render(data: dict[str, Any]) -> str:
             lines.append(f"- {label(v)}: skipped, {why}.")
         for w, v, e in errs:
             lines.append(f"- {label(v)} on {w}: failed: `{e}`.")
-        if ov.get("notes"):
-            lines += [f"- {n}" for n in ov["notes"]]
+        lines += [f"- {n}" for n in NOTES + list(ov.get("notes", []))]
         lines.append("")
     fl = data.get("flush")
     if fl:
