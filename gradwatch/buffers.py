@@ -37,9 +37,11 @@ STATS: tuple[str, ...] = (
 )
 
 # Stage columns (one step).
-(ST_N, ST_S1, ST_S2, ST_NNZ, ST_SAT, ST_NF, ST_MAX, ST_GN, ST_GS2, ST_GNF, ST_STUCK,
+# S2, NNZ, NF, SAT run in the order of ``stats.activation_sums``: one add per call.
+(ST_N, ST_S1, ST_S2, ST_NNZ, ST_NF, ST_SAT, ST_MAX, ST_GN, ST_GS2, ST_GNF, ST_STUCK,
  ST_UNITS) = range(12)
 STAGE_COLS = 12
+assert (S.A_NNZ - S.A_S2, S.A_NF - S.A_S2, S.A_SAT - S.A_S2) == (1, 2, 3)
 
 # Window columns: (name, reduce across ranks). Means are stored as sums plus a count column.
 # "same": the parameter statistics are already global on every rank (DDP all-reduces the
@@ -124,8 +126,10 @@ class WindowBuffers:
         """Add one output tensor's ``stats.activation_sums`` vector to the stage."""
         row = self.stage[slot]
         row[ST_N].add_(numel)
-        row[ST_S1 : ST_NF + 1].add_(vec[: S.A_NF + 1])
-        torch.maximum(row[ST_MAX], vec[S.A_MAX], out=row[ST_MAX])
+        row[ST_S1 : ST_S1 + 1].add_(vec[S.A_S1 : S.A_S1 + 1])
+        row[ST_S2 : ST_SAT + 1].add_(vec[S.A_S2 : S.A_SAT + 1])
+        amax = torch.maximum(vec[S.A_HI], vec[S.A_LO].neg())
+        torch.maximum(row[ST_MAX], amax, out=row[ST_MAX])
 
     def add_stuck(self, slot: int, stuck: Tensor, units: int) -> None:
         """Add a bounded activation's ``stats.stuck_units`` count (of ``units`` units)."""
@@ -210,6 +214,11 @@ class WindowBuffers:
         gradients, and the parameter-gradient RMS (0 without one), for the rules that fire
         within a step. Call before ``commit_step``; the watcher copies it to the host without
         waiting (``flags.StepFlags``)."""
+        # A large output's non-finite count is estimated on a sample (stats.py), but its
+        # sum covers every element: a NaN/Inf anywhere counts at least 1.
+        nf = self.stage[:, ST_NF]
+        bad = torch.isfinite(self.stage[:, ST_S1]).logical_not_() & (self.stage[:, ST_N] > 0)
+        torch.where(bad, torch.clamp(nf, min=1.0), nf, out=nf)
         grads = self.stage[:, ST_GNF]
         rms = torch.zeros_like(grads)
         if params is not None:

@@ -246,7 +246,7 @@ class _StepHook:
 
 
 # Largest number of elements per parameter copied to measure an update ratio.
-UPDATE_SAMPLE = 65536
+UPDATE_SAMPLE = 4096
 
 
 class ParamTracker:
@@ -299,7 +299,7 @@ class ParamTracker:
         grads = [local(self.trainable[k][0].grad) for k in present]  # type: ignore[arg-type]
         idx, numel, has = self._layout(present)
         norms = S.foreach_norms(grads, 2.0)
-        maxes = S.foreach_norms(grads, math.inf)
+        maxes = S.foreach_absmax(grads)
         L = self.n_layers
         sq = torch.zeros(L, device=self.device).index_add_(0, idx, norms * norms)
         gmax = torch.zeros(L, device=self.device).scatter_reduce_(0, idx, maxes, "amax")

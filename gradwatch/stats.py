@@ -2,6 +2,14 @@
 
 Every function here runs on the tensor's own device, accumulates in fp32 whatever the
 input dtype, and returns device tensors: nothing reads a value back to the host.
+
+Cost model (measured on CPU, one thread; DESIGN.md has the table): plain reductions that
+allocate nothing (``sum``, ``dot``, ``aminmax``) cost about one memory pass; elementwise
+comparisons allocate a temporary and cost several times that; every op launch costs a few
+microseconds whatever its size. So each activation gets the exact reductions that allocate
+nothing over every element, and the two counts that need a temporary (saturated and
+non-finite elements) are taken on an evenly strided sample of large tensors
+(``sample_view``).
 """
 
 from __future__ import annotations
@@ -12,38 +20,88 @@ import torch
 from torch import Tensor
 
 # Columns of the per-call activation vector returned by ``activation_sums``.
-A_S1, A_S2, A_NNZ, A_SAT, A_NF, A_MAX = range(6)
-ACT_VEC = 6
+A_S1, A_HI, A_LO, A_S2, A_NNZ, A_NF, A_SAT = range(7)
+ACT_VEC = 7
+
+# Element sampling of large activations (the counting stats only, see ``activation_sums``).
+SAMPLE_SIZE = 4096
+#: Tensors with more elements than this are sampled; smaller ones are read whole.
+SAMPLE_ABOVE = 4 * SAMPLE_SIZE
 
 
-def _as_f32(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.float32 else x.float()
+def sample_view(flat: Tensor, n: int, phase: int = 0) -> Tensor:
+    """``n`` evenly strided elements of the 1-D tensor ``flat`` (a view, no copy).
+
+    The stride is odd (``numel // n`` rounded down to odd), so the sample does not alias
+    with the power-of-two sizes of rows and channels, and the start offset is
+    ``phase % stride``: a caller that rotates ``phase`` visits every element over
+    ``stride`` calls, each element with the same probability. Requires
+    ``flat.numel() >= 2 * n``.
+    """
+    N = flat.numel()
+    stride = N // n
+    if stride % 2 == 0:
+        stride -= 1
+    off = phase % stride
+    return flat.as_strided((n,), (stride,), flat.storage_offset() + off)
 
 
-def activation_sums(x: Tensor, bounds: tuple[float, float] | None, margin: float) -> Tensor:
-    """One output tensor -> fp32 vector ``[Σx, Σx², nonzeros, saturated, nonfinite, max|x|]``.
+def activation_sums(x: Tensor, bounds: tuple[float, float] | None, margin: float,
+                    sample: int | None = SAMPLE_SIZE, phase: int = 0) -> Tensor:
+    """One output tensor -> fp32 vector ``[Σx, max x, min x, Σx², nonzeros, nonfinite,
+    saturated]`` (``max|x|`` is ``max(max x, -min x)``).
+
+    ``Σx``, ``Σx²``, max/min and the nonzero count are exact over every element: each is
+    one pass that allocates nothing (``sum``, ``dot``, ``aminmax``, ``count_nonzero``), so
+    ``act_mean``, ``act_std``, ``act_max`` and ``act_zero_frac`` equal a float64 reference.
+    The two counts that need an elementwise temporary — non-finite and saturated elements —
+    are read whole up to ``SAMPLE_ABOVE`` (16,384) elements; above it they are taken on
+    ``sample`` evenly strided elements (``sample_view``, start offset ``phase``) and scaled
+    by ``numel / sample``: the saturated fraction then has a standard error of at most
+    ``0.5 / sqrt(sample)`` (0.0078 for 4,096), below 0.03 with 99.99% confidence, for data
+    without structure aligned with the stride. NaN/Inf *presence* stays exact: ``Σx`` is
+    non-finite when any element is, and the buffers count such a tensor at least once.
+    ``sample=None`` reads every element for every count.
 
     ``saturated`` counts elements within ``margin * (hi - lo)`` of a bound of ``bounds``
-    (0 when ``bounds`` is None). ``nonfinite`` is the exact number of NaN/Inf elements.
-    NaN propagates into the sums and the max, as it should: a NaN layer reports NaN stats.
+    (0 when ``bounds`` is None). NaN propagates into the sums: a NaN layer reports NaN stats.
     """
-    xf = _as_f32(x.detach()).reshape(-1)
-    s1 = xf.sum()
-    s2 = torch.dot(xf, xf)
-    nnz = torch.count_nonzero(xf)
-    lo_hi = torch.aminmax(xf)
-    amax = torch.maximum(lo_hi.max, lo_hi.min.neg())
-    # x - x is 0 for finite x and NaN for NaN/Inf; count_nonzero counts NaN.
-    nonfinite = torch.count_nonzero(xf - xf)
-    if bounds is None:
-        sat = torch.zeros((), dtype=torch.int64, device=xf.device)
+    flat = x.detach().reshape(-1)
+    N = flat.numel()
+    if N == 0:
+        return torch.zeros(ACT_VEC, dtype=torch.float32, device=flat.device)
+    s1 = torch.sum(flat, dtype=torch.float32)
+    lo, hi = torch.aminmax(flat)
+    if flat.dtype in (torch.float32, torch.float64):
+        s2 = torch.dot(flat, flat)
+    else:  # half types: accumulate in fp32
+        n2 = torch.linalg.vector_norm(flat, dtype=torch.float32)
+        s2 = n2 * n2
+    nnz = torch.count_nonzero(flat)
+    if sample is not None and N > SAMPLE_ABOVE:
+        v, scale = sample_view(flat, sample, phase), N / sample
     else:
-        lo, hi = bounds
-        m = margin * (hi - lo)
-        sat = torch.count_nonzero(xf <= lo + m) + torch.count_nonzero(xf >= hi - m)
-    return torch.stack(
-        [s1, s2, nnz.to(torch.float32), sat.to(torch.float32), nonfinite.to(torch.float32), amax]
-    )
+        v, scale = flat, 1.0
+    # x - x is 0 for finite x and NaN for NaN/Inf, and count_nonzero counts NaN.
+    counts = [torch.count_nonzero(v - v)]
+    if bounds is not None:
+        lo_b, hi_b = bounds
+        m = margin * (hi_b - lo_b)
+        counts.append(torch.count_nonzero(v <= lo_b + m) + torch.count_nonzero(v >= hi_b - m))
+    rest = torch.stack(counts).to(torch.float32)
+    if scale != 1.0:
+        rest = rest.mul_(scale)
+    if bounds is None:
+        rest = torch.cat([rest, rest.new_zeros(1)])
+    # stack promotes the int64 count and half-precision values to a common dtype
+    out = torch.cat([torch.stack([s1, hi, lo, s2, nnz]).to(torch.float32), rest])
+    return out
+
+
+def nonfinite_sum(x: Tensor) -> Tensor:
+    """Σx in fp32: non-finite exactly when ``x`` holds a NaN/Inf (or the sum overflows past
+    3.4e38). One cheap pass; the buffers turn it into a flag once per step."""
+    return torch.sum(x, dtype=torch.float32)
 
 
 def nonfinite_flag(x: Tensor) -> Tensor:
@@ -51,8 +109,7 @@ def nonfinite_flag(x: Tensor) -> Tensor:
 
     A sum of finite fp32 values is finite unless it overflows past 3.4e38.
     """
-    s = torch.sum(x.detach(), dtype=torch.float32)
-    return torch.isfinite(s).logical_not().to(torch.float32)
+    return torch.isfinite(nonfinite_sum(x)).logical_not().to(torch.float32)
 
 
 _UPCAST = (torch.float16, torch.bfloat16, torch.float32)
@@ -67,11 +124,17 @@ def _norm(t: Tensor, ord: float = 2.0) -> Tensor:
 
 
 def grad_sq_sum(g: Tensor) -> Tensor:
-    """Σg² in fp32 (a dense view of a sparse gradient is taken first)."""
+    """Σg² in fp32 (a dense view of a sparse gradient is taken first). Gradients in a
+    tensor hook need no ``no_grad``; call it under ``no_grad`` elsewhere."""
     if g.is_sparse:
         g = g.coalesce()._values()
     if g.numel() == 0:
         return torch.zeros((), dtype=torch.float32, device=g.device)
+    if g.dtype in (torch.float32, torch.float64):
+        # reshape, not a branch on strides: torch.compile cannot trace a gradient hook
+        # that reads stride metadata (a graph break)
+        flat = g.detach().reshape(-1)
+        return torch.dot(flat, flat).to(torch.float32)
     n = _norm(g.detach())
     return n * n
 
@@ -107,3 +170,23 @@ def stuck_units(x: Tensor, bounds: tuple[float, float], margin: float) -> Tensor
 def units_of(x: Tensor) -> int:
     """The number of units ``stuck_units`` looks at."""
     return x[0].numel() if x.dim() >= 2 else x.numel()
+
+
+def foreach_absmax(tensors: Sequence[Tensor]) -> Tensor:
+    """Per-tensor max |x| of a list, one fp32 vector.
+
+    ``max(max x, -min x)`` from one ``aminmax`` per tensor: on CPU ``_foreach_norm(ord=inf)``
+    is 20-50x slower than this plain reduction. An empty tensor gives 0.
+    """
+    lows, highs = [], []
+    for t in tensors:
+        if t.is_sparse:
+            t = t.coalesce()._values()
+        if t.is_complex():
+            t = t.abs()
+        if t.numel() == 0:
+            t = torch.zeros(1, dtype=t.dtype, device=t.device)
+        lo, hi = torch.aminmax(t)
+        lows.append(lo)
+        highs.append(hi)
+    return torch.maximum(torch.stack(highs), torch.stack(lows).neg()).to(torch.float32)

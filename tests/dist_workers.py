@@ -48,7 +48,7 @@ def ddp_body(rank: int, world: int, out: str) -> dict[str, Any]:
     import warnings
 
     import gradwatch
-    from gradwatch.buffers import ParamStepStats, W, WindowBuffers
+    from gradwatch.buffers import ST_N, ST_NF, ParamStepStats, W, WindowBuffers
 
     ddp = nn.parallel.DistributedDataParallel(model())
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
@@ -67,8 +67,8 @@ def ddp_body(rank: int, world: int, out: str) -> dict[str, Any]:
     # the reduction itself: parameter non-finite counts are global already, local ones add
     L = 2
     buf = WindowBuffers(L, torch.device("cpu"))
-    buf.stage[:, 0] = 4.0  # ST_N: four output elements
-    buf.stage[:, 5] = float(rank + 1)  # ST_NF: local output non-finite count
+    buf.stage[:, ST_N] = 4.0  # four output elements
+    buf.stage[:, ST_NF] = float(rank + 1)  # local output non-finite count
     z = torch.zeros(L)
     buf.commit_step(ParamStepStats(z + 2.0, z + 1.0, z + 3.0, z + 1.0, z + 1.0), None, None)
     buf.reduce_across_ranks()

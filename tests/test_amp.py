@@ -164,7 +164,7 @@ def test_bf16_autocast_accumulates_in_fp32():
     out = captured[0].double().reshape(-1)
     st = snap.stats["(root)"]
     assert st["act_mean"] == pytest.approx(out.mean().item(), rel=1e-5)
-    assert st["act_std"] == pytest.approx(out.std().item(), rel=1e-5)
+    assert st["act_std"] == pytest.approx(out.std().item(), rel=1e-4)
     assert st["act_max"] == pytest.approx(out.abs().max().item(), rel=1e-6)
     # a bf16 accumulation is far off the same reference: the check above can fail
     naive = captured[0].reshape(-1).pow(2).sum(dtype=torch.bfloat16).double()

@@ -78,13 +78,26 @@ class TensorBoardSink:
         if not self._layout_written:
             w.add_custom_scalars(layout())
             self._layout_written = True
-        for layer, stats in snap.stats.items():
-            for stat, v in stats.items():
-                if not math.isnan(v):
-                    w.add_scalar(scalar_tag(stat, layer), v, snap.step)
-        w.add_scalar("gradwatch/amp_skipped", snap.amp_skipped, snap.step)
+        values = [(scalar_tag(stat, layer), v) for layer, stats in snap.stats.items()
+                  for stat, v in stats.items() if not math.isnan(v)]
+        values.append(("gradwatch/amp_skipped", float(snap.amp_skipped)))
+        self._add_scalars(values, snap.step)
         self.write_alerts(alerts, snap.step)
         w.flush()
+
+    def _add_scalars(self, values: Sequence[tuple[str, float]], step: int) -> None:
+        """All scalars of a window in one event (one Summary with many values: the same
+        records ``add_scalar`` writes one by one, at a fraction of the cost). Writers other
+        than a SummaryWriter get ``add_scalar`` calls."""
+        get = getattr(self.writer, "_get_file_writer", None)
+        if get is None:
+            for tag, v in values:
+                self.writer.add_scalar(tag, v, step)
+            return
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in values])
+        get().add_summary(summary, step)
 
     def write_alerts(self, alerts: Sequence[Alert], step: int) -> None:
         for a in alerts:

@@ -1,0 +1,443 @@
+"""Training-step overhead of gradwatch and of peer monitors, side by side (CPU).
+
+Every (variant, workload) runs in its own process with one thread and fixed seeds; the
+variants are interleaved in shuffled rounds so that machine drift cancels. For each
+workload the ratio to the bare step *of the same round* is taken, and the median ratio over
+the rounds is reported with its spread (min-max). A separate phase of each first-round
+process counts host reads per step at the dispatcher (``_common.HostReads``).
+
+    python benchmarks/overhead.py                 # full run, writes results.json + RESULTS.md
+    python benchmarks/overhead.py --rounds 2 --variants bare,gradwatch --workloads mlp
+
+Writes ``benchmarks/results.json`` (key ``overhead``) and ``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+VARIANTS = (
+    "bare", "gradwatch", "gradwatch_full", "floor", "naive", "add_histogram",
+    "wandb_all_1", "wandb_all_100", "lightning_grad_norm", "delve",
+)
+# (timed steps, warm-up steps) per workload: about 1-2 s of steps per process on one core.
+STEPS = {"mlp": (40, 5), "cnn": (30, 5), "lstm": (10, 3), "transformer": (6, 2)}
+COUNT_STEPS = 3
+PEER_MODULES = {
+    "wandb_all_1": "wandb", "wandb_all_100": "wandb", "lightning_grad_norm": "lightning",
+    "delve": "delve",
+}
+
+# -- variants (each returns hooks called around the step, and a closer) ---------------------
+
+
+class Hooks:
+    def __init__(self) -> None:
+        self.after_backward: Callable[[int], None] = lambda i: None
+        self.after_step: Callable[[int], None] = lambda i: None
+        self.close: Callable[[], None] = lambda: None
+
+
+def _watched(model: Any) -> list[tuple[str, Any]]:
+    from gradwatch.selection import select
+
+    return select(model, None, None)
+
+
+def setup_gradwatch(model: Any, opt: Any, tmp: str, full: bool,
+                    sample_every: int | None = None) -> Hooks:
+    import gradwatch
+
+    h = Hooks()
+    if full:
+        w = gradwatch.watch(model, optimizer=opt, logdir=tmp, every=1, sample_every=1,
+                            on_alert="ignore")
+        w._collector.sample = None  # count over every element of every tensor
+    elif sample_every is not None:
+        w = gradwatch.watch(model, optimizer=opt, logdir=tmp, sample_every=sample_every,
+                            on_alert="ignore")
+    else:
+        w = gradwatch.watch(model, optimizer=opt, logdir=tmp, on_alert="ignore")
+    h.close = w.close
+    return h
+
+
+def setup_floor(model: Any, opt: Any, tmp: str) -> Hooks:
+    """The least any per-layer monitor does: one L2 norm and one max-abs of each watched
+    module's output and of the gradient at that output, in the hooks, into a device buffer;
+    parameter-gradient norms and max-abs with the fused foreach kernel at the step."""
+    import torch
+
+    mods = _watched(model)
+    buf = torch.zeros(len(mods), 4)
+    gbuf = torch.zeros(2)
+    params = [p for p in model.parameters() if p.requires_grad]
+    handles = []
+
+    def norm_absmax(t: torch.Tensor, row: torch.Tensor) -> None:
+        # the fastest CPU forms: vector_norm(ord=inf) is ~50x slower than aminmax here
+        row[0] += torch.linalg.vector_norm(t)
+        mm = torch.aminmax(t)
+        torch.maximum(row[1], torch.maximum(mm.max, mm.min.neg()), out=row[1])
+
+    def fwd(slot: int) -> Callable[..., None]:
+        def grad_hook(g: torch.Tensor) -> None:
+            with torch.no_grad():
+                norm_absmax(g, buf[slot, 2:])
+
+        def hook(m: Any, args: Any, out: Any) -> None:
+            if not isinstance(out, torch.Tensor):
+                out = out[0]
+            with torch.no_grad():
+                norm_absmax(out.detach(), buf[slot, :2])
+            if out.requires_grad:
+                out.register_hook(grad_hook)
+        return hook
+
+    for slot, (_, m) in enumerate(mods):
+        handles.append(m.register_forward_hook(fwd(slot)))
+
+    def after_backward(i: int) -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        n2 = torch.stack(torch._foreach_norm(grads, 2.0))
+        ni = torch.stack([torch.maximum(mm.max, mm.min.neg())
+                          for mm in (torch.aminmax(g) for g in grads)])
+        gbuf[0] += n2.sum()
+        torch.maximum(gbuf[1], ni.max(), out=gbuf[1])
+
+    h = Hooks()
+    h.after_backward = after_backward
+    h.close = lambda: [x.remove() for x in handles]  # type: ignore[func-returns-value]
+    return h
+
+
+def setup_naive(model: Any, opt: Any, tmp: str) -> Hooks:
+    """What a hand-written monitor often looks like: per-module forward hooks and
+    per-parameter gradient hooks, each calling .item() and SummaryWriter.add_scalar."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(tmp)
+    step = [0]
+    handles = []
+    for name, m in _watched(model):
+        def hook(mod: Any, args: Any, out: Any, name: str = name) -> None:
+            t = out if not isinstance(out, tuple) else out[0]
+            writer.add_scalar(f"act_norm/{name}", t.detach().norm().item(), step[0])
+        handles.append(m.register_forward_hook(hook))
+    for name, p in model.named_parameters():
+        def ghook(g: Any, name: str = name) -> None:
+            writer.add_scalar(f"grad_norm/{name}", g.norm().item(), step[0])
+        handles.append(p.register_hook(ghook))
+    h = Hooks()
+
+    def after_step(i: int) -> None:
+        step[0] = i
+
+    h.after_step = after_step
+
+    def close() -> None:
+        for x in handles:
+            x.remove()
+        writer.close()
+    h.close = close
+    return h
+
+
+def setup_histogram(model: Any, opt: Any, tmp: str) -> Hooks:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(tmp)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    h = Hooks()
+
+    def after_backward(i: int) -> None:
+        for n, p in named:
+            if p.grad is not None:
+                writer.add_histogram(f"grad/{n}", p.grad, i)
+
+    h.after_backward = after_backward
+    h.close = writer.close
+    return h
+
+
+def setup_wandb(model: Any, opt: Any, tmp: str, freq: int) -> Hooks:
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    os.environ.setdefault("WANDB_DIR", tmp)
+    import wandb
+
+    run = wandb.init(mode="offline", dir=tmp, project="gradwatch-bench",
+                     settings=wandb.Settings(silent=True, console="off"))
+    wandb.watch(model, log="all", log_freq=freq)
+    h = Hooks()
+    h.after_step = lambda i: run.log({"step": i})
+
+    def close() -> None:
+        wandb.unwatch(model)
+        run.finish()
+    h.close = close
+    return h
+
+
+def setup_lightning(model: Any, opt: Any, tmp: str) -> Hooks:
+    from lightning.pytorch.utilities import grad_norm
+
+    h = Hooks()
+    keep: list[Any] = []
+
+    def after_backward(i: int) -> None:
+        keep[:] = [grad_norm(model, norm_type=2)]  # what LightningModule.log_dict gets
+
+    h.after_backward = after_backward
+    return h
+
+
+def setup_delve(model: Any, opt: Any, tmp: str) -> Hooks:
+    from delve import SaturationTracker
+
+    tracker = SaturationTracker(os.path.join(tmp, "delve"), save_to="csv", modules=model,
+                                device="cpu", stats=["lsat"])
+    h = Hooks()
+    h.close = tracker.close
+    return h
+
+
+SETUP: dict[str, Callable[[Any, Any, str], Hooks]] = {
+    "bare": lambda m, o, t: Hooks(),
+    "gradwatch": lambda m, o, t: setup_gradwatch(m, o, t, full=False),
+    "gradwatch_full": lambda m, o, t: setup_gradwatch(m, o, t, full=True),
+    "floor": setup_floor,
+    "naive": setup_naive,
+    "add_histogram": setup_histogram,
+    "wandb_all_1": lambda m, o, t: setup_wandb(m, o, t, 1),
+    "wandb_all_100": lambda m, o, t: setup_wandb(m, o, t, 100),
+    "lightning_grad_norm": setup_lightning,
+    "delve": setup_delve,
+}
+
+
+# -- one process: one variant on one workload -----------------------------------------------
+
+
+def setup(variant: str, model: Any, opt: Any, tmp: str) -> Hooks:
+    if variant.startswith("gradwatch_se"):  # gradwatch_se<k>: the default with sample_every=k
+        return setup_gradwatch(model, opt, tmp, False, int(variant[len("gradwatch_se"):]))
+    return SETUP[variant](model, opt, tmp)
+
+
+def worker(variant: str, workload: str, count: bool) -> dict[str, Any]:
+    import torch
+    from _common import WORKLOADS, HostReads, peak_rss_mb, rss_mb
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    random.seed(0)
+    if variant in PEER_MODULES:
+        __import__(PEER_MODULES[variant])
+    if variant.startswith("gradwatch"):
+        import gradwatch  # noqa: F401
+    if variant == "naive" or variant == "add_histogram":
+        import torch.utils.tensorboard  # noqa: F401
+    model, x, y, lossf = WORKLOADS[workload]()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    rss0 = rss_mb()
+    tmp = tempfile.mkdtemp(prefix="gwbench-")
+    hooks = setup(variant, model, opt, tmp)
+
+    def step(i: int) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss = lossf(model(x), y)
+        loss.backward()
+        hooks.after_backward(i)
+        opt.step()
+        hooks.after_step(i)
+
+    n, warm = STEPS[workload]
+    for i in range(warm):
+        step(i)
+    times = []
+    cpu = []
+    for i in range(warm, warm + n):
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        step(i)
+        cpu.append(time.process_time() - c0)
+        times.append(time.perf_counter() - t0)
+    reads = None
+    if count:
+        counter = HostReads()
+        with counter:
+            for i in range(warm + n, warm + n + COUNT_STEPS):
+                step(i)
+        reads = counter.count / COUNT_STEPS
+    peak = peak_rss_mb()
+    hooks.close()
+    return {
+        "variant": variant, "workload": workload,
+        "median_s": statistics.median(times), "mean_s": statistics.fmean(times),
+        "p25_s": statistics.quantiles(times, n=4)[0], "min_s": min(times),
+        "cpu_median_s": statistics.median(cpu), "cpu_mean_s": statistics.fmean(cpu),
+        "reads_per_step": reads, "rss_setup_mb": rss0, "peak_rss_mb": peak,
+        "peak_above_setup_mb": peak - rss0,
+    }
+
+
+# -- driver --------------------------------------------------------------------------------
+
+
+def available(variant: str) -> str | None:
+    """None if the variant can run here, else why not."""
+    mod = PEER_MODULES.get(variant)
+    if mod is None:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec(mod) is None:
+        return f"`{mod}` not installed (pip install -r benchmarks/requirements-peers.txt)"
+    return None
+
+
+def run_one(variant: str, workload: str, count: bool, timeout: float) -> dict[str, Any]:
+    """One worker process; a run that dies before reporting (a transient failure, e.g. the
+    shared machine short of memory while loading torch) is tried up to three more times."""
+    for attempt in range(4):
+        out = _run_once(variant, workload, count, timeout)
+        if "error" not in out or "timed out" in out["error"]:
+            break
+        time.sleep(10.0 * (attempt + 1))
+    return out
+
+
+def _run_once(variant: str, workload: str, count: bool, timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, workload]
+    if count:
+        cmd.append("--count")
+    # Fixed glibc malloc thresholds: with the default dynamic mmap threshold, how many page
+    # faults a step's large tensors cost depended on what the process had imported before
+    # (a bare process paid ~10% more than one that had imported wandb, measured here).
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline",
+               WANDB_SILENT="true", PYTHONWARNINGS="ignore",
+               MALLOC_MMAP_THRESHOLD_="1073741824", MALLOC_TRIM_THRESHOLD_="1073741824")
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail)[-300:]}
+
+
+# The step time of one process: the median CPU time (all threads of the process) of its
+# timed steps. On a machine shared with other work, wall time swings by 2-3x from one
+# process to the next (measured here); CPU time does not count the time other processes
+# hold the core. Wall-time medians and lower quartiles are in results.json too.
+STEP_STAT = "cpu_median_s"
+
+
+def summarize(runs: list[dict[str, Any]], variants: list[str],
+              workloads: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for wl in workloads:
+        rounds: dict[int, dict[str, dict[str, Any]]] = {}
+        for r in runs:
+            if r["workload"] == wl and STEP_STAT in r:
+                rounds.setdefault(r["round"], {})[r["variant"]] = r
+        res: dict[str, Any] = {}
+        for v in variants:
+            ratios = [rd[v][STEP_STAT] / rd["bare"][STEP_STAT]
+                      for rd in rounds.values() if v in rd and "bare" in rd]
+            vs_floor = [rd[v][STEP_STAT] / rd["floor"][STEP_STAT]
+                        for rd in rounds.values() if v in rd and "floor" in rd]
+            mine = [r for r in runs if r["workload"] == wl and r["variant"] == v]
+            errs = [r["error"] for r in mine if "error" in r]
+            ok = [r for r in mine if STEP_STAT in r]
+            if not ok:
+                res[v] = {"error": errs[0] if errs else "not run"}
+                continue
+            reads = [r["reads_per_step"] for r in ok if r.get("reads_per_step") is not None]
+            bare_mem = [r["peak_above_setup_mb"] for r in runs
+                        if r["workload"] == wl and r["variant"] == "bare" and STEP_STAT in r]
+            mem = statistics.median(r["peak_above_setup_mb"] for r in ok)
+            res[v] = {
+                "step_ms": 1e3 * statistics.median(r[STEP_STAT] for r in ok),
+                "ratio": statistics.median(ratios) if ratios else None,
+                "ratio_min": min(ratios) if ratios else None,
+                "ratio_max": max(ratios) if ratios else None,
+                "vs_floor": statistics.median(vs_floor) if vs_floor else None,
+                "rounds": len(ratios),
+                "reads_per_step": reads[0] if reads else None,
+                "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in ok),
+                "extra_rss_mb": mem - statistics.median(bare_mem) if bare_mem else None,
+            }
+        out[wl] = res
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--worker", nargs=2, metavar=("VARIANT", "WORKLOAD"))
+    ap.add_argument("--count", action="store_true")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--workloads", default=",".join(STEPS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--timeout", type=float, default=180.0)
+    ap.add_argument("--out", default=os.path.join(HERE, "results.json"))
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(worker(a.worker[0], a.worker[1], a.count)))
+        return
+
+    variants = [v for v in a.variants.split(",") if v]
+    for v in ("bare", "floor"):
+        if v not in variants:
+            variants.insert(0, v)
+    workloads = [w for w in a.workloads.split(",") if w]
+    skipped = {v: why for v in variants if (why := available(v)) is not None}
+    runnable = [v for v in variants if v not in skipped]
+    rng = random.Random(a.seed)
+    runs: list[dict[str, Any]] = []
+    t_start = time.time()
+    for rd in range(a.rounds):
+        jobs = [(v, w) for v in runnable for w in workloads]
+        rng.shuffle(jobs)
+        for v, w in jobs:
+            r = run_one(v, w, count=(rd == 0), timeout=a.timeout)
+            r.update(variant=v, workload=w, round=rd)
+            runs.append(r)
+            msg = (f"{1e3 * r[STEP_STAT]:8.2f} ms" if STEP_STAT in r
+                   else "ERROR " + r["error"][:120])
+            print(f"round {rd} {w:12s} {v:20s} {msg}", flush=True)
+    summary = summarize(runs, variants, workloads)
+    from _common import machine
+
+    result = {
+        "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "rounds": a.rounds, "steps": STEPS, "wall_s": round(time.time() - t_start, 1),
+        "load_avg": os.getloadavg(), "skipped": skipped, "summary": summary, "runs": runs,
+    }
+    print(json.dumps(summary, indent=1))
+    if a.no_write:
+        return
+    from report import update
+
+    update(a.out, "overhead", result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Merge one benchmark's results into results.json and render RESULTS.md from it."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+LABELS = {
+    "bare": "bare step",
+    "gradwatch": "gradwatch default",
+    "gradwatch_full": "gradwatch, every stat, every element, every step, flush every step",
+    "floor": "floor (norm + max-abs per activation and per gradient)",
+    "naive": "naive (.item() + add_scalar in hooks)",
+    "add_histogram": "SummaryWriter.add_histogram of every gradient",
+    "wandb_all_1": "wandb.watch(log='all', log_freq=1), offline",
+    "wandb_all_100": "wandb.watch(log='all', log_freq=100), offline",
+    "lightning_grad_norm": "Lightning grad_norm(model, 2)",
+    "delve": "Delve SaturationTracker",
+}
+
+
+NOTES = [
+    "Workloads (`benchmarks/_common.py`): MLP 8 x Linear(512) + Tanh, batch 128; CNN "
+    "4 x Conv3x3+BatchNorm+ReLU(inplace) 32/64/64/128 channels, batch 32 of 3x32x32, with a "
+    "2x2 max-pool after the first three blocks (without it one step takes ~0.5 s on one core) "
+    "and a linear head; LSTM 2 layers, hidden 256, sequence 50, batch 32; Transformer encoder "
+    "4 layers, d=256, 4 heads, sequence 64, batch 16. SGD with momentum, fixed seeds.",
+    "gradwatch default: `watch(model, optimizer=opt, logdir=...)` as a user writes it "
+    "(every=100, sample_every=1, TensorBoard on). No flush falls inside the timed steps of "
+    "that row; `benchmarks/flush.py` measures the flush.",
+    "The floor: one L2 norm (`vector_norm`) and one max-abs (`aminmax`) of each watched "
+    "module's output and of the gradient at that output, in the hooks, into a device buffer, "
+    "plus per-parameter gradient norms (`_foreach_norm`) and max-abs at the step.",
+    "wandb rows: `wandb.init(mode='offline')`, `wandb.watch(model, log='all', log_freq=N)` "
+    "and one `run.log({'step': i})` per step (wandb commits the histograms on log). "
+    "Lightning: `lightning.pytorch.utilities.grad_norm(model, 2)` after backward. Delve: "
+    "`SaturationTracker(..., stats=['lsat'])` with its hooks on every step "
+    "(`add_saturations` is an end-of-epoch call, not timed).",
+    "Load caveat: the machine's 2 cores were shared with other jobs during the run. Wall "
+    "time swung 2-3x between processes, so ratios use process CPU time; they still move by a "
+    "few percent from round to round (see the ranges), which is the size of the targets.",
+]
+
+
+def label(v: str) -> str:
+    if v.startswith("gradwatch_se"):
+        return f"gradwatch default but sample_every={v[len('gradwatch_se'):]}"
+    return LABELS.get(v, v)
+
+
+def update(path: str, key: str, result: dict[str, Any]) -> None:
+    data: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError:
+                data = {}
+    data[key] = result
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    with open(os.path.join(os.path.dirname(path), "RESULTS.md"), "w") as f:
+        f.write(render(data))
+
+
+def _f(x: Any, fmt: str = "{:.2f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def render(data: dict[str, Any]) -> str:
+    lines = ["# gradwatch benchmark results", "",
+             "Written by `benchmarks/overhead.py` and `benchmarks/flush.py` (`make bench`); "
+             "the numbers below are from the last run, see `results.json` for every round.", ""]
+    ov = data.get("overhead")
+    if ov:
+        m = ov["machine"]
+        lines += [
+            f"Machine: {m['cpu']}, {m['cores']} cores (shared with other work while this ran: "
+            f"load average {', '.join(f'{x:.1f}' for x in ov['load_avg'])} at the end), "
+            f"Python {m['python']}, torch {m['torch']}; {ov['date']}; one thread per process.",
+            "",
+            "## Step overhead (CPU)",
+            "",
+            f"Median over {ov['rounds']} interleaved rounds of (variant step / bare step of the "
+            "same round); each step time is the median CPU time (all threads of the "
+            "process) of one process's timed steps, because wall time on this shared machine "
+            "swung 2-3x between processes (wall-time figures are in results.json). "
+            "`range` is min-max over rounds. `reads/step`: host reads per step counted at the "
+            "dispatcher. `+RSS`: peak RSS above what the bare run reaches (MB, after imports "
+            "and model setup).",
+            "",
+        ]
+        wls = list(ov["summary"])
+        head = "| variant | " + " | ".join(f"{w} ratio (range)" for w in wls)
+        head += " | reads/step | +RSS MB |"
+        lines += [head, "|" + " --- |" * (len(wls) + 3)]
+        variants = list(LABELS)
+        extra = sorted({v for w in wls for v in ov["summary"][w]} - set(variants))
+        variants[2:2] = extra  # e.g. gradwatch_se<k>, next to the gradwatch rows
+        for v in variants:
+            cells = []
+            reads: list[float] = []
+            mem: list[float] = []
+            seen = False
+            for w in wls:
+                r = ov["summary"][w].get(v)
+                if r is None:
+                    cells.append("–")
+                    continue
+                seen = True
+                if "error" in r:
+                    cells.append("failed")
+                    continue
+                cells.append(f"{_f(r['ratio'])}x ({_f(r['ratio_min'])}–{_f(r['ratio_max'])})"
+                             if v != "bare" else f"{r['step_ms']:.1f} ms")
+                if r.get("reads_per_step") is not None:
+                    reads.append(r["reads_per_step"])
+                if r.get("extra_rss_mb") is not None:
+                    mem.append(r["extra_rss_mb"])
+            if not seen and v not in ov.get("skipped", {}):
+                continue
+            if v in ov.get("skipped", {}):
+                cells = ["skipped"] * len(wls)
+            rd = "/".join(_f(x, "{:.0f}") for x in reads) if reads else "–"
+            mm = _f(max(mem), "{:+.1f}") if mem and v != "bare" else "–"
+            lines.append(f"| {label(v)} | " + " | ".join(cells) + f" | {rd} | {mm} |")
+        lines.append("")
+        if "gradwatch" in variants:
+            vf = [f"{w}: {_f(ov['summary'][w].get('gradwatch', {}).get('vs_floor'), '{:.3f}')}x"
+                  for w in wls]
+            lines += ["gradwatch default / floor (median of same-round ratios): "
+                      + ", ".join(vf) + ".", ""]
+        errs = [(w, v, r["error"]) for w in wls for v, r in ov["summary"][w].items()
+                if "error" in r]
+        for v, why in ov.get("skipped", {}).items():
+            lines.append(f"- {label(v)}: skipped, {why}.")
+        for w, v, e in errs:
+            lines.append(f"- {label(v)} on {w}: failed: `{e}`.")
+        lines += [f"- {n}" for n in NOTES + list(ov.get("notes", []))]
+        lines.append("")
+    fl = data.get("flush")
+    if fl:
+        lines += ["## Flush and hook cost (CPU)", "",
+                  "Training-thread time of one flush (launch the host copy, reset, hand over to "
+                  "the background thread), and hook cost per watched layer per step, for "
+                  "models of N watched layers (median of repeats).", "",
+                  "| watched layers | flush, training thread (ms) | step overhead (ms) | "
+                  "per layer per step (µs) |", "| --- | --- | --- | --- |"]
+        for r in fl["rows"]:
+            lines.append(f"| {r['layers']} | {r['flush_ms']:.2f} | {r['overhead_ms']:.2f} | "
+                         f"{r['per_layer_us']:.1f} |")
+        lines += ["", fl.get("note", ""), ""]
+    gpu = data.get("gpu")
+    lines += ["## GPU", ""]
+    if gpu:
+        lines += [gpu]
+    else:
+        lines += ["`benchmarks/gpu_check.py` has not been run: no accelerator was available "
+                  "when these figures were taken. It needs a CUDA device and prints its "
+                  "ratios; run it by hand where one is present."]
+    lines.append("")
+    return "\n".join(lines)
