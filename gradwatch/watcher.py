@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import os
-import threading
 import time
 import warnings
 import weakref
@@ -35,12 +34,13 @@ from gradwatch.hooks import (
     _StepHook,
     report_fault,
 )
+from gradwatch.options import check_bool, check_int, given, open_writer
+from gradwatch.publish import Publisher
 from gradwatch.rules import Rules, Thresholds
 from gradwatch.selection import assign_params, describe, select, unwrap
 from gradwatch.sinks.console import report as _report
 from gradwatch.sinks.pictures import Pictures
 from gradwatch.snapshot import HostCopy, Snapshot, applicable
-from gradwatch.worker import Worker
 
 MAX_ALERTS = 10_000
 _ATTACH = "_gradwatch_attachment"
@@ -62,53 +62,12 @@ class _Attachment:
         return self.ref() if self.ref is not None else None
 
 
-def _given(v: object) -> str:
-    """The value given, for an error message: a short repr and its type."""
-    r = repr(v)
-    if len(r) > 80:
-        r = r[:77] + "..."
-    return f"{r} ({type(v).__name__})"
-
-
-def _check_int(name: str, v: object) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise TypeError(f"{name} must be an int >= 1, got {v!r}")
-    if v < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-    return v
-
-
-def _check_bool(name: str, v: object) -> bool:
-    if not isinstance(v, bool):
-        raise TypeError(f"{name} must be True or False, got {v!r}")
-    return v
-
-
 def _device_of(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     for b in model.buffers():
         return b.device
     return torch.device("cpu")
-
-
-def _open_writer(logdir: str | os.PathLike[str] | None) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:  # pragma: no cover - tensorboard is a dependency
-        raise ImportError("gradwatch needs tensorboard: pip install tensorboard") from e
-    if logdir is not None:
-        path = os.fspath(logdir)
-        try:
-            os.makedirs(path, exist_ok=True)
-            probe = os.path.join(path, ".gradwatch-write-test")
-            with open(probe, "w"):
-                pass
-            os.remove(probe)
-        except OSError as e:
-            raise ValueError(f"logdir {path!r} cannot be written: {e}") from e
-        return SummaryWriter(log_dir=path)
-    return SummaryWriter()
 
 
 class Watcher:
@@ -140,27 +99,27 @@ class Watcher:
     ) -> None:
         # -- validate everything before touching the model ----------------------------------
         if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {_given(model)}")
+            raise TypeError(f"model must be a torch.nn.Module, got {given(model)}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer or None, got {_given(optimizer)}"
+                f"optimizer must be a torch.optim.Optimizer or None, got {given(optimizer)}"
             )
         if scaler is not None and not (hasattr(scaler, "get_scale") and hasattr(scaler, "step")):
             raise TypeError(
-                f"scaler must be a torch.amp.GradScaler or None, got {_given(scaler)}"
+                f"scaler must be a torch.amp.GradScaler or None, got {given(scaler)}"
             )
-        self.every = _check_int("every", every)
-        self.sample_every = _check_int("sample_every", sample_every)
-        tensorboard = _check_bool("tensorboard", tensorboard)
-        self.histograms = _check_bool("histograms", histograms)
-        self.images = _check_bool("images", images)
+        self.every = check_int("every", every)
+        self.sample_every = check_int("sample_every", sample_every)
+        tensorboard = check_bool("tensorboard", tensorboard)
+        self.histograms = check_bool("histograms", histograms)
+        self.images = check_bool("images", images)
         A.validate_on_alert(on_alert)
         self.thresholds = Thresholds.coerce(thresholds)
         if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
             raise TypeError(f"logdir must be a path (str or os.PathLike), got {logdir!r}")
         if writer is not None and not hasattr(writer, "add_scalar"):
             raise TypeError(
-                f"writer must be a torch.utils.tensorboard.SummaryWriter, got {_given(writer)}"
+                f"writer must be a torch.utils.tensorboard.SummaryWriter, got {given(writer)}"
             )
         root = unwrap(model)
         chosen = select(root, include, exclude)
@@ -187,12 +146,8 @@ class Watcher:
         self._window_steps = 0
         self._amp_skipped = 0
         self._closed = False
-        self._latest: Snapshot | None = None
         self._alerts: collections.deque[A.Alert] = collections.deque(maxlen=MAX_ALERTS)
-        self._pending: collections.deque[A.Alert] = collections.deque()
         self._off: set[str] = set()  # internal parts switched off after a failure
-        # re-entrant: the SIGTERM handler closes on the training thread, maybe inside it
-        self._lock = threading.RLock()
         self._pending_grads: Any = None
         self._sink: Any = None
         # distributed: only rank 0 opens a writer, so a run has one event file
@@ -202,11 +157,13 @@ class Watcher:
             if writer is not None:
                 self._sink = TensorBoardSink(writer, owns=False)
             else:
-                self._sink = TensorBoardSink(_open_writer(logdir), owns=True)
+                self._sink = TensorBoardSink(open_writer(logdir), owns=True)
         self._pictures = Pictures.create(self._sink, L, self._device, self.histograms,
                                          self.images, self._collector.fault)
         self._collector.hist = self._pictures.hist if self._pictures is not None else None
-        self._worker = Worker(self._worker_error)
+        self._publish = Publisher(self._infos, self._applies, self._rules, self._sink,
+                                  self._pictures, self._collector.fault)
+        self._lock = self._publish.lock
         # per-step non-finite flags, read on the host without a stall (flags.py)
         self._flags = StepFlags(L, self._device)
 
@@ -246,7 +203,7 @@ class Watcher:
 
     @property
     def latest(self) -> Snapshot | None:
-        return self._latest
+        return self._publish.latest
 
     @property
     def alerts(self) -> list[A.Alert]:
@@ -273,9 +230,9 @@ class Watcher:
         This waits for the background thread (a sync point by design)."""
         if self._window_steps:
             self._launch_flush()
-        self._worker.join()
+        self._publish.worker.join()
         self._deliver()
-        return self._latest
+        return self._publish.latest
 
     def close(self) -> None:
         """Flush a non-empty window, remove every hook, close an owned writer. Idempotent."""
@@ -305,23 +262,14 @@ class Watcher:
         def left() -> float | None:
             return None if end is None else max(0.0, end - time.monotonic())
 
-        try:
-            if self._window_steps:
-                self._launch_flush()
-            done = self._worker.join(left())
-            if self._sink is not None:
-                if done:
-                    self._worker.submit(self._close_sink)
-                    self._worker.join(left())
-                else:  # the background thread is stuck: close the writer from here
-                    self._close_sink()
-        finally:
-            self._worker.close(left())
+        if self._window_steps:
+            self._launch_flush()
+        self._publish.close(left)
         self._deliver()
 
     def report(self) -> str:
         """A table of the latest window per layer, alerted cells marked with ``!``."""
-        return _report(self._latest, self.alerts, self._types)
+        return _report(self._publish.latest, self.alerts, self._types)
 
     def __enter__(self) -> Watcher:
         return self
@@ -456,22 +404,8 @@ class Watcher:
 
     def _pend(self, a: A.Alert | None, step: int) -> None:
         """A per-step alert: delivered at the end of this step, and written to TensorBoard."""
-        if a is None:
-            return
-        with self._lock:
-            self._pending.append(a)
-        if self._sink is not None and self._is_writer_rank():
-            self._worker.submit(lambda: self._write_alerts(a, step))
-
-    def _write_alerts(self, a: A.Alert, step: int) -> None:
-        """On the background thread: one per-step alert to TensorBoard."""
-        if "sink" in self._off:
-            return
-        try:
-            self._sink.write_alerts([a], step)
-        except Exception as e:  # e.g. the disk is full
-            self._off.add("sink")
-            self._collector.fault("TensorBoard sink", "*", e, defer=True)
+        if a is not None:
+            self._publish.step_alert(a, step)
 
     def _launch_flush(self) -> None:
         """On the training thread: launch the copy, reset the window, hand over."""
@@ -492,87 +426,29 @@ class Watcher:
             self._buffers.reset_window()
             self._window_steps = 0
             self._amp_skipped = 0
-        self._worker.submit(lambda: self._process(step, copy, order, amp, hist))
+        self._publish.window(step, copy, order, amp, hist)
 
     def _distributed(self) -> bool:
         import torch.distributed as dist
 
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
-    def _is_writer_rank(self) -> bool:
-        import torch.distributed as dist
-
-        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-    def _process(self, step: int, copy: HostCopy, order: list[int], amp: int,
-                 hist: Any = None) -> None:
-        """On the background thread: host values -> Snapshot -> rules -> sinks."""
-        snap = Snapshot.build(step, copy.numpy(), self._infos, order, self._applies, amp)
-        names = [self._infos[i].name for i in order]
-        found: list[A.Alert] = []
-        if "rules" not in self._off:
-            try:
-                found = self._rules.evaluate(step, snap.stats, names, snap.act_nonfinite,
-                                             snap.act_stuck)
-            except Exception as e:
-                self._off.add("rules")
-                self._collector.fault("rules", "*", e, defer=True)
-        self._latest = snap
-        if self._sink is not None and "sink" not in self._off and self._is_writer_rank():
-            try:
-                self._sink.write(snap, found)
-            except Exception as e:  # e.g. the disk is full
-                self._off.add("sink")
-                self._collector.fault("TensorBoard sink", "*", e, defer=True)
-        if self._pictures is not None and not self._off & {"sink", "pictures"} \
-                and self._is_writer_rank():
-            try:
-                self._pictures.write(snap, found, hist, [i.name for i in self._infos])
-            except Exception as e:
-                self._off.add("pictures")
-                self._collector.fault("TensorBoard pictures", "*", e, defer=True)
-        with self._lock:
-            self._pending.extend(found)
-
-    def _close_sink(self) -> None:
-        """On the background thread: draw the last pictures, flush and close the sink; a
-        part already switched off after a failure is closed without a second report."""
-        if self._pictures is not None and not self._off & {"sink", "pictures"} \
-                and self._is_writer_rank():
-            try:
-                self._pictures.close()
-            except Exception as e:
-                self._off.add("pictures")
-                self._collector.fault("TensorBoard pictures", "*", e, defer=True)
-        try:
-            self._sink.close()
-        except Exception as e:
-            if "sink" not in self._off:
-                self._off.add("sink")
-                self._collector.fault("TensorBoard sink", "*", e, defer=True)
-
-    def _worker_error(self, e: BaseException) -> None:
-        self._collector.fault("background writer", "*", e, defer=True)
-
     def _deliver(self) -> None:
         """Alerts and faults reach the user here, on the training thread."""
         faults = self._collector.deferred
         while faults:
             report_fault(faults.popleft())
-        if not self._pending:
+        if not self._publish.pending:
             return
-        with self._lock:
-            found = list(self._pending)
-            self._pending.clear()
-        if not self._is_writer_rank():
+        found = self._publish.take()
+        if not is_writer_rank():
             return
         for i, a in enumerate(found):
             self._alerts.append(a)
             try:
                 A.deliver(a, self.on_alert)
             except A.GradientAlertError:
-                with self._lock:
-                    self._pending.extendleft(reversed(found[i + 1:]))
+                self._publish.put_back(found[i + 1:])
                 raise
 
 

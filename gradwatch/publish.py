@@ -1,0 +1,113 @@
+"""The background half of a flush: host copy -> Snapshot -> rules -> sinks.
+
+Runs on the worker thread, so the training thread only launches the device -> host copy.
+Alerts found here wait in ``pending`` until the training thread delivers them (at its
+next ``step()``/``flush()``/``close()``). Each part (rules, sink, pictures) switches itself
+off after its first failure, reported once through ``fault``.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any, Callable, Sequence
+
+from gradwatch.alerts import Alert
+from gradwatch.distributed import is_writer_rank
+from gradwatch.rules import Rules
+from gradwatch.selection import LayerInfo
+from gradwatch.snapshot import HostCopy, Snapshot
+from gradwatch.worker import Worker
+
+Fault = Callable[..., None]  # (stage, layer, exc, defer=True)
+
+
+class Publisher:
+    def __init__(self, infos: Sequence[LayerInfo], applies: Sequence[tuple[str, ...]],
+                 rules: Rules, sink: Any, pictures: Any, fault: Fault) -> None:
+        self._infos = infos
+        self._applies = applies
+        self._rules = rules
+        self._sink: Any = sink if is_writer_rank() else None
+        self._pictures: Any = pictures if is_writer_rank() else None
+        self._fault = fault
+        self.off: set[str] = set()  # parts switched off after a failure
+        self.latest: Snapshot | None = None
+        self.pending: collections.deque[Alert] = collections.deque()
+        # re-entrant: the SIGTERM handler closes on the training thread, maybe inside it
+        self.lock = threading.RLock()
+        self.worker = Worker(lambda e: fault("background writer", "*", e, defer=True))
+
+    # -- from the training thread -----------------------------------------------------------
+    def window(self, step: int, copy: HostCopy, order: list[int], amp: int,
+               hist: Any = None) -> None:
+        self.worker.submit(lambda: self._process(step, copy, order, amp, hist))
+
+    def step_alert(self, a: Alert, step: int) -> None:
+        """A per-step alert (found on the training thread): queued and written."""
+        with self.lock:
+            self.pending.append(a)
+        if self._sink is not None:
+            self.worker.submit(lambda: self._guard("sink", "TensorBoard sink",
+                                                   lambda: self._sink.write_alerts([a], step)))
+
+    def take(self) -> list[Alert]:
+        with self.lock:
+            found = list(self.pending)
+            self.pending.clear()
+        return found
+
+    def put_back(self, alerts: Sequence[Alert]) -> None:
+        with self.lock:
+            self.pending.extendleft(reversed(alerts))
+
+    def close(self, left: Callable[[], float | None]) -> None:
+        """Wait for the queued windows (within ``left()`` seconds), close the sink, stop."""
+        try:
+            done = self.worker.join(left())
+            if self._sink is not None:
+                if done:
+                    self.worker.submit(self._close_sink)
+                    self.worker.join(left())
+                else:  # the background thread is stuck: close the writer from here
+                    self._close_sink()
+        finally:
+            self.worker.close(left())
+
+    # -- on the worker thread ---------------------------------------------------------------
+    def _guard(self, part: str, stage: str, fn: Callable[[], Any]) -> Any:
+        if part in self.off:
+            return None
+        try:
+            return fn()
+        except Exception as e:  # e.g. the disk is full
+            self.off.add(part)
+            self._fault(stage, "*", e, defer=True)
+            return None
+
+    def _process(self, step: int, copy: HostCopy, order: list[int], amp: int,
+                 hist: Any) -> None:
+        snap = Snapshot.build(step, copy.numpy(), self._infos, order, self._applies, amp)
+        names = [self._infos[i].name for i in order]
+        found = self._guard("rules", "rules", lambda: self._rules.evaluate(
+            step, snap.stats, names, snap.act_nonfinite, snap.act_stuck)) or []
+        self.latest = snap
+        if self._sink is not None:
+            self._guard("sink", "TensorBoard sink", lambda: self._sink.write(snap, found))
+            if self._pictures is not None and "sink" not in self.off:
+                self._guard("pictures", "TensorBoard pictures", lambda: self._pictures.write(
+                    snap, found, hist, [i.name for i in self._infos]))
+        with self.lock:
+            self.pending.extend(found)
+
+    def _close_sink(self) -> None:
+        """Draw the last pictures, flush and close the sink; a part already switched off
+        after a failure is closed without a second report."""
+        if self._pictures is not None and "sink" not in self.off:
+            self._guard("pictures", "TensorBoard pictures", self._pictures.close)
+        try:
+            self._sink.close()
+        except Exception as e:
+            if "sink" not in self.off:
+                self.off.add("sink")
+                self._fault("TensorBoard sink", "*", e, defer=True)
