@@ -72,7 +72,7 @@ def measure(n_layers: int, blocks: int, steps: int, flushes: int) -> dict[str, A
             t0 = time.perf_counter()
             w._launch_flush()
             t1 = time.perf_counter()
-            w._worker.join()
+            w._publish.worker.join()
             t2 = time.perf_counter()
             flush_ms.append(1e3 * (t1 - t0))
             background_ms.append(1e3 * (t2 - t1))

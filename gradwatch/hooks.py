@@ -89,6 +89,8 @@ class Collector:
         self.layers = layers
         self.margin = margin
         self.full = True  # this step collects the full stat set (a sampled step)
+        # elements read for the counts of a large output (None: every element)
+        self.sample: int | None = S.SAMPLE_SIZE
         self.act_on = True
         self.grad_on = True
         self.called = [False] * len(layers)
@@ -122,7 +124,7 @@ class Collector:
                 t = leaves[0]
                 if self.full:
                     bounds = self.layers[slot].bounds
-                    vec = S.activation_sums(t, bounds, self.margin)
+                    vec = S.activation_sums(t, bounds, self.margin, self.sample)
                     self.buffers.add_activation(slot, vec, t.numel())
                     if bounds is not None:
                         stuck = S.stuck_units(t, bounds, self.margin)
