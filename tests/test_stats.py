@@ -143,13 +143,13 @@ def test_sample_view_is_odd_strided_and_covers_everything_over_phases():
 
 
 def test_non_finite_off_the_sample_is_still_flagged_by_the_buffers():
-    x = torch.randn(64, 64, 64)
+    x = torch.randn(2 * S.SAMPLE_ABOVE)
     x.view(-1)[77_777] = math.inf
     v = S.activation_sums(x, None, 0.01)
     assert not math.isfinite(v[S.A_S1].item()) and v[S.A_NF].item() == 0.0  # off the sample
     buf = WindowBuffers(2, torch.device("cpu"))
     buf.add_activation(0, v, x.numel())
-    buf.add_activation(1, S.activation_sums(torch.randn(64, 64, 64), None, 0.01), x.numel())
+    buf.add_activation(1, S.activation_sums(torch.randn(2 * S.SAMPLE_ABOVE), None, 0.01), x.numel())
     buf.add_out_grad(1, S.grad_sq_sum(torch.full((5,), math.nan)), 5)
     flags = buf.step_flags(None)
     assert flags[0, 0].item() >= 1.0 and flags[1, 0].item() == 0.0
