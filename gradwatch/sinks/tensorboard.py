@@ -81,11 +81,11 @@ class TensorBoardSink:
         values = [(scalar_tag(stat, layer), v) for layer, stats in snap.stats.items()
                   for stat, v in stats.items() if not math.isnan(v)]
         values.append(("gradwatch/amp_skipped", float(snap.amp_skipped)))
-        self._add_scalars(values, snap.step)
+        self._write_window(values, snap.step)
         self.write_alerts(alerts, snap.step)
         w.flush()
 
-    def _add_scalars(self, values: Sequence[tuple[str, float]], step: int) -> None:
+    def _write_window(self, values: Sequence[tuple[str, float]], step: int) -> None:
         """All scalars of a window in one event (one Summary with many values: the same
         records ``add_scalar`` writes one by one, at a fraction of the cost). Writers other
         than a SummaryWriter get ``add_scalar`` calls."""
