@@ -24,7 +24,7 @@ from gradwatch import shutdown
 from gradwatch.amp import ScalerTap
 from gradwatch.buffers import WindowBuffers
 from gradwatch.compiled import forget_compiled_code
-from gradwatch.distributed import is_writer_rank
+from gradwatch.distributed import is_writer_rank, world_size
 from gradwatch.flags import StepFlags
 from gradwatch.hooks import (
     Collector,
@@ -414,7 +414,7 @@ class Watcher:
         try:
             if "flush" in self._off:
                 return
-            if self._distributed():
+            if world_size() > 1:
                 self._buffers.reduce_across_ranks()
             copy = HostCopy(self._buffers.finalize())
             hist = self._pictures.take() if self._pictures is not None else None
@@ -427,11 +427,6 @@ class Watcher:
             self._window_steps = 0
             self._amp_skipped = 0
         self._publish.window(step, copy, order, amp, hist)
-
-    def _distributed(self) -> bool:
-        import torch.distributed as dist
-
-        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     def _deliver(self) -> None:
         """Alerts and faults reach the user here, on the training thread."""

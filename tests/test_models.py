@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 import gradwatch
+from tests.zoo import BasicBlock
 
 
 def hook_counts(model: nn.Module) -> dict[str, int]:
@@ -19,27 +20,11 @@ def hook_counts(model: nn.Module) -> dict[str, int]:
     }
 
 
-class Basic(nn.Module):
-    def __init__(self, c=8):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += x
-        return self.relu(out)
-
-
 class ResNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
-        self.blocks = nn.Sequential(Basic(), Basic())
+        self.blocks = nn.Sequential(BasicBlock(), BasicBlock())
         self.head = nn.Linear(8, 4)
 
     def forward(self, x):

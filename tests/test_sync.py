@@ -8,26 +8,12 @@ import torch.nn as nn
 import gradwatch
 from gradwatch import stats
 from tests.syncs import count_host_reads
-
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
-        self.bn1 = nn.BatchNorm2d(4)
-        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(4)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x):  # a ResNet basic block: in-place ReLU and out += x
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += x
-        return self.relu(out)
+from tests.zoo import BasicBlock
 
 
 def model() -> nn.Module:
-    return nn.Sequential(Block(), Block(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5), nn.Sigmoid())
+    return nn.Sequential(BasicBlock(4), BasicBlock(4), nn.Flatten(), nn.Linear(4 * 8 * 8, 5),
+                         nn.Sigmoid())
 
 
 def run(m, opt, steps):

@@ -125,8 +125,10 @@ def relu_mlp_he(seed: int) -> Trial:
     return _ce_trial(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), seed, 32)
 
 
-class _Block(nn.Module):
-    def __init__(self, c: int) -> None:
+class BasicBlock(nn.Module):
+    """A ResNet basic block: in-place ReLU and ``out += x`` (also used by other tests)."""
+
+    def __init__(self, c: int = 8) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(c)
@@ -147,7 +149,7 @@ class SmallResNet(nn.Module):
         self.stem = nn.Conv2d(3, c, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(c)
         self.relu = nn.ReLU(inplace=True)
-        self.blocks = nn.Sequential(*[_Block(c) for _ in range(blocks)])
+        self.blocks = nn.Sequential(*[BasicBlock(c) for _ in range(blocks)])
         self.fc = nn.Linear(c, n_cls)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
