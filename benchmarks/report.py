@@ -85,9 +85,11 @@ def render(data: dict[str, Any]) -> str:
             "## Step overhead (CPU)",
             "",
             f"Median over {ov['rounds']} interleaved rounds of (variant step / bare step of the "
-            "same round); each step time is the median CPU time (all threads of the "
-            "process) of one process's timed steps, because wall time on this shared machine "
-            "swung 2-3x between processes (wall-time figures are in results.json). "
+            "same round); each step time is the CPU time (all threads of the process, so "
+            "background writers count) averaged over blocks of 20 consecutive steps, median "
+            "over the blocks: work done on one step in k (a sampled step) is paid in full. "
+            "CPU time, because wall time on this shared machine swung 2-3x between processes "
+            "(wall-time figures are in results.json). "
             "`range` is min-max over rounds. `reads/step`: host reads per step counted at the "
             "dispatcher. `+RSS`: peak RSS above what the bare run reaches (MB, after imports "
             "and model setup).",

@@ -36,12 +36,17 @@ STATS: tuple[str, ...] = (
     "nonfinite",
 )
 
-# Stage columns (one step).
-# S2, NNZ, NF, SAT run in the order of ``stats.activation_sums``: one add per call.
-(ST_N, ST_S1, ST_S2, ST_NNZ, ST_NF, ST_SAT, ST_MAX, ST_GN, ST_GS2, ST_GNF, ST_STUCK,
- ST_UNITS) = range(12)
+# Stage columns (one step). ST_N..ST_UNITS are sums over the calls of the step, in the order
+# of the per-call activation rows the hooks log (``log_activation``); ST_MAX is a max.
+(ST_N, ST_S1, ST_S2, ST_NNZ, ST_NF, ST_SAT, ST_STUCK, ST_UNITS, ST_MAX, ST_GN, ST_GS2,
+ ST_GNF) = range(12)
 STAGE_COLS = 12
-assert (S.A_NNZ - S.A_S2, S.A_NF - S.A_S2, S.A_SAT - S.A_S2) == (1, 2, 3)
+#: One activation call: ``[n, Σx, Σx², nonzeros, nonfinite, saturated, stuck units, units,
+#: max x, min x]``; the first ``ROW_SUMS`` are added into the stage, the last two give ST_MAX.
+ROW = 10
+ROW_SUMS = ST_UNITS + 1
+#: Calls logged before an early fold (forward passes that no optimizer step ends).
+FOLD_AT = 512
 
 # Window columns: (name, reduce across ranks). Means are stored as sums plus a count column.
 # "same": the parameter statistics are already global on every rank (DDP all-reduces the
@@ -51,6 +56,7 @@ WINDOW: tuple[tuple[str, str], ...] = (
     ("grad_rms", "same"),
     ("grad_cnt", "same"),
     ("grad_max", "same"),
+    ("grad_max_cnt", "same"),
     ("weight_norm", "same"),
     ("weight_cnt", "same"),
     ("update_ratio", "same"),
@@ -71,13 +77,18 @@ WINDOW: tuple[tuple[str, str], ...] = (
 )
 W = {name: i for i, (name, _) in enumerate(WINDOW)}
 SUM_COLS = [i for i, (_, r) in enumerate(WINDOW) if r == "sum"]
+# commit_step: the window columns of each part's per-step values, in stacking order
+_ACT_COLS = ("act_mean", "act_std", "act_zero_frac", "act_sat_frac", "act_cnt",
+             "out_grad_rms", "out_grad_cnt", "act_stuck_frac", "stuck_cnt")
+_PARTS = (("grad_norm", "grad_rms", "grad_cnt", "grad_nonfinite"),
+          ("weight_norm", "weight_cnt"), ("update_ratio", "update_cnt"))
 MAX_COLS = [i for i, (_, r) in enumerate(WINDOW) if r == "max"]
 
 # stat -> (value column, count column or None for a plain sum)
 _FINAL: dict[str, tuple[str, str | None]] = {
     "grad_norm": ("grad_norm", "grad_cnt"),
     "grad_rms": ("grad_rms", "grad_cnt"),
-    "grad_max": ("grad_max", "grad_cnt"),
+    "grad_max": ("grad_max", "grad_max_cnt"),
     "weight_norm": ("weight_norm", "weight_cnt"),
     "update_ratio": ("update_ratio", "update_cnt"),
     "act_mean": ("act_mean", "act_cnt"),
@@ -101,7 +112,7 @@ class ParamStepStats:
 
     grad_norm: Tensor
     grad_rms: Tensor
-    grad_max: Tensor
+    grad_max: Tensor | None  # None on light steps (measured on sampled steps only)
     grad_present: Tensor  # 1.0 where the layer had at least one gradient this step
     grad_nonfinite: Tensor
 
@@ -120,8 +131,88 @@ class WindowBuffers:
         cnt = [W[c] if c is not None else -1 for _, c in _FINAL.values()]
         self._cnt_idx = torch.tensor([max(c, 0) for c in cnt], dtype=torch.long, device=device)
         self._is_mean = torch.tensor([c >= 0 for c in cnt], device=device)
+        # per-call logs of the eager hooks (see ``fold``)
+        self._rows: list[Tensor] = []
+        self._row_slots: list[int] = []
+        self._gsq: list[Tensor] = []
+        self._gn: list[Tensor] = []
+        self._g_slots: list[int] = []
+        self._light: list[Tensor] = []
+        self._l_slots: list[int] = []
+        self._idx: dict[tuple[int, ...], Tensor] = {}
+        self._zero = torch.zeros(n_layers, dtype=torch.float32, device=device)
+        self._act_cols = torch.tensor([W[c] for c in _ACT_COLS], dtype=torch.long,
+                                      device=device)
+        self._col_idx: dict[tuple[bool, bool, bool], Tensor] = {}
 
     # -- hot path: called from hooks ------------------------------------------------------
+    # Eager hooks log per-call device scalars into Python lists (no op beyond the stats
+    # themselves); ``fold`` adds them into the stage with a handful of ops once per step.
+    # Compiled code (torch.compile traces the hooks) adds into the stage directly instead:
+    # the ``add_*`` methods, a few small ops per call but no Python state in the graph.
+
+    def log_activation(self, slot: int, row: list[Tensor]) -> None:
+        """One output tensor: ``ROW`` device scalars (see ``ROW``)."""
+        self._rows.extend(row)
+        self._row_slots.append(slot)
+        if len(self._row_slots) >= FOLD_AT:
+            self.fold()
+
+    def log_out_grad(self, slot: int, sq: Tensor, n: Tensor) -> None:
+        """One output gradient: its Σg² and element count (device scalars)."""
+        self._gsq.append(sq)
+        self._gn.append(n)
+        self._g_slots.append(slot)
+        if len(self._g_slots) >= FOLD_AT:
+            self.fold()
+
+    def log_light(self, slot: int, s1: Tensor) -> None:
+        """One output on a light step: its Σx, non-finite exactly when the output is."""
+        self._light.append(s1)
+        self._l_slots.append(slot)
+        if len(self._l_slots) >= FOLD_AT:
+            self.fold()
+
+    def _index(self, slots: list[int]) -> Tensor:
+        key = tuple(slots)
+        idx = self._idx.get(key)
+        if idx is None:
+            if len(self._idx) >= 256:  # bounded: the call order of a model rarely changes
+                self._idx.clear()
+            # from pinned memory without blocking (the pinned allocator keeps the source
+            # until the copy is done): a cache miss does not sync the device either
+            src = torch.tensor(key, dtype=torch.long, pin_memory=self.device.type == "cuda")
+            idx = src.to(self.device, non_blocking=True)
+            self._idx[key] = idx
+        return idx
+
+    def fold(self) -> None:
+        """Add the logged calls into the stage and clear the logs."""
+        st = self.stage
+        if self._row_slots:
+            k = len(self._row_slots)
+            rows = torch.stack(self._rows).view(k, ROW).to(torch.float32)
+            idx = self._index(self._row_slots)
+            st[:, :ROW_SUMS].index_add_(0, idx, rows[:, :ROW_SUMS])
+            amax = torch.maximum(rows[:, ROW_SUMS], rows[:, ROW_SUMS + 1].neg())
+            st[:, ST_MAX].scatter_reduce_(0, idx, amax, "amax")
+            self._rows.clear()
+            self._row_slots.clear()
+        if self._g_slots:
+            sq = torch.stack(self._gsq).to(torch.float32)
+            g = torch.stack([torch.stack(self._gn), sq, torch.isnan(sq).to(torch.float32)], 1)
+            # NaN only: Σg² of finite values overflows to inf for |g| ~ 1e19 (exploding, not
+            # non-finite); an Inf element reaches the parameter gradients, checked there
+            st[:, ST_GN : ST_GNF + 1].index_add_(0, self._index(self._g_slots), g)
+            self._gsq.clear()
+            self._gn.clear()
+            self._g_slots.clear()
+        if self._l_slots:
+            bad = torch.isfinite(torch.stack(self._light)).logical_not_().to(torch.float32)
+            st[:, ST_NF].index_add_(0, self._index(self._l_slots), bad)
+            self._light.clear()
+            self._l_slots.clear()
+
     def add_activation(self, slot: int, vec: Tensor, numel: int) -> None:
         """Add one output tensor's ``stats.activation_sums`` vector to the stage."""
         row = self.stage[slot]
@@ -147,67 +238,77 @@ class WindowBuffers:
         row = self.stage[slot]
         row[ST_GN].add_(numel)
         row[ST_GS2].add_(sq)
-        # NaN only: Σg² of finite values overflows to inf for |g| ~ 1e19 (exploding, not
-        # non-finite); an Inf element reaches the parameter gradients, checked exactly
-        row[ST_GNF].add_(torch.isnan(sq))
+        row[ST_GNF].add_(torch.isnan(sq))  # NaN only, as in ``fold``
 
     # -- once per step ----------------------------------------------------------------------
     def commit_step(self, params: ParamStepStats | None, weights: Tensor | None,
-                    updates: Tensor | None) -> None:
+                    updates: Tensor | None, full: bool = True) -> None:
         """Turn the stage into per-step stats, add them to the window, clear the stage.
 
         ``weights``/``updates`` are per-layer weight norms and update ratios (NaN where a
-        layer has none), or None on steps where they were not measured.
+        layer has none), or None on steps where they were not measured. ``full``: the step
+        collected the full stat set; a light step only carries non-finite flags and the
+        parameter-gradient norms. The per-step values of each part are stacked and added
+        into the window with one ``index_add_`` over its columns.
         """
+        self.fold()
         st, win = self.stage, self.window
-        n = st[:, ST_N]
-        has = n > 0
-        one = torch.ones_like(n)
-        n1 = torch.where(has, n, one)
-        mean = st[:, ST_S1] / n1
-        var = (st[:, ST_S2] - st[:, ST_S1] * mean) / torch.clamp(n1 - 1, min=1.0)
-        std = torch.sqrt(torch.clamp(var, min=0.0))
-        zero = torch.zeros_like(n)
-        hasf = has.to(torch.float32)
-        win[:, W["act_mean"]] += torch.where(has, mean, zero)
-        win[:, W["act_std"]] += torch.where(has, std, zero)
-        win[:, W["act_zero_frac"]] += torch.where(has, 1.0 - st[:, ST_NNZ] / n1, zero)
-        win[:, W["act_sat_frac"]] += torch.where(has, st[:, ST_SAT] / n1, zero)
-        win[:, W["act_cnt"]] += hasf
-        win[:, W["act_max"]] = torch.maximum(win[:, W["act_max"]], st[:, ST_MAX])
-        gn = st[:, ST_GN]
-        ghas = gn > 0
-        win[:, W["out_grad_rms"]] += torch.where(
-            ghas, torch.sqrt(st[:, ST_GS2] / torch.where(ghas, gn, one)), zero
-        )
-        win[:, W["out_grad_cnt"]] += ghas.to(torch.float32)
-        win[:, W["nonfinite"]] += st[:, ST_NF] + st[:, ST_GNF]
-        win[:, W["act_nonfinite"]] += st[:, ST_NF]
-        units = st[:, ST_UNITS]
-        uhas = units > 0
-        win[:, W["act_stuck_frac"]] += torch.where(
-            uhas, st[:, ST_STUCK] / torch.where(uhas, units, one), zero)
-        win[:, W["stuck_cnt"]] += uhas.to(torch.float32)
+        if full:
+            self._commit_activations()
+        nf = st[:, ST_NF] + st[:, ST_GNF]
+        vals = [st[:, ST_NF]]
         if params is not None:
-            p = params.grad_present
-            ok = p > 0
-            win[:, W["grad_norm"]] += torch.where(ok, params.grad_norm, zero)
-            win[:, W["grad_rms"]] += torch.where(ok, params.grad_rms, zero)
-            win[:, W["grad_cnt"]] += p
-            win[:, W["grad_max"]] = torch.maximum(
-                win[:, W["grad_max"]], torch.where(ok, params.grad_max, zero)
-            )
-            win[:, W["nonfinite"]] += params.grad_nonfinite
-            win[:, W["grad_nonfinite"]] += params.grad_nonfinite
-        if weights is not None:
-            ok = ~torch.isnan(weights)
-            win[:, W["weight_norm"]] += torch.where(ok, weights, zero)
-            win[:, W["weight_cnt"]] += ok.to(torch.float32)
-        if updates is not None:
-            ok = ~torch.isnan(updates)
-            win[:, W["update_ratio"]] += torch.where(ok, updates, zero)
-            win[:, W["update_cnt"]] += ok.to(torch.float32)
+            # a layer without gradients has norm 0 and present 0: it adds nothing
+            vals += [params.grad_norm, params.grad_rms, params.grad_present,
+                     params.grad_nonfinite]
+            nf = nf + params.grad_nonfinite
+            if params.grad_max is not None:
+                c = W["grad_max"]
+                torch.maximum(win[:, c], params.grad_max, out=win[:, c])
+                win[:, W["grad_max_cnt"]] += params.grad_present
+        for v in (weights, updates):
+            if v is not None:
+                ok = ~torch.isnan(v)
+                vals += [torch.where(ok, v, self._zero), ok.to(torch.float32)]
+        vals.append(nf)
+        key = (params is not None, weights is not None, updates is not None)
+        win.index_add_(1, self._cols(key), torch.stack(vals, 1))
         st.zero_()
+
+    def _cols(self, key: tuple[bool, bool, bool]) -> Tensor:
+        """Window columns of ``commit_step``'s stacked values, for which parts are present."""
+        idx = self._col_idx.get(key)
+        if idx is None:
+            names = ["act_nonfinite"]
+            for on, part in zip(key, _PARTS):
+                if on:
+                    names += part
+            names.append("nonfinite")
+            idx = torch.tensor([W[n] for n in names], dtype=torch.long, device=self.device)
+            self._col_idx[key] = idx
+        return idx
+
+    def _commit_activations(self) -> None:
+        st = self.stage
+        n, s1 = st[:, ST_N], st[:, ST_S1]
+        n1 = torch.clamp(n, min=1.0)  # a layer not called this step has all sums 0
+        mean = s1 / n1
+        var = (st[:, ST_S2] - s1 * mean) / torch.clamp(n1 - 1, min=1.0)
+        gn, units = st[:, ST_GN], st[:, ST_UNITS]
+        vals = torch.stack([
+            mean,
+            torch.sqrt(torch.clamp(var, min=0.0)),
+            (n - st[:, ST_NNZ]) / n1,
+            st[:, ST_SAT] / n1,
+            (n > 0).to(torch.float32),
+            torch.sqrt(st[:, ST_GS2] / torch.clamp(gn, min=1.0)),
+            (gn > 0).to(torch.float32),
+            st[:, ST_STUCK] / torch.clamp(units, min=1.0),
+            (units > 0).to(torch.float32),
+        ], 1)
+        self.window.index_add_(1, self._act_cols, vals)
+        c = W["act_max"]
+        torch.maximum(self.window[:, c], st[:, ST_MAX], out=self.window[:, c])
 
     def step_flags(self, params: ParamStepStats | None) -> Tensor:
         """``[layers, 3]`` of this step: non-finite counts in the outputs and in the
@@ -216,6 +317,7 @@ class WindowBuffers:
         waiting (``flags.StepFlags``)."""
         # A large output's non-finite count is estimated on a sample (stats.py), but its
         # sum covers every element: a NaN/Inf anywhere counts at least 1.
+        self.fold()
         nf = self.stage[:, ST_NF]
         bad = torch.isfinite(self.stage[:, ST_S1]).logical_not_() & (self.stage[:, ST_N] > 0)
         torch.where(bad, torch.clamp(nf, min=1.0), nf, out=nf)
@@ -228,10 +330,14 @@ class WindowBuffers:
 
     def scale_out_grads(self, factor: Tensor) -> None:
         """Multiply the staged output-gradient Σg² by ``factor`` (AMP: 1/scale²)."""
+        self.fold()
         self.stage[:, ST_GS2].mul_(factor)
 
     def discard_step(self) -> None:
         """Drop the staged step (a step the GradScaler skipped)."""
+        for log in (self._rows, self._row_slots, self._gsq, self._gn, self._g_slots,
+                    self._light, self._l_slots):
+            log.clear()
         self.stage.zero_()
 
     # -- once per flush ---------------------------------------------------------------------

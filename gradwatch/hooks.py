@@ -55,7 +55,7 @@ class ForwardHook(_Hook):
     def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         c = self._collector()
         if c is not None and (c.act_on or c.grad_on):
-            c.on_output(self.slot, output)
+            c.on_output(self.slot, output, args)
         return None
 
 
@@ -81,6 +81,13 @@ class OutGradHook(_Hook):
         return None
 
 
+def float_leaves(output: Any) -> list[Tensor]:
+    """The non-empty dense floating-point tensors of a module output (any nesting)."""
+    outs = [output] if isinstance(output, Tensor) else tree_leaves(output)
+    return [t for t in outs if isinstance(t, Tensor)
+            and t.is_floating_point() and not t.is_sparse and t.numel() > 0]
+
+
 class Collector:
     """Hot-path state shared by all hooks of one watcher: buffers, step mode, faults."""
 
@@ -91,6 +98,9 @@ class Collector:
         self.full = True  # this step collects the full stat set (a sampled step)
         # elements read for the counts of a large output (None: every element)
         self.sample: int | None = S.SAMPLE_SIZE
+        self.phase = 0  # start offset of the element sample, rotated every step
+        self._consts: dict[float, Tensor] = {}
+        self._last_checked: tuple[weakref.ref[Tensor], int] | None = None
         self.act_on = True
         self.grad_on = True
         self.called = [False] * len(layers)
@@ -106,37 +116,30 @@ class Collector:
         self.hist: Any = None  # DeviceHistograms when histograms=True
 
     # -- forward ----------------------------------------------------------------------------
-    def on_output(self, slot: int, output: Any) -> None:
+    def on_output(self, slot: int, output: Any, args: Any = ()) -> None:
         # Two parts that fail and switch off independently: activation statistics, and
         # the placement of the output-gradient hooks. Never take the training down.
         try:
             if not self.called[slot]:
                 self.called[slot] = True
                 self.order.append(slot)
-            leaves = [t for t in tree_leaves(output) if isinstance(t, Tensor)
-                      and t.is_floating_point() and not t.is_sparse and t.numel() > 0]
+            if not self.full and self._input_checked(slot, args):
+                return
+            leaves = float_leaves(output)
         except Exception as e:
             self.act_on = self.grad_on = False
             self.fault("forward hook", self.layers[slot].name, e)
             return
         if leaves and self.act_on:
             try:
-                t = leaves[0]
-                if self.full:
-                    bounds = self.layers[slot].bounds
-                    vec = S.activation_sums(t, bounds, self.margin, self.sample)
-                    self.buffers.add_activation(slot, vec, t.numel())
-                    if bounds is not None:
-                        stuck = S.stuck_units(t, bounds, self.margin)
-                        self.buffers.add_stuck(slot, stuck, S.units_of(t))
-                    if self.hist is not None:
-                        self.hist.add_activation(slot, t)
+                if torch.compiler.is_compiling():
+                    self._traced_stats(slot, leaves[0])
                 else:
-                    self.buffers.add_nonfinite(slot, S.nonfinite_flag(t))
+                    self._stats(slot, leaves[0])
             except Exception as e:
                 self.act_on = False
                 self.fault("activation statistics", self.layers[slot].name, e)
-        if self.grad_on:
+        if self.grad_on and self.full:  # light steps: no output-gradient hooks at all
             try:
                 for t in leaves:
                     if t.requires_grad and self._first_hook(t):
@@ -148,6 +151,63 @@ class Collector:
             except Exception as e:
                 self.grad_on = False
                 self.fault("output-gradient hook", self.layers[slot].name, e)
+
+    def _input_checked(self, slot: int, args: Any) -> bool:
+        """Light steps: the output of a finite-preserving activation needs no check of its
+        own when its input is the output checked last (as is, or changed only by this
+        activation working in place). Eager only: compiled code checks every output."""
+        if not self.layers[slot].keeps_finite or not args or torch.compiler.is_compiling():
+            return False
+        last = self._last_checked
+        if last is None:
+            return False
+        ref, version = last
+        x = args[0]
+        return isinstance(x, Tensor) and ref() is x and x._version - version in (0, 1)
+
+    def _const(self, value: float) -> Tensor:
+        """A 0-d fp32 device tensor holding ``value`` (element and unit counts), made once
+        on the device (``torch.full``: no host-to-device copy) and reused."""
+        c = self._consts.get(value)
+        if c is None:
+            if len(self._consts) >= 4096:  # bounded: shapes rarely vary without limit
+                self._consts.clear()
+            c = torch.full((), value, dtype=torch.float32, device=self.buffers.device)
+            self._consts[value] = c
+        return c
+
+    def _stats(self, slot: int, t: Tensor) -> None:
+        """Eager: this output's statistics as device scalars, logged for the step's fold."""
+        buf = self.buffers
+        if not self.full:
+            buf.log_light(slot, S.nonfinite_sum(t.detach()))
+            self._last_checked = (weakref.ref(t), t._version)
+            return
+        bounds = self.layers[slot].bounds
+        s1, hi, lo, s2, nnz, nf, sat = S.activation_parts(
+            t, bounds, self.margin, self.sample, self.phase)
+        if bounds is not None:
+            stuck, units = S.stuck_units(t, bounds, self.margin), self._const(S.units_of(t))
+        else:
+            stuck = units = self._const(0.0)
+        buf.log_activation(slot, [self._const(t.numel()), s1, s2, nnz, nf, sat, stuck, units,
+                                  hi, lo])
+        if self.hist is not None:
+            self.hist.add_activation(slot, t)
+
+    def _traced_stats(self, slot: int, t: Tensor) -> None:
+        """Compiled code: the same statistics, added into the stage directly."""
+        if not self.full:
+            self.buffers.add_nonfinite(slot, S.nonfinite_flag(t))
+            return
+        bounds = self.layers[slot].bounds
+        # phase 0: a Python counter read in traced code would recompile every step
+        vec = S.activation_sums(t, bounds, self.margin, self.sample)
+        self.buffers.add_activation(slot, vec, t.numel())
+        if bounds is not None:
+            self.buffers.add_stuck(slot, S.stuck_units(t, bounds, self.margin), S.units_of(t))
+        if self.hist is not None:
+            self.hist.add_activation(slot, t)
 
     def _first_hook(self, t: Tensor) -> bool:
         """True the first time this tensor (at this version) reaches a hook in this step.
@@ -173,17 +233,21 @@ class Collector:
 
     # -- backward ---------------------------------------------------------------------------
     def on_out_grad(self, slot: int, grad: Tensor) -> None:
+        # registered on full steps only (a light step checks outputs and parameter gradients)
         try:
-            if self.full:
-                self.buffers.add_out_grad(slot, S.grad_sq_sum(grad), grad.numel())
-            else:  # the gradient column: the output column locates where a NaN started
-                self.buffers.add_grad_nonfinite(slot, S.nonfinite_flag(grad))
+            sq = S.grad_sq_sum(grad)
+            if torch.compiler.is_compiling():
+                self.buffers.add_out_grad(slot, sq, grad.numel())
+            else:
+                self.buffers.log_out_grad(slot, sq, self._const(grad.numel()))
         except Exception as e:
             self.grad_on = False
             self.fault("output-gradient hook", self.layers[slot].name, e)
 
     # -- step boundary ----------------------------------------------------------------------
     def end_step(self) -> None:
+        self.phase += 1  # the next sampled step reads other elements of large outputs
+        self._last_checked = None
         self._hooked.clear()
         self._traced.clear()
         self._handles.clear()
@@ -247,8 +311,11 @@ class _StepHook:
         return (_Inert, ())
 
 
-# Largest number of elements per parameter copied to measure an update ratio.
+# Largest number of elements per parameter copied to measure an update ratio, taken as
+# UPDATE_CHUNKS evenly spaced contiguous runs: a plain stride would touch one cache line
+# per element (7x slower here for a 512x512 weight).
 UPDATE_SAMPLE = 4096
+UPDATE_CHUNKS = 8
 
 
 class ParamTracker:
@@ -274,6 +341,12 @@ class ParamTracker:
         self._cache: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] = {}
         self._before: list[Tensor] | None = None
         self._views_idx: Tensor | None = None
+        self._views_has: Tensor | None = None
+        self._views: list[Tensor] = []
+        self._views_key: tuple[int, ...] | None = None
+        # every parameter a dense non-empty float tensor: the fused norm kernel takes them
+        self._plain = all(p.dtype in S._UPCAST and not p.is_sparse and p.numel() > 0
+                          for p in self.params)
         # FSDP2: norms of local shards are partial; one all-reduce makes them global
         self._shards = shard_reducer(self.params)
 
@@ -294,24 +367,36 @@ class ParamTracker:
             self._cache[present] = hit
         return hit
 
-    def grad_stats(self) -> ParamStepStats | None:
+    def grad_stats(self, full: bool = True) -> ParamStepStats | None:
+        """Per-layer gradient norms, RMS and non-finite flags; the max-abs only when
+        ``full`` (a second pass over every gradient: sampled steps only).
+
+        Non-finite: on full steps from the max-abs, exact (an L2 norm of finite values can
+        overflow, |g| ~ 1e19); on light steps from the norm, NaN only: an Inf gradient
+        there shows as an infinite ``grad_rms`` (the rules report it as exploding at once).
+        """
         present = tuple(k for k, (p, _) in enumerate(self.trainable) if p.grad is not None)
         if not present:
             return None
         grads = [local(self.trainable[k][0].grad) for k in present]  # type: ignore[arg-type]
         idx, numel, has = self._layout(present)
         norms = S.foreach_norms(grads, 2.0)
-        maxes = S.foreach_absmax(grads)
         L = self.n_layers
         sq = torch.zeros(L, device=self.device).index_add_(0, idx, norms * norms)
-        gmax = torch.zeros(L, device=self.device).scatter_reduce_(0, idx, maxes, "amax")
-        # from the max-abs, exact: an L2 norm of finite values can overflow (|g| ~ 1e19)
-        bad = torch.isfinite(maxes).logical_not().to(torch.float32)
+        if full:
+            maxes = S.foreach_absmax(grads)
+            gmax: Tensor | None = torch.zeros(L, device=self.device).scatter_reduce_(
+                0, idx, maxes, "amax")
+            bad = torch.isfinite(maxes).logical_not().to(torch.float32)
+        else:
+            gmax = None
+            bad = torch.isnan(norms).to(torch.float32)
         nonfinite = torch.zeros(L, device=self.device).index_add_(0, idx, bad)
         if self._shards is not None:
             both = self._shards.sum_(torch.stack([sq, nonfinite]))
             sq, nonfinite = both[0], both[1]
-            gmax = self._shards.max_(gmax)
+            if gmax is not None:
+                gmax = self._shards.max_(gmax)
         gnorm = torch.sqrt(sq)
         grms = gnorm / torch.sqrt(torch.clamp(numel, min=1.0))
         return ParamStepStats(gnorm, grms, gmax, has, nonfinite)
@@ -319,7 +404,7 @@ class ParamTracker:
     def weight_norms(self) -> Tensor | None:
         if not self.params:
             return None
-        norms = S.foreach_norms([local(p.detach()) for p in self.params], 2.0)
+        norms = self._norms([local(p.detach()) for p in self.params])
         sq = torch.zeros(self.n_layers, device=self.device).index_add_(
             0, self._all_idx, norms * norms
         )
@@ -329,12 +414,28 @@ class ParamTracker:
 
     # -- update ratio: a strided sample of each parameter, copied before the step -----------
     def _sample_views(self) -> list[Tensor]:
+        """Views of at most ``UPDATE_SAMPLE`` elements of each trainable parameter, made
+        again only when a parameter's storage changes (``p.data = ...``)."""
+        key = tuple(local(p.detach()).data_ptr() for p, _ in self.trainable)
+        if key == self._views_key:
+            return self._views
         out = []
         for p, _ in self.trainable:
             flat = local(p.detach()).reshape(-1)
-            stride = max(1, -(-flat.numel() // UPDATE_SAMPLE))
-            out.append(flat[::stride])
+            n = flat.numel()
+            if n <= UPDATE_SAMPLE:
+                out.append(flat)
+                continue
+            run = UPDATE_SAMPLE // UPDATE_CHUNKS
+            out.append(flat.as_strided((UPDATE_CHUNKS, run), (n // UPDATE_CHUNKS, 1),
+                                       flat.storage_offset()))
+        self._views, self._views_key = out, key
         return out
+
+    def _norms(self, tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+        if self._plain:  # one fused call, no per-tensor Python
+            return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
+        return S.foreach_norms(tensors, 2.0)
 
     def before_update(self) -> None:
         if not self.trainable or self.trainable[0][0].is_sparse:
@@ -343,25 +444,25 @@ class ParamTracker:
         self._before = [v.clone() for v in self._sample_views()]
 
     def update_ratios(self) -> Tensor | None:
-        """‖Δw‖/‖w‖ per layer over the sampled elements (exact for tensors <= 65536)."""
+        """‖Δw‖/‖w‖ per layer over the sampled elements (exact for tensors <= 4096)."""
         before = self._before
         self._before = None
         if before is None:
             return None
         after = self._sample_views()
         delta = torch._foreach_sub(after, before)
-        dn = S.foreach_norms(delta, 2.0)
-        wn = S.foreach_norms(after, 2.0)
+        dn = self._norms(delta)
+        wn = self._norms(after)
         if self._views_idx is None:
             self._views_idx = torch.tensor(
                 [i for _, i in self.trainable], dtype=torch.long, device=self.device
             )
-        L = self.n_layers
-        d2 = torch.zeros(L, device=self.device).index_add_(0, self._views_idx, dn * dn)
-        w2 = torch.zeros(L, device=self.device).index_add_(0, self._views_idx, wn * wn)
+            has = torch.zeros(self.n_layers, dtype=torch.bool, device=self.device)
+            self._views_has = has.index_fill_(0, self._views_idx, True)
+        assert self._views_has is not None
+        sq = torch.zeros(2, self.n_layers, device=self.device)
+        sq.index_add_(1, self._views_idx, torch.stack([dn * dn, wn * wn]))
         if self._shards is not None:
-            both = self._shards.sum_(torch.stack([d2, w2]))
-            d2, w2 = both[0], both[1]
-        has = torch.zeros(L, dtype=torch.bool, device=self.device)
-        has[self._views_idx] = True
-        return torch.where(has, torch.sqrt(d2) / torch.sqrt(w2), torch.full_like(d2, math.nan))
+            sq = self._shards.sum_(sq)
+        return torch.where(self._views_has, torch.sqrt(sq[0]) / torch.sqrt(sq[1]),
+                           torch.full_like(sq[0], math.nan))

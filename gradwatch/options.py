@@ -23,6 +23,17 @@ def check_int(name: str, v: object) -> int:
     return v
 
 
+def check_sample_every(v: object) -> int | None:
+    """``"auto"`` (None here: the watcher derives it from ``every``) or an int >= 1."""
+    if v == "auto" and isinstance(v, str):
+        return None
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"sample_every must be an int >= 1 or 'auto', got {v!r}")
+    if v < 1:
+        raise ValueError(f"sample_every must be an int >= 1 or 'auto', got {v!r}")
+    return v
+
+
 def check_bool(name: str, v: object) -> bool:
     if not isinstance(v, bool):
         raise TypeError(f"{name} must be True or False, got {v!r}")

@@ -40,8 +40,15 @@ class Publisher:
 
     # -- from the training thread -----------------------------------------------------------
     def window(self, step: int, copy: HostCopy, order: list[int], amp: int,
-               hist: Any = None) -> None:
-        self.worker.submit(lambda: self._process(step, copy, order, amp, hist))
+               hist: Any = None, force: bool = False) -> None:
+        """Queue a window; ``force``: push it to disk now (an explicit flush)."""
+        self.worker.submit(lambda: self._process(step, copy, order, amp, hist, force))
+
+    def flush_sink(self) -> None:
+        """Queue a writer flush (an explicit flush of an empty window)."""
+        if self._sink is not None:
+            self.worker.submit(lambda: self._guard("sink", "TensorBoard sink",
+                                                   self._sink.flush))
 
     def step_alert(self, a: Alert, step: int) -> None:
         """A per-step alert (found on the training thread): queued and written."""
@@ -86,14 +93,14 @@ class Publisher:
             return None
 
     def _process(self, step: int, copy: HostCopy, order: list[int], amp: int,
-                 hist: Any) -> None:
+                 hist: Any, force: bool) -> None:
         snap = Snapshot.build(step, copy.numpy(), self._infos, order, self._applies, amp)
         names = [self._infos[i].name for i in order]
         found = self._guard("rules", "rules", lambda: self._rules.evaluate(
             step, snap.stats, names, snap.act_nonfinite, snap.act_stuck)) or []
         self.latest = snap
         if self._sink is not None:
-            self._guard("sink", "TensorBoard sink", lambda: self._sink.write(snap, found))
+            self._guard("sink", "TensorBoard sink", lambda: self._sink.write(snap, found, force))
             if self._pictures is not None and "sink" not in self.off:
                 self._guard("pictures", "TensorBoard pictures", lambda: self._pictures.write(
                     snap, found, hist, [i.name for i in self._infos]))

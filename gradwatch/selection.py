@@ -29,6 +29,9 @@ class LayerInfo:
     has_trainable: bool
     bounds: tuple[float, float] | None  # output range of a bounded activation
     relu_like: bool
+    # a parameter-free activation that maps finite inputs to finite outputs: on light steps
+    # its output needs no non-finite check when its input was just checked
+    keeps_finite: bool = False
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -52,6 +55,13 @@ def output_bounds(m: nn.Module) -> tuple[float, float] | None:
     if isinstance(m, (nn.Tanh, nn.Softsign)):
         return (-1.0, 1.0)
     return None
+
+
+def keeps_finite(m: nn.Module) -> bool:
+    """Finite input -> finite output, with no parameter that could hold a NaN."""
+    if not isinstance(m, _ACTIVATIONS) or isinstance(m, (nn.PReLU, nn.Threshold)):
+        return False
+    return not any(True for _ in m.parameters(recurse=False))
 
 
 def _owns_params(m: nn.Module) -> bool:
@@ -118,4 +128,5 @@ def describe(name: str, m: nn.Module, own: Sequence[nn.Parameter]) -> LayerInfo:
         has_trainable=any(p.requires_grad for p in own),
         bounds=output_bounds(m),
         relu_like=isinstance(m, _RELU_LIKE),
+        keeps_finite=keeps_finite(m),
     )

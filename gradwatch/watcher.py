@@ -34,7 +34,7 @@ from gradwatch.hooks import (
     _StepHook,
     report_fault,
 )
-from gradwatch.options import check_bool, check_int, given, open_writer
+from gradwatch.options import check_bool, check_int, check_sample_every, given, open_writer
 from gradwatch.publish import Publisher
 from gradwatch.rules import Rules, Thresholds
 from gradwatch.selection import assign_params, describe, select, unwrap
@@ -43,6 +43,11 @@ from gradwatch.sinks.pictures import Pictures
 from gradwatch.snapshot import HostCopy, Snapshot, applicable
 
 MAX_ALERTS = 10_000
+#: ``sample_every="auto"``: after the first window (read on every step), the full stat set
+#: on this many evenly spaced steps per window (``every // SAMPLED_PER_WINDOW``, at least 1:
+#: windows shorter than twice this are read on every step). Chosen by measurement, see
+#: docs/performance.md.
+SAMPLED_PER_WINDOW = 10
 _ATTACH = "_gradwatch_attachment"
 
 
@@ -77,6 +82,13 @@ class Watcher:
     Between flushes nothing is read back to the host; a flush (every ``every`` steps) makes
     one device -> host copy of the whole window (non-blocking into pinned memory on CUDA)
     and hands it to a background thread for the rules and TensorBoard.
+
+    Sampling: a *sampled* step collects the full stat set; the other (*light*) steps only
+    check every watched output for NaN/Inf (one sum each) and measure the parameter-gradient
+    norms, so non-finite values and exploding gradients are caught on the step they
+    appear. Sampled steps are the first step of each window and then one in
+    ``sample_every``; ``"auto"`` (the default) samples every step of the first window and
+    then one step in ``every // SAMPLED_PER_WINDOW``.
     """
 
     def __init__(
@@ -89,7 +101,7 @@ class Watcher:
         logdir: str | os.PathLike[str] | None = None,
         tensorboard: bool = True,
         every: int = 100,
-        sample_every: int = 1,
+        sample_every: int | str = "auto",
         thresholds: Thresholds | Mapping[str, Any] | None = None,
         on_alert: A.OnAlert = "warn",
         include: str | Sequence[str] | None = None,
@@ -109,7 +121,11 @@ class Watcher:
                 f"scaler must be a torch.amp.GradScaler or None, got {given(scaler)}"
             )
         self.every = check_int("every", every)
-        self.sample_every = check_int("sample_every", sample_every)
+        k = check_sample_every(sample_every)
+        self.sample_every = k if k is not None else max(1, self.every // SAMPLED_PER_WINDOW)
+        # "auto" reads the whole first window on every step (what goes wrong at
+        # initialization is seen completely); later windows are sampled
+        self._dense = k is None
         tensorboard = check_bool("tensorboard", tensorboard)
         self.histograms = check_bool("histograms", histograms)
         self.images = check_bool("images", images)
@@ -229,7 +245,9 @@ class Watcher:
 
         This waits for the background thread (a sync point by design)."""
         if self._window_steps:
-            self._launch_flush()
+            self._launch_flush(force=True)
+        else:
+            self._publish.flush_sink()
         self._publish.worker.join()
         self._deliver()
         return self._publish.latest
@@ -300,20 +318,24 @@ class Watcher:
         if what in self._off:
             return None
         try:
-            if what == "grad":
-                if self._collector.hist is not None and self._collector.full:
-                    self._collector.hist.add_grads(self._params.trainable)
-                return self._params.grad_stats()
-            if what == "weight":
-                return self._params.weight_norms()
-            if what == "before":
-                self._params.before_update()
-                return None
-            return self._params.update_ratios()
+            with torch.no_grad():  # optimizer hooks run outside the step's own no_grad
+                return self._params_op(what)
         except Exception as e:
             self._off.add(what)
             self._collector.fault(f"parameter statistics ({what})", "*", e)
             return None
+
+    def _params_op(self, what: str) -> Any:
+        if what == "grad":
+            if self._collector.hist is not None and self._collector.full:
+                self._collector.hist.add_grads(self._params.trainable)
+            return self._params.grad_stats(self._collector.full)
+        if what == "weight":
+            return self._params.weight_norms()
+        if what == "before":
+            self._params.before_update()
+            return None
+        return self._params.update_ratios()
 
     def _pre_step(self, closure: bool) -> None:
         # with a closure (Lightning, LBFGS) the backward runs inside step(): read the
@@ -355,9 +377,11 @@ class Watcher:
         self._step += 1
         self._window_steps += 1
         self._check_flags()
-        self._collector.full = self._step % self.sample_every == 0
         if self._window_steps >= self.every:
             self._launch_flush()
+        # sampled steps are aligned on the window: its first step, then one in k
+        k = 1 if self._dense else self.sample_every
+        self._collector.full = self._window_steps % k == 0
         self._deliver()
 
     def _commit(self, grads: Any, weights: Any, updates: Any) -> None:
@@ -366,7 +390,7 @@ class Watcher:
                 self._buffers.discard_step()
                 return
             self._flags.push(self._buffers.step_flags(grads), self._step + 1)
-            self._buffers.commit_step(grads, weights, updates)
+            self._buffers.commit_step(grads, weights, updates, self._collector.full)
         except Exception as e:
             self._off.add("commit")
             self._collector.fault("step commit", "*", e)
@@ -407,7 +431,7 @@ class Watcher:
         if a is not None:
             self._publish.step_alert(a, step)
 
-    def _launch_flush(self) -> None:
+    def _launch_flush(self, force: bool = False) -> None:
         """On the training thread: launch the copy, reset the window, hand over."""
         step, amp = self._step, self._amp_skipped
         order = list(self._collector.order)
@@ -426,7 +450,9 @@ class Watcher:
             self._buffers.reset_window()
             self._window_steps = 0
             self._amp_skipped = 0
-        self._publish.window(step, copy, order, amp, hist)
+            self._dense = False
+            self._collector.full = True  # a new window starts with a sampled step
+        self._publish.window(step, copy, order, amp, hist, force)
 
     def _deliver(self) -> None:
         """Alerts and faults reach the user here, on the training thread."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections import Counter
 from typing import Any, Sequence
 
@@ -66,14 +67,20 @@ def add_text(writer: Any, tag: str, text: str, step: int) -> None:
     get_file_writer().add_summary(summary, step)
 
 
+#: Windows are pushed to disk at most this often (seconds), and on every explicit flush:
+#: with ``every=1`` a file flush per window would cost more than the window itself.
+FLUSH_SECS = 1.0
+
+
 class TensorBoardSink:
     def __init__(self, writer: Any, owns: bool) -> None:
         self.writer = writer
         self.owns = owns
         self._layout_written = False
         self._counts: Counter[str] = Counter()
+        self._flushed = time.monotonic()
 
-    def write(self, snap: Snapshot, alerts: Sequence[Alert]) -> None:
+    def write(self, snap: Snapshot, alerts: Sequence[Alert], force: bool = False) -> None:
         w = self.writer
         if not self._layout_written:
             w.add_custom_scalars(layout())
@@ -81,9 +88,18 @@ class TensorBoardSink:
         values = [(scalar_tag(stat, layer), v) for layer, stats in snap.stats.items()
                   for stat, v in stats.items() if not math.isnan(v)]
         values.append(("gradwatch/amp_skipped", float(snap.amp_skipped)))
+        for a in alerts:
+            self._counts[a.kind] += 1
+        values += [(alert_count_tag(kind), float(self._counts[kind])) for kind in KINDS]
         self._write_window(values, snap.step)
-        self.write_alerts(alerts, snap.step)
-        w.flush()
+        if alerts:
+            add_text(w, ALERT_TEXT_TAG, alerts_markdown(alerts), snap.step)
+        if force or time.monotonic() - self._flushed >= FLUSH_SECS:
+            self.flush()
+
+    def flush(self) -> None:
+        self.writer.flush()
+        self._flushed = time.monotonic()
 
     def _write_window(self, values: Sequence[tuple[str, float]], step: int) -> None:
         """All scalars of a window in one event (one Summary with many values: the same
