@@ -35,6 +35,7 @@ VARIANTS = (
 # (timed steps, warm-up steps) per workload: 1-5 s of steps per process on one core. Timed
 # steps are whole blocks of BLOCK steps (see STEP_STAT).
 BLOCK = 20
+DEFAULT_EVERY = 100  # watch()'s default window
 STEPS = {"mlp": (60, 5), "cnn": (40, 5), "lstm": (20, 3), "transformer": (20, 2)}
 COUNT_STEPS = 3
 PEER_MODULES = {
@@ -267,6 +268,10 @@ def worker(variant: str, workload: str, count: bool) -> dict[str, Any]:
         hooks.after_step(i)
 
     n, warm = STEPS[workload]
+    if variant == "gradwatch":
+        # the default (sample_every="auto") reads its whole first window (every=100 steps)
+        # on every step, then samples: time the steady state after it
+        warm += DEFAULT_EVERY
     for i in range(warm):
         step(i)
     times = []

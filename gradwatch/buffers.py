@@ -310,23 +310,24 @@ class WindowBuffers:
         c = W["act_max"]
         torch.maximum(self.window[:, c], st[:, ST_MAX], out=self.window[:, c])
 
-    def step_flags(self, params: ParamStepStats | None) -> Tensor:
+    def step_flags(self, params: ParamStepStats | None, full: bool = True) -> Tensor:
         """``[layers, 3]`` of this step: non-finite counts in the outputs and in the
         gradients, and the parameter-gradient RMS (0 without one), for the rules that fire
         within a step. Call before ``commit_step``; the watcher copies it to the host without
         waiting (``flags.StepFlags``)."""
-        # A large output's non-finite count is estimated on a sample (stats.py), but its
-        # sum covers every element: a NaN/Inf anywhere counts at least 1.
         self.fold()
-        nf = self.stage[:, ST_NF]
-        bad = torch.isfinite(self.stage[:, ST_S1]).logical_not_() & (self.stage[:, ST_N] > 0)
-        torch.where(bad, torch.clamp(nf, min=1.0), nf, out=nf)
-        grads = self.stage[:, ST_GNF]
-        rms = torch.zeros_like(grads)
-        if params is not None:
-            grads = grads + params.grad_nonfinite
-            rms = torch.where(params.grad_present > 0, params.grad_rms, rms)
-        return torch.stack([self.stage[:, ST_NF], grads, rms], dim=1)
+        st = self.stage
+        if full:
+            # A large output's non-finite count is estimated on a sample (stats.py), but its
+            # sum covers every element: a NaN/Inf anywhere counts at least 1.
+            nf = st[:, ST_NF]
+            bad = torch.isfinite(st[:, ST_S1]).logical_not_() & (st[:, ST_N] > 0)
+            torch.where(bad, torch.clamp(nf, min=1.0), nf, out=nf)
+        if params is None:
+            return torch.stack([st[:, ST_NF], st[:, ST_GNF], self._zero], dim=1)
+        # a layer without gradients has grad_rms 0 and no non-finite count
+        return torch.stack([st[:, ST_NF], st[:, ST_GNF] + params.grad_nonfinite,
+                            params.grad_rms], dim=1)
 
     def scale_out_grads(self, factor: Tensor) -> None:
         """Multiply the staged output-gradient Σg² by ``factor`` (AMP: 1/scale²)."""

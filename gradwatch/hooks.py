@@ -404,7 +404,7 @@ class ParamTracker:
     def weight_norms(self) -> Tensor | None:
         if not self.params:
             return None
-        norms = self._norms([local(p.detach()) for p in self.params])
+        norms = self._norms([local(p) for p in self.params])  # under no_grad
         sq = torch.zeros(self.n_layers, device=self.device).index_add_(
             0, self._all_idx, norms * norms
         )
@@ -416,7 +416,7 @@ class ParamTracker:
     def _sample_views(self) -> list[Tensor]:
         """Views of at most ``UPDATE_SAMPLE`` elements of each trainable parameter, made
         again only when a parameter's storage changes (``p.data = ...``)."""
-        key = tuple(local(p.detach()).data_ptr() for p, _ in self.trainable)
+        key = tuple(local(p).data_ptr() for p, _ in self.trainable)
         if key == self._views_key:
             return self._views
         out = []

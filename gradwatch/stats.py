@@ -13,7 +13,8 @@ taken on an evenly strided sample of very large tensors (``sample_view``).
 
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -27,6 +28,9 @@ SAMPLE_SIZE = 16384
 #: Tensors with more elements than this have their counts sampled; smaller ones are read
 #: whole (every stat exact). 262,144 elements: e.g. a batch of 32 x 8,192 features.
 SAMPLE_ABOVE = 16 * SAMPLE_SIZE
+#: When every element is read (``sample=None``), tensors above this size get all seven
+#: sums from one fused kernel (``fused_activation``): one pass instead of nine.
+FUSE_ABOVE = 65536
 
 
 def sample_view(flat: Tensor, n: int, phase: int = 0) -> Tensor:
@@ -84,6 +88,10 @@ def activation_parts(x: Tensor, bounds: tuple[float, float] | None, margin: floa
     N = flat.numel()
     if N == 0:
         return list(torch.zeros(ACT_VEC, dtype=torch.float32, device=flat.device).unbind())
+    if sample is None and N > FUSE_ABOVE and flat.dtype in _UPCAST:
+        fused = fused_activation(flat, bounds, margin)
+        if fused is not None:
+            return list(fused.unbind())
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()  # half types: one fp32 copy, every reduction then accumulates in fp32
     s1 = flat.sum()
@@ -100,12 +108,67 @@ def activation_parts(x: Tensor, bounds: tuple[float, float] | None, margin: floa
     if bounds is not None:
         lo_b, hi_b = bounds
         c, r = (hi_b + lo_b) / 2, (hi_b - lo_b) / 2 - margin * (hi_b - lo_b)
-        sat = (v - c).abs_().sub_(r).relu_().sign_().sum()
+        d = v.abs() if c == 0 else (v - c).abs_()
+        sat = d.sub_(r).relu_().sign_().sum()
     else:
-        sat = torch.zeros((), dtype=s1.dtype, device=s1.device)
+        sat = _scalar(0.0, s1.device) if s1.dtype == torch.float32 else s1.new_zeros(())
     if scale != 1.0:
         nnz, nf, sat = nnz * scale, nf * scale, sat * scale
     return [s1, hi, lo, s2, nnz, nf, sat]
+
+
+def _activation_kernel(x: Tensor, c: Tensor, r: Tensor) -> Tensor:
+    """The seven sums of ``activation_sums`` written as one expression, for the compiler:
+    inductor emits a single loop over ``x`` (a C++ loop on CPU, a Triton kernel on CUDA)."""
+    f = x.float()
+    zero = f - f  # 0 where finite, NaN where NaN/Inf
+    return torch.stack([
+        f.sum(), f.amax(), f.amin(), (f * f).sum(),
+        (f != 0).sum().float(), (zero != 0).sum().float(),
+        ((f - c).abs() > r).sum().float(),
+    ])
+
+
+# The compiled kernel: None until first needed, False where compiling failed (no compiler,
+# an unsupported device): then everything stays on the eager path.
+_FUSED: Any = None
+_SCALARS: dict[tuple[str, float], Tensor] = {}
+
+
+def _scalar(value: float, device: torch.device) -> Tensor:
+    """A cached 0-d fp32 tensor on ``device``, made there (no host-to-device copy)."""
+    key = (str(device), value)
+    t = _SCALARS.get(key)
+    if t is None:
+        t = _SCALARS[key] = torch.full((), value, dtype=torch.float32, device=device)
+    return t
+
+
+def fused_activation(flat: Tensor, bounds: tuple[float, float] | None,
+                     margin: float) -> Tensor | None:
+    """``activation_sums`` of the 1-D tensor ``flat`` from one compiled kernel (dynamic
+    shapes: compiled once per dtype and device, a few seconds the first time), or None when
+    the compiler is unavailable here. Counts are exact fp32 sums of 0/1 (exact below 2**24
+    elements per tensor). Not used inside code that torch.compile is tracing (the caller's
+    own graph fuses the eager ops)."""
+    global _FUSED
+    if _FUSED is False or torch.compiler.is_compiling():
+        return None
+    if bounds is None:
+        c, r = 0.0, float("inf")
+    else:
+        lo_b, hi_b = bounds
+        c, r = (hi_b + lo_b) / 2, (hi_b - lo_b) / 2 - margin * (hi_b - lo_b)
+    try:
+        if _FUSED is None:
+            _FUSED = torch.compile(_activation_kernel, dynamic=True, fullgraph=True)
+        out: Tensor = _FUSED(flat, _scalar(c, flat.device), _scalar(r, flat.device))
+        return out
+    except Exception as e:  # no C++ compiler, no Triton...: the eager ops do the same
+        _FUSED = False
+        logging.getLogger("gradwatch").info("fused statistics kernel unavailable (%s: %s); "
+                                            "using eager ops", type(e).__name__, e)
+        return None
 
 
 def nonfinite_sum(x: Tensor) -> Tensor:

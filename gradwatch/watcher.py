@@ -389,8 +389,9 @@ class Watcher:
             if "commit" in self._off:  # switched off: drop the staged step
                 self._buffers.discard_step()
                 return
-            self._flags.push(self._buffers.step_flags(grads), self._step + 1)
-            self._buffers.commit_step(grads, weights, updates, self._collector.full)
+            full = self._collector.full
+            self._flags.push(self._buffers.step_flags(grads, full), self._step + 1)
+            self._buffers.commit_step(grads, weights, updates, full)
         except Exception as e:
             self._off.add("commit")
             self._collector.fault("step commit", "*", e)
