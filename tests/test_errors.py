@@ -49,11 +49,54 @@ def test_every_below_one(arg: str, value: int) -> None:
 
 
 @pytest.mark.parametrize("arg", ["every", "sample_every"])
-@pytest.mark.parametrize("value", [2.5, "10", True, None])
+@pytest.mark.parametrize("value", [2.5, "10", "always", True, None])
 def test_every_wrong_type(arg: str, value: object) -> None:
     with pytest.raises(TypeError) as e:
         gradwatch.watch(net(), tensorboard=False, **{arg: value})
     check(e, arg, repr(value))
+
+
+@pytest.mark.parametrize("value", [2.5, "10", "always", "Auto", " auto", True, False, None])
+def test_sample_every_wrong_type_names_what_is_allowed(value: object) -> None:
+    with pytest.raises(TypeError) as e:
+        gradwatch.watch(net(), tensorboard=False, sample_every=value)
+    check(e, "sample_every", "int >= 1", "'auto'", repr(value))
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
+    "library: check_sample_every compares v == 'auto' before checking the type; a numpy "
+    "array makes that comparison elementwise and `if` raises numpy's ValueError"))
+def test_sample_every_array_is_a_type_error() -> None:
+    import numpy as np
+
+    with pytest.raises(TypeError) as e:
+        gradwatch.watch(net(), tensorboard=False, sample_every=np.array([5, 5]))
+    check(e, "sample_every", "'auto'")
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_sample_every_below_one_names_what_is_allowed(value: int) -> None:
+    with pytest.raises(ValueError) as e:
+        gradwatch.watch(net(), tensorboard=False, sample_every=value)
+    check(e, "sample_every", "int >= 1", "'auto'", repr(value))
+
+
+def test_every_does_not_take_auto() -> None:
+    with pytest.raises(TypeError) as e:
+        gradwatch.watch(net(), tensorboard=False, every="auto")  # type: ignore[arg-type]
+    check(e, "every", "'auto'")
+
+
+@pytest.mark.parametrize("every,k", [(1, 1), (19, 1), (20, 2), (35, 3), (100, 10),
+                                     (1000, 100)])
+def test_sample_every_auto_is_the_default(every: int, k: int) -> None:
+    for kw in ({}, {"sample_every": "auto"}):
+        w = gradwatch.watch(net(), tensorboard=False, every=every, **kw)
+        assert w.sample_every == k  # max(1, every // 10) steps apart after the first window
+        w.close()
+    w = gradwatch.watch(net(), tensorboard=False, every=every, sample_every=7)
+    assert w.sample_every == 7
+    w.close()
 
 
 def test_unknown_on_alert() -> None:

@@ -354,13 +354,16 @@ SEEDS = (0, 1)
 
 def run(setup: Setup, seed: int, every: int = 10,
         thresholds: gradwatch.Thresholds | dict[str, Any] | None = None,
-        keep_snapshots: bool = False, steps: int | None = None) -> Result:
-    """Train ``setup`` for its steps under gradwatch (no TensorBoard); collect alerts."""
+        keep_snapshots: bool = False, steps: int | None = None,
+        sample_every: int | str = "auto") -> Result:
+    """Train ``setup`` for its steps under gradwatch (no TensorBoard); collect alerts.
+    ``keep_snapshots``: also keep the Snapshot of every ``every``-step window."""
     trial = setup.build(seed)
     alerts: list[gradwatch.Alert] = []
     snaps: list[gradwatch.Snapshot] = []
     w = gradwatch.watch(trial.model, optimizer=trial.optimizer, tensorboard=False,
-                        every=every, thresholds=thresholds, on_alert=alerts.append)
+                        every=every, sample_every=sample_every, thresholds=thresholds,
+                        on_alert=alerts.append)
     loss = torch.tensor(math.nan)
     try:
         for step in range(steps or setup.steps):
