@@ -154,8 +154,8 @@ class Collector:
 
     def _input_checked(self, slot: int, args: Any) -> bool:
         """Light steps: the output of a finite-preserving activation needs no check of its
-        own when its input is the output checked last (as is, or changed only by this
-        activation working in place). Eager only: compiled code checks every output."""
+        own when its input is the output checked last, unchanged since (or changed once, by
+        this activation working in place). Eager only: compiled code checks every output."""
         if not self.layers[slot].keeps_finite or not args or torch.compiler.is_compiling():
             return False
         last = self._last_checked
@@ -163,7 +163,10 @@ class Collector:
             return False
         ref, version = last
         x = args[0]
-        return isinstance(x, Tensor) and ref() is x and x._version - version in (0, 1)
+        if not isinstance(x, Tensor) or ref() is not x:
+            return False
+        # unchanged since the check, or changed once by this very module working in place
+        return x._version - version in ((0, 1) if self.layers[slot].inplace else (0,))
 
     def _const(self, value: float) -> Tensor:
         """A 0-d fp32 device tensor holding ``value`` (element and unit counts), made once

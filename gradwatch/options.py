@@ -25,7 +25,7 @@ def check_int(name: str, v: object) -> int:
 
 def check_sample_every(v: object) -> int | None:
     """``"auto"`` (None here: the watcher derives it from ``every``) or an int >= 1."""
-    if v == "auto" and isinstance(v, str):
+    if isinstance(v, str) and v == "auto":
         return None
     if not isinstance(v, int) or isinstance(v, bool):
         raise TypeError(f"sample_every must be an int >= 1 or 'auto', got {v!r}")

@@ -32,6 +32,7 @@ class LayerInfo:
     # a parameter-free activation that maps finite inputs to finite outputs: on light steps
     # its output needs no non-finite check when its input was just checked
     keeps_finite: bool = False
+    inplace: bool = False  # the module writes its output into its input
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -59,7 +60,9 @@ def output_bounds(m: nn.Module) -> tuple[float, float] | None:
 
 def keeps_finite(m: nn.Module) -> bool:
     """Finite input -> finite output, with no parameter that could hold a NaN."""
-    if not isinstance(m, _ACTIVATIONS) or isinstance(m, (nn.PReLU, nn.Threshold)):
+    if not isinstance(m, _ACTIVATIONS) or isinstance(m, (nn.PReLU, nn.Threshold, nn.SELU)):
+        return False  # a parameter, a user-given value, a gain > 1 (overflow near 3e38)
+    if isinstance(m, nn.LeakyReLU) and abs(m.negative_slope) > 1:
         return False
     return not any(True for _ in m.parameters(recurse=False))
 
@@ -129,4 +132,5 @@ def describe(name: str, m: nn.Module, own: Sequence[nn.Parameter]) -> LayerInfo:
         bounds=output_bounds(m),
         relu_like=isinstance(m, _RELU_LIKE),
         keeps_finite=keeps_finite(m),
+        inplace=bool(getattr(m, "inplace", False)),
     )

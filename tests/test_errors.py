@@ -63,9 +63,6 @@ def test_sample_every_wrong_type_names_what_is_allowed(value: object) -> None:
     check(e, "sample_every", "int >= 1", "'auto'", repr(value))
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "library: check_sample_every compares v == 'auto' before checking the type; a numpy "
-    "array makes that comparison elementwise and `if` raises numpy's ValueError"))
 def test_sample_every_array_is_a_type_error() -> None:
     import numpy as np
 
