@@ -403,7 +403,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--worker", nargs=2, metavar=("VARIANT", "WORKLOAD"))
     ap.add_argument("--count", action="store_true")
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--workloads", default=",".join(STEPS))
     ap.add_argument("--seed", type=int, default=0)

@@ -131,13 +131,13 @@ class WindowBuffers:
         cnt = [W[c] if c is not None else -1 for _, c in _FINAL.values()]
         self._cnt_idx = torch.tensor([max(c, 0) for c in cnt], dtype=torch.long, device=device)
         self._is_mean = torch.tensor([c >= 0 for c in cnt], device=device)
-        # per-call logs of the eager hooks (see ``fold``)
-        self._rows: list[Tensor] = []
+        # per-call logs of the eager hooks (see ``fold``): rows of preallocated tensors, and
+        # the slot of each row
+        self._act_log = torch.zeros(FOLD_AT, ROW, dtype=torch.float32, device=device)
+        self._grad_log = torch.zeros(FOLD_AT, 2, dtype=torch.float32, device=device)
+        self._light_log = torch.zeros(FOLD_AT, dtype=torch.float32, device=device)
         self._row_slots: list[int] = []
-        self._gsq: list[Tensor] = []
-        self._gn: list[Tensor] = []
         self._g_slots: list[int] = []
-        self._light: list[Tensor] = []
         self._l_slots: list[int] = []
         self._idx: dict[tuple[int, ...], Tensor] = {}
         self._zero = torch.zeros(n_layers, dtype=torch.float32, device=device)
@@ -152,23 +152,24 @@ class WindowBuffers:
     # the ``add_*`` methods, a few small ops per call but no Python state in the graph.
 
     def log_activation(self, slot: int, row: list[Tensor]) -> None:
-        """One output tensor: ``ROW`` device scalars (see ``ROW``)."""
-        self._rows.extend(row)
+        """One output tensor: ``ROW`` fp32 device scalars (see ``ROW``), stacked into the
+        next row of a preallocated log (nothing small stays allocated until the fold)."""
+        torch.stack(row, out=self._act_log[len(self._row_slots)])
         self._row_slots.append(slot)
         if len(self._row_slots) >= FOLD_AT:
             self.fold()
 
     def log_out_grad(self, slot: int, sq: Tensor, n: Tensor) -> None:
-        """One output gradient: its Σg² and element count (device scalars)."""
-        self._gsq.append(sq)
-        self._gn.append(n)
+        """One output gradient: its element count and Σg² (fp32 device scalars)."""
+        torch.stack([n, sq], out=self._grad_log[len(self._g_slots)])
         self._g_slots.append(slot)
         if len(self._g_slots) >= FOLD_AT:
             self.fold()
 
-    def log_light(self, slot: int, s1: Tensor) -> None:
-        """One output on a light step: its Σx, non-finite exactly when the output is."""
-        self._light.append(s1)
+    def log_light(self, slot: int, x: Tensor) -> None:
+        """One output on a light step: its fp32 Σx (non-finite exactly when the output is),
+        summed straight into the log."""
+        S.nonfinite_sum(x, out=self._light_log[len(self._l_slots)])
         self._l_slots.append(slot)
         if len(self._l_slots) >= FOLD_AT:
             self.fold()
@@ -190,27 +191,23 @@ class WindowBuffers:
         """Add the logged calls into the stage and clear the logs."""
         st = self.stage
         if self._row_slots:
-            k = len(self._row_slots)
-            rows = torch.stack(self._rows).view(k, ROW).to(torch.float32)
+            rows = self._act_log[: len(self._row_slots)]
             idx = self._index(self._row_slots)
             st[:, :ROW_SUMS].index_add_(0, idx, rows[:, :ROW_SUMS])
             amax = torch.maximum(rows[:, ROW_SUMS], rows[:, ROW_SUMS + 1].neg())
             st[:, ST_MAX].scatter_reduce_(0, idx, amax, "amax")
-            self._rows.clear()
             self._row_slots.clear()
         if self._g_slots:
-            sq = torch.stack(self._gsq).to(torch.float32)
-            g = torch.stack([torch.stack(self._gn), sq, torch.isnan(sq).to(torch.float32)], 1)
+            g = self._grad_log[: len(self._g_slots)]
             # NaN only: Σg² of finite values overflows to inf for |g| ~ 1e19 (exploding, not
             # non-finite); an Inf element reaches the parameter gradients, checked there
+            g = torch.cat([g, torch.isnan(g[:, 1:]).to(torch.float32)], 1)
             st[:, ST_GN : ST_GNF + 1].index_add_(0, self._index(self._g_slots), g)
-            self._gsq.clear()
-            self._gn.clear()
             self._g_slots.clear()
         if self._l_slots:
-            bad = torch.isfinite(torch.stack(self._light)).logical_not_().to(torch.float32)
+            sums = self._light_log[: len(self._l_slots)]
+            bad = torch.isfinite(sums).logical_not_().to(torch.float32)
             st[:, ST_NF].index_add_(0, self._index(self._l_slots), bad)
-            self._light.clear()
             self._l_slots.clear()
 
     def add_activation(self, slot: int, vec: Tensor, numel: int) -> None:
@@ -336,9 +333,8 @@ class WindowBuffers:
 
     def discard_step(self) -> None:
         """Drop the staged step (a step the GradScaler skipped)."""
-        for log in (self._rows, self._row_slots, self._gsq, self._gn, self._g_slots,
-                    self._light, self._l_slots):
-            log.clear()
+        for slots in (self._row_slots, self._g_slots, self._l_slots):
+            slots.clear()
         self.stage.zero_()
 
     # -- once per flush ---------------------------------------------------------------------

@@ -183,7 +183,7 @@ class Collector:
         """Eager: this output's statistics as device scalars, logged for the step's fold."""
         buf = self.buffers
         if not self.full:
-            buf.log_light(slot, S.nonfinite_sum(t.detach()))
+            buf.log_light(slot, t.detach())
             self._last_checked = (weakref.ref(t), t._version)
             return
         bounds = self.layers[slot].bounds
@@ -193,8 +193,10 @@ class Collector:
             stuck, units = S.stuck_units(t, bounds, self.margin), self._const(S.units_of(t))
         else:
             stuck = units = self._const(0.0)
-        buf.log_activation(slot, [self._const(t.numel()), s1, s2, nnz, nf, sat, stuck, units,
-                                  hi, lo])
+        row = [self._const(t.numel()), s1, s2, nnz, nf, sat, stuck, units, hi, lo]
+        if s1.dtype != torch.float32:  # a float64 output
+            row = [v.to(torch.float32) for v in row]
+        buf.log_activation(slot, row)
         if self.hist is not None:
             self.hist.add_activation(slot, t)
 

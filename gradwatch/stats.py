@@ -172,10 +172,13 @@ def fused_activation(flat: Tensor, bounds: tuple[float, float] | None,
         return None
 
 
-def nonfinite_sum(x: Tensor) -> Tensor:
+def nonfinite_sum(x: Tensor, out: Tensor | None = None) -> Tensor:
     """Σx in fp32: non-finite exactly when ``x`` holds a NaN/Inf (or the sum overflows past
-    3.4e38). One cheap pass; the buffers turn it into a flag once per step."""
-    return torch.sum(x, dtype=torch.float32)
+    3.4e38). One cheap pass; the buffers turn it into a flag once per step. ``out``: a 0-d
+    fp32 tensor to write it into."""
+    if out is None:
+        return torch.sum(x, dtype=torch.float32)
+    return torch.sum(x.reshape(-1), 0, dtype=torch.float32, out=out)
 
 
 def nonfinite_flag(x: Tensor) -> Tensor:

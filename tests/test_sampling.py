@@ -210,9 +210,9 @@ def light_checks(w: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     seen: list[str] = []
     log_light = w._buffers.log_light
 
-    def spy(slot: int, s1: torch.Tensor) -> None:
+    def spy(slot: int, x: torch.Tensor) -> None:
         seen.append(w._infos[slot].name)
-        log_light(slot, s1)
+        log_light(slot, x)
 
     monkeypatch.setattr(w._buffers, "log_light", spy)
     return seen
@@ -317,9 +317,9 @@ def test_eval_forwards_keep_the_logs_bounded_and_pool_into_the_next_step() -> No
         with torch.no_grad():
             for _ in range(calls):
                 model(torch.randn(4, 6) * 3)  # another distribution than the training data
-                assert len(buf._rows) == ROW * len(buf._row_slots)
+                assert buf._act_log.shape == (FOLD_AT, ROW)  # preallocated, never grown
                 peak_rows = max(peak_rows, len(buf._row_slots))
-                peak_light = max(peak_light, len(buf._light), len(buf._l_slots))
+                peak_light = max(peak_light, len(buf._l_slots))
         model.train()
         return peak_rows, peak_light
 
@@ -335,7 +335,7 @@ def test_eval_forwards_keep_the_logs_bounded_and_pool_into_the_next_step() -> No
     rows, light = evaluate()
     assert 0 < rows < FOLD_AT and light == 0
     train()
-    assert not buf._row_slots and not buf._gsq and not buf._light  # folded and committed
+    assert not buf._row_slots and not buf._g_slots and not buf._l_slots  # folded, committed
     # step 1 (light): only the per-call NaN/Inf sums are logged
     assert w._collector.full is False
     rows, light = evaluate()
