@@ -29,8 +29,13 @@ NOTES = [
     "and a linear head; LSTM 2 layers, hidden 256, sequence 50, batch 32; Transformer encoder "
     "4 layers, d=256, 4 heads, sequence 64, batch 16. SGD with momentum, fixed seeds.",
     "gradwatch default: `watch(model, optimizer=opt, logdir=...)` as a user writes it "
-    "(every=100, sample_every=1, TensorBoard on). No flush falls inside the timed steps of "
-    "that row; `benchmarks/flush.py` measures the flush.",
+    "(every=100, sample_every='auto', TensorBoard on), timed in its steady state: after its "
+    "first window (100 steps, every one sampled), one sampled step in 10, each 20-step block "
+    "holding two. No flush falls inside the timed steps of that row (one per 100 steps; "
+    "`benchmarks/flush.py` measures it: 0.2-0.3 ms of the training thread). The every-stat "
+    "row pays the first call of the fused kernel's compilation in its warm-up, and its "
+    "+RSS includes the compiler (inductor) loaded for it.",
+    "wandb log_freq=100: its histogram step (one in 100) may fall outside the timed steps.",
     "The floor: one L2 norm (`vector_norm`) and one max-abs (`aminmax`) of each watched "
     "module's output and of the gradient at that output, in the hooks, into a device buffer, "
     "plus per-parameter gradient norms (`_foreach_norm`) and max-abs at the step.",
