@@ -48,6 +48,15 @@ class Float64Reference:
             self.cur[name]["w1"] = [p.detach().double().clone() for p in ps]
         self._new_step()
 
+    def train_step(self, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+        """One step of ``model`` on ``x`` (loss: mean square of the output), recorded."""
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        self.before_step()
+        opt.step()
+        self.after_step()
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -56,19 +57,12 @@ def test_every_wrong_type(arg: str, value: object) -> None:
     check(e, arg, repr(value))
 
 
-@pytest.mark.parametrize("value", [2.5, "10", "always", "Auto", " auto", True, False, None])
+@pytest.mark.parametrize("value", [2.5, "10", "always", "Auto", " auto", True, False, None,
+                                   np.array([5, 5])])
 def test_sample_every_wrong_type_names_what_is_allowed(value: object) -> None:
     with pytest.raises(TypeError) as e:
         gradwatch.watch(net(), tensorboard=False, sample_every=value)
     check(e, "sample_every", "int >= 1", "'auto'", repr(value))
-
-
-def test_sample_every_array_is_a_type_error() -> None:
-    import numpy as np
-
-    with pytest.raises(TypeError) as e:
-        gradwatch.watch(net(), tensorboard=False, sample_every=np.array([5, 5]))
-    check(e, "sample_every", "'auto'")
 
 
 @pytest.mark.parametrize("value", [0, -1])

@@ -89,13 +89,7 @@ def train_windows(every: int, sample_every: int | str, steps: int,
     snaps = []
     for g in range(steps):
         # inputs drift from step to step: a mean over the wrong steps is visibly different
-        x = torch.randn(32, 6) * (1.0 + 0.1 * (g % 7))
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        ref.before_step()
-        opt.step()
-        ref.after_step()
+        ref.train_step(model, opt, torch.randn(32, 6) * (1.0 + 0.1 * (g % 7)))
         if g + 1 in ends:
             if g + 1 not in flush_after:  # the watcher launched this window on its own
                 assert w._window_steps == 0, g
@@ -324,12 +318,7 @@ def test_eval_forwards_keep_the_logs_bounded_and_pool_into_the_next_step() -> No
         return peak_rows, peak_light
 
     def train() -> None:
-        loss = model(torch.randn(16, 6)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        ref.before_step()
-        opt.step()
-        ref.after_step()
+        ref.train_step(model, opt, torch.randn(16, 6))
 
     # step 0 (sampled): the full per-call rows are logged
     rows, light = evaluate()

@@ -32,13 +32,7 @@ def test_every_stat_matches_float64_reference(sample_every):
     w = gradwatch.watch(model, optimizer=opt, tensorboard=False, every=steps,
                         sample_every=sample_every)
     for _ in range(steps):
-        x = torch.randn(32, 6) * 2
-        loss = model(x).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        ref.before_step()
-        opt.step()
-        ref.after_step()
+        ref.train_step(model, opt, torch.randn(32, 6) * 2)
     w.close()  # the auto-flush at step 9 is processed on the worker; close joins it
     snap = w.latest
     assert snap is not None and snap.step == steps
@@ -73,12 +67,7 @@ def test_watcher_step_without_optimizer_and_windows():
     w = gradwatch.watch(model, tensorboard=False, every=4)
     snaps = []
     for i in range(8):
-        loss = model(torch.randn(16, 6)).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        ref.before_step()
-        opt.step()
-        ref.after_step()
+        ref.train_step(model, opt, torch.randn(16, 6))
         w.step()
         if i == 3:
             snaps.append(w.flush())
