@@ -163,7 +163,7 @@ class Collector:
             return False
         ref, version = last
         x = args[0]
-        if not isinstance(x, Tensor) or ref() is not x:
+        if not isinstance(x, Tensor) or ref() is not x or x.is_inference():
             return False
         # unchanged since the check, or changed once by this very module working in place
         return x._version - version in ((0, 1) if self.layers[slot].inplace else (0,))
@@ -184,7 +184,9 @@ class Collector:
         buf = self.buffers
         if not self.full:
             buf.log_light(slot, t.detach())
-            self._last_checked = (weakref.ref(t), t._version)
+            # inference tensors have no version counter: no skipping after them
+            self._last_checked = (None if t.is_inference()
+                                  else (weakref.ref(t), t._version))
             return
         bounds = self.layers[slot].bounds
         s1, hi, lo, s2, nnz, nf, sat = S.activation_parts(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any
 
 import pytest
@@ -470,3 +471,29 @@ def test_windows_flush_the_file_once_per_flush_secs(tmp_path,
     assert timed and all(g >= period * 0.999 for g in gaps), gaps
     assert len(timed) <= (t1 - t0) / period < 30
     assert forced <= t1
+
+
+@pytest.mark.parametrize("sample_every", [1, 2])
+def test_inference_mode_forwards_between_steps(sample_every: int) -> None:
+    """Outputs made under torch.inference_mode have no version counter: light steps must
+    not rely on one (that part of the watcher once switched itself off here)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        w = gradwatch.watch(m, optimizer=opt, tensorboard=False, every=4,
+                            sample_every=sample_every)
+        for _ in range(8):
+            with torch.inference_mode():
+                m(torch.randn(3, 4))
+            opt.zero_grad()
+            m(torch.randn(3, 4)).sum().backward()
+            opt.step()
+        w.close()
+    faults = [str(r.message) for r in rec if issubclass(r.category, gradwatch.GradwatchWarning)]
+    assert faults == []
+    assert w.latest is not None and w.latest.step == 8
+    for layer in ("0", "1", "2"):
+        assert math.isfinite(w.latest.stats[layer]["act_mean"])
+    assert 0.0 <= w.latest.stats["1"]["act_sat_frac"] <= 1.0
