@@ -223,15 +223,17 @@ configs = st.fixed_dictionaries({
     "optimizer": st.booleans(),
     "include": st.sampled_from([None, "*"]),
     "every": st.integers(1, 3),
-    "sample_every": st.integers(1, 2),
+    "sample_every": st.sampled_from([1, 2, 3, "auto"]),
     "tensorboard": st.sampled_from([False, False, True]),
+    # a forward pass outside autograd before each training step (an evaluation)
+    "eval": st.sampled_from([None, None, "no_grad", "inference_mode"]),
     "histograms": st.booleans(),
 })
 
 
 BASE: dict[str, Any] = {"seed": 0, "batch": 3, "dtype": torch.float32, "bad": [],
                         "optimizer": False, "include": None, "every": 1, "sample_every": 1,
-                        "tensorboard": False, "histograms": False}
+                        "tensorboard": False, "histograms": False, "eval": None}
 
 
 def make_model(spec: Any, cfg: dict[str, Any]) -> nn.Module:
@@ -293,6 +295,9 @@ def train(spec: Any, cfg: dict[str, Any], watched: bool, logdir: str | None) -> 
         for step in range(STEPS):
             model.zero_grad(set_to_none=True)
             try:
+                if cfg["eval"] is not None:
+                    with getattr(torch, cfg["eval"])():
+                        record.append(snapshot(model(inputs(cfg, step + 1000))))
                 out = model(inputs(cfg, step))
                 loss = sum((t.float() ** 2).sum() for t in tree_leaves(out)
                            if isinstance(t, torch.Tensor) and t.is_floating_point())
