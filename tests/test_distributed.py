@@ -25,8 +25,39 @@ WORLD = 2
 TIMEOUT = 240.0
 
 
-def _launch(body: Any, out: Path) -> list[dict[str, Any]]:
-    """Spawn WORLD processes; any child failure or a hang fails the test with its traceback."""
+def _launch(body: Any, out: Path) -> tuple[list[dict[str, Any]], Path]:
+    """Spawn WORLD processes; any child failure or a hang fails the test with its traceback.
+    Returns each rank's result and the directory the ranks wrote into.
+
+    One exception: gloo itself sometimes aborts a rank as its process exits, after
+    ``destroy_process_group`` ("terminate called without an active exception", SIGABRT, no
+    Python frame; measured here in 1 of 15 runs of a bare two-rank DDP step without
+    gradwatch). A rank killed by a signal after every rank wrote its result is accepted
+    (the work is done and checked); one killed before any rank wrote anything is launched
+    again, twice at most, in a fresh directory.
+    """
+    for attempt in range(3):
+        run_dir = out / f"attempt{attempt}"
+        run_dir.mkdir()
+        failure = _spawn(body, run_dir)
+        errors = "".join(e.read_text() for e in sorted(run_dir.glob("rank*.error")))
+        wrote = len(list(run_dir.glob("rank*.json")))
+        by_signal = failure is not None and "signal" in failure and not errors
+        if by_signal and wrote == WORLD:
+            print(f"distributed launch {attempt}: {failure} at exit, after every result")
+            failure = None
+        elif by_signal and wrote == 0 and attempt < 2:
+            print(f"distributed launch {attempt}: {failure} before any result; again")
+            continue
+        if failure or errors:
+            pytest.fail(f"{failure or 'a rank failed'}\n{errors}")
+        out = run_dir
+        break
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)], out
+
+
+def _spawn(body: Any, out: Path) -> str | None:
+    """Run the ranks; None when all exited cleanly, else what went wrong."""
     ctx = mp.start_processes(DW.run, args=(WORLD, str(out), body), nprocs=WORLD, join=False,
                              start_method="spawn")
     deadline = time.monotonic() + TIMEOUT
@@ -43,10 +74,7 @@ def _launch(body: Any, out: Path) -> list[dict[str, Any]]:
             if p.is_alive():
                 p.terminate()
                 p.join(5)
-    errors = "".join(e.read_text() for e in sorted(out.glob("rank*.error")))
-    if failure or errors:
-        pytest.fail(f"{failure or 'a rank failed'}\n{errors}")
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return failure
 
 
 def _reference() -> dict[str, dict[str, float]]:
@@ -108,7 +136,7 @@ def _assert_matches(got: dict[str, dict[str, float]], ref: dict[str, dict[str, f
 
 
 def test_ddp_two_processes(tmp_path):
-    results = _launch(DW.ddp_body, tmp_path)
+    results, run_dir = _launch(DW.ddp_body, tmp_path)
     r0, r1 = results
     assert r0["layers"] == ["0", "1", "2"]  # no "module." prefix
     assert r0["stats"] == r1["stats"]  # both ranks hold the reduced window
@@ -123,9 +151,9 @@ def test_ddp_two_processes(tmp_path):
         assert red["grad_norm"] == [2.0, 2.0] and red["grad_cnt"] == [1.0, 1.0]
         assert red["act_cnt"] == [2.0, 2.0]
     # one writer, one warner: rank 0
-    files = event_files(tmp_path / "tb")
+    files = event_files(run_dir / "tb")
     assert len(files) == 1
-    sc = scalars(tmp_path / "tb")
+    sc = scalars(run_dir / "tb")
     for n, stats in r0["stats"].items():
         for k, v in stats.items():
             assert sc[f"gradwatch/{k}/{n}"][DW.STEPS] == pytest.approx(v, rel=1e-6)
@@ -135,7 +163,7 @@ def test_ddp_two_processes(tmp_path):
 
 def test_fsdp2_norms_are_global(tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
-    results = _launch(DW.fsdp_body, tmp_path)
+    results, _ = _launch(DW.fsdp_body, tmp_path)
     ref = _reference()
     keys = ("grad_norm", "grad_rms", "grad_max", "weight_norm", "update_ratio")
     for r in results:
