@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -106,6 +107,15 @@ FINAL_KEYS: tuple[str, ...] = tuple(_FINAL)
 assert FINAL_KEYS[: len(STATS)] == STATS
 
 
+def device_tensor(values: Sequence[float], dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+    """A small tensor of host values on ``device``, made while training runs: on CUDA from
+    pinned memory without blocking (the pinned allocator keeps the source until the copy is
+    done), so a cache miss in the hot path does not sync the device."""
+    src = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return src.to(device, non_blocking=True)
+
+
 @dataclass
 class ParamStepStats:
     """Per-layer parameter statistics of one optimizer step, as device vectors ``[layers]``."""
@@ -180,11 +190,7 @@ class WindowBuffers:
         if idx is None:
             if len(self._idx) >= 256:  # bounded: the call order of a model rarely changes
                 self._idx.clear()
-            # from pinned memory without blocking (the pinned allocator keeps the source
-            # until the copy is done): a cache miss does not sync the device either
-            src = torch.tensor(key, dtype=torch.long, pin_memory=self.device.type == "cuda")
-            idx = src.to(self.device, non_blocking=True)
-            self._idx[key] = idx
+            idx = self._idx[key] = device_tensor(key, torch.long, self.device)
         return idx
 
     def fold(self) -> None:
@@ -281,8 +287,8 @@ class WindowBuffers:
                 if on:
                     names += part
             names.append("nonfinite")
-            idx = torch.tensor([W[n] for n in names], dtype=torch.long, device=self.device)
-            self._col_idx[key] = idx
+            idx = self._col_idx[key] = device_tensor([W[n] for n in names], torch.long,
+                                                     self.device)
         return idx
 
     def _commit_activations(self) -> None:

@@ -26,7 +26,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradwatch import stats as S
 from gradwatch.alerts import GradwatchWarning, logger
-from gradwatch.buffers import ParamStepStats, WindowBuffers
+from gradwatch.buffers import ParamStepStats, WindowBuffers, device_tensor
 from gradwatch.distributed import local, shard_reducer
 from gradwatch.selection import LayerInfo
 
@@ -366,8 +366,8 @@ class ParamTracker:
                 p, i = self.trainable[k]
                 numel[i] += p.numel()
                 idx.append(i)
-            idx_t = torch.tensor(idx, dtype=torch.long, device=self.device)
-            numel_t = torch.tensor(numel, dtype=torch.float32, device=self.device)
+            idx_t = device_tensor(idx, torch.long, self.device)
+            numel_t = device_tensor(numel, torch.float32, self.device)
             hit = (idx_t, numel_t, (numel_t > 0).to(torch.float32))
             if len(self._cache) > 64:  # bounded: the set of present grads rarely changes
                 self._cache.clear()
@@ -461,9 +461,8 @@ class ParamTracker:
         dn = self._norms(delta)
         wn = self._norms(after)
         if self._views_idx is None:
-            self._views_idx = torch.tensor(
-                [i for _, i in self.trainable], dtype=torch.long, device=self.device
-            )
+            self._views_idx = device_tensor([i for _, i in self.trainable], torch.long,
+                                            self.device)
             has = torch.zeros(self.n_layers, dtype=torch.bool, device=self.device)
             self._views_has = has.index_fill_(0, self._views_idx, True)
         assert self._views_has is not None
