@@ -234,9 +234,6 @@ class WindowBuffers:
     def add_nonfinite(self, slot: int, flag: Tensor) -> None:
         self.stage[slot, ST_NF].add_(flag)
 
-    def add_grad_nonfinite(self, slot: int, flag: Tensor) -> None:
-        self.stage[slot, ST_GNF].add_(flag)
-
     def add_out_grad(self, slot: int, sq: Tensor, numel: int) -> None:
         row = self.stage[slot]
         row[ST_GN].add_(numel)

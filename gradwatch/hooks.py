@@ -352,7 +352,7 @@ class ParamTracker:
         self._views: list[Tensor] = []
         self._views_key: tuple[int, ...] | None = None
         # every parameter a dense non-empty float tensor: the fused norm kernel takes them
-        self._plain = all(p.dtype in S._UPCAST and not p.is_sparse and p.numel() > 0
+        self._plain = all(p.dtype in S.UPCAST and not p.is_sparse and p.numel() > 0
                           for p in self.params)
         # FSDP2: norms of local shards are partial; one all-reduce makes them global
         self._shards = shard_reducer(self.params)

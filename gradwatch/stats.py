@@ -19,6 +19,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+#: Floating dtypes whose reductions are accumulated in fp32 (float64 keeps its own).
+UPCAST = (torch.float16, torch.bfloat16, torch.float32)
+
 # Columns of the per-call activation vector returned by ``activation_sums``.
 A_S1, A_HI, A_LO, A_S2, A_NNZ, A_NF, A_SAT = range(7)
 ACT_VEC = 7
@@ -88,7 +91,7 @@ def activation_parts(x: Tensor, bounds: tuple[float, float] | None, margin: floa
     N = flat.numel()
     if N == 0:
         return list(torch.zeros(ACT_VEC, dtype=torch.float32, device=flat.device).unbind())
-    if sample is None and N > FUSE_ABOVE and flat.dtype in _UPCAST:
+    if sample is None and N > FUSE_ABOVE and flat.dtype in UPCAST:
         fused = fused_activation(flat, bounds, margin)
         if fused is not None:
             return list(fused.unbind())
@@ -189,13 +192,11 @@ def nonfinite_flag(x: Tensor) -> Tensor:
     return torch.isfinite(nonfinite_sum(x)).logical_not().to(torch.float32)
 
 
-_UPCAST = (torch.float16, torch.bfloat16, torch.float32)
-
 
 def _norm(t: Tensor, ord: float = 2.0) -> Tensor:
     """fp32 norm of any float or complex tensor: half precision is accumulated in fp32,
     float64 and complex in their own precision (``dtype=`` may not narrow), then cast."""
-    if t.dtype in _UPCAST:
+    if t.dtype in UPCAST:
         return torch.linalg.vector_norm(t, ord, dtype=torch.float32)
     return torch.linalg.vector_norm(t, ord).to(torch.float32)
 
@@ -221,7 +222,7 @@ def foreach_norms(tensors: Sequence[Tensor], ord: float) -> Tensor:
     dense = [t.coalesce()._values() if t.is_sparse else t for t in tensors]
     # the norm of nothing is 0 (the max-norm kernel refuses empty tensors)
     dense = [t if t.numel() else t.new_zeros(1) for t in dense]
-    if all(t.dtype in _UPCAST for t in dense):
+    if all(t.dtype in UPCAST for t in dense):
         return torch.stack(torch._foreach_norm(dense, ord, dtype=torch.float32))
     return torch.stack([_norm(t, ord) for t in dense])
 

@@ -159,15 +159,21 @@ def test_non_finite_off_the_sample_is_still_flagged_by_the_buffers():
 
 
 def test_flags_count_non_finite_on_steps_without_stats():
-    buf = WindowBuffers(1, torch.device("cpu"))
-    buf.add_nonfinite(0, S.nonfinite_flag(torch.tensor([1.0, math.nan])))
-    buf.add_grad_nonfinite(0, S.nonfinite_flag(torch.tensor([math.inf])))
-    assert buf.stage[0, ST_NF].item() == 1.0 and buf.stage[0, ST_GNF].item() == 1.0
-    buf.commit_step(None, None, None)
+    """A light step: outputs logged as sums (compiled code adds a flag directly), an output
+    gradient's NaN Σg² counted in the gradient column."""
+    buf = WindowBuffers(2, torch.device("cpu"))
+    buf.log_light(0, torch.tensor([1.0, math.nan]))
+    buf.log_light(1, torch.tensor([1.0, 2.0]))
+    buf.add_nonfinite(1, S.nonfinite_flag(torch.tensor([math.inf])))
+    buf.log_out_grad(0, S.grad_sq_sum(torch.tensor([math.nan])), torch.tensor(1.0))
+    buf.fold()
+    assert buf.stage[:, ST_NF].tolist() == [1.0, 1.0]
+    assert buf.stage[:, ST_GNF].tolist() == [1.0, 0.0]
+    buf.commit_step(None, None, None, full=False)
     fin = buf.finalize()
     from gradwatch.buffers import FINAL_KEYS
 
-    assert fin[0, FINAL_KEYS.index("nonfinite")].item() == 2.0
+    assert fin[:, FINAL_KEYS.index("nonfinite")].tolist() == [2.0, 1.0]
     assert math.isnan(fin[0, FINAL_KEYS.index("act_mean")].item())  # no stats taken
 
 
