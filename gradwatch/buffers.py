@@ -78,12 +78,12 @@ WINDOW: tuple[tuple[str, str], ...] = (
 )
 W = {name: i for i, (name, _) in enumerate(WINDOW)}
 SUM_COLS = [i for i, (_, r) in enumerate(WINDOW) if r == "sum"]
+MAX_COLS = [i for i, (_, r) in enumerate(WINDOW) if r == "max"]
 # commit_step: the window columns of each part's per-step values, in stacking order
 _ACT_COLS = ("act_mean", "act_std", "act_zero_frac", "act_sat_frac", "act_cnt",
              "out_grad_rms", "out_grad_cnt", "act_stuck_frac", "stuck_cnt")
 _PARTS = (("grad_norm", "grad_rms", "grad_cnt", "grad_nonfinite"),
           ("weight_norm", "weight_cnt"), ("update_ratio", "update_cnt"))
-MAX_COLS = [i for i, (_, r) in enumerate(WINDOW) if r == "max"]
 
 # stat -> (value column, count column or None for a plain sum)
 _FINAL: dict[str, tuple[str, str | None]] = {
@@ -156,8 +156,9 @@ class WindowBuffers:
         self._col_idx: dict[tuple[bool, bool, bool], Tensor] = {}
 
     # -- hot path: called from hooks ------------------------------------------------------
-    # Eager hooks log per-call device scalars into Python lists (no op beyond the stats
-    # themselves); ``fold`` adds them into the stage with a handful of ops once per step.
+    # Eager hooks stack each call's device scalars into the next row of a preallocated log
+    # (one op per call); ``fold`` adds the rows into the stage with a handful of ops once
+    # per step.
     # Compiled code (torch.compile traces the hooks) adds into the stage directly instead:
     # the ``add_*`` methods, a few small ops per call but no Python state in the graph.
 

@@ -85,8 +85,9 @@ def activation_sums(x: Tensor, bounds: tuple[float, float] | None, margin: float
 
 def activation_parts(x: Tensor, bounds: tuple[float, float] | None, margin: float,
                      sample: int | None = SAMPLE_SIZE, phase: int = 0) -> list[Tensor]:
-    """``activation_sums`` as a list of 0-d device tensors, not stacked (the hooks stack a
-    whole step's calls at once). float32, or float64 for a float64 input."""
+    """``activation_sums`` as a list of 0-d device tensors, not stacked (the hooks stack
+    them with the call's other scalars into one row). float32, or float64 for a float64
+    input."""
     flat = x.detach().reshape(-1)
     N = flat.numel()
     if N == 0:
@@ -109,8 +110,7 @@ def activation_parts(x: Tensor, bounds: tuple[float, float] | None, margin: floa
     nnz = torch.dot(sg, sg)
     nf = torch.nan_to_num_(v - v, nan=1.0).sum()  # x - x: 0 if finite, NaN if NaN/Inf
     if bounds is not None:
-        lo_b, hi_b = bounds
-        c, r = (hi_b + lo_b) / 2, (hi_b - lo_b) / 2 - margin * (hi_b - lo_b)
+        c, r = _centre_radius(bounds, margin)
         d = v.abs() if c == 0 else (v - c).abs_()
         sat = d.sub_(r).relu_().sign_().sum()
     else:
@@ -118,6 +118,12 @@ def activation_parts(x: Tensor, bounds: tuple[float, float] | None, margin: floa
     if scale != 1.0:
         nnz, nf, sat = nnz * scale, nf * scale, sat * scale
     return [s1, hi, lo, s2, nnz, nf, sat]
+
+
+def _centre_radius(bounds: tuple[float, float], margin: float) -> tuple[float, float]:
+    """Saturated means ``|x - c| > r``: within ``margin * (hi - lo)`` of a bound."""
+    lo, hi = bounds
+    return (hi + lo) / 2, (hi - lo) / 2 - margin * (hi - lo)
 
 
 def _activation_kernel(x: Tensor, c: Tensor, r: Tensor) -> Tensor:
@@ -153,16 +159,12 @@ def fused_activation(flat: Tensor, bounds: tuple[float, float] | None,
     """``activation_sums`` of the 1-D tensor ``flat`` from one compiled kernel (dynamic
     shapes: compiled once per dtype and device, a few seconds the first time), or None when
     the compiler is unavailable here. Counts are exact fp32 sums of 0/1 (exact below 2**24
-    elements per tensor). Not used inside code that torch.compile is tracing (the caller's
-    own graph fuses the eager ops)."""
+    elements per tensor); a NaN counts as nonzero here. Not used inside code that
+    torch.compile is tracing (the caller's own graph fuses the eager ops)."""
     global _FUSED
     if _FUSED is False or torch.compiler.is_compiling():
         return None
-    if bounds is None:
-        c, r = 0.0, float("inf")
-    else:
-        lo_b, hi_b = bounds
-        c, r = (hi_b + lo_b) / 2, (hi_b - lo_b) / 2 - margin * (hi_b - lo_b)
+    c, r = (0.0, float("inf")) if bounds is None else _centre_radius(bounds, margin)
     try:
         if _FUSED is None:
             _FUSED = torch.compile(_activation_kernel, dynamic=True, fullgraph=True)
