@@ -9,6 +9,17 @@ import torch
 import torch.nn as nn
 
 
+def small_mlp() -> nn.Sequential:
+    """Linear, Tanh (bounded), Linear, ReLU, Linear: every stat of API.md applies somewhere."""
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
+                         nn.Linear(16, 3))
+
+
+def close(a: float, b: float, rel: float = 1e-3, abs_: float = 1e-7) -> bool:
+    """Relative closeness with an absolute floor for values near 0."""
+    return abs(a - b) <= max(rel * abs(b), abs_)
+
+
 class Float64Reference:
     """Records each watched module's outputs, output gradients and parameters in float64,
     per step, through its own hooks; ``window()`` gives the expected window stats."""

@@ -47,6 +47,17 @@ def _reference() -> dict[str, dict[str, float]]:
     return snap.stats
 
 
+def _scaled_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  w: gradwatch.Watcher) -> None:
+    """The batches through a GradScaler, the watcher stepped by hand after each update."""
+    for x in _batches():
+        scaler.scale(model(x).pow(2).mean()).backward()
+        scaler.step(opt)
+        scaler.update()
+        w.step()
+        opt.zero_grad()
+
+
 def _assert_close(got: dict, ref: dict, rel: float = 1e-5) -> None:
     assert got.keys() == ref.keys()
     for layer, stats in ref.items():
@@ -90,12 +101,7 @@ def test_scaler_with_manual_step(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     w = gradwatch.watch(model, scaler=scaler, tensorboard=False, every=1000, on_alert="raise")
-    for x in _batches():
-        scaler.scale(model(x).pow(2).mean()).backward()
-        scaler.step(opt)
-        scaler.update()
-        w.step()
-        opt.zero_grad()
+    _scaled_steps(model, opt, scaler, w)
     snap = w.flush()
     w.close()
     assert snap is not None and snap.amp_skipped == 1
@@ -111,12 +117,7 @@ def test_skip_without_scaler_argument_is_alerted():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
     w = gradwatch.watch(model, tensorboard=False, every=1000, on_alert="log")
-    for x in _batches():
-        scaler.scale(model(x).pow(2).mean()).backward()
-        scaler.step(opt)
-        scaler.update()
-        w.step()
-        opt.zero_grad()
+    _scaled_steps(model, opt, scaler, w)
     w.close()
     assert any(a.kind == "nonfinite" for a in w.alerts)
 

@@ -26,19 +26,10 @@ from gradwatch.buffers import FOLD_AT, ROW
 from gradwatch.sinks import tensorboard as tb_sink
 from gradwatch.watcher import SAMPLED_PER_WINDOW
 from tests.events import event_files, scalars
-from tests.reference import Float64Reference
+from tests.reference import Float64Reference, close, small_mlp
 from tests.zoo import NaNAfter
 
 PARAM_EVERY_STEP = ("grad_norm", "grad_rms")  # measured on light steps too
-
-
-def small_mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
-                         nn.Linear(16, 3))
-
-
-def close(a: float, b: float, rel: float = 1e-3, abs_: float = 1e-7) -> bool:
-    return abs(a - b) <= max(rel * abs(b), abs_)
 
 
 # -- the schedule --------------------------------------------------------------------------------

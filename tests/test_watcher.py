@@ -10,16 +10,7 @@ import torch.nn as nn
 
 import gradwatch
 from tests.events import event_files, scalars
-from tests.reference import Float64Reference
-
-
-def small_mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
-                         nn.Linear(16, 3))
-
-
-def close(a: float, b: float, rel: float = 1e-3, abs_: float = 1e-7) -> bool:
-    return abs(a - b) <= max(rel * abs(b), abs_)
+from tests.reference import Float64Reference, close, small_mlp
 
 
 @pytest.mark.parametrize("sample_every", [1, 3])

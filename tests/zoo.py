@@ -88,18 +88,26 @@ def _classify(seed: int, d_in: int, n_cls: int, batch: int) -> Callable[[int], A
 
 
 def _mlp(widths: Sequence[int], act: Callable[[], nn.Module],
-         init: Callable[[nn.Linear], None] | None = None, dropout: float = 0.0) -> nn.Sequential:
+         init: Callable[[torch.Tensor], Any] | None = None,
+         dropout: float = 0.0) -> nn.Sequential:
+    """Linear layers of ``widths`` with ``act`` between; ``init`` draws each weight (in
+    place) and the biases start at 0."""
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
         lin = nn.Linear(a, b)
         if init is not None:
-            init(lin)
+            init(lin.weight)
+            nn.init.zeros_(lin.bias)
         layers.append(lin)
         if i < len(widths) - 2:
             layers.append(act())
             if dropout:
                 layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)
+
+
+def _sgd(m: nn.Module, lr: float = 0.05, momentum: float = 0.9) -> torch.optim.Optimizer:
+    return torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum)
 
 
 def _ce_trial(model: nn.Module, opt: torch.optim.Optimizer, seed: int, d_in: int,
@@ -113,16 +121,15 @@ def _ce_trial(model: nn.Module, opt: torch.optim.Optimizer, seed: int, d_in: int
     return Trial(model, opt, loss, clip)
 
 
+def _he(w: torch.Tensor) -> None:
+    nn.init.kaiming_normal_(w, nonlinearity="relu")
+
+
 # -- healthy ---------------------------------------------------------------------------------
 def relu_mlp_he(seed: int) -> Trial:
     torch.manual_seed(seed)
-
-    def he(lin: nn.Linear) -> None:
-        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
-        nn.init.zeros_(lin.bias)
-
-    m = _mlp([32, 64, 64, 64, 64, 64, 10], nn.ReLU, he)
-    return _ce_trial(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), seed, 32)
+    m = _mlp([32, 64, 64, 64, 64, 64, 10], nn.ReLU, _he)
+    return _ce_trial(m, _sgd(m), seed, 32)
 
 
 class BasicBlock(nn.Module):
@@ -169,7 +176,7 @@ def resnet_bn(seed: int) -> Trial:
         x = protos[y] + 0.5 * torch.randn(32, 3, 8, 8, generator=gs)
         return F.cross_entropy(m(x), y)
 
-    return Trial(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), loss)
+    return Trial(m, _sgd(m), loss)
 
 
 class TinyTransformer(nn.Module):
@@ -231,38 +238,25 @@ def lstm(seed: int) -> Trial:
 
 def tanh_mlp_xavier_dropout(seed: int) -> Trial:
     torch.manual_seed(seed)
-
-    def xavier(lin: nn.Linear) -> None:
-        nn.init.xavier_uniform_(lin.weight, gain=nn.init.calculate_gain("tanh"))
-        nn.init.zeros_(lin.bias)
-
-    m = _mlp([32, 64, 64, 64, 64, 64, 64, 10], nn.Tanh, xavier, dropout=0.1)
-    return _ce_trial(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), seed, 32)
+    gain = nn.init.calculate_gain("tanh")
+    m = _mlp([32, 64, 64, 64, 64, 64, 64, 10], nn.Tanh,
+             lambda w: nn.init.xavier_uniform_(w, gain=gain), dropout=0.1)
+    return _ce_trial(m, _sgd(m), seed, 32)
 
 
 # -- broken ------------------------------------------------------------------------------------
 def sigmoid_normal(seed: int) -> Trial:
     """Glorot & Bengio's failing net: 8 sigmoid layers, weights from N(0, 1)."""
     torch.manual_seed(seed)
-
-    def normal(lin: nn.Linear) -> None:
-        nn.init.normal_(lin.weight, 0.0, 1.0)
-        nn.init.zeros_(lin.bias)
-
-    m = _mlp([32] + [64] * 8 + [10], nn.Sigmoid, normal)
-    return _ce_trial(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), seed, 32)
+    m = _mlp([32] + [64] * 8 + [10], nn.Sigmoid, lambda w: nn.init.normal_(w, 0.0, 1.0))
+    return _ce_trial(m, _sgd(m), seed, 32)
 
 
 def tanh_tiny_init(seed: int) -> Trial:
     """A deep tanh net initialised with std 0.02: the error signal dies on its way down."""
     torch.manual_seed(seed)
-
-    def tiny(lin: nn.Linear) -> None:
-        nn.init.normal_(lin.weight, 0.0, 0.02)
-        nn.init.zeros_(lin.bias)
-
-    m = _mlp([32] + [64] * 10 + [10], nn.Tanh, tiny)
-    return _ce_trial(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), seed, 32)
+    m = _mlp([32] + [64] * 10 + [10], nn.Tanh, lambda w: nn.init.normal_(w, 0.0, 0.02))
+    return _ce_trial(m, _sgd(m), seed, 32)
 
 
 def exploding_rnn(seed: int, gain: float = 3.0) -> Trial:
@@ -278,27 +272,17 @@ def exploding_rnn(seed: int, gain: float = 3.0) -> Trial:
 def relu_oversized_init(seed: int) -> Trial:
     """A deep ReLU MLP with weights from N(0, 1): activations grow ~5.7x per layer."""
     torch.manual_seed(seed)
-
-    def big(lin: nn.Linear) -> None:
-        nn.init.normal_(lin.weight, 0.0, 1.0)
-        nn.init.zeros_(lin.bias)
-
-    m = _mlp([32] + [64] * 8 + [10], nn.ReLU, big)
-    return _ce_trial(m, torch.optim.SGD(m.parameters(), lr=0.01), seed, 32)
+    m = _mlp([32] + [64] * 8 + [10], nn.ReLU, lambda w: nn.init.normal_(w, 0.0, 1.0))
+    return _ce_trial(m, _sgd(m, lr=0.01, momentum=0.0), seed, 32)
 
 
 def relu_negative_bias(seed: int) -> Trial:
     """A He-initialised ReLU MLP whose third hidden layer has bias -20: that ReLU is dead."""
     torch.manual_seed(seed)
-
-    def he(lin: nn.Linear) -> None:
-        nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
-        nn.init.zeros_(lin.bias)
-
-    m = _mlp([32, 64, 64, 64, 64, 10], nn.ReLU, he)
+    m = _mlp([32, 64, 64, 64, 64, 10], nn.ReLU, _he)
     with torch.no_grad():
         m[4].bias.fill_(-20.0)  # the Linear before ReLU '5'
-    return _ce_trial(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), seed, 32)
+    return _ce_trial(m, _sgd(m), seed, 32)
 
 
 class NaNAfter(nn.Module):
@@ -328,7 +312,7 @@ def nan_midway(seed: int) -> Trial:
         nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
         NaNAfter(64, NAN_STEP), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10),
     )
-    return _ce_trial(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), seed, 32)
+    return _ce_trial(m, _sgd(m), seed, 32)
 
 
 _SIGMOIDS = tuple(str(i) for i in range(1, 16, 2))
