@@ -14,9 +14,18 @@ ON_ALERT = ("warn", "raise", "log", "ignore")
 logger = logging.getLogger("gradwatch")
 
 
+#: ``Alert.cause``: why, from measured evidence (API.md, "Alerts"); "unknown" when the
+#: evidence supports none of the others.
+CAUSES = ("init_scale", "recurrent_gain", "learning_rate", "bias_shift", "forward_op",
+          "backward_op", "parameters", "input", "unknown")
+
+
 @dataclass(frozen=True)
 class Alert:
-    """One finding of the rules: ``kind`` at ``layer`` on ``stat`` at training ``step``."""
+    """One finding of the rules: ``kind`` at ``layer`` on ``stat`` at training ``step``.
+
+    ``cause`` (one of ``CAUSES``) says why, from evidence the watcher measured; ``hint`` is
+    one or two sentences with that evidence in numbers and what to try ("" when none)."""
 
     step: int
     layer: str
@@ -25,6 +34,8 @@ class Alert:
     value: float
     threshold: float
     message: str
+    cause: str = "unknown"
+    hint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

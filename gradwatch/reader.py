@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -39,6 +40,8 @@ class AlertRecord:
     stat: str
     value: float
     threshold: float
+    cause: str = "unknown"  # logs written before alerts carried a cause read as unknown
+    hint: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {k: json_number(v) if isinstance(v, float) else v
@@ -106,17 +109,29 @@ def json_number(v: float) -> float | str:
     return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
 
 
+_CELL_SPLIT = re.compile(r"(?<!\\)\|")
+_UNESCAPE = re.compile(r"\\(.)")
+
+
 def parse_alerts_markdown(text: str) -> list[AlertRecord]:
-    """Rows of the table written by ``sinks.tensorboard.alerts_markdown``."""
+    """Rows of the table written by ``sinks.tensorboard.alerts_markdown`` (8 cells; the 6
+    cells of logs written before alerts carried a cause and a hint are read too)."""
     out = []
     for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) != 6 or not cells[0].lstrip("-").isdigit():
+        line = line.strip()
+        if line.startswith("|"):
+            line = line[1:]
+        if line.endswith("|") and not line.endswith("\\|"):
+            line = line[:-1]
+        cells = [c.strip() for c in _CELL_SPLIT.split(line)]
+        if len(cells) not in (6, 8) or not cells[0].lstrip("-").isdigit():
             continue  # header, separator or a foreign line
-        step, layer, kind, stat, value, threshold = cells
+        step, layer, kind, stat, value, threshold = cells[:6]
+        cause, hint = (cells[6], _UNESCAPE.sub(r"\1", cells[7])) if len(cells) == 8 else (
+            "unknown", "")
         try:
             out.append(AlertRecord(int(step), layer.strip("`"), kind, stat,
-                                   float(value), float(threshold)))
+                                   float(value), float(threshold), cause, hint))
         except ValueError:
             continue
     return out

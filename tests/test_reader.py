@@ -60,3 +60,15 @@ def test_missing_empty_and_foreign_logdirs_name_the_path(tmp_path):
         w.add_scalar("loss", 1.0, 0)
     with pytest.raises(LogdirError, match="no gradwatch data"):
         read_logdir(tmp_path)
+
+
+def test_markdown_round_trip_keeps_cause_and_hint_with_markup_in_them():
+    from gradwatch import Alert
+
+    hint = "weights of 'a|b*c_' have std [1.00] <b>\\ try nn.init.xavier_uniform_"
+    (back,) = parse_alerts_markdown(alerts_markdown(
+        [Alert(3, "a", "saturated", "act_sat_frac", 0.6, 0.4, "m", "init_scale", hint)]))
+    assert (back.cause, back.hint) == ("init_scale", hint)
+    # a log written before alerts carried a cause and a hint
+    (old,) = parse_alerts_markdown("| 3 | `a` | dead | act_zero_frac | 1 | 0.99 |")
+    assert (old.layer, old.cause, old.hint) == ("a", "unknown", "")

@@ -44,9 +44,9 @@ def test_window_alerts_as_markdown_and_counts(tmp_path: Path) -> None:
     t = texts(acc, "gradwatch/alerts")
     assert set(t) == {2, 6}
     lines = t[2].splitlines()
-    assert lines[0] == "| step | layer | kind | stat | value | threshold |"
-    assert lines[2] == "| 2 | `1` | dead | act_zero_frac | 1 | 0.99 |"
-    assert t[6].splitlines()[2] == "| 6 | `1` | dead | act_zero_frac | 1 | 0.99 |"
+    assert lines[0] == "| step | layer | kind | stat | value | threshold | cause | hint |"
+    assert lines[2].startswith("| 2 | `1` | dead | act_zero_frac | 1 | 0.99 | ")
+    assert t[6].splitlines()[2].startswith("| 6 | `1` | dead | act_zero_frac | 1 | 0.99 | ")
     assert "held back" in w.alerts[1].message
     c = counts(acc, "dead")
     assert c == {2: 1.0, 4: 1.0, 6: 2.0, 8: 2.0}
@@ -74,4 +74,4 @@ def test_per_step_nonfinite_alert_reaches_tensorboard(tmp_path: Path) -> None:
 def test_markdown_escapes_table_characters() -> None:
     a = gradwatch.Alert(3, "a|b`c", "dead", "act_zero_frac", 1.0, 0.99, "m")
     row = alerts_markdown([a]).splitlines()[2]
-    assert row == "| 3 | `a/bc` | dead | act_zero_frac | 1 | 0.99 |"
+    assert row == "| 3 | `a/bc` | dead | act_zero_frac | 1 | 0.99 | unknown |  |"

@@ -43,11 +43,22 @@ def _code_span(name: str) -> str:
     return f"`{name}`"
 
 
+#: Characters escaped in a plain-text markdown cell: they would end the cell or make markup.
+_MARKUP = re.compile(r"([\\`*_\[\]<>|])")
+
+
+def text_cell(text: str) -> str:
+    """Free text (a hint, which may quote layer names) as one markdown table cell, shown as
+    written: markup characters are backslash-escaped, line breaks become spaces."""
+    return _MARKUP.sub(r"\\\1", text.replace("\r", " ").replace("\n", " "))
+
+
 def alerts_markdown(alerts: Sequence[Alert]) -> str:
-    head = "| step | layer | kind | stat | value | threshold |\n|---:|---|---|---|---:|---:|\n"
+    head = ("| step | layer | kind | stat | value | threshold | cause | hint |\n"
+            "|---:|---|---|---|---:|---:|---|---|\n")
     rows = "".join(
         f"| {a.step} | {_code_span(a.layer)} | {a.kind} | {a.stat} "
-        f"| {a.value:.4g} | {a.threshold:.4g} |\n"
+        f"| {a.value:.4g} | {a.threshold:.4g} | {a.cause} | {text_cell(a.hint)} |\n"
         for a in alerts
     )
     return head + rows
