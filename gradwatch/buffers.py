@@ -125,6 +125,7 @@ class ParamStepStats:
     grad_max: Tensor | None  # None on light steps (measured on sampled steps only)
     grad_present: Tensor  # 1.0 where the layer had at least one gradient this step
     grad_nonfinite: Tensor
+    norms: Tensor | None = None  # per parameter with a gradient (``ParamTracker.present``)
 
 
 class WindowBuffers:
@@ -145,12 +146,11 @@ class WindowBuffers:
         # the slot of each row
         self._act_log = torch.zeros(FOLD_AT, ROW, dtype=torch.float32, device=device)
         self._grad_log = torch.zeros(FOLD_AT, 2, dtype=torch.float32, device=device)
-        self._light_log = torch.zeros(FOLD_AT, dtype=torch.float32, device=device)
         self._row_slots: list[int] = []
         self._g_slots: list[int] = []
-        self._l_slots: list[int] = []
         self._idx: dict[tuple[int, ...], Tensor] = {}
         self._zero = torch.zeros(n_layers, dtype=torch.float32, device=device)
+        self._zero3 = torch.zeros(n_layers, 3, dtype=torch.float32, device=device)
         self._act_cols = torch.tensor([W[c] for c in _ACT_COLS], dtype=torch.long,
                                       device=device)
         self._col_idx: dict[tuple[bool, bool, bool], Tensor] = {}
@@ -175,14 +175,6 @@ class WindowBuffers:
         torch.stack([n, sq], out=self._grad_log[len(self._g_slots)])
         self._g_slots.append(slot)
         if len(self._g_slots) >= FOLD_AT:
-            self.fold()
-
-    def log_light(self, slot: int, x: Tensor) -> None:
-        """One output on a light step: its fp32 Σx (non-finite exactly when the output is),
-        summed straight into the log."""
-        S.nonfinite_sum(x, out=self._light_log[len(self._l_slots)])
-        self._l_slots.append(slot)
-        if len(self._l_slots) >= FOLD_AT:
             self.fold()
 
     def _index(self, slots: list[int]) -> Tensor:
@@ -211,11 +203,6 @@ class WindowBuffers:
             g = torch.cat([g, torch.isnan(g[:, 1:]).to(torch.float32)], 1)
             st[:, ST_GN : ST_GNF + 1].index_add_(0, self._index(self._g_slots), g)
             self._g_slots.clear()
-        if self._l_slots:
-            sums = self._light_log[: len(self._l_slots)]
-            bad = torch.isfinite(sums).logical_not_().to(torch.float32)
-            st[:, ST_NF].index_add_(0, self._index(self._l_slots), bad)
-            self._l_slots.clear()
 
     def add_activation(self, slot: int, vec: Tensor, numel: int) -> None:
         """Add one output tensor's ``stats.activation_sums`` vector to the stage."""
@@ -232,8 +219,9 @@ class WindowBuffers:
         row[ST_STUCK].add_(stuck)
         row[ST_UNITS].add_(units)
 
-    def add_nonfinite(self, slot: int, flag: Tensor) -> None:
-        self.stage[slot, ST_NF].add_(flag)
+    def add_nonfinite(self, slots: Tensor, flags: Tensor) -> None:
+        """Compiled code: per-layer non-finite output flags of a light step."""
+        self.stage[:, ST_NF].index_add_(0, slots, flags)
 
     def add_out_grad(self, slot: int, sq: Tensor, numel: int) -> None:
         row = self.stage[slot]
@@ -330,6 +318,10 @@ class WindowBuffers:
         return torch.stack([st[:, ST_NF], st[:, ST_GNF] + params.grad_nonfinite,
                             params.grad_rms], dim=1)
 
+    def no_flags(self) -> Tensor:
+        """``step_flags`` of a step with nothing to flag (a trace sent on its own)."""
+        return self._zero3
+
     def scale_out_grads(self, factor: Tensor) -> None:
         """Multiply the staged output-gradient Σg² by ``factor`` (AMP: 1/scale²)."""
         self.fold()
@@ -337,7 +329,7 @@ class WindowBuffers:
 
     def discard_step(self) -> None:
         """Drop the staged step (a step the GradScaler skipped)."""
-        for slots in (self._row_slots, self._g_slots, self._l_slots):
+        for slots in (self._row_slots, self._g_slots):
             slots.clear()
         self.stage.zero_()
 

@@ -1,18 +1,22 @@
 """Per-step flags, device -> host without a stall and without a torch read op.
 
-Each step the watcher pushes a ``[layers, 3]`` device tensor: non-finite counts in the
-outputs and in the gradients (summed over steps), and the parameter-gradient RMS (max over
-steps). On CPU the copy is a plain memcpy and the step is read at once. On CUDA the flags
-go into a device accumulator; whenever a pinned host slot is free, the accumulator is
-copied into it with ``non_blocking=True`` and zeroed, and an event is recorded behind the
-copy. The host reads a slot, through a numpy view made once here, only after its event
-reports done (``Event.query()`` never blocks). When the device runs several steps behind,
-flags wait in the accumulator instead of being overwritten, so nothing is lost; they are
-then reported with the last step of the span they cover.
+Each step the watcher pushes a ``[layers + 1, 3]`` device tensor (non-finite counts in the
+outputs and in the gradients, summed over steps, and the parameter-gradient RMS, max over
+steps; the extra last row counts the NaN sums of the step's non-finite trace) and, when the
+step has one, the trace's rows (``trace.py``) with the host record they belong to.
+
+On CPU the copy is a plain memcpy into host buffers made once, read in the same step. On
+CUDA both go, non-blocking, into one of a few pinned host slots, and an event is recorded
+behind the copy; the host reads a slot through a numpy view only after its event reports
+done (``Event.query()`` never blocks). When the device runs so far behind that no slot is
+free, the flags wait in a device accumulator instead of being overwritten, so no
+non-finite step goes unseen; the traces of such steps are dropped (their origin is then
+named from the flags alone) and they are reported with the last step of the span.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -22,6 +26,37 @@ from torch import Tensor
 COLS = 3  # non-finite in outputs, non-finite in gradients, gradient RMS
 
 
+@dataclass
+class Flags:
+    """What reached the host for one step (or a span of steps the device ran behind)."""
+
+    step: int
+    layers: np.ndarray  # [layers, 3]
+    trace_nan: float  # NaN sums in the step's trace (all steps of the span)
+    trace: np.ndarray | None  # the step's trace rows, None when none came along
+    meta: Any
+    dropped: bool = False  # a trace was pushed but dropped (the device ran far behind)
+
+
+class _Slot:
+    def __init__(self, n: int, pin: bool) -> None:
+        self.pin = pin
+        self.host = torch.zeros(n, dtype=torch.float32, pin_memory=pin)
+        self.view = self.host.numpy()  # made once: reading is no torch op
+        self.event: Any = None
+        self.seq = 0
+        self.step = 0
+        self.meta: Any = None
+        self.n_trace = -1
+        self.dropped = False
+
+    def fit(self, n: int) -> None:
+        if self.host.numel() < n:
+            self.host = torch.zeros(max(n, 2 * self.host.numel()), dtype=torch.float32,
+                                    pin_memory=self.pin)
+            self.view = self.host.numpy()
+
+
 class StepFlags:
     """Per-step flags of ``n_layers`` layers on ``device``; ``slots`` host copies in flight.
 
@@ -29,61 +64,76 @@ class StepFlags:
     on CUDA); None means the copy is synchronous (CPU) and is read in the same step.
     """
 
-    def __init__(self, n_layers: int, device: torch.device, slots: int = 2,
+    def __init__(self, n_layers: int, device: torch.device, slots: int = 4,
                  event: Callable[[], Any] | None = None) -> None:
         if event is None and device.type == "cuda":
             event = torch.cuda.Event
         self._event = event
+        self.n_layers = n_layers
+        self._rows = n_layers + 1
+        self._head = self._rows * COLS
         pin = device.type == "cuda"
-        self._host = [torch.zeros(n_layers, COLS, dtype=torch.float32, pin_memory=pin)
-                      for _ in range(slots if event is not None else 1)]
-        self._views = [h.numpy() for h in self._host]  # made once: reading is no torch op
-        self._acc = (torch.zeros(n_layers, COLS, dtype=torch.float32, device=device)
+        self._slots = [_Slot(self._head + 256, pin)
+                       for _ in range(slots if event is not None else 1)]
+        self._acc = (torch.zeros(self._rows, COLS, dtype=torch.float32, device=device)
                      if event is not None else None)
-        self._events: list[Any] = [None] * len(self._host)
-        self._span: list[tuple[int, int, int]] = [(0, 0, 0)] * len(self._host)  # seq, first, last
         self._first: int | None = None
+        self._dropped = False
         self._seq = 0
 
-    def push(self, flags: Tensor, step: int) -> None:
-        """Once per step (training thread): the flags of training step ``step``."""
-        if self._acc is None:
-            self._host[0].copy_(flags)
-            self._span[0] = (0, step, step)
-            self._events[0] = True
+    def push(self, flags: Tensor, step: int, trace: Tensor | None = None,
+             meta: Any = None) -> None:
+        """Once per step (training thread): the ``[layers + 1, 3]`` flags of training step
+        ``step``, and optionally the step's trace rows and their host record."""
+        n_trace = -1 if trace is None else trace.numel()
+        if self._acc is None:  # CPU: read in this step
+            slot = self._slots[0]
+            slot.fit(self._head + max(n_trace, 0))
+            slot.host[: self._head].copy_(flags.reshape(-1))
+            if trace is not None and n_trace:
+                slot.host[self._head: self._head + n_trace].copy_(trace)
+            slot.event, slot.step, slot.meta, slot.n_trace = True, step, meta, n_trace
+            slot.seq, slot.dropped = step, False
             return
         acc = self._acc
         acc[:, :2] += flags[:, :2]
         acc[:, 2].copy_(torch.maximum(acc[:, 2], flags[:, 2]))
         if self._first is None:
             self._first = step
-        free = next((i for i, e in enumerate(self._events) if e is None), None)
+        free = next((s for s in self._slots if s.event is None), None)
         if free is None:  # every slot still in flight: keep accumulating on the device
+            self._dropped = self._dropped or trace is not None
             return
-        self._host[free].copy_(self._acc, non_blocking=True)
-        self._acc.zero_()  # stream order: runs after the copy has read the accumulator
+        slot = free
+        slot.fit(self._head + max(n_trace, 0))
+        slot.host[: self._head].copy_(acc.reshape(-1), non_blocking=True)
+        if trace is not None and n_trace:
+            slot.host[self._head: self._head + n_trace].copy_(trace, non_blocking=True)
+        acc.zero_()  # stream order: runs after the copy has read the accumulator
         assert self._event is not None
         ev = self._event()
         ev.record()
-        self._events[free] = ev
         self._seq += 1
-        self._span[free] = (self._seq, self._first, step)
+        # a trace describes one step: kept only when the span is that one step
+        whole = self._first == step
+        slot.event, slot.seq, slot.step = ev, self._seq, step
+        slot.meta, slot.n_trace = (meta, n_trace) if whole else (None, -1)
+        slot.dropped = self._dropped or (trace is not None and not whole)
         self._first = None
+        self._dropped = False
 
-    def poll(self) -> list[tuple[int, np.ndarray]]:
-        """The flags that have reached the host, oldest first: ``(step, [layers, 3] array)``
-        for each span holding a non-zero value. The arrays are copies; slots are freed."""
-        done = []
-        for i, ev in enumerate(self._events):
-            if ev is None:
-                continue
-            if ev is not True and not ev.query():
-                continue
-            done.append(i)
+    def poll(self) -> list[Flags]:
+        """The flags that have reached the host, oldest first, for each step (or span) with
+        a non-zero value; the arrays are copies, the slots are freed."""
+        done = [s for s in self._slots
+                if s.event is not None and (s.event is True or s.event.query())]
         out = []
-        for i in sorted(done, key=lambda j: self._span[j][0]):
-            view = self._views[i]
-            if view.any():
-                out.append((self._span[i][2], view.copy()))
-            self._events[i] = None
+        for s in sorted(done, key=lambda x: x.seq):
+            head = s.view[: self._head].reshape(self._rows, COLS)
+            trace = (s.view[self._head: self._head + s.n_trace].copy()
+                     if s.n_trace >= 0 else None)
+            if head.any() or (trace is not None and not np.isfinite(trace).all()):
+                out.append(Flags(s.step, head[: self.n_layers].copy(), float(head[-1, 0]),
+                                 trace, s.meta, s.dropped))
+            s.event, s.meta = None, None
         return out

@@ -49,14 +49,26 @@ class _Hook:
         return (_Inert, ())
 
 
-class ForwardHook(_Hook):
-    __slots__ = ()
+class ForwardHook:
+    """Forward hook (``with_kwargs=True``) on every module of the model: the call goes to
+    the non-finite trace (``trace.py``; every module, every step), and, for a watched module
+    (``slot >= 0``), to the statistics."""
 
-    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+    __slots__ = ("_collector", "m", "slot")
+
+    def __init__(self, collector: Collector, m: int, slot: int) -> None:
+        self._collector = weakref.ref(collector)
+        self.m = m
+        self.slot = slot
+
+    def __call__(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         c = self._collector()
-        if c is not None and (c.act_on or c.grad_on):
-            c.on_output(self.slot, output, args)
+        if c is not None:
+            c.on_call(self.m, self.slot, args, kwargs, output)
         return None
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_Inert, ())
 
 
 class ForwardDoneHook(_Hook):
@@ -89,9 +101,13 @@ def float_leaves(output: Any) -> list[Tensor]:
 
 
 class Collector:
-    """Hot-path state shared by all hooks of one watcher: buffers, step mode, faults."""
+    """Hot-path state shared by all hooks of one watcher: buffers, step mode, faults.
 
-    def __init__(self, buffers: WindowBuffers, layers: list[LayerInfo], margin: float) -> None:
+    ``trace`` records every call of every module for the non-finite origin (eager code);
+    compiled code adds per-module flags to ``mflags`` instead (``ModuleFlags``)."""
+
+    def __init__(self, buffers: WindowBuffers, layers: list[LayerInfo], margin: float,
+                 trace: Any = None, mflags: Any = None) -> None:
         self.buffers = buffers
         self.layers = layers
         self.margin = margin
@@ -100,9 +116,10 @@ class Collector:
         self.sample: int | None = S.SAMPLE_SIZE
         self.phase = 0  # start offset of the element sample, rotated every step
         self._consts: dict[float, Tensor] = {}
-        self._last_checked: tuple[weakref.ref[Tensor], int] | None = None
         self.act_on = True
         self.grad_on = True
+        self.trace = trace
+        self.mflags = mflags
         self.called = [False] * len(layers)
         self.order: list[int] = []  # slots in order of first forward call
         # (id, version) -> tensor weakref: a tensor gets its gradient hook once per step
@@ -114,16 +131,37 @@ class Collector:
         # fault messages from the background thread, delivered on the training thread
         self.deferred: collections.deque[str] = collections.deque()
         self.hist: Any = None  # DeviceHistograms when histograms=True
+        self.on_eval_done: Any = None  # called when a forward without gradients ends
 
     # -- forward ----------------------------------------------------------------------------
-    def on_output(self, slot: int, output: Any, args: Any = ()) -> None:
+    def on_call(self, m: int, slot: int, args: Any, kwargs: Any, output: Any) -> None:
+        """Every module call: the non-finite trace, then the statistics of a watched one."""
+        tr = self.trace
+        if tr is not None and tr.on:
+            try:
+                if torch.compiler.is_compiling():
+                    if self.mflags is not None:
+                        self.mflags.call(m, args, output)
+                else:
+                    tr.call(m, args, kwargs, output)
+                    if m == 0 and not torch.is_grad_enabled() and self.on_eval_done:
+                        done = self.on_eval_done()
+                        if done is not None:
+                            done()
+            except Exception as e:
+                tr.on = False
+                self.fault("non-finite trace", "*", e)
+        if slot >= 0 and (self.act_on or self.grad_on):
+            self.on_output(slot, output)
+
+    def on_output(self, slot: int, output: Any) -> None:
         # Two parts that fail and switch off independently: activation statistics, and
         # the placement of the output-gradient hooks. Never take the training down.
         try:
             if not self.called[slot]:
                 self.called[slot] = True
                 self.order.append(slot)
-            if not self.full and self._input_checked(slot, args):
+            if not self.full:  # light step: the trace has checked the output
                 return
             leaves = float_leaves(output)
         except Exception as e:
@@ -139,7 +177,7 @@ class Collector:
             except Exception as e:
                 self.act_on = False
                 self.fault("activation statistics", self.layers[slot].name, e)
-        if self.grad_on and self.full:  # light steps: no output-gradient hooks at all
+        if self.grad_on:
             try:
                 for t in leaves:
                     if t.requires_grad and self._first_hook(t):
@@ -151,22 +189,6 @@ class Collector:
             except Exception as e:
                 self.grad_on = False
                 self.fault("output-gradient hook", self.layers[slot].name, e)
-
-    def _input_checked(self, slot: int, args: Any) -> bool:
-        """Light steps: the output of a finite-preserving activation needs no check of its
-        own when its input is the output checked last, unchanged since (or changed once, by
-        this activation working in place). Eager only: compiled code checks every output."""
-        if not self.layers[slot].keeps_finite or not args or torch.compiler.is_compiling():
-            return False
-        last = self._last_checked
-        if last is None:
-            return False
-        ref, version = last
-        x = args[0]
-        if not isinstance(x, Tensor) or ref() is not x or x.is_inference():
-            return False
-        # unchanged since the check, or changed once by this very module working in place
-        return x._version - version in ((0, 1) if self.layers[slot].inplace else (0,))
 
     def _const(self, value: float) -> Tensor:
         """A 0-d fp32 device tensor holding ``value`` (element and unit counts), made once
@@ -180,14 +202,9 @@ class Collector:
         return c
 
     def _stats(self, slot: int, t: Tensor) -> None:
-        """Eager: this output's statistics as device scalars, logged for the step's fold."""
+        """Eager, sampled step: this output's statistics as device scalars, logged for the
+        step's fold."""
         buf = self.buffers
-        if not self.full:
-            buf.log_light(slot, t.detach())
-            # inference tensors have no version counter: no skipping after them
-            self._last_checked = (None if t.is_inference()
-                                  else (weakref.ref(t), t._version))
-            return
         bounds = self.layers[slot].bounds
         s1, hi, lo, s2, nnz, nf, sat = S.activation_parts(
             t, bounds, self.margin, self.sample, self.phase)
@@ -203,10 +220,8 @@ class Collector:
             self.hist.add_activation(slot, t)
 
     def _traced_stats(self, slot: int, t: Tensor) -> None:
-        """Compiled code: the same statistics, added into the stage directly."""
-        if not self.full:
-            self.buffers.add_nonfinite(slot, S.nonfinite_flag(t))
-            return
+        """Compiled code, sampled step: the same statistics, added into the stage
+        directly."""
         bounds = self.layers[slot].bounds
         # phase 0: a Python counter read in traced code would recompile every step
         vec = S.activation_sums(t, bounds, self.margin, self.sample)
@@ -254,7 +269,6 @@ class Collector:
     # -- step boundary ----------------------------------------------------------------------
     def end_step(self) -> None:
         self.phase += 1  # the next sampled step reads other elements of large outputs
-        self._last_checked = None
         self._hooked.clear()
         self._traced.clear()
         self._handles.clear()
@@ -262,6 +276,9 @@ class Collector:
     def remove_tensor_hooks(self) -> None:
         for h in self._handles:
             h.remove()
+        if self.trace is not None:
+            self.trace.on = False
+            self.trace.remove()
         self.end_step()
 
     def fault(self, stage: str, layer: str, exc: BaseException, defer: bool = False) -> None:
@@ -346,6 +363,7 @@ class ParamTracker:
             has[i] = True
         self._has_param = torch.tensor(has, device=device)
         self._cache: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] = {}
+        self.present: tuple[int, ...] = ()  # trainable parameters with a gradient, last step
         self._before: list[Tensor] | None = None
         self._views_idx: Tensor | None = None
         self._views_has: Tensor | None = None
@@ -383,6 +401,7 @@ class ParamTracker:
         there shows as an infinite ``grad_rms`` (the rules report it as exploding at once).
         """
         present = tuple(k for k, (p, _) in enumerate(self.trainable) if p.grad is not None)
+        self.present = present
         if not present:
             return None
         grads = [local(self.trainable[k][0].grad) for k in present]  # type: ignore[arg-type]
@@ -406,7 +425,7 @@ class ParamTracker:
                 gmax = self._shards.max_(gmax)
         gnorm = torch.sqrt(sq)
         grms = gnorm / torch.sqrt(torch.clamp(numel, min=1.0))
-        return ParamStepStats(gnorm, grms, gmax, has, nonfinite)
+        return ParamStepStats(gnorm, grms, gmax, has, nonfinite, norms)
 
     def weight_norms(self) -> Tensor | None:
         if not self.params:

@@ -13,6 +13,7 @@ import threading
 from typing import Any, Callable, Sequence
 
 from gradwatch.alerts import Alert
+from gradwatch.buffers import FINAL_KEYS
 from gradwatch.distributed import is_writer_rank
 from gradwatch.rules import Rules
 from gradwatch.selection import LayerInfo
@@ -40,9 +41,11 @@ class Publisher:
 
     # -- from the training thread -----------------------------------------------------------
     def window(self, step: int, copy: HostCopy, order: list[int], amp: int,
-               hist: Any = None, force: bool = False) -> None:
-        """Queue a window; ``force``: push it to disk now (an explicit flush)."""
-        self.worker.submit(lambda: self._process(step, copy, order, amp, hist, force))
+               hist: Any = None, force: bool = False, host_nf: Any = None) -> None:
+        """Queue a window; ``force``: push it to disk now (an explicit flush); ``host_nf``:
+        per layer, non-finite outputs counted on the host (light steps, from the trace)."""
+        self.worker.submit(lambda: self._process(step, copy, order, amp, hist, force,
+                                                 host_nf))
 
     def flush_sink(self) -> None:
         """Queue a writer flush (an explicit flush of an empty window)."""
@@ -93,8 +96,13 @@ class Publisher:
             return None
 
     def _process(self, step: int, copy: HostCopy, order: list[int], amp: int,
-                 hist: Any, force: bool) -> None:
-        snap = Snapshot.build(step, copy.numpy(), self._infos, order, self._applies, amp)
+                 hist: Any, force: bool, host_nf: Any = None) -> None:
+        values = copy.numpy()
+        if host_nf is not None and host_nf.any():
+            values = values.copy()
+            for key in ("nonfinite", "_act_nonfinite"):
+                values[:, FINAL_KEYS.index(key)] += host_nf
+        snap = Snapshot.build(step, values, self._infos, order, self._applies, amp)
         names = [self._infos[i].name for i in order]
         found = self._guard("rules", "rules", lambda: self._rules.evaluate(
             step, snap.stats, names, snap.act_nonfinite, snap.act_stuck)) or []

@@ -173,6 +173,9 @@ class Rules:
         self._held: dict[tuple[str, str], int] = {}
         self._ema: dict[str, float] = {}
         self._lock = threading.Lock()  # the training thread and the worker both emit
+        # non-finite origins are named per step from the flags (``nonfinite_now``); the
+        # window's own naming is the fallback when that part is switched off
+        self.per_step_nonfinite = True
 
     # -- rate limiting ------------------------------------------------------------------------
     def _emit(self, step: int, layer: str, kind: str, stat: str, value: float,
@@ -230,7 +233,8 @@ class Rules:
 
         # non-finite: name the origin, the first layer in forward order whose output went bad
         origin = self._origin(stats, order, act_nonfinite)
-        if self._condition(NONFINITE_KEY, origin is not None, immediate=True) and origin:
+        if (self._condition(NONFINITE_KEY, origin is not None, immediate=True) and origin
+                and not self.per_step_nonfinite):
             add(self._emit(step, origin, "nonfinite", "nonfinite",
                            stats.get(origin, {}).get("nonfinite", math.nan), 0.0, ">",
                            NONFINITE_KEY))
@@ -299,8 +303,9 @@ class Rules:
             return None
         return self._emit(step, layer, "exploding", "grad_rms", rms, self.t.extreme_rms, ">")
 
-    def nonfinite_now(self, step: int, layer: str, count: float) -> Alert | None:
-        """A per-step non-finite flag, reported from the training thread at once (the
-        window's own evaluation re-arms the rule once a window is clean)."""
-        return self._emit(step, layer, "nonfinite", "nonfinite", count, 0.0, ">",
-                          NONFINITE_KEY)
+    def nonfinite_now(self, step: int, layer: str, count: float,
+                      note: str = "") -> Alert | None:
+        """A non-finite origin found from a step's flags, reported from the training thread
+        at once. Rate-limited per origin layer: what the NaN spreads to is not reported
+        separately (``nonfinite.NonFiniteTracker`` re-arms once a step is finite again)."""
+        return self._emit(step, layer, "nonfinite", "nonfinite", count, 0.0, ">", note=note)

@@ -9,6 +9,7 @@ Alerts are delivered on the training thread, at the next ``step()``/``flush()``/
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import time
 import warnings
@@ -34,13 +35,24 @@ from gradwatch.hooks import (
     _StepHook,
     report_fault,
 )
+from gradwatch.nonfinite import Meta, NonFiniteTracker
 from gradwatch.options import check_bool, check_int, check_sample_every, given, open_writer
+from gradwatch.origin import ModelMap
 from gradwatch.publish import Publisher
 from gradwatch.rules import Rules, Thresholds
-from gradwatch.selection import assign_params, describe, select, unwrap
+from gradwatch.selection import (
+    ROOT_NAME,
+    assign_params,
+    describe,
+    grad_safe,
+    passes_finite,
+    select,
+    unwrap,
+)
 from gradwatch.sinks.console import report as _report
 from gradwatch.sinks.pictures import Pictures
 from gradwatch.snapshot import HostCopy, Snapshot, applicable
+from gradwatch.trace import ModuleFlags, StepTrace
 
 MAX_ALERTS = 10_000
 #: ``sample_every="auto"``: after the first window (read on every step), the full stat set
@@ -157,6 +169,16 @@ class Watcher:
         self._collector = Collector(self._buffers, self._infos, self.thresholds.saturation_margin)
         self._rules = Rules(self.thresholds, self._infos)
         self._params = ParamTracker(owners, L, self._device)
+        # the non-finite trace covers every module of the model, watched or not
+        self._mods = [(n or ROOT_NAME, m) for n, m in root.named_modules()]
+        hooked = [not grad_safe(m) for _, m in self._mods]
+        self._map = ModelMap.build(self._mods, hooked)
+        self._nonfinite = NonFiniteTracker(self._map, self._mods, chosen, self._params)
+        self._collector.trace = StepTrace(
+            self._device, [passes_finite(m) for _, m in self._mods],
+            [bool(getattr(m, "inplace", False)) for _, m in self._mods], hooked,
+            self._collector.fault)
+        self._collector.mflags = ModuleFlags(len(self._mods), self._device, hooked)
 
         self._step = 0
         self._window_steps = 0
@@ -165,6 +187,7 @@ class Watcher:
         self._alerts: collections.deque[A.Alert] = collections.deque(maxlen=MAX_ALERTS)
         self._off: set[str] = set()  # internal parts switched off after a failure
         self._pending_grads: Any = None
+        self._trace_step = -1  # the step whose non-finite trace was taken already
         self._sink: Any = None
         # distributed: only rank 0 opens a writer, so a run has one event file
         if tensorboard and is_writer_rank():
@@ -196,9 +219,12 @@ class Watcher:
             prev.close()
         self._handles: list[Any] = []
         forget_compiled_code(model)  # else a compiled model that already ran ignores hooks
-        for slot, (_, m) in enumerate(chosen):
-            self._handles.append(m.register_forward_hook(ForwardHook(self._collector, slot)))
+        slot_of = {id(m): slot for slot, (_, m) in enumerate(chosen)}
+        for i, (_, m) in enumerate(self._mods):
+            self._handles.append(m.register_forward_hook(
+                ForwardHook(self._collector, i, slot_of.get(id(m), -1)), with_kwargs=True))
         self._handles.append(root.register_forward_hook(ForwardDoneHook(self._collector, -1)))
+        self._collector.on_eval_done = weakref.WeakMethod(self._eval_done)
         if optimizer is not None:
             self._handles.append(optimizer.register_step_pre_hook(_StepHook(self._pre_step)))
             self._handles.append(optimizer.register_step_post_hook(_StepHook(self._post_step)))
@@ -342,6 +368,9 @@ class Watcher:
         # gradients after it, in _post_step (optimizers do not modify .grad in place)
         if not closure:
             self._pending_grads = self._params_safe("grad")
+            # the step's forward and backward are done and the weights not yet updated:
+            # the moment to read the non-finite trace (see _take_trace)
+            self._take_trace(self._pending_grads, before_update=True)
         if self._collector.full:
             self._params_safe("before")
 
@@ -368,6 +397,8 @@ class Watcher:
         updates = self._params_safe("update") if full and self._optimizer is not None else None
         if skipped:  # its staged stats see the inf/NaN that made the scaler skip: drop them
             self._buffers.discard_step()
+            if self._collector.trace is not None:
+                self._collector.trace.discard()
             self._amp_skipped += 1
         else:
             self._commit(grads, weights, updates)
@@ -390,32 +421,108 @@ class Watcher:
                 self._buffers.discard_step()
                 return
             full = self._collector.full
-            self._flags.push(self._buffers.step_flags(grads, full), self._step + 1)
+            self._push_flags(self._buffers.step_flags(grads, full), grads, full)
             self._buffers.commit_step(grads, weights, updates, full)
+        except Exception as e:
+            self._off.add("commit")
+            self._collector.fault("step commit", "*", e)
+
+    def _push_flags(self, flags: torch.Tensor, grads: Any, full: bool,
+                    step: int | None = None, before_update: bool = False) -> None:
+        """The step's flags, with its non-finite trace unless taken already, to the host
+        (``flags.StepFlags``): device ops and a non-blocking copy only."""
+        step = self._step + 1 if step is None else step
+        tr = self._collector.trace
+        vals, meta = None, None
+        if tr is not None and tr.on and self._trace_step != step:
+            self._trace_step = step
+            rec, vals = tr.take()
+        # the weights as the forward used them: read lazily on CPU when the record is taken
+        # before the update (the analysis runs at once), else summed with the payload
+        sums = vals is not None and not (before_update and self._device.type == "cpu")
+        mf = self._collector.mflags
+        mods = mf.take() if vals is not None and mf is not None and mf.order else None
+        payload, (present, shadow) = self._nonfinite.payload(vals, grads, param_sums=sums,
+                                                             modules=mods)
+        if vals is not None:
+            meta = Meta(rec, present, shadow, full, before_update, sums,
+                        tuple(mf.order) if mods is not None and mf is not None else None)
+        nan = torch.isnan(payload).sum(dtype=torch.float32)
+        extra = torch.stack([nan, torch.zeros_like(nan), torch.zeros_like(nan)])
+        head = torch.cat([flags, extra.unsqueeze(0)])
+        self._flags.push(head, step, payload if meta is not None else None, meta)
+
+    def _take_trace(self, grads: Any, before_update: bool) -> None:
+        """The step's trace to the host now (at the optimizer's pre-step), and on CPU read
+        at once: the weights a NaN may come from are still those the forward used."""
+        if "commit" in self._off or self._collector.trace is None:
+            return
+        try:
+            zero = self._buffers.no_flags()
+            self._push_flags(zero, grads, self._collector.full, before_update=before_update)
+        except Exception as e:
+            self._off.add("commit")
+            self._collector.fault("step commit", "*", e)
+            return
+        self._check_flags()
+
+    def _eval_done(self) -> None:
+        """A forward without gradients ended (evaluation): its trace becomes a record of its
+        own, so an evaluation loop keeps the trace bounded and is checked as it runs."""
+        tr = self._collector.trace
+        if tr is None or tr.rec.g_roles or "commit" in self._off:
+            return  # a training step's record: its gradients are still to come
+        try:
+            self._trace_step = -1
+            self._push_flags(self._buffers.no_flags(), None, True, step=self._step,
+                             before_update=True)
+            self._check_flags()
         except Exception as e:
             self._off.add("commit")
             self._collector.fault("step commit", "*", e)
 
     def _check_flags(self) -> None:
         """Per-step flags that reached the host (this step's on CPU, a step or so later on
-        CUDA) -> a non-finite alert at the layer where the NaN started, or an exploding
-        alert for a gradient above ``extreme_rms``. No torch read op."""
+        CUDA) -> a non-finite alert at the module where the NaN was born (``nonfinite.py``),
+        or an exploding alert for a gradient above ``extreme_rms``. No torch read op."""
         if self._off & {"commit", "flags"}:
             return
         try:
-            for step, view in self._flags.poll():
-                self._flag_alert(step, view)
+            nf = self._nonfinite
+            for f in nf.settle():
+                self._nonfinite_alert(f)
+            for item in self._flags.poll():
+                found = nf.read(item)
+                for f in found:
+                    self._nonfinite_alert(f)
+                bad = item.layers[:, :2].any() or item.trace_nan
+                if not bad:
+                    self._extreme(item.step, item.layers)
+                elif item.meta is None and nf.armed and nf.last_bad != item.step:
+                    # nothing named from a trace for this step (none came along, or it held
+                    # Inf without NaN, e.g. an Inf parameter gradient): name a layer
+                    self._flag_alert(item.step, item.layers)
         except Exception as e:
             self._off.add("flags")
+            self._rules.per_step_nonfinite = False  # the window names it from now on
             self._collector.fault("non-finite flags", "*", e)
 
+    def _nonfinite_alert(self, f: Any) -> None:
+        a = self._rules.nonfinite_now(f.step, f.layer, f.count, note=f.message)
+        if a is not None:
+            self._pend(dataclasses.replace(a, cause=f.cause, hint=f.hint), f.step)
+
+    def _extreme(self, step: int, view: np.ndarray) -> None:
+        """A finite step: only a gradient above ``extreme_rms`` is reported at once."""
+        limit = self.thresholds.extreme_rms
+        for i in np.flatnonzero(view[:, 2] > limit):
+            self._pend(self._rules.exploding_now(step, self._infos[i].name,
+                                                 float(view[i, 2])), step)
+
     def _flag_alert(self, step: int, view: np.ndarray) -> None:
-        if not view[:, :2].any():  # finite: only an extreme gradient is reported at once
-            limit = self.thresholds.extreme_rms
-            for i in np.flatnonzero(view[:, 2] > limit):
-                self._pend(self._rules.exploding_now(step, self._infos[i].name,
-                                                     float(view[i, 2])), step)
-            return
+        """Without a trace (switched off, or the device ran too far ahead): the first
+        watched layer in forward order whose output went non-finite, else the last one
+        whose gradients did."""
         order = self._collector.order
         acts = view[:, 0]
         origin = next((i for i in order if acts[i] > 0), None)
@@ -453,7 +560,8 @@ class Watcher:
             self._amp_skipped = 0
             self._dense = False
             self._collector.full = True  # a new window starts with a sampled step
-        self._publish.window(step, copy, order, amp, hist, force)
+        self._publish.window(step, copy, order, amp, hist, force,
+                             self._nonfinite.take_counts())
 
     def _deliver(self) -> None:
         """Alerts and faults reach the user here, on the training thread."""

@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 import gradwatch
 import gradwatch.hooks
 import gradwatch.stats
+import gradwatch.trace
 from gradwatch.buffers import WindowBuffers
 from gradwatch.hooks import ParamTracker
 from gradwatch.rules import Rules
@@ -127,13 +128,14 @@ def test_activation_statistics_fault(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(finite(snap, "out_grad_rms").values())  # the out-grad hooks still placed
 
 
-def test_activation_fault_on_unsampled_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    # on steps that are not sampled, outputs get a cheap non-finite check (their sum) and
-    # output gradients no hook at all
-    monkeypatch.setattr(gradwatch.stats, "nonfinite_sum", boom)
+def test_nonfinite_trace_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+    # every module's outputs get a cheap non-finite check (their sum) on every step: a
+    # failure there switches the trace off, and the statistics go on
+    monkeypatch.setattr(gradwatch.trace.StepTrace, "_check", boom)
     w, faults = run_with_fault({"sample_every": 2})
-    one_fault(faults, "activation statistics", "layer '0'")
+    one_fault(faults, "non-finite trace", "all layers")
     assert all(finite(w.latest, "grad_norm").values())
+    assert all(finite(w.latest, "act_mean").values())
 
 
 def test_forward_hook_fault(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -160,6 +160,7 @@ def nf(**counts: float) -> dict[str, dict[str, float]]:
 
 def test_nonfinite_names_the_first_output_in_forward_order_at_once() -> None:
     r = make(list("abcd"))
+    r.per_step_nonfinite = False  # the window's fallback naming
     w = nf(a=0, b=0, c=40, d=90)
     found = r.evaluate(7, w, list("abcd"), {"c": 20.0, "d": 60.0})
     assert [(a.layer, a.kind, a.step) for a in found] == [("c", "nonfinite", 7)]
@@ -167,12 +168,14 @@ def test_nonfinite_names_the_first_output_in_forward_order_at_once() -> None:
 
 def test_nonfinite_in_gradients_only_names_the_layer_nearest_the_loss() -> None:
     r = make(list("abcd"))
+    r.per_step_nonfinite = False  # the window's fallback naming
     found = r.evaluate(1, nf(a=1, b=1, c=0, d=0), list("abcd"), {})
     assert [a.layer for a in found] == ["b"]
 
 
 def test_nonfinite_is_one_episode_until_clean_windows_rearm() -> None:
     r = make(list("abcd"), rate_limit=100)
+    r.per_step_nonfinite = False  # the window's fallback naming
     ok = nf(a=0, b=0, c=0, d=0)
     bad_c, bad_a = nf(a=0, b=0, c=5, d=5), nf(a=5, b=5, c=5, d=5)
     acts = [{}, {"c": 5.0}, {"a": 5.0}, {}, {}, {"a": 5.0}]
@@ -184,16 +187,22 @@ def test_nonfinite_is_one_episode_until_clean_windows_rearm() -> None:
 
 def test_nonfinite_window_suppresses_the_other_rules() -> None:
     r = make(list("abcd"), patience=1)
+    r.per_step_nonfinite = False  # the window's fallback naming
     w = nf(a=0, b=0, c=3, d=0)
     w["a"]["grad_rms"] = 1e-12
     assert run(r, [w], [{"c": 3.0}]) == [[("c", "nonfinite")]]
 
 
-def test_nonfinite_now_shares_the_episode_with_the_window() -> None:
+def test_nonfinite_now_is_rate_limited_per_origin_and_the_window_does_not_repeat_it() -> None:
     r = make(list("abcd"))
-    a = r.nonfinite_now(58, "c", 3.0)
+    a = r.nonfinite_now(58, "c", 3.0, note="forward: born in 'c'")
     assert a is not None and (a.step, a.layer, a.kind) == (58, "c", "nonfinite")
-    assert r.nonfinite_now(59, "a", 9.0) is None  # spread, held back
+    assert a.message.endswith("; forward: born in 'c'")
+    assert r.nonfinite_now(59, "c", 9.0) is None  # the same origin again: held back
+    # another origin is reported (what a NaN spreads to never reaches the rules: the
+    # non-finite tracker counts it into the origin until a step is finite again)
+    b = r.nonfinite_now(59, "a", 9.0)
+    assert b is not None and b.layer == "a"
     found = r.evaluate(60, nf(a=9, b=9, c=9, d=9), list("abcd"), {"a": 9.0})
     assert found == []
 

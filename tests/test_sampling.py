@@ -192,15 +192,16 @@ def module_then_inplace_relu(at: int) -> nn.Sequential:
 
 
 def light_checks(w: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The layers whose output got a light-step NaN/Inf check (calls through)."""
+    """The modules that made a NaN/Inf check (one fp32 sum) of a tensor (calls through)."""
     seen: list[str] = []
-    log_light = w._buffers.log_light
+    trace = w._collector.trace
+    check = trace._check
 
-    def spy(slot: int, x: torch.Tensor) -> None:
-        seen.append(w._infos[slot].name)
-        log_light(slot, x)
+    def spy(x: torch.Tensor, m: int, kind: int) -> int:
+        seen.append(w._map.names[m])
+        return check(x, m, kind)
 
-    monkeypatch.setattr(w._buffers, "log_light", spy)
+    monkeypatch.setattr(trace, "_check", spy)
     return seen
 
 
@@ -212,10 +213,11 @@ def train_step(m: nn.Module, opt: torch.optim.Optimizer) -> None:
 
 
 @pytest.mark.parametrize("build,checked,skipped", [
-    # the Tanh after the NaN Linear '2' is not checked on light steps: its input was
-    (linear_then_tanh, ["0", "2", "4"], {"1", "3"}),
+    # the batch (at '0', its first module), then each output but the Tanh ones: a Tanh
+    # keeps finite inputs finite, its output's state follows from its input's
+    (linear_then_tanh, ["0", "0", "2", "4"], {"1", "3"}),
     # the in-place ReLU '3' rewrites the output of '2' (just checked): not checked again
-    (module_then_inplace_relu, ["0", "2", "4", "6"], {"1", "3", "5"}),
+    (module_then_inplace_relu, ["0", "0", "2", "4", "6"], {"1", "3", "5"}),
 ])
 def test_nan_at_a_light_step_is_named_at_its_origin(
         build: Any, checked: list[str], skipped: set[str],
@@ -246,7 +248,8 @@ def test_nan_at_a_light_step_is_named_at_its_origin(
 
 class InplaceBeforeTanh(nn.Module):
     """``lin`` -> an in-place write outside any module (NaN from call ``at`` on) -> Tanh
-    module ``act`` -> ``head``. The first watched output holding the NaN is ``act``'s."""
+    module ``act`` -> ``head``. The NaN is born in the root's own forward code: ``lin``'s
+    output was finite when made, ``act`` received it already NaN."""
 
     def __init__(self, at: int) -> None:
         super().__init__()
@@ -265,7 +268,7 @@ class InplaceBeforeTanh(nn.Module):
 
 
 @pytest.mark.parametrize("sample_every", [1, 5])
-def test_nan_written_in_place_between_modules_is_named_at_the_activation(
+def test_nan_written_in_place_between_modules_is_named_at_the_code_that_wrote_it(
         sample_every: int) -> None:
     torch.manual_seed(0)
     at = 7
@@ -277,7 +280,9 @@ def test_nan_written_in_place_between_modules_is_named_at_the_activation(
     for _ in range(at + 1):
         train_step(m, opt)
     w.close()
-    assert [(a.kind, a.layer, a.step) for a in got] == [("nonfinite", "act", at + 1)]
+    assert [(a.kind, a.layer, a.step, a.cause) for a in got] == [
+        ("nonfinite", "(root)", at + 1, "forward_op")]
+    assert "InplaceBeforeTanh" in got[0].message
 
 
 # -- an evaluation loop --------------------------------------------------------------------------
@@ -297,30 +302,33 @@ def test_eval_forwards_keep_the_logs_bounded_and_pool_into_the_next_step() -> No
     first = model[0].register_forward_hook(
         lambda mod, a, o: train_out.append(o.detach().double()) if o.requires_grad else None)
 
+    trace = w._collector.trace
+
     def evaluate() -> tuple[int, int]:
-        peak_rows = peak_light = 0
+        peak_rows = peak_trace = 0
         model.eval()
         with torch.no_grad():
             for _ in range(calls):
                 model(torch.randn(4, 6) * 3)  # another distribution than the training data
                 assert buf._act_log.shape == (FOLD_AT, ROW)  # preallocated, never grown
                 peak_rows = max(peak_rows, len(buf._row_slots))
-                peak_light = max(peak_light, len(buf._l_slots))
+                # each evaluation forward is checked on its own as it ends: bounded
+                peak_trace = max(peak_trace, trace.rec.n, len(trace._ids))
         model.train()
-        return peak_rows, peak_light
+        return peak_rows, peak_trace
 
     def train() -> None:
         ref.train_step(model, opt, torch.randn(16, 6))
 
     # step 0 (sampled): the full per-call rows are logged
-    rows, light = evaluate()
-    assert 0 < rows < FOLD_AT and light == 0
+    rows, entries = evaluate()
+    assert 0 < rows < FOLD_AT and entries == 0
     train()
-    assert not buf._row_slots and not buf._g_slots and not buf._l_slots  # folded, committed
-    # step 1 (light): only the per-call NaN/Inf sums are logged
+    assert not buf._row_slots and not buf._g_slots  # folded, committed
+    # step 1 (light): no per-call rows at all
     assert w._collector.full is False
-    rows, light = evaluate()
-    assert rows == 0 and 0 < light < FOLD_AT
+    rows, entries = evaluate()
+    assert rows == 0 and entries == 0
     train()
     snap = w.flush()
     first.remove()

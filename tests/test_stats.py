@@ -159,12 +159,13 @@ def test_non_finite_off_the_sample_is_still_flagged_by_the_buffers():
 
 
 def test_flags_count_non_finite_on_steps_without_stats():
-    """A light step: outputs logged as sums (compiled code adds a flag directly), an output
-    gradient's NaN Σg² counted in the gradient column."""
+    """A light step of compiled code: per-layer output flags added directly (eager code
+    counts them on the host from the trace), an output gradient's NaN Σg² counted in the
+    gradient column."""
     buf = WindowBuffers(2, torch.device("cpu"))
-    buf.log_light(0, torch.tensor([1.0, math.nan]))
-    buf.log_light(1, torch.tensor([1.0, 2.0]))
-    buf.add_nonfinite(1, S.nonfinite_flag(torch.tensor([math.inf])))
+    buf.add_nonfinite(torch.tensor([0, 1]),
+                      torch.stack([S.nonfinite_flag(torch.tensor([1.0, math.nan])),
+                                   S.nonfinite_flag(torch.tensor([math.inf]))]))
     buf.log_out_grad(0, S.grad_sq_sum(torch.tensor([math.nan])), torch.tensor(1.0))
     buf.fold()
     assert buf.stage[:, ST_NF].tolist() == [1.0, 1.0]

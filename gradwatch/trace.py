@@ -1,0 +1,344 @@
+"""The per-step non-finite trace of eager code: one fp32 sum per tensor, and who made it.
+
+Every module of the model (containers and custom modules included, watched or not) reports
+its call here from its forward hook. For each call the trace keeps, on the host, which
+*entries* were its inputs and outputs; each entry is one tensor checked once, by an fp32
+sum written into the next row of a preallocated device log (``Rows``): NaN if the tensor
+holds a NaN, ±Inf if it holds infinities of one sign, finite otherwise. A tensor already
+checked in this step (the output of the module before, unchanged since: same object, same
+version) is not summed again: the entry is shared, which is also what links a module's
+inputs to the module that made them. A parameter-free module that keeps finite inputs
+finite (``selection.passes_finite``) gets no sum of its own: its output is *derived* from
+its input's entry.
+
+Modules whose backward can turn finite gradients non-finite (``selection.grad_safe`` is
+False: custom modules, containers with code of their own) also get a tensor hook on each
+input and output that requires grad: the gradient's fp32 sum goes into a second log.
+
+Nothing here reads a device value: at the end of a step the watcher copies both logs to the
+host (``flags.StepFlags``) with the ``Record`` of the step, and ``origin.py`` reads them
+there, only when something was non-finite.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_leaves
+
+#: ``torch.sum(x, DIMS[x.ndim], ..., out=row)`` reduces every dim into a 0-d row
+DIMS: tuple[tuple[int, ...], ...] = tuple(tuple(range(n)) for n in range(33))
+#: Entries kept per record before a long stretch of forward calls without a step (an
+#: evaluation loop) is cut into a record of its own: bounds the host lists and the logs.
+MAX_ENTRIES = 1 << 15
+
+IN, OUT = 0, 1  # entry kinds: a tensor first seen as an input of a call, or an output
+
+
+class Rows:
+    """A growable 1-D fp32 device log whose rows are 0-d views made once (no indexing op
+    per write)."""
+
+    def __init__(self, device: torch.device, cap: int = 256) -> None:
+        self.device = device
+        self.t = torch.zeros(cap, dtype=torch.float32, device=device)
+        self.rows = list(self.t.unbind())
+
+    def row(self, k: int) -> Tensor:
+        if k >= len(self.rows):
+            self._grow(k + 1)
+        return self.rows[k]
+
+    def _grow(self, need: int) -> None:
+        cap = max(need, 2 * len(self.rows))
+        t = torch.zeros(cap, dtype=torch.float32, device=self.device)
+        t[: self.t.numel()].copy_(self.t)
+        self.t, self.rows = t, list(t.unbind())
+
+
+@dataclass
+class Record:
+    """The host half of a step's trace (the device half: ``n_rows`` forward rows and the
+    grad rows). ``calls``: (module index, input entries, output entries) in completion
+    order; per forward entry: the module that made it (``by``), its kind (``IN``/``OUT``),
+    the entry whose value it has (``src``: itself, or the input entry of a module that
+    passes finite values on) and the device row of that value (``row``). ``g_roles``: per
+    gradient entry, (module, IN/OUT) of the tensors it is the gradient of; ``fired``: the
+    gradient entries whose hook ran."""
+
+    calls: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    by: list[int] = field(default_factory=list)
+    kind: list[int] = field(default_factory=list)
+    src: list[int] = field(default_factory=list)
+    row: list[int] = field(default_factory=list)  # per entry: the device row of its value
+    n_rows: int = 0
+    half: list[int] = field(default_factory=list)  # rows of float16 tensors (overflow hints)
+    g_roles: list[list[tuple[int, int]]] = field(default_factory=list)
+    fired: list[int] = field(default_factory=list)
+    eval_only: bool = False  # forward calls without gradients (an evaluation loop)
+
+    @property
+    def n(self) -> int:
+        return len(self.by)
+
+    @property
+    def n_grads(self) -> int:
+        return len(self.g_roles)
+
+
+class _GradHook:
+    """Tensor hook: the fp32 sum of one gradient into row ``j`` of the grad log of the
+    record it was placed in (a gradient that arrives after that record was taken is left
+    out)."""
+
+    __slots__ = ("_trace", "_rec", "j")
+
+    def __init__(self, trace: StepTrace, rec: Record, j: int) -> None:
+        self._trace = weakref.ref(trace)
+        self._rec = rec
+        self.j = j
+
+    def __call__(self, g: Tensor) -> None:
+        tr = self._trace()
+        if tr is not None and tr.on and tr.rec is self._rec:
+            tr.grad(self.j, g)
+        return None
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        from gradwatch.hooks import _Inert
+
+        return (_Inert, ())
+
+
+def _version(t: Tensor) -> int:
+    """The tensor's version counter; -1 for an inference tensor, which has none (it is then
+    never taken for one checked before)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
+def _float(t: Any) -> bool:
+    return isinstance(t, Tensor) and t.is_floating_point() and not t.is_sparse
+
+
+class StepTrace:
+    """Records the forward calls and gradients of one step (see the module docstring).
+
+    ``passes[m]``: module ``m`` passes finite values on (no sum of its own output);
+    ``inplace[m]``: it writes its output into its input; ``unsafe[m]``: its gradients are
+    hooked. ``on`` False makes every hook inert (the watcher closed or this part failed).
+    """
+
+    def __init__(self, device: torch.device, passes: list[bool], inplace: list[bool],
+                 unsafe: list[bool], fault: Callable[..., None]) -> None:
+        self.device = device
+        self.passes = passes
+        self.inplace = inplace
+        self.unsafe = unsafe
+        self.fault = fault
+        self.on = True
+        self.fwd = Rows(device, 1024)
+        self.grads = Rows(device, 256)
+        self.handles: list[Any] = []
+        self._new()
+
+    def _new(self) -> None:
+        self.rec = Record()
+        # id -> (weakref, version when checked, entry): a tensor checked in this record
+        self._ids: dict[int, tuple[weakref.ref[Tensor], int, int]] = {}
+        self._g_ids: dict[int, tuple[weakref.ref[Tensor], int]] = {}
+
+    # -- forward ------------------------------------------------------------------------------
+    def _check(self, x: Tensor, m: int, kind: int) -> int:
+        """A new entry holding the fp32 sum of ``x``."""
+        rec = self.rec
+        k = len(rec.by)
+        r = rec.n_rows
+        torch.sum(x.detach(), DIMS[x.ndim], dtype=torch.float32, out=self.fwd.row(r))
+        rec.n_rows = r + 1
+        if x.dtype is torch.float16:
+            rec.half.append(r)
+        rec.by.append(m)
+        rec.kind.append(kind)
+        rec.src.append(k)
+        rec.row.append(r)
+        self._ids[id(x)] = (weakref.ref(x), _version(x), k)
+        return k
+
+    def _input(self, x: Tensor, m: int) -> int:
+        seen = self._ids.get(id(x))
+        if seen is not None and seen[0]() is x and seen[1] >= 0:
+            v = _version(x) - seen[1]
+            # unchanged since checked, or changed once by this very module in place
+            if v == 0 or (v == 1 and self.inplace[m]):
+                return seen[2]
+        return self._check(x, m, IN)
+
+    def call(self, m: int, args: Any, kwargs: Any, output: Any) -> None:
+        """Module ``m`` returned ``output`` from ``args``/``kwargs`` (its forward hook)."""
+        rec = self.rec
+        if len(rec.by) >= MAX_ENTRIES:
+            return  # an evaluation loop without steps: cut at the root's next call
+        if type(args) is tuple and all(type(a) is Tensor for a in args):
+            xs: list[Any] = list(args)
+        else:
+            xs = tree_leaves(args)
+        if kwargs:
+            xs += tree_leaves(kwargs)
+        ins = tuple(self._input(x, m) for x in xs if _float(x))
+        if type(output) is Tensor:
+            outs_t: list[Any] = [output]
+        else:
+            outs_t = tree_leaves(output)
+        outs = []
+        if self.passes[m] and len(ins) == 1 and len(outs_t) == 1 and _float(outs_t[0]):
+            # finite in -> finite out: derived from the input's entry, no sum
+            y = outs_t[0]
+            k = len(rec.by)
+            rec.by.append(m)
+            rec.kind.append(OUT)
+            rec.src.append(rec.src[ins[0]])
+            rec.row.append(rec.row[ins[0]])
+            self._ids[id(y)] = (weakref.ref(y), _version(y), k)  # type: ignore[arg-type]
+            outs.append(k)
+        else:
+            for y in outs_t:
+                if not _float(y):
+                    continue
+                seen = self._ids.get(id(y))
+                if seen is not None and seen[0]() is y and seen[1] >= 0 \
+                        and _version(y) == seen[1]:  # type: ignore[arg-type]
+                    outs.append(seen[2])  # handed on unchanged (an input, or a child's output)
+                else:
+                    outs.append(self._check(y, m, OUT))
+        rec.calls.append((m, ins, tuple(outs)))
+        if self.unsafe[m] and torch.is_grad_enabled():
+            for t in xs:
+                if _float(t) and t.requires_grad:
+                    self._hook_grad(t, m, IN)
+            for t in outs_t:
+                if _float(t) and t.requires_grad:
+                    self._hook_grad(t, m, OUT)
+
+    def _hook_grad(self, t: Tensor, m: int, role: int) -> None:
+        rec = self.rec
+        seen = self._g_ids.get(id(t))
+        if seen is not None and seen[0]() is t:
+            rec.g_roles[seen[1]].append((m, role))
+            return
+        j = len(rec.g_roles)
+        rec.g_roles.append([(m, role)])
+        self._g_ids[id(t)] = (weakref.ref(t), j)
+        self.handles.append(t.register_hook(_GradHook(self, rec, j)))
+
+    # -- backward -----------------------------------------------------------------------------
+    def grad(self, j: int, g: Tensor) -> None:
+        try:
+            torch.sum(g.detach(), DIMS[g.ndim], dtype=torch.float32, out=self.grads.row(j))
+            self.rec.fired.append(j)
+        except Exception as e:
+            self.on = False
+            self.fault("non-finite trace (gradients)", "*", e)
+
+    # -- step boundary -------------------------------------------------------------------------
+    def take(self) -> tuple[Record, Tensor]:
+        """This record and a copy of its device rows (forward rows, then gradient rows);
+        starts a new record. The gradient rows are zeroed for the next one: a hook that
+        does not run leaves 0 (finite) in its row."""
+        rec = self.rec
+        vals = torch.cat([self.fwd.t[: rec.n_rows], self.grads.t[: rec.n_grads]])
+        if rec.n_grads:
+            self.grads.t[: rec.n_grads].zero_()
+        self._new()
+        self.handles.clear()
+        return rec, vals
+
+    def discard(self) -> None:
+        """Drop this record (a step the GradScaler skipped: its gradients overflowed on
+        purpose)."""
+        if self.rec.n_grads:
+            self.grads.t[: self.rec.n_grads].zero_()
+        self._new()
+        self.handles.clear()
+
+    def empty(self) -> bool:
+        return not self.rec.calls and not self.rec.g_roles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self._new()
+
+
+# Columns of ``ModuleFlags``: NaN / Inf sums among a call's outputs, among its inputs, and
+# NaN among the gradients at its outputs and at its inputs (hooked modules only).
+M_OUT_NAN, M_OUT_INF, M_IN_NAN, M_IN_INF, M_OG_NAN, M_IG_NAN = range(6)
+
+
+class _ModuleGradHook:
+    __slots__ = ("_flags", "m", "col")
+
+    def __init__(self, flags: ModuleFlags, m: int, col: int) -> None:
+        self._flags = weakref.ref(flags)
+        self.m = m
+        self.col = col
+
+    def __call__(self, g: Tensor) -> None:
+        f = self._flags()
+        if f is not None and f.on:
+            s = torch.sum(g.detach(), DIMS[g.ndim], dtype=torch.float32)
+            f.t[self.m, self.col] += torch.isnan(s).to(torch.float32)
+        return None
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        from gradwatch.hooks import _Inert
+
+        return (_Inert, ())
+
+
+class ModuleFlags:
+    """The non-finite trace of code that ``torch.compile`` traces: no per-tensor host
+    bookkeeping (Python state in a graph), per-module counts added on the device instead,
+    which the compiler fuses into the model's own kernels. ``order``: modules in order of
+    first completion (recorded while tracing)."""
+
+    def __init__(self, n_modules: int, device: torch.device, unsafe: list[bool]) -> None:
+        self.t = torch.zeros(n_modules, 6, dtype=torch.float32, device=device)
+        self.unsafe = unsafe
+        self.seen = [False] * n_modules
+        self.order: list[int] = []
+        self.on = True
+        self.used = False  # set while tracing: the step's payload carries these flags
+
+    def call(self, m: int, args: Any, output: Any) -> None:
+        if not self.seen[m]:
+            self.seen[m] = True
+            self.order.append(m)
+            self.used = True
+        outs = [t for t in tree_leaves(output) if _float(t)]
+        ins = [t for t in tree_leaves(args) if _float(t)]
+        row = self.t[m]
+        for ts, col in ((outs, M_OUT_NAN), (ins, M_IN_NAN)):
+            if ts:
+                s = torch.stack([torch.sum(t.detach(), DIMS[t.ndim], dtype=torch.float32)
+                                 for t in ts]).sum()
+                row[col] += torch.isnan(s).to(torch.float32)
+                row[col + 1] += torch.isinf(s).to(torch.float32)
+        if self.unsafe[m] and torch.is_grad_enabled():
+            for ts, col in ((outs, M_OG_NAN), (ins, M_IG_NAN)):
+                for t in ts:
+                    if t.requires_grad:
+                        t.register_hook(_ModuleGradHook(self, m, col))
+
+    def take(self) -> Tensor:
+        """This step's counts (a copy), and zero for the next."""
+        out = self.t.reshape(-1).clone()
+        self.t.zero_()
+        return out
