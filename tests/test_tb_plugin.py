@@ -289,6 +289,7 @@ def test_gpt2_filter_grouping_and_alerts_in_the_browser(gpt2, tmp_path):
         assert run["focus"] == [[gpt2log.BROKEN, broken[0].step]]
         assert [gpt2log.BROKEN, broken[0].step] in run["marked"]
         assert dash.visible() and dash.visible(gpt2log.BROKEN)
+        assert seen["status"].endswith(f"showing {gpt2log.BROKEN} at step {broken[0].step}")
         row = next(r for r in run["alerts"] if r[1] == gpt2log.BROKEN)
         assert row[6:] == [broken[0].cause, broken[0].hint]
         dash.screenshot(str(tmp_path / "alert.png"))

@@ -47,9 +47,9 @@ body { margin: 0; background: #fff; }
   border-right: 1px solid rgba(255,255,255,0.25); }
 .gw-cell.gw-alerted { outline: 2px solid #e53935; outline-offset: -2px; }
 .gw-cell:hover { outline: 2px solid #fff; outline-offset: -2px; }
-.gw-cell.gw-focus { outline: 3px solid #ff9800; outline-offset: -1px; position: relative;
-  z-index: 2; box-shadow: 0 0 0 3px rgba(255,152,0,0.45); }
-.gw-row.gw-focus-row .gw-label { background: #fff3e0; }
+.gw-cell.gw-focus { outline: 3px solid #ff6d00; outline-offset: 0; position: relative;
+  z-index: 2; box-shadow: 0 0 0 5px rgba(255,109,0,0.35); }
+.gw-row.gw-focus-row .gw-label { background: #ffe0b2; font-weight: bold; }
 .gw-axis { display: flex; margin-left: var(--gw-label, 200px); font-size: 10px; color: #616161;
   height: 14px; position: relative; }
 .gw-axis span { position: absolute; transform: translateX(-50%); white-space: nowrap; }
@@ -210,7 +210,9 @@ class Dashboard {
     this.runs.replaceChildren(...sections);
     const total = data.runs.reduce((n, r) => n + r.alerts.length, 0);
     this.status.textContent = `${data.runs.length} run(s), ${total} alert(s)`;
-    if (this.focus) this.showFocus(false);
+    if (this.focus && this.showFocus(false)) {
+      this.status.textContent += ` · showing ${this.focus.layer} at step ${this.focus.step}`;
+    }
     // what is drawn, for scripts driving the page (and the browser tests)
     Object.assign(this.root.dataset, {
       stat: data.stat, filter: this.filter, group: this.group, ready: 'true',
@@ -238,9 +240,10 @@ class Dashboard {
     const same = again && [...again.querySelectorAll('tr.gw-alert')].find(
       (r) => r.dataset.layer === a.layer && r.dataset.step === String(a.step));
     (same || tr).classList.add('gw-picked');
-    if (!picked) {
-      this.status.textContent = `${a.layer} has no row in the ${this.stat} heatmap`;
-    }
+    const total = this.data.runs.reduce((n, r) => n + r.alerts.length, 0);
+    this.status.textContent = `${this.data.runs.length} run(s), ${total} alert(s) · ` + (picked
+      ? `showing ${a.layer} at step ${a.step}`
+      : `${a.layer} has no row in the ${this.stat} heatmap`);
   }
 
   showFocus(scroll) {
