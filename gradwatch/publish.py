@@ -27,6 +27,7 @@ class Publisher:
     def __init__(self, infos: Sequence[LayerInfo], applies: Sequence[tuple[str, ...]],
                  rules: Rules, sink: Any, pictures: Any, fault: Fault) -> None:
         self._infos = infos
+        self._types = {i.name: i.type_name for i in infos}
         self._applies = applies
         self._rules = rules
         self._sink: Any = sink if is_writer_rank() else None
@@ -108,7 +109,10 @@ class Publisher:
             step, snap.stats, names, snap.act_nonfinite, snap.act_stuck)) or []
         self.latest = snap
         if self._sink is not None:
-            self._guard("sink", "TensorBoard sink", lambda: self._sink.write(snap, found, force))
+            # Snapshot.stats lists the layers in forward order, never-called ones last
+            layers = [(name, self._types[name]) for name in snap.stats]
+            self._guard("sink", "TensorBoard sink",
+                        lambda: self._sink.write(snap, found, force, layers))
             if self._pictures is not None and "sink" not in self.off:
                 self._guard("pictures", "TensorBoard pictures", lambda: self._pictures.write(
                     snap, found, hist, [i.name for i in self._infos]))

@@ -3,23 +3,33 @@
 Uses TensorBoard's own event reader (``EventAccumulator``), one per run directory (a
 directory that directly holds ``*tfevents*`` files). Knows the tag scheme written by
 ``gradwatch.sinks.tensorboard``: scalars ``gradwatch/<stat>/<layer>``, cumulative alert
-counts ``gradwatch/alert_count/<kind>`` and the alerts as a markdown table under the text
-tag ``gradwatch/alerts``. Host-only code: no torch tensors are touched here.
+counts ``gradwatch/alert_count/<kind>``, the alerts as a markdown table under the text
+tag ``gradwatch/alerts`` and the layer-order record ``gradwatch/layers`` (JSON). Host-only
+code: no torch tensors are touched here.
+
+Layer order: the newest layer-order record gives it (forward order). Logs written before
+the record existed fall back to the order in which the layers' tags first appear in the
+event files (``read_logdir``: the first window's order, which is forward order for every
+layer called in the first step), or, where the tag order is not defined (TensorBoard's
+data provider), to a natural sort of the names (numbers compared as numbers).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from gradwatch.buffers import STATS
-from gradwatch.sinks.tensorboard import ALERT_TEXT_TAG
+from gradwatch.sinks.tensorboard import ALERT_TEXT_TAG, LAYERS_TAG
 
 PREFIX = "gradwatch/"
 ALERT_TEXT_TAGS = (ALERT_TEXT_TAG, ALERT_TEXT_TAG + "/text_summary")
+# the record as written to a SummaryWriter, and as ``add_text`` files it for other writers
+LAYERS_TAGS = (LAYERS_TAG, LAYERS_TAG + "/text_summary")
 ALERT_COUNT = "alert_count"
 # The stat a kind of alert is about (for marking table cells).
 ALERT_STAT = {"vanishing": "grad_rms", "exploding": "grad_rms", "dead": "act_zero_frac",
@@ -54,7 +64,9 @@ class RunData:
 
     name: str
     path: str
-    layers: list[str] = field(default_factory=list)  # order of first appearance (forward order)
+    layers: list[str] = field(default_factory=list)  # forward order (see the module doc)
+    types: dict[str, str] = field(default_factory=dict)  # layer -> module type (the record)
+    order: str = "record"  # where the order came from: "record", "first-seen" or "natural"
     stats: list[str] = field(default_factory=list)  # present stats, in STATS order
     # stat -> layer -> [(step, value)] sorted by step
     series: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
@@ -137,6 +149,62 @@ def parse_alerts_markdown(text: str) -> list[AlertRecord]:
     return out
 
 
+def parse_layers_record(text: str) -> list[tuple[str, str]] | None:
+    """(name, module type) pairs of a layer-order record, or None when ``text`` is not one
+    (a newer version is read as long as it keeps the ``layers`` list)."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("version"), int):
+        return None
+    items = data.get("layers")
+    if not isinstance(items, list):
+        return None
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        kind = item.get("type")
+        out.append((item["name"], kind if isinstance(kind, str) else ""))
+    return out
+
+
+def newest_record(records: Iterable[tuple[int, str]]) -> list[tuple[str, str]] | None:
+    """The readable layer-order record of the highest step (the last one written there)."""
+    best: tuple[int, list[tuple[str, str]]] | None = None
+    for step, text in records:
+        parsed = parse_layers_record(text)
+        if parsed is not None and (best is None or step >= best[0]):
+            best = (step, parsed)
+    return None if best is None else best[1]
+
+
+_DIGITS = re.compile(r"(\d+)")
+
+
+def natural_key(name: str) -> tuple[tuple[int, int, str], ...]:
+    """Sort key comparing the digit runs of a name as numbers: ``h.2`` before ``h.10``."""
+    return tuple((1, int(p), p) if p.isdigit() else (0, 0, p)
+                 for p in _DIGITS.split(name) if p)
+
+
+def natural_sort(names: Sequence[str]) -> list[str]:
+    return sorted(names, key=natural_key)
+
+
+def first_seen(names: Sequence[str]) -> list[str]:
+    return list(names)
+
+
+def run_name(rel: str, logdir: str) -> str:
+    """A run's name: its path relative to the logdir; the logdir itself (``.``) is named
+    after its directory."""
+    if rel not in (".", ""):
+        return rel
+    return os.path.basename(os.path.abspath(logdir)) or logdir or "."
+
+
 def split_tag(tag: str) -> tuple[str, str] | None:
     """``gradwatch/<stat>/<layer>`` -> (stat, layer); None for any other tag."""
     if not tag.startswith(PREFIX):
@@ -164,8 +232,12 @@ def find_runs(logdir: str) -> list[str]:
 
 
 def build_run(name: str, path: str, scalars: Iterable[tuple[str, list[tuple[int, float]]]],
-              alert_texts: Iterable[str]) -> RunData:
-    """A RunData from (tag, points) pairs in first-seen order and the alert texts."""
+              alert_texts: Iterable[str], layer_records: Iterable[tuple[int, str]] = (),
+              fallback: Callable[[Sequence[str]], list[str]] = first_seen) -> RunData:
+    """A RunData from (tag, points) pairs, the alert texts and the layer-order records as
+    (step, text). The newest record orders the layers (layers it does not name follow, in
+    ``fallback`` order); without one, ``fallback`` orders them all: ``first_seen`` keeps
+    the order of ``scalars``, ``natural_sort`` sorts the names."""
     run = RunData(name, path)
     seen_layers: dict[str, None] = {}
     series: dict[str, dict[str, list[tuple[int, float]]]] = {}
@@ -180,7 +252,15 @@ def build_run(name: str, path: str, scalars: Iterable[tuple[str, list[tuple[int,
         stat, layer = st
         seen_layers.setdefault(layer, None)
         series.setdefault(stat, {})[layer] = sorted(pts)
-    run.layers = list(seen_layers)
+    record = newest_record(layer_records)
+    if record is None:
+        run.layers = fallback(list(seen_layers))
+        run.order = "natural" if fallback is natural_sort else "first-seen"
+    else:
+        named = [n for n, _ in record if n in seen_layers]
+        listed = set(named)
+        run.layers = named + fallback([la for la in seen_layers if la not in listed])
+        run.types = {n: t for n, t in record if n in seen_layers and t}
     run.stats = [s for s in STATS if s in series]
     run.series = {s: series[s] for s in run.stats}
     for text in alert_texts:
@@ -189,15 +269,17 @@ def build_run(name: str, path: str, scalars: Iterable[tuple[str, list[tuple[int,
     return run
 
 
-def _texts(acc: Any, tag: str) -> list[str]:
+def decode_strings(arr: Any) -> list[str]:
+    """The strings of a string tensor (numpy array of bytes) as text."""
+    return [item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item)
+            for item in arr.flat]
+
+
+def _texts(acc: Any, tag: str) -> list[tuple[int, str]]:
     from tensorboard.util import tensor_util
 
-    out = []
-    for ev in acc.Tensors(tag):
-        arr = tensor_util.make_ndarray(ev.tensor_proto)
-        for item in arr.flat:
-            out.append(item.decode("utf-8", "replace") if isinstance(item, bytes) else str(item))
-    return out
+    return [(ev.step, text) for ev in acc.Tensors(tag)
+            for text in decode_strings(tensor_util.make_ndarray(ev.tensor_proto))]
 
 
 def read_run(path: str, name: str) -> RunData:
@@ -211,8 +293,10 @@ def read_run(path: str, name: str) -> RunData:
     scalars = [(t, [(e.step, float(e.value)) for e in acc.Scalars(t)])
                for t in tags.get("scalars", []) if t.startswith(PREFIX)]
     # SummaryWriter.add_text stores the text under "<tag>/text_summary"
-    texts = [x for t in tags.get("tensors", []) if t in ALERT_TEXT_TAGS for x in _texts(acc, t)]
-    return build_run(name, path, scalars, texts)
+    tensors = tags.get("tensors", [])
+    texts = [x for t in tensors if t in ALERT_TEXT_TAGS for _, x in _texts(acc, t)]
+    records = [x for t in tensors if t in LAYERS_TAGS for x in _texts(acc, t)]
+    return build_run(name, path, scalars, texts, records)
 
 
 def read_logdir(logdir: str | os.PathLike[str]) -> list[RunData]:
@@ -224,8 +308,7 @@ def read_logdir(logdir: str | os.PathLike[str]) -> list[RunData]:
     path = os.fspath(logdir)
     runs = []
     for d in find_runs(path):
-        rel = os.path.relpath(d, path)
-        run = read_run(d, rel)
+        run = read_run(d, run_name(os.path.relpath(d, path), path))
         if run.layers or run.alerts:
             runs.append(run)
     if not runs:

@@ -1,25 +1,21 @@
-"""Headless Chromium driven over the Chrome DevTools Protocol (a websocket).
+"""Headless Chromium driven by Playwright (the PyPI ``playwright`` package).
 
-Chromium comes from the Debian package ``chromium`` (``make test`` installs it when missing);
-the protocol client is ``websocket-client``. Fresh profile per instance, no network
-features, loopback only.
+The browser is the system one (the Debian package ``chromium``; ``make test`` installs it
+when missing), passed to Playwright as ``executable_path``: no browser is downloaded and
+``playwright install`` is never needed. Fresh profile per launch, no network features,
+loopback only.
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import os
+import contextlib
 import shutil
-import subprocess
-import time
-import urllib.request
-from typing import Any
+from typing import Any, Iterator
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-dev-shm-usage", "--hide-scrollbars", "--remote-debugging-address=127.0.0.1",
-         "--remote-debugging-port=0"]
+         "--disable-dev-shm-usage", "--hide-scrollbars", "--disable-extensions",
+         "--metrics-recording-only", "--no-default-browser-check"]
 
 
 def find_chromium() -> str | None:
@@ -30,98 +26,28 @@ def find_chromium() -> str | None:
     return None
 
 
-class Chromium:
-    """One headless browser with one page; ``events`` keeps the protocol events seen."""
+@contextlib.contextmanager
+def page(width: int = 1400, height: int = 900) -> Iterator[Any]:
+    """A Playwright ``Page`` of the system Chromium, headless, with a ``dialogs`` list of
+    every JavaScript dialog that opened (each is dismissed)."""
+    from playwright.sync_api import sync_playwright
 
-    def __init__(self, profile: str, width: int = 1400, height: int = 1000,
-                 timeout: float = 60) -> None:
-        import websocket
-
-        exe = find_chromium()
-        if exe is None:
-            raise RuntimeError("chromium not found: `make test` installs it "
-                               "(apt-get install chromium)")
-        os.makedirs(profile, exist_ok=True)
-        self.log = open(os.path.join(profile, "..", "chromium.log"), "w")
-        self.proc = subprocess.Popen(
-            [exe, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-             "about:blank"], stdout=self.log, stderr=subprocess.STDOUT)
-        port_file = os.path.join(profile, "DevToolsActivePort")
-        deadline = time.monotonic() + timeout
-        while not (os.path.exists(port_file) and open(port_file).read().strip()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError("chromium did not start; see " + self.log.name)
-            time.sleep(0.2)
-        port = int(open(port_file).read().split()[0])
-        targets: list[dict[str, Any]] = []
-        while not targets:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
-                targets = [t for t in json.loads(r.read()) if t.get("type") == "page"]
-            if not targets:
-                time.sleep(0.2)
-        self.ws = websocket.create_connection(targets[0]["webSocketDebuggerUrl"],
-                                              timeout=timeout, suppress_origin=True)
-        self._id = 0
-        self.events: list[dict[str, Any]] = []
-        self.call("Page.enable")
-        self.call("Runtime.enable")
-        # the window size includes browser chrome; fix the viewport itself
-        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height,
-                  deviceScaleFactor=1, mobile=False)
-
-    def call(self, method: str, **params: Any) -> dict[str, Any]:
-        self._id += 1
-        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv())
-            if msg.get("id") == self._id:
-                if "error" in msg:
-                    raise RuntimeError(f"{method}: {msg['error']}")
-                return dict(msg.get("result", {}))
-            if "method" in msg:
-                self.events.append(msg)
-
-    def evaluate(self, expr: str) -> Any:
-        res = self.call("Runtime.evaluate", expression=expr, returnByValue=True,
-                        awaitPromise=True)
-        if "exceptionDetails" in res:
-            raise RuntimeError(f"page script failed: {res['exceptionDetails']}")
-        return res["result"].get("value")
-
-    def wait_for(self, expr: str, timeout: float = 60) -> Any:
-        """Poll ``expr`` in the page until it is truthy; return its value."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = self.evaluate(expr)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out waiting for: {expr}")
-            time.sleep(0.3)
-
-    def navigate(self, url: str) -> None:
-        self.call("Page.navigate", url=url)
-
-    def screenshot(self, path: str) -> None:
-        data = self.call("Page.captureScreenshot", format="png")["data"]
-        with open(path, "wb") as f:
-            f.write(base64.b64decode(data))
-
-    def close(self) -> None:
-        ws = getattr(self, "ws", None)
-        if ws is not None:
-            ws.close()
-        self.proc.terminate()
+    exe = find_chromium()
+    if exe is None:
+        raise RuntimeError("chromium not found: `make test` installs it "
+                           "(apt-get install chromium)")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, headless=True, args=FLAGS)
         try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+            pg = browser.new_page(viewport={"width": width, "height": height},
+                                  device_scale_factor=1)
+            pg.dialogs = []
 
-    def __enter__(self) -> Chromium:
-        return self
+            def on_dialog(d: Any) -> None:
+                pg.dialogs.append(d.message)
+                d.dismiss()
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+            pg.on("dialog", on_dialog)
+            yield pg
+        finally:
+            browser.close()

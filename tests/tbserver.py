@@ -44,6 +44,15 @@ def entry_point_path(tmp: str) -> str | None:
     return tmp
 
 
+def has_data_server() -> bool:
+    """Whether TensorBoard's Rust data server is installed (``--load_fast=true`` works)."""
+    try:
+        from tensorboard_data_server import server_binary
+    except ImportError:
+        return False
+    return server_binary() is not None
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -60,16 +69,19 @@ def get_json(url: str) -> Any:
 
 
 @contextlib.contextmanager
-def tensorboard(logdir: str, tmp: str, timeout: float = 120) -> Iterator[str]:
+def tensorboard(logdir: str, tmp: str, timeout: float = 120,
+                load_fast: bool = False) -> Iterator[str]:
     """Start TensorBoard on 127.0.0.1 and yield its base URL once the gradwatch plugin is
-    listed as enabled; the process is ended on exit."""
+    listed as enabled; the process is ended on exit. ``load_fast``: read the logdir with
+    TensorBoard's Rust data server (``tensorboard-data-server``) instead of its Python
+    multiplexer."""
     paths = [ROOT, entry_point_path(tmp), os.environ.get("PYTHONPATH")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
     port = free_port()
-    log = open(os.path.join(tmp, "tensorboard.log"), "w")
+    log = open(os.path.join(tmp, f"tensorboard-{port}.log"), "w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1",
-         "--port", str(port), "--load_fast=false", "--reload_interval=0",
+         "--port", str(port), f"--load_fast={str(load_fast).lower()}", "--reload_interval=0",
          "--samples_per_plugin=text=0"],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )

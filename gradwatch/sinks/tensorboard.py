@@ -1,4 +1,5 @@
-"""TensorBoard sink: scalars ``gradwatch/<stat>/<layer>``, a custom-scalars layout, alerts.
+"""TensorBoard sink: scalars ``gradwatch/<stat>/<layer>``, a custom-scalars layout, alerts,
+and the layer-order record ``gradwatch/layers``.
 
 Runs on the watcher's background thread. Uses ``add_scalar`` with hierarchical tags (never
 ``add_scalars``, which makes one event file per tag).
@@ -6,6 +7,7 @@ Runs on the watcher's background thread. Uses ``add_scalar`` with hierarchical t
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -17,6 +19,13 @@ from gradwatch.buffers import STATS
 from gradwatch.snapshot import Snapshot
 
 ALERT_TEXT_TAG = "gradwatch/alerts"
+#: The layer-order record: the watched layers in forward order with their module types, as
+#: JSON in a string tensor summary of this plugin name (TensorBoard's TEXT tab ignores it;
+#: its event reader and data provider both serve it). Written with the first window and
+#: again only when the order changes (a layer first called later).
+LAYERS_TAG = "gradwatch/layers"
+LAYERS_PLUGIN = "gradwatch"
+LAYERS_VERSION = 1
 
 
 def scalar_tag(stat: str, layer: str) -> str:
@@ -78,6 +87,36 @@ def add_text(writer: Any, tag: str, text: str, step: int) -> None:
     get_file_writer().add_summary(summary, step)
 
 
+def layers_json(layers: Sequence[tuple[str, str]]) -> str:
+    """The record's text: ``{"version": 1, "layers": [{"name": ..., "type": ...}, ...]}``,
+    layers in forward order (modules never called yet last)."""
+    return json.dumps({"version": LAYERS_VERSION,
+                       "layers": [{"name": n, "type": t} for n, t in layers]})
+
+
+def add_layers(writer: Any, layers: Sequence[tuple[str, str]], step: int) -> None:
+    """Write the layer-order record at ``step``. Writers other than a SummaryWriter get it
+    through ``add_text`` (filed under ``gradwatch/layers/text_summary``, read back too)."""
+    text = layers_json(layers)
+    get_file_writer = getattr(writer, "_get_file_writer", None)
+    if get_file_writer is None:
+        writer.add_text(LAYERS_TAG, text, step)
+        return
+    from tensorboard.compat.proto import types_pb2
+    from tensorboard.compat.proto.summary_pb2 import DataClass, Summary, SummaryMetadata
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+
+    meta = SummaryMetadata(
+        plugin_data=SummaryMetadata.PluginData(plugin_name=LAYERS_PLUGIN,
+                                               content=str(LAYERS_VERSION).encode()),
+        data_class=DataClass.DATA_CLASS_TENSOR,  # else neither data provider lists it
+        summary_description="gradwatch layer order (JSON)")
+    tensor = TensorProto(dtype=types_pb2.DT_STRING, string_val=[text.encode("utf-8")])
+    tensor.tensor_shape.SetInParent()  # a scalar string
+    get_file_writer().add_summary(
+        Summary(value=[Summary.Value(tag=LAYERS_TAG, metadata=meta, tensor=tensor)]), step)
+
+
 #: Windows are pushed to disk at most this often (seconds), and on every explicit flush:
 #: with ``every=1`` a file flush per window would cost more than the window itself.
 FLUSH_SECS = 1.0
@@ -88,14 +127,21 @@ class TensorBoardSink:
         self.writer = writer
         self.owns = owns
         self._layout_written = False
+        self._layers_written: tuple[tuple[str, str], ...] | None = None
         self._counts: Counter[str] = Counter()
         self._flushed = time.monotonic()
 
-    def write(self, snap: Snapshot, alerts: Sequence[Alert], force: bool = False) -> None:
+    def write(self, snap: Snapshot, alerts: Sequence[Alert], force: bool = False,
+              layers: Sequence[tuple[str, str]] | None = None) -> None:
+        """One window; ``layers``: (name, module type) in forward order, recorded when it
+        differs from the order recorded last."""
         w = self.writer
         if not self._layout_written:
             w.add_custom_scalars(layout())
             self._layout_written = True
+        if layers is not None and tuple(layers) != self._layers_written:
+            add_layers(w, layers, snap.step)
+            self._layers_written = tuple(layers)
         values = [(scalar_tag(stat, layer), v) for layer, stats in snap.stats.items()
                   for stat, v in stats.items() if not math.isnan(v)]
         values.append(("gradwatch/amp_skipped", float(snap.amp_skipped)))

@@ -1,10 +1,15 @@
 """The ``gradwatch`` TensorBoard dashboard: a dynamic plugin (``tensorboard_plugins`` entry
 point) with a plain ES-module frontend, no build step.
 
-The backend reads gradwatch's scalars and alert texts through TensorBoard's data provider
-and serves them as JSON; ``static/index.js`` draws a layer x step heatmap per stat (log
-colour scale), a stat selector and the alert list. Routes, under
-``/data/plugin/gradwatch/``: ``index.js`` and ``data?stat=<stat>``.
+The backend reads gradwatch's scalars, alert texts and layer-order records through
+TensorBoard's data provider and serves them as JSON; ``static/index.js`` draws a layer x
+step heatmap per stat with a layer filter, grouping, a colour scale suited to the stat and
+the alert list. Routes, under ``/data/plugin/gradwatch/``: the modules of ``static/``
+(``index.js`` and what it imports) and ``data?stat=<stat>``.
+
+Layers come in forward order from the newest layer-order record of each run; a run logged
+before the record existed falls back to a natural sort of the names (the data provider
+lists tags in no defined order).
 """
 
 from __future__ import annotations
@@ -18,17 +23,23 @@ from tensorboard.plugins import base_plugin  # a core dependency
 from gradwatch.reader import (
     ALERT_COUNT,
     ALERT_TEXT_TAGS,
+    LAYERS_TAGS,
     PREFIX,
     build_run,
+    decode_strings,
     json_number,
+    natural_sort,
+    run_name,
     split_tag,
 )
+from gradwatch.sinks.tensorboard import LAYERS_PLUGIN
 
 PLUGIN_NAME = "gradwatch"
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+MODULES = ("index.js", "colour.js", "rows.js", "heatmap.js")  # the frontend's ES modules
 MAX_STEPS = 500  # columns per heatmap: longer runs are downsampled by TensorBoard
+MAX_TEXTS = 100_000  # text events read per tag (TensorBoard may keep fewer)
 DEFAULT_STAT = "grad_rms"
-
 
 
 def _respond(request: Any, body: bytes | str, mimetype: str, code: int = 200) -> Any:
@@ -38,20 +49,21 @@ def _respond(request: Any, body: bytes | str, mimetype: str, code: int = 200) ->
 
 
 class GradwatchPlugin(base_plugin.TBPlugin):
-    """Serves the dashboard's module and its data."""
+    """Serves the dashboard's modules and its data."""
 
     plugin_name = PLUGIN_NAME
 
     def __init__(self, context: base_plugin.TBContext) -> None:
         self._provider = context.data_provider
+        self._logdir = getattr(context, "logdir", "") or ""
 
     def get_plugin_apps(self) -> dict[str, Callable[..., Any]]:
         from werkzeug import wrappers
 
-        return {
-            "/index.js": wrappers.Request.application(self._serve_js),
-            "/data": wrappers.Request.application(self._serve_data),
-        }
+        apps: dict[str, Callable[..., Any]] = {
+            "/" + name: wrappers.Request.application(self._static(name)) for name in MODULES}
+        apps["/data"] = wrappers.Request.application(self._serve_data)
+        return apps
 
     def is_active(self) -> bool:
         """Enabled when some run holds a ``gradwatch/`` scalar."""
@@ -67,38 +79,43 @@ class GradwatchPlugin(base_plugin.TBPlugin):
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="gradwatch")
 
     # -- routes -------------------------------------------------------------------------------
-    def _serve_js(self, request: Any) -> Any:
-        with open(os.path.join(STATIC, "index.js"), "rb") as f:
-            return _respond(request, f.read(), "application/javascript")
+    def _static(self, name: str) -> Callable[[Any], Any]:
+        def serve(request: Any) -> Any:
+            with open(os.path.join(STATIC, name), "rb") as f:
+                return _respond(request, f.read(), "application/javascript")
+
+        return serve
 
     def _serve_data(self, request: Any) -> Any:
         from tensorboard import plugin_util
 
+        from gradwatch.buffers import STATS
+
         stat = request.args.get("stat", DEFAULT_STAT)
+        if stat not in STATS:
+            msg = f"stat must be one of {list(STATS)}, got {stat!r}"
+            return _respond(request, json.dumps({"error": msg}), "application/json", code=400)
         ctx = plugin_util.context(request.environ)
         eid = plugin_util.experiment_id(request.environ)
         return _respond(request, json.dumps(self.data(ctx, eid, stat)), "application/json")
 
     # -- data ---------------------------------------------------------------------------------
     def data(self, ctx: Any, eid: str, stat: str) -> dict[str, Any]:
-        """Every run with gradwatch data: the ``stat`` heatmap and the alerts."""
+        """Every run with gradwatch data: the ``stat`` heatmap, its layers in forward order
+        with their module types, and the alerts."""
         from tensorboard.data import provider as P
 
         listing = self._provider.list_scalars(ctx, experiment_id=eid, plugin_name="scalars")
         stats: set[str] = set()
         wanted: dict[str, list[str]] = {}
-        order: dict[str, list[str]] = {}
         for run, tags in listing.items():
             mine = [t for t in tags if t.startswith(PREFIX)]
             if not mine:
                 continue
-            seen: dict[str, None] = {}
             for t in mine:
                 st = split_tag(t)
                 if st is not None:
                     stats.add(st[0])
-                    seen.setdefault(st[1], None)
-            order[run] = list(seen)
             wanted[run] = [t for t in mine if (split_tag(t) or ("",))[0] == stat
                            or t.startswith(PREFIX + ALERT_COUNT + "/")]
         tags = sorted({t for ts in wanted.values() for t in ts})
@@ -106,20 +123,27 @@ class GradwatchPlugin(base_plugin.TBPlugin):
             ctx, experiment_id=eid, plugin_name="scalars", downsample=MAX_STEPS,
             run_tag_filter=P.RunTagFilter(runs=list(wanted), tags=tags),
         ) if tags else {}
-        texts = self._alert_texts(ctx, eid, list(wanted))
+        runs = list(wanted)
+        texts = self._strings(ctx, eid, "text", runs, ALERT_TEXT_TAGS)
+        records = self._strings(ctx, eid, LAYERS_PLUGIN, runs, LAYERS_TAGS)
+        # a record filed by add_text (a writer that is not a SummaryWriter) is a text tensor
+        for run, found in self._strings(ctx, eid, "text", runs, LAYERS_TAGS).items():
+            records.setdefault(run, []).extend(found)
         out = []
         for run in sorted(wanted):
             series = [(t, [(d.step, float(d.value)) for d in read.get(run, {}).get(t, [])])
                       for t in wanted[run]]
-            rd = build_run(run, run, series, texts.get(run, []))
+            rd = build_run(run, run, series, [x for _, x in texts.get(run, [])],
+                           records.get(run, []), fallback=natural_sort)
             have, steps, values = rd.matrix(stat)
-            rows = dict(zip(have, values))
-            layers = [la for la in order[run] if la in rows]  # forward order
             out.append({
-                "run": run,
-                "layers": layers,
+                "run": run_name(run, self._logdir),
+                "path": run,
+                "order": rd.order,
+                "layers": have,
+                "types": [rd.types.get(la, "") for la in have],
                 "steps": steps,
-                "values": [[json_number(v) for v in rows[la]] for la in layers],
+                "values": [[json_number(v) for v in row] for row in values],
                 "alerts": [a.to_dict() for a in rd.alerts],
                 "alert_total": sum(rd.alert_counts.values()),
             })
@@ -127,25 +151,25 @@ class GradwatchPlugin(base_plugin.TBPlugin):
 
         return {"stat": stat, "stats": [s for s in STATS if s in stats], "runs": out}
 
-    def _alert_texts(self, ctx: Any, eid: str, runs: list[str]) -> dict[str, list[str]]:
+    def _strings(self, ctx: Any, eid: str, plugin: str, runs: list[str],
+                 names: tuple[str, ...]) -> dict[str, list[tuple[int, str]]]:
+        """run -> [(step, text)] of the string tensors ``names`` of ``plugin``."""
         from tensorboard.data import provider as P
 
-        listing = self._provider.list_tensors(ctx, experiment_id=eid, plugin_name="text")
-        tags = sorted({t for r in runs for t in listing.get(r, {}) if t in ALERT_TEXT_TAGS})
+        listing = self._provider.list_tensors(ctx, experiment_id=eid, plugin_name=plugin)
+        tags = sorted({t for r in runs for t in listing.get(r, {}) if t in names})
         if not tags:
             return {}
         read = self._provider.read_tensors(
-            ctx, experiment_id=eid, plugin_name="text", downsample=100_000,
+            ctx, experiment_id=eid, plugin_name=plugin, downsample=MAX_TEXTS,
             run_tag_filter=P.RunTagFilter(runs=runs, tags=tags),
         )
-        out: dict[str, list[str]] = {}
+        out: dict[str, list[tuple[int, str]]] = {}
         for run, by_tag in read.items():
             for data in by_tag.values():
                 for d in data:
-                    for item in d.numpy.flat:
-                        out.setdefault(run, []).append(
-                            item.decode("utf-8", "replace") if isinstance(item, bytes)
-                            else str(item))
+                    out.setdefault(run, []).extend(
+                        (d.step, text) for text in decode_strings(d.numpy))
         return out
 
 

@@ -1,27 +1,30 @@
-// gradwatch dashboard for TensorBoard: a plain ES module, no build step.
+// gradwatch dashboard for TensorBoard: plain ES modules, no build step.
 //
-// TensorBoard loads it in an iframe (data/plugin_entry.html?name=gradwatch) and calls
-// render(). It fetches data?stat=<stat> and draws, per run, a layer x step heatmap with a
-// log colour scale, then the run's alerts.
+// TensorBoard loads this module in an iframe (data/plugin_entry.html?name=gradwatch) and
+// calls render(). It fetches data?stat=<stat> and draws, per run, a layer x step heatmap
+// (layers in forward order, as the watcher recorded them), then the run's alerts.
+// The bar holds the stat, a layer filter (substring or glob) and a grouping; clicking an
+// alert scrolls to its cell and outlines it. The view state lives in the page only.
 //
 // Run and layer names are data (a module may be named "<img src=x onerror=alert(1)>"):
 // they reach the DOM only through textContent and attribute values, never innerHTML.
 
-const VIRIDIS = [
-  [68, 1, 84], [72, 40, 120], [62, 74, 137], [49, 104, 142], [38, 130, 142],
-  [31, 158, 137], [53, 183, 121], [110, 206, 88], [181, 222, 43], [253, 231, 37],
-];
-const MISSING = '#e3e3e3';
-const BELOW = '#1b1b1b';
-const NONFINITE = '#ff2bd6';
+import { makeScale } from './colour.js';
+import { alertList, columnOf, el, heatmap } from './heatmap.js';
+import { GROUPINGS, groupRows, matcher } from './rows.js';
+
 const REFRESH_MS = 30000;
+const FILTER_DELAY_MS = 120;
 
 const CSS = `
 :root { font-family: Roboto, Arial, sans-serif; font-size: 13px; color: #212121; }
 body { margin: 0; background: #fff; }
-.gw-root { padding: 12px 16px; }
-.gw-bar { display: flex; align-items: center; gap: 18px; flex-wrap: wrap; margin-bottom: 8px; }
+.gw-root { padding: 0 16px 12px; }
+.gw-bar { display: flex; align-items: center; gap: 8px 18px; flex-wrap: wrap;
+  position: sticky; top: 0; z-index: 5; background: #fff; padding: 10px 0 8px;
+  border-bottom: 1px solid #eee; }
 .gw-bar h1 { font-size: 18px; margin: 0; font-weight: 500; }
+.gw-bar input[type=search] { width: 20em; font: inherit; padding: 2px 4px; }
 .gw-legend { display: inline-flex; align-items: center; gap: 6px; }
 .gw-ramp { display: inline-flex; height: 12px; border: 1px solid #bbb; }
 .gw-ramp span { width: 14px; height: 12px; }
@@ -29,100 +32,53 @@ body { margin: 0; background: #fff; }
   vertical-align: middle; margin-right: 3px; }
 .gw-status { color: #757575; }
 .gw-run { margin: 10px 0 22px; }
-.gw-run h2 { font-size: 15px; margin: 4px 0 6px; font-weight: 500; }
+.gw-run h2 { font-size: 15px; margin: 4px 0 2px; font-weight: 500; }
 .gw-run h3 { font-size: 13px; margin: 10px 0 4px; font-weight: 500; }
+.gw-sub { color: #757575; font-size: 12px; margin: 0 0 6px; }
 .gw-row { display: flex; align-items: stretch; height: var(--gw-h, 16px); }
-.gw-label { flex: 0 0 var(--gw-label, 200px); overflow: hidden; text-overflow: ellipsis;
+.gw-label { flex: 0 0 var(--gw-label, 200px); box-sizing: border-box; overflow: hidden;
   white-space: nowrap; font-family: monospace; font-size: 11px; padding-right: 8px;
-  text-align: right; line-height: var(--gw-h, 16px); }
+  text-align: right; line-height: var(--gw-h, 16px); border-right: 3px solid transparent; }
+.gw-label.gw-has-alert { border-right-color: #e53935; color: #b71c1c; }
+.gw-group { margin: 8px 0 2px; padding-left: 4px; font-size: 12px; font-weight: 500;
+  font-family: monospace; color: #424242; border-bottom: 1px solid #e0e0e0; }
 .gw-cells { display: flex; }
 .gw-cell { width: var(--gw-w, 16px); height: 100%; box-sizing: border-box;
   border-right: 1px solid rgba(255,255,255,0.25); }
 .gw-cell.gw-alerted { outline: 2px solid #e53935; outline-offset: -2px; }
 .gw-cell:hover { outline: 2px solid #fff; outline-offset: -2px; }
+.gw-cell.gw-focus { outline: 3px solid #ff6d00; outline-offset: 0; position: relative;
+  z-index: 2; box-shadow: 0 0 0 5px rgba(255,109,0,0.35); }
+.gw-row.gw-focus-row .gw-label { background: #ffe0b2; font-weight: bold; }
 .gw-axis { display: flex; margin-left: var(--gw-label, 200px); font-size: 10px; color: #616161;
   height: 14px; position: relative; }
 .gw-axis span { position: absolute; transform: translateX(-50%); white-space: nowrap; }
 .gw-alerts { border-collapse: collapse; font-size: 12px; }
-.gw-alerts th, .gw-alerts td { padding: 2px 10px 2px 0; text-align: left; }
+.gw-alerts th, .gw-alerts td { padding: 2px 10px 2px 0; text-align: left; vertical-align: top; }
 .gw-alerts td.gw-num { text-align: right; font-variant-numeric: tabular-nums; }
 .gw-alerts td.gw-layer { font-family: monospace; }
+.gw-alerts td.gw-hint { max-width: 60ch; }
+.gw-alerts tr.gw-alert { cursor: pointer; }
+.gw-alerts tr.gw-alert:hover, .gw-alerts tr.gw-alert:focus { background: #f5f5f5; outline: none; }
+.gw-alerts tr.gw-picked { background: #fff3e0; }
 .gw-kind { color: #c62828; font-weight: 500; }
+.gw-dim { color: #9e9e9e; }
 .gw-note { color: #757575; font-size: 12px; }
 .gw-tip { position: fixed; pointer-events: none; background: rgba(33,33,33,0.92); color: #fff;
   padding: 4px 7px; border-radius: 3px; font-size: 12px; white-space: pre; z-index: 10; }
 `;
 
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
-  if (text !== undefined) e.textContent = String(text);
-  return e;
-}
-
-// JSON carries non-finite values as the strings "nan", "inf", "-inf"; null: not written.
-function num(v) {
-  if (v === null || v === undefined) return null;
-  if (typeof v === 'string') return v === 'nan' ? NaN : v === 'inf' ? Infinity : -Infinity;
-  return v;
-}
-
-export function fmt(v) {
-  if (v === null) return 'not collected';
-  if (Number.isNaN(v)) return 'nan';
-  if (!Number.isFinite(v)) return v > 0 ? 'inf' : '-inf';
-  if (v === 0) return '0';
-  const a = Math.abs(v);
-  return a >= 1e-3 && a < 1e4 ? String(Number(v.toPrecision(3))) : v.toExponential(2);
-}
-
-function viridis(t) {
-  const x = Math.min(1, Math.max(0, t)) * (VIRIDIS.length - 1);
-  const i = Math.min(VIRIDIS.length - 2, Math.floor(x));
-  const f = x - i;
-  const c = VIRIDIS[i].map((a, k) => Math.round(a + (VIRIDIS[i + 1][k] - a) * f));
-  return `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
-}
-
-// Log colour scale over |value|, shared by every run so they compare at a glance.
-export function scale(runs) {
-  let lo = Infinity;
-  let hi = -Infinity;
-  for (const run of runs) {
-    for (const row of run.values) {
-      for (const raw of row) {
-        const v = num(raw);
-        if (v !== null && Number.isFinite(v) && v !== 0) {
-          const a = Math.log10(Math.abs(v));
-          lo = Math.min(lo, a);
-          hi = Math.max(hi, a);
-        }
-      }
-    }
-  }
-  if (lo === Infinity) { lo = 0; hi = 0; }
-  return {
-    lo, hi,
-    colour(v) {
-      if (v === null) return MISSING;
-      if (!Number.isFinite(v)) return NONFINITE;
-      if (v === 0) return BELOW;
-      return viridis(hi > lo ? (Math.log10(Math.abs(v)) - lo) / (hi - lo) : 0.5);
-    },
-  };
-}
-
 function legend(sc) {
   const box = el('span', 'gw-legend');
-  box.append(el('span', null, fmt(10 ** sc.lo)));
+  box.append(el('span', null, sc.low));
   const ramp = el('span', 'gw-ramp');
-  for (let i = 0; i < 10; i++) {
+  for (const colour of sc.ramp) {
     const s = el('span');
-    s.style.background = viridis(i / 9);
+    s.style.background = colour;
     ramp.append(s);
   }
-  box.append(ramp, el('span', null, `${fmt(10 ** sc.hi)} (log |value|)`));
-  for (const [colour, label] of [[BELOW, '0'], [NONFINITE, 'nan/inf'], [MISSING, 'none']]) {
+  box.append(ramp, el('span', null, `${sc.high} ${sc.note}`));
+  for (const [colour, label] of sc.swatches) {
     const item = el('span');
     const sw = el('span', 'gw-swatch');
     sw.style.background = colour;
@@ -132,161 +88,186 @@ function legend(sc) {
   return box;
 }
 
-function heatmap(run, stat, sc, tip) {
-  const wrap = el('div', 'gw-heatmap');
-  wrap.setAttribute('role', 'grid');
-  // labels as wide as the longest name (monospace 11px), cells filling the rest
-  const longest = run.layers.reduce((n, la) => Math.max(n, la.length), 4);
-  const labelW = Math.max(40, Math.min(280, Math.ceil(longest * 6.7) + 12));
-  const width = Math.max(3, Math.min(56, Math.floor((window.innerWidth - labelW - 48) /
-                                                     Math.max(1, run.steps.length))));
-  wrap.style.setProperty('--gw-w', `${width}px`);
-  wrap.style.setProperty('--gw-label', `${labelW}px`);
-  wrap.style.setProperty('--gw-h', run.layers.length > 40 ? '12px' : '18px');
-  const marked = new Set();
-  for (const a of run.alerts) {
-    if (a.stat !== stat) continue;
-    let j = run.steps.findIndex((s) => s >= a.step);
-    if (j < 0) j = run.steps.length - 1;
-    marked.add(`${a.layer}\u0000${j}`);
-  }
-  run.layers.forEach((layer, i) => {
-    const row = el('div', 'gw-row');
-    row.setAttribute('role', 'row');
-    row.dataset.layer = layer;
-    const label = el('div', 'gw-label', layer);
-    label.title = layer;
-    const cells = el('div', 'gw-cells');
-    run.values[i].forEach((raw, j) => {
-      const v = num(raw);
-      const cell = el('div', 'gw-cell');
-      cell.setAttribute('role', 'gridcell');
-      cell.style.background = sc.colour(v);
-      cell.dataset.step = String(run.steps[j]);
-      if (marked.has(`${layer}\u0000${j}`)) cell.classList.add('gw-alerted');
-      cell.addEventListener('mouseenter', (ev) => {
-        tip.textContent = `${layer}\nstep ${run.steps[j]}\n${stat} = ${fmt(v)}`;
-        tip.hidden = false;
-        tip.style.left = `${Math.min(ev.clientX + 12, window.innerWidth - 220)}px`;
-        tip.style.top = `${ev.clientY + 12}px`;
-      });
-      cell.addEventListener('mouseleave', () => { tip.hidden = true; });
-      cells.append(cell);
-    });
-    row.append(label, cells);
-    wrap.append(row);
-  });
-  const axis = el('div', 'gw-axis');
-  const n = run.steps.length;
-  const ticks = Math.min(n, 8);
-  for (let k = 0; k < ticks; k++) {
-    const j = ticks === 1 ? 0 : Math.round((k * (n - 1)) / (ticks - 1));
-    const t = el('span', null, run.steps[j]);
-    t.style.left = `${(j + 0.5) * width}px`;
-    axis.append(t);
-  }
-  wrap.append(axis);
-  return wrap;
+function orderNote(run) {
+  if (run.order === 'record') return 'forward order';
+  return 'names sorted (this log has no layer-order record)';
 }
 
-function alertList(run) {
-  const frag = document.createDocumentFragment();
-  frag.append(el('h3', null, `alerts (${run.alerts.length})`));
-  if (!run.alerts.length) {
-    frag.append(el('p', 'gw-note gw-none', 'no alerts'));
-    return frag;
+class Dashboard {
+  constructor() {
+    this.stat = 'grad_rms';
+    this.filter = '';
+    this.group = 'none';
+    this.data = null;
+    this.focus = null; // {path, layer, step}: the alert cell last picked
+    this.seq = 0;
   }
-  const table = el('table', 'gw-alerts');
-  const head = el('tr');
-  for (const h of ['step', 'layer', 'kind', 'stat', 'value', 'threshold']) head.append(el('th', null, h));
-  const thead = el('thead');
-  thead.append(head);
-  table.append(thead);
-  const body = el('tbody');
-  for (const a of run.alerts) {
-    const tr = el('tr', 'gw-alert');
-    tr.append(
-      el('td', 'gw-num', a.step), el('td', 'gw-layer', a.layer), el('td', 'gw-kind', a.kind),
-      el('td', null, a.stat), el('td', 'gw-num', fmt(num(a.value))),
-      el('td', 'gw-num', fmt(num(a.threshold))),
-    );
-    body.append(tr);
-  }
-  table.append(body);
-  frag.append(table);
-  if (run.alert_total > run.alerts.length) {
-    frag.append(el('p', 'gw-note',
-      `showing ${run.alerts.length} of ${run.alert_total} alerts: TensorBoard keeps a sample ` +
-      'of text events; start it with --samples_per_plugin text=0 to keep them all'));
-  }
-  return frag;
-}
 
-function draw(root, data, tip) {
-  const sc = scale(data.runs);
-  const select = root.querySelector('.gw-stat');
-  const stats = data.stats.length ? data.stats : [data.stat];
-  if (select.options.length !== stats.length) {
-    select.replaceChildren(...stats.map((s) => {
-      const o = el('option', null, s);
-      o.value = s;
-      return o;
-    }));
-  }
-  select.value = data.stat;
-  root.querySelector('.gw-legend-slot').replaceChildren(legend(sc));
-  const runs = root.querySelector('.gw-runs');
-  const sections = data.runs.map((run) => {
-    const sec = el('section', 'gw-run');
-    sec.dataset.run = run.run;
-    sec.append(el('h2', null, run.run));
-    if (run.layers.length) {
-      sec.append(heatmap(run, data.stat, sc, tip));
-    } else {
-      sec.append(el('p', 'gw-note', `no layer has ${data.stat} in this run`));
+  mount() {
+    const style = document.createElement('style');
+    style.textContent = CSS;
+    document.head.append(style);
+    const root = el('div', 'gw-root');
+    const bar = el('header', 'gw-bar');
+    bar.append(el('h1', null, 'gradwatch'));
+    const statLabel = el('label', null, 'stat ');
+    this.select = el('select', 'gw-stat');
+    statLabel.append(this.select);
+    const filterLabel = el('label', null, 'layers ');
+    this.input = el('input', 'gw-filter');
+    this.input.type = 'search';
+    this.input.placeholder = 'filter: c_attn, h.1*.mlp.*';
+    this.input.title = 'a substring (any case), or a glob on the whole name (* ? [ ]); ' +
+      'several, comma-separated';
+    filterLabel.append(this.input);
+    const groupLabel = el('label', null, 'rows ');
+    this.grouping = el('select', 'gw-group-by');
+    for (const [value, text, title] of GROUPINGS) {
+      const o = el('option', null, text);
+      o.value = value;
+      o.title = title;
+      this.grouping.append(o);
     }
-    sec.append(alertList(run));
-    return sec;
-  });
-  if (!sections.length) sections.push(el('p', 'gw-note', 'no gradwatch data in this logdir'));
-  runs.replaceChildren(...sections);
-  const total = data.runs.reduce((n, r) => n + r.alerts.length, 0);
-  root.querySelector('.gw-status').textContent =
-    `${data.runs.length} run(s), ${total} alert(s)`;
-  root.dataset.ready = 'true';
-}
+    groupLabel.append(this.grouping);
+    this.legendSlot = el('span', 'gw-legend-slot');
+    this.status = el('span', 'gw-status', 'loading…');
+    bar.append(statLabel, filterLabel, groupLabel, this.legendSlot, this.status);
+    this.tip = el('div', 'gw-tip');
+    this.tip.hidden = true;
+    this.runs = el('div', 'gw-runs');
+    root.append(bar, this.runs, this.tip);
+    document.body.append(root);
+    this.root = root;
 
-async function load(root, stat, tip) {
-  const status = root.querySelector('.gw-status');
-  try {
-    const resp = await fetch(`data?stat=${encodeURIComponent(stat)}`);
-    if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
-    draw(root, await resp.json(), tip);
-  } catch (err) {
-    status.textContent = `could not load gradwatch data: ${err.message}`;
+    this.select.addEventListener('change', () => {
+      this.stat = this.select.value;
+      this.load();
+    });
+    let timer = null;
+    this.input.addEventListener('input', () => {
+      clearTimeout(timer);
+      timer = setTimeout(() => {
+        this.filter = this.input.value;
+        this.draw();
+      }, FILTER_DELAY_MS);
+    });
+    this.grouping.addEventListener('change', () => {
+      this.group = this.grouping.value;
+      this.draw();
+    });
+    setInterval(() => { if (!document.hidden) this.load(); }, REFRESH_MS);
+  }
+
+  async load() {
+    const seq = ++this.seq;
+    try {
+      const resp = await fetch(`data?stat=${encodeURIComponent(this.stat)}`);
+      if (!resp.ok) throw new Error(`HTTP ${resp.status}`);
+      const data = await resp.json();
+      if (seq !== this.seq) return; // a newer request was made meanwhile
+      this.data = data;
+      this.draw();
+    } catch (err) {
+      this.status.textContent = `could not load gradwatch data: ${err.message}`;
+    }
+  }
+
+  draw() {
+    const data = this.data;
+    if (!data) return;
+    const stats = data.stats.length ? data.stats : [data.stat];
+    if ([...this.select.options].map((o) => o.value).join() !== stats.join()) {
+      this.select.replaceChildren(...stats.map((s) => {
+        const o = el('option', null, s);
+        o.value = s;
+        return o;
+      }));
+    }
+    this.select.value = data.stat;
+    const sc = makeScale(data.stat, data.runs);
+    this.legendSlot.replaceChildren(legend(sc));
+    const keep = matcher(this.filter);
+    const sections = data.runs.map((run) => {
+      const sec = el('section', 'gw-run');
+      sec.dataset.run = run.run;
+      sec.dataset.path = run.path;
+      sec.append(el('h2', null, run.run));
+      const groups = groupRows(run.layers, run.types, this.group, keep);
+      const shown = groups.reduce((n, g) => n + g.rows.length, 0);
+      sec.append(el('p', 'gw-sub',
+        `${shown} of ${run.layers.length} layers with ${data.stat} · ${orderNote(run)}`));
+      if (!run.layers.length) {
+        sec.append(el('p', 'gw-note', `no layer has ${data.stat} in this run`));
+      } else if (!shown) {
+        sec.append(el('p', 'gw-note', `no layer matches the filter ${JSON.stringify(this.filter)}`));
+      } else {
+        sec.append(heatmap(run, data.stat, sc, groups, this.tip));
+      }
+      sec.append(alertList(run, (a, tr) => this.pick(run, a, tr)));
+      return sec;
+    });
+    if (!sections.length) sections.push(el('p', 'gw-note', 'no gradwatch data in this logdir'));
+    this.runs.replaceChildren(...sections);
+    const total = data.runs.reduce((n, r) => n + r.alerts.length, 0);
+    this.status.textContent = `${data.runs.length} run(s), ${total} alert(s)`;
+    if (this.focus && this.showFocus(false)) {
+      this.status.textContent += ` · showing ${this.focus.layer} at step ${this.focus.step}`;
+    }
+    // what is drawn, for scripts driving the page (and the browser tests)
+    Object.assign(this.root.dataset, {
+      stat: data.stat, filter: this.filter, group: this.group, ready: 'true',
+    });
+    performance.mark('gradwatch:drawn');
+  }
+
+  // an alert row was picked: show its stat, make its row visible, scroll to its cell
+  async pick(run, a, tr) {
+    this.focus = { path: run.path, layer: a.layer, step: a.step };
+    if (a.stat !== this.stat && this.data.stats.includes(a.stat)) {
+      this.stat = a.stat;
+      this.select.value = a.stat;
+      await this.load();
+    }
+    if (this.filter && !matcher(this.filter)(a.layer)) {
+      this.filter = '';
+      this.input.value = '';
+      this.draw();
+    }
+    const picked = this.showFocus(true);
+    for (const row of this.runs.querySelectorAll('tr.gw-picked')) row.classList.remove('gw-picked');
+    const again = [...this.runs.querySelectorAll('section.gw-run')]
+      .find((s) => s.dataset.path === run.path);
+    const same = again && [...again.querySelectorAll('tr.gw-alert')].find(
+      (r) => r.dataset.layer === a.layer && r.dataset.step === String(a.step));
+    (same || tr).classList.add('gw-picked');
+    const total = this.data.runs.reduce((n, r) => n + r.alerts.length, 0);
+    this.status.textContent = `${this.data.runs.length} run(s), ${total} alert(s) · ` + (picked
+      ? `showing ${a.layer} at step ${a.step}`
+      : `${a.layer} has no row in the ${this.stat} heatmap`);
+  }
+
+  showFocus(scroll) {
+    const f = this.focus;
+    for (const c of this.runs.querySelectorAll('.gw-focus')) c.classList.remove('gw-focus');
+    for (const r of this.runs.querySelectorAll('.gw-focus-row')) {
+      r.classList.remove('gw-focus-row');
+    }
+    const sec = [...this.runs.querySelectorAll('section.gw-run')]
+      .find((s) => s.dataset.path === f.path);
+    const row = sec && [...sec.querySelectorAll('.gw-row')].find((r) => r.dataset.layer === f.layer);
+    const run = this.data.runs.find((r) => r.path === f.path);
+    if (!row || !run) return null;
+    const cell = row.querySelectorAll('.gw-cell')[columnOf(run.steps, f.step)];
+    if (!cell) return null;
+    row.classList.add('gw-focus-row');
+    cell.classList.add('gw-focus');
+    if (scroll) cell.scrollIntoView({ block: 'center', inline: 'nearest' });
+    return cell;
   }
 }
 
 export async function render() {
-  const style = document.createElement('style');
-  style.textContent = CSS;
-  document.head.append(style);
-  const root = el('div', 'gw-root');
-  const bar = el('header', 'gw-bar');
-  bar.append(el('h1', null, 'gradwatch'));
-  const label = el('label', null, 'stat ');
-  const select = el('select', 'gw-stat');
-  label.append(select);
-  bar.append(label, el('span', 'gw-legend-slot'), el('span', 'gw-status', 'loading…'));
-  const tip = el('div', 'gw-tip');
-  tip.hidden = true;
-  root.append(bar, el('div', 'gw-runs'), tip);
-  document.body.append(root);
-  let stat = new URLSearchParams(window.location.search).get('stat') || 'grad_rms';
-  select.addEventListener('change', () => {
-    stat = select.value;
-    load(root, stat, tip);
-  });
-  setInterval(() => { if (!document.hidden) load(root, stat, tip); }, REFRESH_MS);
-  await load(root, stat, tip);
+  const dash = new Dashboard();
+  dash.mount();
+  await dash.load();
 }
