@@ -362,8 +362,9 @@ class ParamTracker:
         for i in lidx:
             has[i] = True
         self._has_param = torch.tensor(has, device=device)
-        self._cache: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor]] = {}
+        self._cache: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor, S.NormPlan]] = {}
         self.present: tuple[int, ...] = ()  # trainable parameters with a gradient, last step
+        self._wplan: S.NormPlan | None = None
         self._before: list[Tensor] | None = None
         self._views_idx: Tensor | None = None
         self._views_has: Tensor | None = None
@@ -375,7 +376,8 @@ class ParamTracker:
         # FSDP2: norms of local shards are partial; one all-reduce makes them global
         self._shards = shard_reducer(self.params)
 
-    def _layout(self, present: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    def _layout(self, present: tuple[int, ...]
+                ) -> tuple[Tensor, Tensor, Tensor, S.NormPlan]:
         hit = self._cache.get(present)
         if hit is None:
             numel = [0.0] * self.n_layers
@@ -386,7 +388,8 @@ class ParamTracker:
                 idx.append(i)
             idx_t = device_tensor(idx, torch.long, self.device)
             numel_t = device_tensor(numel, torch.float32, self.device)
-            hit = (idx_t, numel_t, (numel_t > 0).to(torch.float32))
+            plan = S.NormPlan([self._local(self.trainable[k][0]) for k in present])
+            hit = (idx_t, numel_t, (numel_t > 0).to(torch.float32), plan)
             if len(self._cache) > 64:  # bounded: the set of present grads rarely changes
                 self._cache.clear()
             self._cache[present] = hit
@@ -404,13 +407,17 @@ class ParamTracker:
         self.present = present
         if not present:
             return None
-        grads = [local(self.trainable[k][0].grad) for k in present]  # type: ignore[arg-type]
-        idx, numel, has = self._layout(present)
-        norms = S.foreach_norms(grads, 2.0)
+        train = self.trainable
+        if self._shards is None:
+            grads = [train[k][0].grad for k in present]
+        else:
+            grads = [local(train[k][0].grad) for k in present]  # type: ignore[arg-type]
+        idx, numel, has, plan = self._layout(present)
+        norms = plan.norms(grads)  # type: ignore[arg-type]
         L = self.n_layers
         sq = torch.zeros(L, device=self.device).index_add_(0, idx, norms * norms)
         if full:
-            maxes = S.foreach_absmax(grads)
+            maxes = plan.absmax(grads)  # type: ignore[arg-type]
             gmax: Tensor | None = torch.zeros(L, device=self.device).scatter_reduce_(
                 0, idx, maxes, "amax")
             bad = torch.isfinite(maxes).logical_not().to(torch.float32)
@@ -427,10 +434,15 @@ class ParamTracker:
         grms = gnorm / torch.sqrt(torch.clamp(numel, min=1.0))
         return ParamStepStats(gnorm, grms, gmax, has, nonfinite, norms)
 
+    def _local(self, t: Tensor) -> Tensor:
+        return t if self._shards is None else local(t)
+
     def weight_norms(self) -> Tensor | None:
         if not self.params:
             return None
-        norms = self._norms([local(p) for p in self.params])  # under no_grad
+        if self._wplan is None:
+            self._wplan = S.NormPlan([self._local(p) for p in self.params])
+        norms = self._wplan.norms([self._local(p) for p in self.params])  # under no_grad
         sq = torch.zeros(self.n_layers, device=self.device).index_add_(
             0, self._all_idx, norms * norms
         )

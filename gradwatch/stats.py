@@ -271,3 +271,69 @@ def foreach_absmax(tensors: Sequence[Tensor]) -> Tensor:
         lows.append(lo)
         highs.append(hi)
     return torch.maximum(torch.stack(highs), torch.stack(lows).neg()).to(torch.float32)
+
+
+#: ``NormPlan`` on CPU: same-shape tensors up to this size are stacked and reduced together
+#: (one op per group instead of one per tensor); larger ones are reduced one by one.
+STACK_MAX = 1 << 16
+STACK_MIN = 4  # a group needs this many members to be stacked
+
+
+class NormPlan:
+    """The per-tensor L2 norms (and max |x|) of a list of tensors whose shapes are fixed
+    (the parameters with a gradient), each in fp32, in as few ops as the device allows.
+
+    CUDA: ``torch._foreach_norm``, one multi-tensor kernel. CPU, where ``_foreach_*`` runs
+    one kernel per tensor at a few microseconds each: the small tensors of one shape and
+    dtype are stacked (one copy) and reduced along a dimension, one op per group (a
+    thousand 64x64 gradients: 5 ms -> 1.5 ms here); the others go through the foreach call.
+    """
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        self.n = len(tensors)
+        dev = tensors[0].device if tensors else torch.device("cpu")
+        self.groups: list[tuple[list[int], Tensor]] = []
+        rest = list(range(self.n))
+        plain = all(t.dtype in UPCAST and not t.is_sparse and t.numel() > 0
+                    for t in tensors)
+        if dev.type == "cpu" and plain:
+            by: dict[tuple[Any, ...], list[int]] = {}
+            for i, t in enumerate(tensors):
+                if t.numel() <= STACK_MAX:
+                    by.setdefault((tuple(t.shape), t.dtype), []).append(i)
+            stacked = set()
+            for idx in by.values():
+                if len(idx) >= STACK_MIN:
+                    self.groups.append((idx, torch.tensor(idx, device=dev)))
+                    stacked.update(idx)
+            rest = [i for i in range(self.n) if i not in stacked]
+        self.rest = rest
+        self.rest_t = torch.tensor(rest, device=dev) if self.groups and rest else None
+        self.plain = plain
+
+    def norms(self, tensors: Sequence[Tensor]) -> Tensor:
+        if not self.groups:
+            if self.plain:
+                return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
+            return foreach_norms(tensors, 2.0)
+        out = torch.empty(self.n, dtype=torch.float32, device=tensors[0].device)
+        for idx, idx_t in self.groups:
+            st = torch.stack([tensors[i] for i in idx]).reshape(len(idx), -1)
+            out.index_copy_(0, idx_t, torch.linalg.vector_norm(st, dim=1,
+                                                                dtype=torch.float32))
+        if self.rest_t is not None:
+            vals = torch._foreach_norm([tensors[i] for i in self.rest], 2.0,
+                                       dtype=torch.float32)
+            out.index_copy_(0, self.rest_t, torch.stack(vals))
+        return out
+
+    def absmax(self, tensors: Sequence[Tensor]) -> Tensor:
+        if not self.groups:
+            return foreach_absmax(tensors)
+        out = torch.empty(self.n, dtype=torch.float32, device=tensors[0].device)
+        for idx, idx_t in self.groups:
+            st = torch.stack([tensors[i] for i in idx]).reshape(len(idx), -1)
+            out.index_copy_(0, idx_t, torch.maximum(st.amax(1), st.amin(1).neg()).float())
+        if self.rest_t is not None:
+            out.index_copy_(0, self.rest_t, foreach_absmax([tensors[i] for i in self.rest]))
+        return out

@@ -185,6 +185,10 @@ class StepTrace:
         rec = self.rec
         if len(rec.by) >= MAX_ENTRIES:
             return  # an evaluation loop without steps: cut at the root's next call
+        if (not kwargs and type(output) is Tensor and len(args) == 1
+                and type(args[0]) is Tensor):
+            self._call1(m, args[0], output)  # the common case, kept lean: see _call1
+            return
         if type(args) is tuple and all(type(a) is Tensor for a in args):
             xs: list[Any] = list(args)
         else:
@@ -198,25 +202,11 @@ class StepTrace:
             outs_t = tree_leaves(output)
         outs = []
         if self.passes[m] and len(ins) == 1 and len(outs_t) == 1 and _float(outs_t[0]):
-            # finite in -> finite out: derived from the input's entry, no sum
-            y = outs_t[0]
-            k = len(rec.by)
-            rec.by.append(m)
-            rec.kind.append(OUT)
-            rec.src.append(rec.src[ins[0]])
-            rec.row.append(rec.row[ins[0]])
-            self._ids[id(y)] = (weakref.ref(y), _version(y), k)  # type: ignore[arg-type]
-            outs.append(k)
+            outs.append(self._derived(outs_t[0], m, ins[0]))
         else:
             for y in outs_t:
-                if not _float(y):
-                    continue
-                seen = self._ids.get(id(y))
-                if seen is not None and seen[0]() is y and seen[1] >= 0 \
-                        and _version(y) == seen[1]:  # type: ignore[arg-type]
-                    outs.append(seen[2])  # handed on unchanged (an input, or a child's output)
-                else:
-                    outs.append(self._check(y, m, OUT))
+                if _float(y):
+                    outs.append(self._output(y, m))
         rec.calls.append((m, ins, tuple(outs)))
         if self.unsafe[m] and torch.is_grad_enabled():
             for t in xs:
@@ -225,6 +215,42 @@ class StepTrace:
             for t in outs_t:
                 if _float(t) and t.requires_grad:
                     self._hook_grad(t, m, OUT)
+
+    def _call1(self, m: int, x: Tensor, y: Tensor) -> None:
+        """``call`` for one tensor in, one tensor out, no keyword arguments."""
+        ins: tuple[int, ...] = ()
+        if x.is_floating_point() and not x.is_sparse:
+            ins = (self._input(x, m),)
+        outs: tuple[int, ...] = ()
+        if y.is_floating_point() and not y.is_sparse:
+            if ins and self.passes[m]:
+                outs = (self._derived(y, m, ins[0]),)
+            else:
+                outs = (self._output(y, m),)
+        self.rec.calls.append((m, ins, outs))
+        if self.unsafe[m] and torch.is_grad_enabled():
+            if ins and x.requires_grad:
+                self._hook_grad(x, m, IN)
+            if outs and y.requires_grad:
+                self._hook_grad(y, m, OUT)
+
+    def _derived(self, y: Tensor, m: int, e: int) -> int:
+        """Module ``m`` passes finite values on: ``y`` is finite exactly when its input
+        (entry ``e``) is, so it takes that entry's value instead of a sum of its own."""
+        rec = self.rec
+        k = len(rec.by)
+        rec.by.append(m)
+        rec.kind.append(OUT)
+        rec.src.append(rec.src[e])
+        rec.row.append(rec.row[e])
+        self._ids[id(y)] = (weakref.ref(y), _version(y), k)
+        return k
+
+    def _output(self, y: Tensor, m: int) -> int:
+        seen = self._ids.get(id(y))
+        if seen is not None and seen[0]() is y and seen[1] >= 0 and _version(y) == seen[1]:
+            return seen[2]  # handed on unchanged (an input, or a child's output)
+        return self._check(y, m, OUT)
 
     def _hook_grad(self, t: Tensor, m: int, role: int) -> None:
         rec = self.rec

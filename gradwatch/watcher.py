@@ -40,6 +40,7 @@ from gradwatch.options import check_bool, check_int, check_sample_every, given, 
 from gradwatch.origin import ModelMap
 from gradwatch.publish import Publisher
 from gradwatch.rules import Rules, Thresholds
+from gradwatch.sampling import SAMPLED_PER_WINDOW, Sampler
 from gradwatch.selection import (
     ROOT_NAME,
     assign_params,
@@ -55,11 +56,6 @@ from gradwatch.snapshot import HostCopy, Snapshot, applicable
 from gradwatch.trace import ModuleFlags, StepTrace
 
 MAX_ALERTS = 10_000
-#: ``sample_every="auto"``: after the first window (read on every step), the full stat set
-#: on this many evenly spaced steps per window (``every // SAMPLED_PER_WINDOW``, at least 1:
-#: windows shorter than twice this are read on every step). Chosen by measurement, see
-#: docs/performance.md.
-SAMPLED_PER_WINDOW = 10
 _ATTACH = "_gradwatch_attachment"
 
 
@@ -96,11 +92,13 @@ class Watcher:
     and hands it to a background thread for the rules and TensorBoard.
 
     Sampling: a *sampled* step collects the full stat set; the other (*light*) steps only
-    check every watched output for NaN/Inf (one sum each) and measure the parameter-gradient
-    norms, so non-finite values and exploding gradients are caught on the step they
-    appear. Sampled steps are the first step of each window and then one in
-    ``sample_every``; ``"auto"`` (the default) samples every step of the first window and
-    then one step in ``every // SAMPLED_PER_WINDOW``.
+    check every module's outputs for NaN/Inf (one sum per new tensor) and measure the
+    parameter-gradient norms, so non-finite values and exploding gradients are caught on
+    the step they appear. Sampled steps are the first step of each window and then one in
+    ``sample_every``; ``"auto"`` (the default) spaces them by a cost budget measured on the
+    watcher itself (``gradwatch.sampling``): the first window as densely as doubling a
+    light step's time allows (every step for most models), later windows at about 2% of
+    the step time and at most ``every // SAMPLED_PER_WINDOW`` steps apart.
     """
 
     def __init__(
@@ -134,10 +132,7 @@ class Watcher:
             )
         self.every = check_int("every", every)
         k = check_sample_every(sample_every)
-        self.sample_every = k if k is not None else max(1, self.every // SAMPLED_PER_WINDOW)
-        # "auto" reads the whole first window on every step (what goes wrong at
-        # initialization is seen completely); later windows are sampled
-        self._dense = k is None
+        self._sampler = Sampler(self.every, k)
         tensorboard = check_bool("tensorboard", tensorboard)
         self.histograms = check_bool("histograms", histograms)
         self.images = check_bool("images", images)
@@ -242,6 +237,12 @@ class Watcher:
         called = set(seen)
         rest = [i for i in range(len(self._infos)) if i not in called]
         return [self._infos[i].name for i in list(seen) + rest]
+
+    @property
+    def sample_every(self) -> int:
+        """The steps between two sampled steps in the current window (``"auto"``: chosen by
+        the measured cost, see ``gradwatch.sampling``)."""
+        return self._sampler.k
 
     @property
     def latest(self) -> Snapshot | None:
@@ -411,8 +412,8 @@ class Watcher:
         if self._window_steps >= self.every:
             self._launch_flush()
         # sampled steps are aligned on the window: its first step, then one in k
-        k = 1 if self._dense else self.sample_every
-        self._collector.full = self._window_steps % k == 0
+        self._sampler.observe(full)
+        self._collector.full = self._sampler.full(self._window_steps)
         self._deliver()
 
     def _commit(self, grads: Any, weights: Any, updates: Any) -> None:
@@ -558,7 +559,7 @@ class Watcher:
             self._buffers.reset_window()
             self._window_steps = 0
             self._amp_skipped = 0
-            self._dense = False
+            self._sampler.new_window()
             self._collector.full = True  # a new window starts with a sampled step
         self._publish.window(step, copy, order, amp, hist, force,
                              self._nonfinite.take_counts())
