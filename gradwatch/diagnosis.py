@@ -1,0 +1,410 @@
+"""Why an alert fired: the evidence the watcher measured -> ``Alert.cause`` and ``Alert.hint``.
+
+Runs beside the rules (on the background thread for window alerts, on the training thread
+for an extreme gradient reported within its step) and reads only host data: the
+initialization audit made once at ``watch()`` (``audit.py``), the forward order, and a
+bounded history of the flushed windows. It never touches the model or the device.
+
+The causes and what each needs (thresholds in ``CauseLimits``, measured on the zoo, see
+docs/diagnosis.md):
+
+* ``recurrent_gain``: an exploding gradient at a recurrent layer, or below one in forward
+  order, whose recurrent weight had a largest singular value above ``recurrent_gain``.
+* ``init_scale``: the weights along the layer's path (between normalization layers) are
+  off the Glorot/He scale for their fan-in/fan-out and the activation after them: growing
+  a signal ``init_grow``-fold or more before an exploding gradient or a saturated
+  activation (or a vanishing gradient below that saturated activation), or shrinking it
+  to ``init_shrink`` or less around a vanishing one.
+* ``learning_rate``: with no cause above, the median ``update_ratio`` over the layers was
+  at least ``update_ratio`` in the windows before a gradient blew up; or a ReLU that was
+  alive died right after the median ``update_ratio`` jumped ``update_jump``-fold.
+* ``bias_shift``: a dead ReLU-like layer whose pre-activations (the outputs of the module
+  before it) have a mean at least ``shift`` standard deviations below zero.
+* otherwise ``unknown``: a wrong cause is worse than none.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import statistics
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from gradwatch.alerts import Alert
+from gradwatch.audit import InitAudit, WeightScale
+from gradwatch.selection import LayerInfo
+
+Stats = Mapping[str, Mapping[str, float]]
+#: The gain range assumed when the activation after a layer is not known (a function call
+#: in ``forward``, or an activation without a ``calculate_gain`` entry): linear/sigmoid to
+#: tanh, so that any standard initialization for some activation counts as sound.
+UNKNOWN_GAIN = (1.0, 5.0 / 3.0)
+#: Where a bounded activation is flat: |x| beyond this is within ``saturation_margin`` of
+#: a bound (computed for the margin in use, see ``flat_beyond``).
+_FLAT = {"Sigmoid": lambda m: math.log((1 - m) / m), "Tanh": lambda m: math.atanh(1 - 2 * m)}
+
+
+@dataclass(frozen=True)
+class CauseLimits:
+    """The evidence a cause needs. Measured on the zoo (``tests/zoo.py``): see
+    docs/diagnosis.md for each value and the measurements behind it."""
+
+    init_grow: float = 4.0
+    """Growth of a signal's scale along a path (the product of each layer's excess over
+    the Glorot/He range, from the last normalization layer) from which weights too large
+    are a cause."""
+    init_shrink: float = 0.01
+    """Product of the per-layer excess over a whole path at or below which weights too
+    small are a cause of a vanishing gradient."""
+    recurrent_gain: float = 1.5
+    """Largest singular value of a recurrent weight's gate block above which it is a cause
+    of an exploding gradient."""
+    update_ratio: float = 0.05
+    """Median ``update_ratio`` over the layers, in the windows before a blow-up, from which
+    the learning rate is a cause (about 1e-3 is the usual healthy order)."""
+    update_jump: float = 5.0
+    """... or a jump of the median ``update_ratio`` to this multiple of its earlier median
+    (a learning-rate spike) right before a ReLU that was alive died."""
+    shift: float = 2.0
+    """A dead ReLU's pre-activations with a mean at least this many standard deviations
+    below zero are shifted (bias or input)."""
+    history: int = 8
+    """Windows of history kept (per layer: the zero fraction; per window: the median
+    update ratio)."""
+
+
+LIMITS = CauseLimits()
+
+
+def flat_beyond(type_name: str, margin: float) -> float | None:
+    """|x| beyond which a sigmoid/tanh output is within ``margin`` of the range from a
+    bound (4.6 for a sigmoid and 2.3 for a tanh at 1%); None for other activations."""
+    f = _FLAT.get(type_name)
+    return f(margin) if f is not None and 0 < margin < 0.5 else None
+
+
+def _g(v: float) -> str:
+    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 or v == 0 else f"{v:.1e}"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """One audited layer placed in the forward order."""
+
+    name: str
+    w: WeightScale
+    act: str | None  # the activation module after it (its type name), None if not known
+    nonlinearity: str | None  # its torch.nn.init name ("relu", "tanh"...)
+    gain: float | None
+    excess: float  # std over the top of the sound range (> 1), over its bottom (< 1), or 1
+    segment: int
+    growth: float  # excess compounded from the start of its segment (bounded activations cap)
+
+    @property
+    def he(self) -> bool:
+        return self.nonlinearity in ("relu", "leaky_relu", "selu")
+
+    def reference(self) -> tuple[str, float]:
+        """The reference init to name: He for the ReLU family, Glorot otherwise."""
+        glorot, he_in, _ = self.w.reference(self.gain or 1.0)
+        return ("He", he_in) if self.he else ("Glorot", glorot)
+
+    def remedy(self) -> str:
+        if self.nonlinearity in ("relu", "leaky_relu"):
+            return f"nn.init.kaiming_normal_(w, nonlinearity='{self.nonlinearity}')"
+        if self.nonlinearity in ("tanh", "selu"):
+            return f"nn.init.xavier_uniform_(w, gain=nn.init.calculate_gain('{self.nonlinearity}'))"
+        if self.nonlinearity == "sigmoid":
+            return "nn.init.xavier_uniform_(w)"
+        return ("nn.init.xavier_uniform_(w) (tanh, sigmoid, linear) or "
+                "nn.init.kaiming_normal_(w) (ReLU family)")
+
+    def describe(self) -> str:
+        ref, std = self.reference()
+        before = f" before a {self.act}" if self.act else ""
+        return (f"weights of '{self.name}' had std {_g(self.w.std)} at watch(), "
+                f"{_g(self.w.std / std)}x the {ref} std {_g(std)} for "
+                f"{self.w.fan_in} -> {self.w.fan_out}{before}")
+
+
+def excess(w: WeightScale, gain: float | None) -> float:
+    lo_g, hi_g = (gain, gain) if gain else UNKNOWN_GAIN
+    refs = w.reference(1.0)
+    lo, hi = lo_g * min(refs), hi_g * max(refs)
+    if w.std > hi:
+        return w.std / hi
+    if w.std < lo:
+        return w.std / lo
+    return 1.0
+
+
+@dataclass
+class _Window:
+    step: int
+    index: int  # windows seen before this one
+    update: float  # median update_ratio over the layers (NaN: none measured)
+    zero: dict[str, float]  # act_zero_frac of the ReLU-like layers
+
+
+class Diagnosis:
+    """Evidence -> (cause, hint) for the alerts of the vanishing, exploding, dead and
+    saturated rules. Thread-safe: the history is written on the background thread and
+    read on both."""
+
+    def __init__(self, audit: InitAudit, layers: Sequence[LayerInfo], thresholds: Any,
+                 limits: CauseLimits = LIMITS) -> None:
+        self.audit = audit
+        self.limits = limits
+        self.margin = thresholds.saturation_margin
+        self.dead_frac = thresholds.dead_frac
+        self.sat_frac = thresholds.saturated_frac
+        self.info = {li.name: li for li in layers}
+        self._lock = threading.Lock()
+        self._history: collections.deque[_Window] = collections.deque(maxlen=limits.history)
+        self._seen = 0
+        watched = set(self.info)
+        self._order: list[str] = [n for n in audit.order if n in watched]
+        self._confirmed = False  # the order is the registration order until a window
+        self._place()
+
+    # -- forward order ------------------------------------------------------------------------
+    def see_order(self, order: Sequence[str]) -> None:
+        """The forward order of the watched layers, from a window (background thread)."""
+        if not order or (self._confirmed and list(order) == self._order):
+            return
+        with self._lock:
+            self._order = list(order)
+            self._confirmed = True
+            self._place()
+
+    def _place(self) -> None:
+        """Place every audited layer in the order: the activation after it, its segment
+        (a run of layers between normalization, recurrent or unaudited layers) and the
+        growth of a signal's scale from the segment start."""
+        a = self.audit
+        order = self._order
+        scales: dict[str, Scale] = {}
+        seg, growth = 0, 1.0
+        for i, name in enumerate(order):
+            info = self.info.get(name)
+            w = a.scales.get(name)
+            if w is not None:
+                nxt = order[i + 1] if i + 1 < len(order) else None
+                act = a.gains_of.get(nxt) if nxt is not None and self._confirmed else None
+                if a.unseen_norms:  # a normalization we cannot place: judge layers alone
+                    seg, growth = seg + 1, 1.0
+                r = excess(w, act[1] if act else None)
+                growth *= r
+                scales[name] = Scale(name, w, self.info[nxt].type_name if act and nxt else None,
+                                     act[0] if act else None, act[1] if act else None, r, seg,
+                                     growth)
+            elif info is not None and info.bounds is not None:
+                growth = min(growth, 1.0)  # a bounded activation caps growth, not shrinkage
+            elif name in a.norms or name in a.gains or (info is not None and info.has_params):
+                seg, growth = seg + 1, 1.0
+        self._scales = scales
+        self._index = {n: i for i, n in enumerate(order)}
+
+    def _segment(self, s: Scale) -> list[Scale]:
+        return [x for x in self._scales.values() if x.segment == s.segment]
+
+    def _before(self, name: str) -> str | None:
+        i = self._index.get(name)
+        return self._order[i - 1] if i else None
+
+    # -- history --------------------------------------------------------------------------------
+    def record(self, step: int, stats: Stats) -> None:
+        """Keep what later diagnoses need from a window (bounded)."""
+        ur = [s["update_ratio"] for s in stats.values()
+              if math.isfinite(s.get("update_ratio", math.nan))]
+        zero = {n: s["act_zero_frac"] for n, s in stats.items()
+                if "act_zero_frac" in s and (i := self.info.get(n)) is not None and i.relu_like}
+        with self._lock:
+            self._history.append(_Window(step, self._seen, statistics.median(ur) if ur
+                                         else math.nan, zero))
+            self._seen += 1
+
+    # -- causes ---------------------------------------------------------------------------------
+    def explain(self, alert: Alert, stats: Stats | None = None, streak: int = 0) -> Alert:
+        """``alert`` with its cause and hint. ``stats``: the window it was found in (None
+        for an alert found within a step); ``streak``: windows its condition has held
+        (those are not "before" it)."""
+        with self._lock:
+            found = {
+                "exploding": self._exploding,
+                "vanishing": self._vanishing,
+                "saturated": self._saturated,
+                "dead": self._dead,
+            }.get(alert.kind, lambda *_: None)(alert.layer, stats or {}, streak)
+        if found is None:
+            return alert
+        cause, hint = found
+        return dataclasses.replace(alert, cause=cause, hint=hint)
+
+    def _recurrent(self, layer: str) -> tuple[str, str] | None:
+        """A recurrent layer at or after ``layer`` in forward order with a gain too large."""
+        at = self._index.get(layer, 0)
+        for name, g in self.audit.gains.items():
+            if g.gain < self.limits.recurrent_gain:
+                continue
+            if name != layer and self._index.get(name, -1) < at:
+                continue
+            gate = f" (its {g.gate} gate)" if g.gate else ""
+            via = "" if name == layer else f"the gradient reaching '{layer}' comes through " \
+                                           f"'{name}': "
+            other = "" if self.info[name].type_name in ("LSTM", "GRU") else \
+                ", or use an LSTM or GRU"
+            return "recurrent_gain", (
+                f"{via}recurrent weight '{name}.{g.param}' has gain {_g(g.gain)}{gate} "
+                f"(largest singular value) at watch(): above 1 the error signal can grow up "
+                f"to that factor per time step: initialise it orthogonal "
+                f"(nn.init.orthogonal_), clip gradients (torch.nn.utils.clip_grad_norm_)"
+                f"{other}")
+        return None
+
+    def _too_large(self, layer: str) -> tuple[str, str] | None:
+        s = self._scales.get(layer)
+        if s is None:
+            return None
+        seg = self._segment(s)
+        top = max(seg, key=lambda x: x.growth)
+        if top.growth < self.limits.init_grow:
+            return None
+        big = [x for x in seg if x.excess > 1]
+        worst = max(big, key=lambda x: x.excess)
+        names = f"'{big[0].name}'" if len(big) == 1 else \
+            f"{len(big)} weight layers '{big[0].name}' .. '{big[-1].name}'"
+        return "init_scale", (
+            f"{worst.describe()}; {names} scale the signal up by about {_g(top.growth)}x "
+            f"along the path to '{top.name}', so activations and gradients grow layer after "
+            f"layer: try {worst.remedy()} or a normalization layer")
+
+    def _lr_before(self, streak: int) -> tuple[float, int] | None:
+        past = list(self._history)[:len(self._history) - streak] if streak else \
+            list(self._history)
+        past = [w for w in past if math.isfinite(w.update)]
+        if not past:
+            return None
+        w = past[-1]
+        return (w.update, w.step) if w.update >= self.limits.update_ratio else None
+
+    def _exploding(self, layer: str, stats: Stats, streak: int) -> tuple[str, str] | None:
+        found = self._recurrent(layer) or self._too_large(layer)
+        if found:
+            return found
+        lr = self._lr_before(streak)
+        if lr is not None:
+            u, step = lr
+            return "learning_rate", (
+                f"the updates were large before it blew up: median update_ratio {_g(u)} "
+                f"over the layers in the window ending at step {step} (about 1e-3 is usual), "
+                f"with a sound initialization: lower the learning rate (or its warm-up peak) "
+                f"or clip gradients (torch.nn.utils.clip_grad_norm_)")
+        return None
+
+    def _vanishing(self, layer: str, stats: Stats, streak: int) -> tuple[str, str] | None:
+        s = self._scales.get(layer)
+        if s is None:
+            return None
+        seg = self._segment(s)
+        path = math.prod(x.excess for x in seg)
+        if path <= self.limits.init_shrink:
+            small = [x for x in seg if x.excess < 1]
+            worst = min(small, key=lambda x: x.excess)
+            return "init_scale", (
+                f"{worst.describe()}; the {len(small)} weight layers '{small[0].name}' .. "
+                f"'{small[-1].name}' of its path scale the signal by about {_g(path)}, "
+                f"forward and back: try {worst.remedy()} or a normalization layer")
+        # the gradient dies in a saturated activation above it, saturated by large weights
+        at = self._index.get(layer, 0)
+        for name in self._order[at + 1:]:
+            info = self.info.get(name)
+            if info is None or info.bounds is None:
+                continue
+            if stats.get(name, {}).get("act_sat_frac", 0.0) < self.sat_frac:
+                continue
+            found = self._saturated(name, stats, streak)
+            if found is not None and found[0] == "init_scale":
+                return "init_scale", f"'{name}' above it is saturated and passes little " \
+                                     f"gradient down: {found[1]}"
+        return None
+
+    def _saturated(self, layer: str, stats: Stats, streak: int) -> tuple[str, str] | None:
+        before = self._before(layer)
+        s = self._scales.get(before) if before else None
+        if s is None or s.growth < self.limits.init_grow:
+            return None
+        out = stats.get(s.name, {})
+        std, mean = out.get("act_std", math.nan), out.get("act_mean", math.nan)
+        flat = flat_beyond(self.info[layer].type_name, self.margin)
+        seen = ""
+        if math.isfinite(std):
+            seen = f"; its outputs have std {_g(std)} (mean {_g(mean)})"
+            if flat is not None:
+                seen += f" where a {self.info[layer].type_name.lower()} is flat beyond " \
+                        f"about ±{flat:.2g}"
+        path = "" if s.excess >= self.limits.init_grow else \
+            f" (about {_g(s.growth)}x along its path)"
+        return "init_scale", (
+            f"{s.describe()}{path}{seen}: try {s.remedy()}, a non-saturating activation "
+            f"(ReLU, GELU) or a normalization layer")
+
+    def _dead(self, layer: str, stats: Stats, streak: int) -> tuple[str, str] | None:
+        found = self._lr_spike(layer)
+        before = self._before(layer)
+        out = stats.get(before, {}) if before else {}
+        mean, std = out.get("act_mean", math.nan), out.get("act_std", math.nan)
+        if found is None and math.isfinite(mean) and math.isfinite(std) and mean < 0 \
+                and mean <= -self.limits.shift * std:
+            spread = f"std {_g(std)}, {-mean / std:.1f} std below zero" if std > 0 else \
+                "all equal"
+            w = self.audit.scales.get(before or "")
+            bias = f"; the bias of '{before}' had mean {_g(w.bias_mean)} at watch()" \
+                if w is not None and w.bias_mean is not None and w.bias_mean <= mean / 2 \
+                else ""
+            found = "bias_shift", (
+                f"its inputs (the outputs of '{before}') have mean {_g(mean)} ({spread}), so "
+                f"'{layer}' passes no gradient{bias}: re-initialise that bias "
+                f"(nn.init.zeros_), check the input normalization, or use an activation "
+                f"that cannot die (LeakyReLU, GELU)")
+        upstream = [n for n in self._order[:self._index.get(layer, 0)]
+                    if self.info.get(n) is not None and self.info[n].relu_like
+                    and stats.get(n, {}).get("act_zero_frac", 0.0) >= self.dead_frac]
+        if found is None:
+            if upstream and mean == 0 and std == 0:  # fed nothing but zeros: no cause here
+                return "unknown", (f"its inputs (the outputs of '{before}') are all 0: it is "
+                                   f"downstream of dead '{upstream[-1]}'; fix that one first")
+            return None
+        if upstream:
+            found = found[0], found[1] + f" (it is downstream of dead '{upstream[-1]}')"
+        return found
+
+    def _lr_spike(self, layer: str) -> tuple[str, str] | None:
+        """A ReLU alive in an earlier window that died right after a jump of the median
+        update ratio (the history includes the current window)."""
+        h = list(self._history)
+        alive = [i for i, w in enumerate(h) if w.zero.get(layer, 1.0) < self.dead_frac]
+        if not alive:
+            return None
+        for k in range(alive[-1], len(h)):
+            base = [w.update for w in h[:k] if w.index > 0 and math.isfinite(w.update)]
+            if not base or not math.isfinite(h[k].update):
+                continue
+            b = statistics.median(base)
+            if b > 0 and h[k].update >= self.limits.update_jump * b:
+                last = h[alive[-1]]
+                jump = f"the median update_ratio jumped to {_g(h[k].update)}, " \
+                       f"{h[k].update / b:.0f}x its earlier {_g(b)}"
+                when = f"in the window ending at step {last.step} (zero fraction " \
+                       f"{last.zero[layer]:.2f})"
+                story = f"was still alive {when}, when {jump}, and died after it" \
+                    if k == alive[-1] else \
+                    f"was alive {when} and died after {jump} in the window ending at step " \
+                    f"{h[k].step}"
+                return "learning_rate", (
+                    f"'{layer}' {story}: a learning-rate spike; lower the peak learning "
+                    f"rate, warm it up or clip gradients (torch.nn.utils.clip_grad_norm_)")
+        return None
