@@ -96,8 +96,11 @@ def test_raise_from_flush_carries_the_alert() -> None:
     train_step(m, opt)
     with pytest.raises(gradwatch.GradientAlertError) as e:
         w.flush()
-    assert (e.value.alert.layer, e.value.alert.kind) == ("1", "dead")
-    assert str(e.value) == e.value.alert.message
+    a = e.value.alert
+    assert (a.layer, a.kind, a.cause) == ("1", "dead", "bias_shift")
+    # the error names what (the alert's message), then why and what to try
+    assert str(e.value) == f"{a.message}\n  cause bias_shift: {a.hint}"
+    assert "mean -100" in a.hint and "'0'" in a.hint
     w.close()
 
 
