@@ -106,6 +106,36 @@ def _plain(t: torch.Tensor) -> bool:
             and type(t).__name__ not in ("DTensor", "ShardedTensor") and t.numel() > 1)
 
 
+def _moments(w: torch.Tensor) -> torch.Tensor:
+    """[mean, mean of squares] of a weight, fp32 accumulation: two fast reductions (a
+    norm and a sum); ``std`` costs 4x (4096 x 4096) to 20x (1024 x 1024) more on a CPU."""
+    n = w.numel()
+    sq = torch.linalg.vector_norm(w, dtype=torch.float32) ** 2 / n
+    return torch.stack([w.sum(dtype=torch.float32) / n, sq])
+
+
+#: Gate blocks with both sides above this get the largest singular value from a subspace
+#: iteration instead of a full SVD (4096 x 4096: 1.1 s per block against 11 s on one CPU
+#: thread). It is a lower bound (within 1% on random blocks, exact on scaled orthogonal
+#: ones), so it can miss a recurrent gain just above the limit, never invent one.
+EXACT_SVD = 256
+SUBSPACE = (8, 16)  # columns, iterations
+
+
+def largest_singular_value(blocks: torch.Tensor) -> torch.Tensor:
+    """The largest singular value of each matrix of a ``[B, m, n]`` batch, on its device;
+    the random start of the subspace iteration comes from a generator of its own (the
+    global random state is left as it was)."""
+    if min(blocks.shape[-2:]) <= EXACT_SVD:
+        return torch.linalg.matrix_norm(blocks, ord=2).reshape(-1)
+    q, iters = SUBSPACE
+    g = torch.Generator(device=blocks.device).manual_seed(0)
+    x = torch.randn(blocks.shape[0], blocks.shape[-1], q, generator=g, device=blocks.device)
+    for _ in range(iters):
+        x, _ = torch.linalg.qr(blocks.mT @ (blocks @ x))
+    return torch.linalg.matrix_norm(blocks @ x, ord=2).reshape(-1)
+
+
 def audit(root: nn.Module, watched: Sequence[tuple[str, nn.Module]]) -> InitAudit:
     """Measure the weights of the watched modules; one host read for all of them."""
     t0 = time.perf_counter()
@@ -131,7 +161,7 @@ def audit(root: nn.Module, watched: Sequence[tuple[str, nn.Module]]) -> InitAudi
                 if fan_in == 0 or fan_out == 0:
                     continue
                 scale_rows.append((name, fan_in, fan_out, len(values), False))
-                values.append(weight.detach().float().std(unbiased=False).reshape(1))
+                values.append(_moments(weight.detach()))
                 b = getattr(m, "bias", None)
                 if isinstance(b, torch.Tensor) and _plain(b):
                     values.append(b.detach().float().mean().reshape(1))
@@ -143,7 +173,7 @@ def audit(root: nn.Module, watched: Sequence[tuple[str, nn.Module]]) -> InitAudi
                         continue
                     blocks = p.detach().float().reshape(len(gates), -1, p.shape[-1])
                     gain_rows.append((name, pname, gates, len(values)))
-                    values.append(torch.linalg.matrix_norm(blocks, ord=2).reshape(-1))
+                    values.append(largest_singular_value(blocks))
         if not values:
             out.seconds = time.perf_counter() - t0
             return out
@@ -152,8 +182,10 @@ def audit(root: nn.Module, watched: Sequence[tuple[str, nn.Module]]) -> InitAudi
             starts.append(starts[-1] + v.numel())
         flat = torch.cat([v.to(values[0].device) for v in values]).to("cpu").tolist()
     for name, fan_in, fan_out, i, has_bias in scale_rows:
+        mean, square = flat[starts[i]], flat[starts[i] + 1]
         bias = flat[starts[i + 1]] if has_bias else None
-        out.scales[name] = WeightScale(fan_in, fan_out, flat[starts[i]], bias)
+        std = math.sqrt(max(square - mean * mean, 0.0))
+        out.scales[name] = WeightScale(fan_in, fan_out, std, bias)
     for name, pname, gates, i in gain_rows:
         per_gate = flat[starts[i]:starts[i + 1]]
         k = max(range(len(gates)), key=per_gate.__getitem__)

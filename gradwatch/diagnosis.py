@@ -348,9 +348,17 @@ class Diagnosis:
                         f"about ±{flat:.2g}"
         path = "" if s.excess >= self.limits.init_grow else \
             f" (about {_g(s.growth)}x along its path)"
-        return "init_scale", (
-            f"{s.describe()}{path}{seen}: try {s.remedy()}, a non-saturating activation "
-            f"(ReLU, GELU) or a normalization layer")
+        if self.info[layer].type_name == "Sigmoid":
+            # measured: with Xavier weights alone a deep sigmoid net trades saturation for
+            # vanishing gradients (its slope is at most 1/4), as Glorot & Bengio found
+            fix = ("try a non-saturating activation, ReLU with nn.init.kaiming_normal_(w, "
+                   "nonlinearity='relu'), or tanh with nn.init.xavier_uniform_(w, "
+                   "gain=nn.init.calculate_gain('tanh')); nn.init.xavier_uniform_(w) alone "
+                   "leaves a deep sigmoid net's gradients small (its slope is at most 1/4)")
+        else:
+            fix = f"try {s.remedy()}, a non-saturating activation (ReLU, GELU) or a " \
+                  f"normalization layer"
+        return "init_scale", f"{s.describe()}{path}{seen}: {fix}"
 
     def _dead(self, layer: str, stats: Stats, streak: int) -> tuple[str, str] | None:
         found = self._lr_spike(layer)
