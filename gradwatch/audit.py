@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 
-from gradwatch.alerts import GradwatchWarning
 from gradwatch.selection import ROOT_NAME
 
 #: Layers whose weight maps a fan-in to a fan-out by a sum (the Glorot/He setting).
@@ -196,14 +194,13 @@ def audit(root: nn.Module, watched: Sequence[tuple[str, nn.Module]]) -> InitAudi
     return out
 
 
-def measure(root: nn.Module, watched: Sequence[tuple[str, nn.Module]]) -> InitAudit:
-    """``audit()`` that never fails ``watch()``: an internal error is reported once as a
-    ``GradwatchWarning`` and the diagnosis goes on without the audit (its causes that need
-    it become "unknown")."""
+def measure(root: nn.Module, watched: Sequence[tuple[str, nn.Module]],
+            fault: Callable[[str, str, BaseException], None]) -> InitAudit:
+    """``audit()`` that never fails ``watch()``: an internal error goes to ``fault`` (reported
+    once as a ``GradwatchWarning``) and the diagnosis goes on without the audit: the causes
+    that need it become "unknown"."""
     try:
         return audit(root, watched)
     except Exception as e:  # noqa: BLE001 - reported, never propagated
-        warnings.warn(f"gradwatch: internal error in the initialization audit "
-                      f"({type(e).__name__}: {e}); alerts will carry no init or recurrent "
-                      f"cause", GradwatchWarning, stacklevel=4)
+        fault("initialization audit", "*", e)
         return InitAudit()

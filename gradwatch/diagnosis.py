@@ -31,13 +31,14 @@ import math
 import statistics
 import threading
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from gradwatch.alerts import Alert
 from gradwatch.audit import InitAudit, WeightScale
 from gradwatch.selection import LayerInfo
 
 Stats = Mapping[str, Mapping[str, float]]
+Fault = Callable[..., None]  # (stage, layer, exc, defer=...): reported once, see hooks.py
 #: The gain range assumed when the activation after a layer is not known (a function call
 #: in ``forward``, or an activation without a ``calculate_gain`` entry): linear/sigmoid to
 #: tanh, so that any standard initialization for some activation counts as sound.
@@ -155,7 +156,9 @@ class Diagnosis:
     read on both."""
 
     def __init__(self, audit: InitAudit, layers: Sequence[LayerInfo], thresholds: Any,
-                 limits: CauseLimits = LIMITS) -> None:
+                 limits: CauseLimits = LIMITS, fault: Fault | None = None) -> None:
+        self.fault = fault
+        self.off = False  # switched off after an internal failure: causes stay "unknown"
         self.audit = audit
         self.limits = limits
         self.margin = thresholds.saturation_margin
@@ -168,17 +171,32 @@ class Diagnosis:
         watched = set(self.info)
         self._order: list[str] = [n for n in audit.order if n in watched]
         self._confirmed = False  # the order is the registration order until a window
-        self._place()
+        self._scales: dict[str, Scale] = {}
+        self._index: dict[str, int] = {}
+        try:
+            self._place()
+        except Exception as e:  # noqa: BLE001 - reported, never propagated
+            self._failed(e)
 
     # -- forward order ------------------------------------------------------------------------
+    def _failed(self, e: Exception, layer: str = "*") -> None:
+        """A bug here must not cost the alerts: the diagnosis switches itself off (reported
+        once, from the thread it happened on, delivered on the training thread)."""
+        self.off = True
+        if self.fault is not None:
+            self.fault("diagnosis (alert causes)", layer, e, defer=True)
+
     def see_order(self, order: Sequence[str]) -> None:
         """The forward order of the watched layers, from a window (background thread)."""
-        if not order or (self._confirmed and list(order) == self._order):
+        if self.off or not order or (self._confirmed and list(order) == self._order):
             return
-        with self._lock:
-            self._order = list(order)
-            self._confirmed = True
-            self._place()
+        try:
+            with self._lock:
+                self._order = list(order)
+                self._confirmed = True
+                self._place()
+        except Exception as e:  # noqa: BLE001 - reported, never propagated
+            self._failed(e)
 
     def _place(self) -> None:
         """Place every audited layer in the order: the activation after it, its segment
@@ -205,8 +223,7 @@ class Diagnosis:
                 growth = min(growth, 1.0)  # a bounded activation caps growth, not shrinkage
             elif name in a.norms or name in a.gains or (info is not None and info.has_params):
                 seg, growth = seg + 1, 1.0
-        self._scales = scales
-        self._index = {n: i for i, n in enumerate(order)}
+        self._scales, self._index = scales, {n: i for i, n in enumerate(order)}
 
     def _segment(self, s: Scale) -> list[Scale]:
         return [x for x in self._scales.values() if x.segment == s.segment]
@@ -218,27 +235,39 @@ class Diagnosis:
     # -- history --------------------------------------------------------------------------------
     def record(self, step: int, stats: Stats) -> None:
         """Keep what later diagnoses need from a window (bounded)."""
-        ur = [s["update_ratio"] for s in stats.values()
-              if math.isfinite(s.get("update_ratio", math.nan))]
-        zero = {n: s["act_zero_frac"] for n, s in stats.items()
-                if "act_zero_frac" in s and (i := self.info.get(n)) is not None and i.relu_like}
-        with self._lock:
-            self._history.append(_Window(step, self._seen, statistics.median(ur) if ur
-                                         else math.nan, zero))
-            self._seen += 1
+        if self.off:
+            return
+        try:
+            ur = [s["update_ratio"] for s in stats.values()
+                  if math.isfinite(s.get("update_ratio", math.nan))]
+            zero = {n: s["act_zero_frac"] for n, s in stats.items()
+                    if "act_zero_frac" in s and (i := self.info.get(n)) is not None
+                    and i.relu_like}
+            with self._lock:
+                self._history.append(_Window(step, self._seen, statistics.median(ur) if ur
+                                             else math.nan, zero))
+                self._seen += 1
+        except Exception as e:  # noqa: BLE001 - reported, never propagated
+            self._failed(e)
 
     # -- causes ---------------------------------------------------------------------------------
     def explain(self, alert: Alert, stats: Stats | None = None, streak: int = 0) -> Alert:
         """``alert`` with its cause and hint. ``stats``: the window it was found in (None
         for an alert found within a step); ``streak``: windows its condition has held
         (those are not "before" it)."""
-        with self._lock:
-            found = {
-                "exploding": self._exploding,
-                "vanishing": self._vanishing,
-                "saturated": self._saturated,
-                "dead": self._dead,
-            }.get(alert.kind, lambda *_: None)(alert.layer, stats or {}, streak)
+        if self.off:
+            return alert
+        try:
+            with self._lock:
+                found = {
+                    "exploding": self._exploding,
+                    "vanishing": self._vanishing,
+                    "saturated": self._saturated,
+                    "dead": self._dead,
+                }.get(alert.kind, lambda *_: None)(alert.layer, stats or {}, streak)
+        except Exception as e:  # noqa: BLE001 - the alert goes out without a cause
+            self._failed(e, alert.layer)
+            return alert
         if found is None:
             return alert
         cause, hint = found
@@ -351,10 +380,10 @@ class Diagnosis:
         if self.info[layer].type_name == "Sigmoid":
             # measured: with Xavier weights alone a deep sigmoid net trades saturation for
             # vanishing gradients (its slope is at most 1/4), as Glorot & Bengio found
-            fix = ("try a non-saturating activation, ReLU with nn.init.kaiming_normal_(w, "
-                   "nonlinearity='relu'), or tanh with nn.init.xavier_uniform_(w, "
-                   "gain=nn.init.calculate_gain('tanh')); nn.init.xavier_uniform_(w) alone "
-                   "leaves a deep sigmoid net's gradients small (its slope is at most 1/4)")
+            fix = ("try ReLU with nn.init.kaiming_normal_(w, nonlinearity='relu') or tanh "
+                   "with nn.init.xavier_uniform_(w, gain=nn.init.calculate_gain('tanh')): "
+                   "with Xavier weights alone a deep sigmoid net's gradients stay small (its "
+                   "slope is at most 1/4)")
         else:
             fix = f"try {s.remedy()}, a non-saturating activation (ReLU, GELU) or a " \
                   f"normalization layer"
@@ -367,7 +396,7 @@ class Diagnosis:
         mean, std = out.get("act_mean", math.nan), out.get("act_std", math.nan)
         if found is None and math.isfinite(mean) and math.isfinite(std) and mean < 0 \
                 and mean <= -self.limits.shift * std:
-            spread = f"std {_g(std)}, {-mean / std:.1f} std below zero" if std > 0 else \
+            spread = f"std {_g(std)}, {_g(-mean / std)} std below zero" if std > 0 else \
                 "all equal"
             w = self.audit.scales.get(before or "")
             bias = f"; the bias of '{before}' had mean {_g(w.bias_mean)} at watch()" \

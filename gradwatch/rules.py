@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence, Tuple
 
 from gradwatch.alerts import Alert
 from gradwatch.audit import InitAudit
-from gradwatch.diagnosis import Diagnosis
+from gradwatch.diagnosis import Diagnosis, Fault
 from gradwatch.selection import LayerInfo
 
 
@@ -166,11 +166,11 @@ class Rules:
     """
 
     def __init__(self, thresholds: Thresholds, layers: Sequence[LayerInfo],
-                 audit: InitAudit | None = None) -> None:
+                 audit: InitAudit | None = None, fault: Fault | None = None) -> None:
         self.t = thresholds
         self.layers = {li.name: li for li in layers}
         # cause and hint of each alert, from the init audit and the windows' history
-        self.diagnosis = Diagnosis(audit or InitAudit(), layers, thresholds)
+        self.diagnosis = Diagnosis(audit or InitAudit(), layers, thresholds, fault=fault)
         self.windows = 0
         self._streak: dict[tuple[str, str], int] = {}
         self._clear: dict[tuple[str, str], int] = {}

@@ -156,7 +156,8 @@ class Watcher:
         L = len(chosen)
         self._buffers = WindowBuffers(L, self._device)
         self._collector = Collector(self._buffers, self._infos, self.thresholds.saturation_margin)
-        self._rules = Rules(self.thresholds, self._infos, measure(root, chosen))
+        self._rules = Rules(self.thresholds, self._infos,
+                            measure(root, chosen, self._collector.fault), self._collector.fault)
         self._params = ParamTracker(owners, L, self._device)
 
         self._step = 0

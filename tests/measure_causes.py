@@ -15,7 +15,9 @@ Per setup and seed (every=10, every window kept):
 * ``jump``: the largest ratio of a window's median ``update_ratio`` to the median of the
   windows before it (the first window left out of that median);
 * ``shift``: the largest -mean/std of the pre-activations of a ReLU-like layer that is not
-  dead in that window (for the dead ones: ``dead_shift``, the smallest).
+  dead in that window; ``dead_shift``: the smallest for a dead one (of a broken setup: at
+  the labelled layer), leaving out pre-activations that are all 0;
+* ``first_alert``: the step of the run's first alert.
 """
 
 from __future__ import annotations
@@ -66,10 +68,13 @@ def measure(setup: zoo.Setup, seed: int) -> dict[str, float]:
             st = snap.stats.get(name, {})
             pre = snap.stats.get(order[i - 1], {})
             mean, std = pre.get("act_mean", math.nan), pre.get("act_std", math.nan)
-            if not info.relu_like or not (math.isfinite(mean) and math.isfinite(std)):
+            if not info.relu_like or not (math.isfinite(mean) and math.isfinite(std)) \
+                    or (mean == 0 and std == 0):  # fed nothing but zeros: not a shift
                 continue
             z = -mean / std if std > 0 else math.copysign(math.inf, -mean)
             if st.get("act_zero_frac", 0.0) >= 0.99:
+                if setup.kinds and name not in setup.layers:
+                    continue
                 out["dead_shift"] = z if math.isnan(out["dead_shift"]) else \
                     min(out["dead_shift"], z)
             else:

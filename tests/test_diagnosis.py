@@ -132,7 +132,7 @@ def dead(mean: float, std: float, zero: float = 1.0, ur: float = 0.002) -> Stats
 def test_dead_relu_behind_shifted_pre_activations_is_bias_shift() -> None:
     (a,) = window(rules_for(relu_net(-20.0)), 10, dead(-19.5, 1.5))
     assert (a.kind, a.layer, a.cause) == ("dead", "1", "bias_shift")
-    assert "its inputs (the outputs of '0') have mean -19.5 (std 1.5, 13.0 std below zero)" \
+    assert "its inputs (the outputs of '0') have mean -19.5 (std 1.5, 13 std below zero)" \
         in a.hint
     assert "the bias of '0' had mean -20 at watch()" in a.hint
 
@@ -295,3 +295,24 @@ def test_history_is_bounded() -> None:
     for k in range(1, 60):
         window(r, 10 * k, dead(0.0, 1.0, zero=0.5))
     assert len(r.diagnosis._history) == LIMITS.history
+
+
+def test_a_failing_diagnosis_keeps_the_alert_and_switches_itself_off() -> None:
+    faults: list[tuple[str, str, str]] = []
+
+    def fault(stage: str, layer: str, exc: BaseException, defer: bool = False) -> None:
+        faults.append((stage, layer, type(exc).__name__))
+
+    m = relu_net()
+    chosen = select(m, None, None)
+    infos = [describe(n, x, [p for p in x._parameters.values() if p is not None])
+             for n, x in chosen]
+    r = Rules(Thresholds(patience=1, rate_limit=1), infos, audit(m, chosen), fault)
+    bad = dead(-5.0, 1.0)
+    bad["0"]["act_mean"] = "-5"  # type: ignore[assignment]  # not a number: the cause fails
+    (a,) = window(r, 10, bad)
+    assert (a.kind, a.layer, a.cause, a.hint) == ("dead", "1", "unknown", "")
+    assert faults == [("diagnosis (alert causes)", "1", "TypeError")]
+    # switched off: later alerts come without a cause, and no second report
+    (b,) = window(r, 20, dead(-5.0, 1.0))
+    assert (b.kind, b.cause) == ("dead", "unknown") and len(faults) == 1
