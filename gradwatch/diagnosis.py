@@ -34,15 +34,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 from gradwatch.alerts import Alert
-from gradwatch.audit import InitAudit, WeightScale
+from gradwatch.audit import InitAudit
+from gradwatch.paths import Paths, fmt
 from gradwatch.selection import LayerInfo
 
 Stats = Mapping[str, Mapping[str, float]]
 Fault = Callable[..., None]  # (stage, layer, exc, defer=...): reported once, see hooks.py
-#: The gain range assumed when the activation after a layer is not known (a function call
-#: in ``forward``, or an activation without a ``calculate_gain`` entry): linear/sigmoid to
-#: tanh, so that any standard initialization for some activation counts as sound.
-UNKNOWN_GAIN = (1.0, 5.0 / 3.0)
 #: Where a bounded activation is flat: |x| beyond this is within ``saturation_margin`` of
 #: a bound (computed for the margin in use, see ``flat_beyond``).
 _FLAT = {"Sigmoid": lambda m: math.log((1 - m) / m), "Tanh": lambda m: math.atanh(1 - 2 * m)}
@@ -87,61 +84,6 @@ def flat_beyond(type_name: str, margin: float) -> float | None:
     return f(margin) if f is not None and 0 < margin < 0.5 else None
 
 
-def _g(v: float) -> str:
-    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 or v == 0 else f"{v:.1e}"
-
-
-@dataclass(frozen=True)
-class Scale:
-    """One audited layer placed in the forward order."""
-
-    name: str
-    w: WeightScale
-    act: str | None  # the activation module after it (its type name), None if not known
-    nonlinearity: str | None  # its torch.nn.init name ("relu", "tanh"...)
-    gain: float | None
-    excess: float  # std over the top of the sound range (> 1), over its bottom (< 1), or 1
-    segment: int
-    growth: float  # excess compounded from the start of its segment (bounded activations cap)
-
-    @property
-    def he(self) -> bool:
-        return self.nonlinearity in ("relu", "leaky_relu", "selu")
-
-    def reference(self) -> tuple[str, float]:
-        """The reference init to name: He for the ReLU family, Glorot otherwise."""
-        glorot, he_in, _ = self.w.reference(self.gain or 1.0)
-        return ("He", he_in) if self.he else ("Glorot", glorot)
-
-    def remedy(self) -> str:
-        if self.nonlinearity in ("relu", "leaky_relu"):
-            return f"nn.init.kaiming_normal_(w, nonlinearity='{self.nonlinearity}')"
-        if self.nonlinearity in ("tanh", "selu"):
-            return f"nn.init.xavier_uniform_(w, gain=nn.init.calculate_gain('{self.nonlinearity}'))"
-        if self.nonlinearity == "sigmoid":
-            return "nn.init.xavier_uniform_(w)"
-        return ("nn.init.xavier_uniform_(w) (tanh, sigmoid, linear) or "
-                "nn.init.kaiming_normal_(w) (ReLU family)")
-
-    def describe(self) -> str:
-        ref, std = self.reference()
-        before = f" before a {self.act}" if self.act else ""
-        return (f"weights of '{self.name}' had std {_g(self.w.std)} at watch(), "
-                f"{_g(self.w.std / std)}x the {ref} std {_g(std)} for "
-                f"{self.w.fan_in} -> {self.w.fan_out}{before}")
-
-
-def excess(w: WeightScale, gain: float | None) -> float:
-    lo_g, hi_g = (gain, gain) if gain else UNKNOWN_GAIN
-    refs = w.reference(1.0)
-    lo, hi = lo_g * min(refs), hi_g * max(refs)
-    if w.std > hi:
-        return w.std / hi
-    if w.std < lo:
-        return w.std / lo
-    return 1.0
-
-
 @dataclass
 class _Window:
     step: int
@@ -169,12 +111,10 @@ class Diagnosis:
         self._history: collections.deque[_Window] = collections.deque(maxlen=limits.history)
         self._seen = 0
         watched = set(self.info)
-        self._order: list[str] = [n for n in audit.order if n in watched]
-        self._confirmed = False  # the order is the registration order until a window
-        self._scales: dict[str, Scale] = {}
-        self._index: dict[str, int] = {}
-        try:
-            self._place()
+        self._paths = Paths()
+        try:  # until a window says otherwise, the order is the registration order
+            self._paths = Paths.place([n for n in audit.order if n in watched], audit,
+                                      self.info, confirmed=False)
         except Exception as e:  # noqa: BLE001 - reported, never propagated
             self._failed(e)
 
@@ -188,49 +128,15 @@ class Diagnosis:
 
     def see_order(self, order: Sequence[str]) -> None:
         """The forward order of the watched layers, from a window (background thread)."""
-        if self.off or not order or (self._confirmed and list(order) == self._order):
+        p = self._paths
+        if self.off or not order or (p.confirmed and list(order) == p.order):
             return
         try:
+            placed = Paths.place(list(order), self.audit, self.info, confirmed=True)
             with self._lock:
-                self._order = list(order)
-                self._confirmed = True
-                self._place()
+                self._paths = placed
         except Exception as e:  # noqa: BLE001 - reported, never propagated
             self._failed(e)
-
-    def _place(self) -> None:
-        """Place every audited layer in the order: the activation after it, its segment
-        (a run of layers between normalization, recurrent or unaudited layers) and the
-        growth of a signal's scale from the segment start."""
-        a = self.audit
-        order = self._order
-        scales: dict[str, Scale] = {}
-        seg, growth = 0, 1.0
-        for i, name in enumerate(order):
-            info = self.info.get(name)
-            w = a.scales.get(name)
-            if w is not None:
-                nxt = order[i + 1] if i + 1 < len(order) else None
-                act = a.gains_of.get(nxt) if nxt is not None and self._confirmed else None
-                if a.unseen_norms:  # a normalization we cannot place: judge layers alone
-                    seg, growth = seg + 1, 1.0
-                r = excess(w, act[1] if act else None)
-                growth *= r
-                scales[name] = Scale(name, w, self.info[nxt].type_name if act and nxt else None,
-                                     act[0] if act else None, act[1] if act else None, r, seg,
-                                     growth)
-            elif info is not None and info.bounds is not None:
-                growth = min(growth, 1.0)  # a bounded activation caps growth, not shrinkage
-            elif name in a.norms or name in a.gains or (info is not None and info.has_params):
-                seg, growth = seg + 1, 1.0
-        self._scales, self._index = scales, {n: i for i, n in enumerate(order)}
-
-    def _segment(self, s: Scale) -> list[Scale]:
-        return [x for x in self._scales.values() if x.segment == s.segment]
-
-    def _before(self, name: str) -> str | None:
-        i = self._index.get(name)
-        return self._order[i - 1] if i else None
 
     # -- history --------------------------------------------------------------------------------
     def record(self, step: int, stats: Stats) -> None:
@@ -275,11 +181,11 @@ class Diagnosis:
 
     def _recurrent(self, layer: str) -> tuple[str, str] | None:
         """A recurrent layer at or after ``layer`` in forward order with a gain too large."""
-        at = self._index.get(layer, 0)
+        at = self._paths.index.get(layer, 0)
         for name, g in self.audit.gains.items():
             if g.gain < self.limits.recurrent_gain:
                 continue
-            if name != layer and self._index.get(name, -1) < at:
+            if name != layer and self._paths.index.get(name, -1) < at:
                 continue
             gate = f" (its {g.gate} gate)" if g.gate else ""
             via = "" if name == layer else f"the gradient reaching '{layer}' comes through " \
@@ -287,7 +193,7 @@ class Diagnosis:
             other = "" if self.info[name].type_name in ("LSTM", "GRU") else \
                 ", or use an LSTM or GRU"
             return "recurrent_gain", (
-                f"{via}recurrent weight '{name}.{g.param}' has gain {_g(g.gain)}{gate} "
+                f"{via}recurrent weight '{name}.{g.param}' had gain {fmt(g.gain)}{gate} "
                 f"(largest singular value) at watch(): above 1 the error signal can grow up "
                 f"to that factor per time step: initialise it orthogonal "
                 f"(nn.init.orthogonal_), clip gradients (torch.nn.utils.clip_grad_norm_)"
@@ -295,10 +201,10 @@ class Diagnosis:
         return None
 
     def _too_large(self, layer: str) -> tuple[str, str] | None:
-        s = self._scales.get(layer)
+        s = self._paths.scales.get(layer)
         if s is None:
             return None
-        seg = self._segment(s)
+        seg = self._paths.segment(s)
         top = max(seg, key=lambda x: x.growth)
         if top.growth < self.limits.init_grow:
             return None
@@ -307,7 +213,7 @@ class Diagnosis:
         names = f"'{big[0].name}'" if len(big) == 1 else \
             f"{len(big)} weight layers '{big[0].name}' .. '{big[-1].name}'"
         return "init_scale", (
-            f"{worst.describe()}; {names} scale the signal up by about {_g(top.growth)}x "
+            f"{worst.describe()}; {names} scale the signal up by about {fmt(top.growth)}x "
             f"along the path to '{top.name}', so activations and gradients grow layer after "
             f"layer: try {worst.remedy()} or a normalization layer")
 
@@ -328,28 +234,28 @@ class Diagnosis:
         if lr is not None:
             u, step = lr
             return "learning_rate", (
-                f"the updates were large before it blew up: median update_ratio {_g(u)} "
+                f"the updates were large before it blew up: median update_ratio {fmt(u)} "
                 f"over the layers in the window ending at step {step} (about 1e-3 is usual), "
                 f"with a sound initialization: lower the learning rate (or its warm-up peak) "
                 f"or clip gradients (torch.nn.utils.clip_grad_norm_)")
         return None
 
     def _vanishing(self, layer: str, stats: Stats, streak: int) -> tuple[str, str] | None:
-        s = self._scales.get(layer)
+        s = self._paths.scales.get(layer)
         if s is None:
             return None
-        seg = self._segment(s)
-        path = math.prod(x.excess for x in seg)
+        seg = self._paths.segment(s)
+        path = self._paths.path_product(s)
         if path <= self.limits.init_shrink:
             small = [x for x in seg if x.excess < 1]
             worst = min(small, key=lambda x: x.excess)
             return "init_scale", (
                 f"{worst.describe()}; the {len(small)} weight layers '{small[0].name}' .. "
-                f"'{small[-1].name}' of its path scale the signal by about {_g(path)}, "
+                f"'{small[-1].name}' of its path scale the signal by about {fmt(path)}, "
                 f"forward and back: try {worst.remedy()} or a normalization layer")
         # the gradient dies in a saturated activation above it, saturated by large weights
-        at = self._index.get(layer, 0)
-        for name in self._order[at + 1:]:
+        at = self._paths.index.get(layer, 0)
+        for name in self._paths.order[at + 1:]:
             info = self.info.get(name)
             if info is None or info.bounds is None:
                 continue
@@ -362,8 +268,8 @@ class Diagnosis:
         return None
 
     def _saturated(self, layer: str, stats: Stats, streak: int) -> tuple[str, str] | None:
-        before = self._before(layer)
-        s = self._scales.get(before) if before else None
+        before = self._paths.before(layer)
+        s = self._paths.scales.get(before) if before else None
         if s is None or s.growth < self.limits.init_grow:
             return None
         out = stats.get(s.name, {})
@@ -371,12 +277,12 @@ class Diagnosis:
         flat = flat_beyond(self.info[layer].type_name, self.margin)
         seen = ""
         if math.isfinite(std):
-            seen = f"; its outputs have std {_g(std)} (mean {_g(mean)})"
+            seen = f"; its outputs have std {fmt(std)} (mean {fmt(mean)})"
             if flat is not None:
                 seen += f" where a {self.info[layer].type_name.lower()} is flat beyond " \
                         f"about ±{flat:.2g}"
         path = "" if s.excess >= self.limits.init_grow else \
-            f" (about {_g(s.growth)}x along its path)"
+            f" (about {fmt(s.growth)}x along its path)"
         if self.info[layer].type_name == "Sigmoid":
             # measured: with Xavier weights alone a deep sigmoid net trades saturation for
             # vanishing gradients (its slope is at most 1/4), as Glorot & Bengio found
@@ -391,23 +297,23 @@ class Diagnosis:
 
     def _dead(self, layer: str, stats: Stats, streak: int) -> tuple[str, str] | None:
         found = self._lr_spike(layer)
-        before = self._before(layer)
+        before = self._paths.before(layer)
         out = stats.get(before, {}) if before else {}
         mean, std = out.get("act_mean", math.nan), out.get("act_std", math.nan)
         if found is None and math.isfinite(mean) and math.isfinite(std) and mean < 0 \
                 and mean <= -self.limits.shift * std:
-            spread = f"std {_g(std)}, {_g(-mean / std)} std below zero" if std > 0 else \
+            spread = f"std {fmt(std)}, {fmt(-mean / std)} std below zero" if std > 0 else \
                 "all equal"
             w = self.audit.scales.get(before or "")
-            bias = f"; the bias of '{before}' had mean {_g(w.bias_mean)} at watch()" \
+            bias = f"; the bias of '{before}' had mean {fmt(w.bias_mean)} at watch()" \
                 if w is not None and w.bias_mean is not None and w.bias_mean <= mean / 2 \
                 else ""
             found = "bias_shift", (
-                f"its inputs (the outputs of '{before}') have mean {_g(mean)} ({spread}), so "
+                f"its inputs (the outputs of '{before}') have mean {fmt(mean)} ({spread}), so "
                 f"'{layer}' passes no gradient{bias}: re-initialise that bias "
                 f"(nn.init.zeros_), check the input normalization, or use an activation "
                 f"that cannot die (LeakyReLU, GELU)")
-        upstream = [n for n in self._order[:self._index.get(layer, 0)]
+        upstream = [n for n in self._paths.order[:self._paths.index.get(layer, 0)]
                     if self.info.get(n) is not None and self.info[n].relu_like
                     and stats.get(n, {}).get("act_zero_frac", 0.0) >= self.dead_frac]
         if found is None:
@@ -421,20 +327,21 @@ class Diagnosis:
 
     def _lr_spike(self, layer: str) -> tuple[str, str] | None:
         """A ReLU alive in an earlier window that died right after a jump of the median
-        update ratio (the history includes the current window)."""
+        update ratio: in its last live window or the one after it (the history includes
+        the current window; a jump once it is dead is not why it died)."""
         h = list(self._history)
         alive = [i for i, w in enumerate(h) if w.zero.get(layer, 1.0) < self.dead_frac]
         if not alive:
             return None
-        for k in range(alive[-1], len(h)):
+        for k in range(alive[-1], min(alive[-1] + 2, len(h))):
             base = [w.update for w in h[:k] if w.index > 0 and math.isfinite(w.update)]
             if not base or not math.isfinite(h[k].update):
                 continue
             b = statistics.median(base)
             if b > 0 and h[k].update >= self.limits.update_jump * b:
                 last = h[alive[-1]]
-                jump = f"the median update_ratio jumped to {_g(h[k].update)}, " \
-                       f"{h[k].update / b:.0f}x its earlier {_g(b)}"
+                jump = f"the median update_ratio jumped to {fmt(h[k].update)}, " \
+                       f"{h[k].update / b:.0f}x its earlier {fmt(b)}"
                 when = f"in the window ending at step {last.step} (zero fraction " \
                        f"{last.zero[layer]:.2f})"
                 story = f"was still alive {when}, when {jump}, and died after it" \

@@ -38,11 +38,11 @@ def measure(setup: zoo.Setup, seed: int) -> dict[str, float]:
     r = zoo.run(setup, seed, every=10, keep_snapshots=True)
     assert r.watcher is not None
     d = r.watcher._rules.diagnosis
-    scales = list(d._scales.values())
+    paths = d._paths
+    scales = list(paths.scales.values())
     out: dict[str, float] = {
         "grow": max((s.growth for s in scales), default=math.nan),
-        "shrink": min((math.prod(x.excess for x in scales if x.segment == s.segment)
-                       for s in scales), default=math.nan),
+        "shrink": min((paths.path_product(s) for s in scales), default=math.nan),
         "rgain": max((g.gain for g in d.audit.gains.values()), default=math.nan),
         "u_first": math.nan, "u_max": math.nan, "jump": math.nan, "shift": math.nan,
         "dead_shift": math.nan, "first_alert": r.alerts[0].step if r.alerts else math.nan,
@@ -61,7 +61,7 @@ def measure(setup: zoo.Setup, seed: int) -> dict[str, float]:
         jumps = [medians[k] / statistics.median(medians[1:k]) for k in range(2, len(medians))
                  if all(math.isfinite(u) and u > 0 for u in medians[1:k + 1])]
         out["jump"] = max(jumps, default=math.nan)
-    order = d._order
+    order = paths.order
     for snap in r.snapshots:
         for i, name in enumerate(order[1:], 1):
             info = d.info[name]

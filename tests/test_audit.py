@@ -56,7 +56,7 @@ def test_recurrent_gain_is_the_largest_singular_value_of_a_gate_block(hidden: in
     state = torch.get_rng_state()
     a = run_audit(m)
     assert torch.equal(torch.get_rng_state(), state)  # the user's random stream is untouched
-    g = a.gains[""] if "" in a.gains else a.gains["(root)"]
+    g = a.gains["(root)"]  # the model itself is the LSTM
     assert (g.param, g.gate) == ("weight_hh_l1", "forget")
     assert g.gain == pytest.approx(2.5, rel=1e-4)
     # every block against float64 singular values: exact, or a lower bound within 2%

@@ -238,7 +238,7 @@ def test_exploding_at_or_below_a_recurrent_layer_with_gain_above_one() -> None:
     r = rules_for(seq_model(3.0))
     at_rnn, below, above = (r.exploding_now(1, n, 2e3) for n in ("rnn", "inp", "head"))
     assert at_rnn is not None and at_rnn.cause == "recurrent_gain"
-    assert "recurrent weight 'rnn.weight_hh_l0' has gain 3 (largest singular value)" \
+    assert "recurrent weight 'rnn.weight_hh_l0' had gain 3 (largest singular value)" \
         in at_rnn.hint
     assert below is not None and below.cause == "recurrent_gain"
     assert below.hint.startswith("the gradient reaching 'inp' comes through 'rnn': ")
@@ -316,3 +316,12 @@ def test_a_failing_diagnosis_keeps_the_alert_and_switches_itself_off() -> None:
     # switched off: later alerts come without a cause, and no second report
     (b,) = window(r, 20, dead(-5.0, 1.0))
     assert (b.kind, b.cause) == ("dead", "unknown") and len(faults) == 1
+
+
+def test_an_update_jump_after_the_relu_died_is_not_why_it_died() -> None:
+    r = rules_for(relu_net(), rate_limit=1)
+    for k in range(1, 5):
+        window(r, 10 * k, dead(0.0, 1.0, zero=0.5))
+    window(r, 50, dead(-0.5, 1.0, zero=1.0))  # dead, no jump, no clear shift
+    (a,) = window(r, 60, dead(-3.0, 1.0, ur=0.05))  # a jump, one window too late
+    assert a.cause == "bias_shift"

@@ -226,7 +226,7 @@ def test_hints_carry_the_measured_numbers(results: dict[str, list[zoo.Result]]) 
         assert "the Glorot std 0.125 for 64 -> 64 before a Sigmoid" in r.hit.hint
         assert "flat beyond about ±4.6" in r.hit.hint and "xavier_uniform_" in r.hit.hint
     for r in results["tanh_rnn_gain3"]:
-        assert r.hit is not None and "'rnn.weight_hh_l0' has gain 3 " in r.hit.hint
+        assert r.hit is not None and "'rnn.weight_hh_l0' had gain 3 " in r.hit.hint
     for r in results["relu_negative_bias"]:
         assert r.hit is not None and "the bias of '4' had mean -20 at watch()" in r.hit.hint
     for r in results["relu_lr_spike"]:
