@@ -105,11 +105,12 @@ def _plain(t: torch.Tensor) -> bool:
 
 
 def _moments(w: torch.Tensor) -> torch.Tensor:
-    """[mean, mean of squares] of a weight, fp32 accumulation: two fast reductions (a
+    """[mean, mean of squares] of a weight, fp32 (or fp64) accumulation: two fast reductions (a
     norm and a sum); ``std`` costs 4x (4096 x 4096) to 20x (1024 x 1024) more on a CPU."""
     n = w.numel()
-    sq = torch.linalg.vector_norm(w, dtype=torch.float32) ** 2 / n
-    return torch.stack([w.sum(dtype=torch.float32) / n, sq])
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32  # never narrow
+    sq = torch.linalg.vector_norm(w, dtype=acc) ** 2 / n
+    return torch.stack([w.sum(dtype=acc) / n, sq]).float()
 
 
 #: Gate blocks with both sides above this get the largest singular value from a subspace

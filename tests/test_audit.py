@@ -117,3 +117,14 @@ def test_a_failing_audit_is_reported_once_and_the_watcher_works() -> None:
     # the window's own evidence still gives the cause; the init part is simply absent
     assert dead and dead[0].layer == "1" and dead[0].cause == "bias_shift"
     assert "mean -100" in dead[0].hint and "at watch()" not in dead[0].hint
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_weights_of_any_float_dtype(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 16), nn.GRU(16, 300)).to(dtype)
+    nn.init.normal_(m[0].weight, 0.0, 0.25)
+    a = run_audit(m)
+    ref = float(m[0].weight.detach().double().std(unbiased=False))
+    assert a.scales["0"].std == pytest.approx(ref, rel=1e-4)
+    assert 0.5 < a.gains["1"].gain < 2.0  # the default uniform init: about 1.15
