@@ -1,4 +1,5 @@
-"""An exploding tanh RNN, flagged by gradwatch; then the same model, quiet, with an
+"""An exploding tanh RNN, flagged by gradwatch with its cause (the recurrent weight's gain,
+measured at ``watch()``); then the same model, quiet, with the remedies the hint names: an
 orthogonal recurrent init and gradient clipping.
 
 The task: read 40 steps of 8-channel noise and output the (scaled) sum of channel 0.
@@ -58,8 +59,12 @@ def train(name: str, logdir: str, steps: int, gain: float,
                 nn.utils.clip_grad_norm_(model.parameters(), clip)
             opt.step()
     print(f"\n=== {name}: final loss {loss.item():.3f}, {len(w.alerts)} alert(s)")
+    hinted: set[str] = set()
     for a in w.alerts:
         print("  " + a.message)
+        if a.cause not in hinted:  # why, and what to try: once per cause
+            hinted.add(a.cause)
+            print(f"    cause {a.cause}: {a.hint}")
     return w
 
 

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import warnings
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Union
+from dataclasses import asdict, dataclass, field
+from typing import (
+    Any,
+    Callable,
+    Generic,
+    Hashable,
+    Iterable,
+    Protocol,
+    Sequence,
+    TypeVar,
+    Union,
+)
 
 KINDS = ("vanishing", "exploding", "nonfinite", "dead", "saturated")
 ON_ALERT = ("warn", "raise", "log", "ignore")
@@ -78,7 +89,7 @@ class GradientAlertError(RuntimeError):
     """Raised by ``step()``/``flush()`` under ``on_alert="raise"``; carries the ``alert``."""
 
     def __init__(self, alert: Alert) -> None:
-        super().__init__(alert.message)
+        super().__init__(describe(Group(alert.kind, alert.cause, [alert])))
         self.alert = alert
 
 
@@ -124,8 +135,109 @@ def deliver(alert: Alert, on_alert: OnAlert) -> None:
     if callable(on_alert):
         on_alert(alert)
     elif on_alert == "warn":
-        warn_at_caller(alert.message, WARNING_FOR[alert.kind])
+        warn_at_caller(describe(Group(alert.kind, alert.cause, [alert])),
+                       WARNING_FOR[alert.kind])
     elif on_alert == "raise":
         raise GradientAlertError(alert)
     elif on_alert == "log":
-        logger.warning(alert.message)
+        logger.warning(describe(Group(alert.kind, alert.cause, [alert])))
+
+
+def one_by_one(on_alert: OnAlert) -> bool:
+    """A callable gets every alert and "raise" raises the first: those are delivered one
+    alert at a time; warnings and log lines are grouped (``deliver_grouped``)."""
+    return callable(on_alert) or on_alert == "raise"
+
+
+def deliver_grouped(alerts: Sequence[Alert], on_alert: OnAlert) -> None:
+    """One warning (or log line) per window (or step), kind and cause, led by the worst
+    layer, naming the others and carrying the worst layer's hint."""
+    if on_alert not in ("warn", "log"):
+        return
+    for g in group(alerts, lambda a: (a.step, a.kind, a.cause)):
+        text = describe(g)
+        if on_alert == "warn":
+            warn_at_caller(text, WARNING_FOR[g.kind])
+        else:
+            logger.warning(text)
+
+
+# -- grouping: many layers with one kind and cause read as one finding ------------------------
+class AlertLike(Protocol):
+    """What grouping reads: an ``Alert``, or an alert read back from a log."""
+
+    @property
+    def step(self) -> int: ...
+    @property
+    def layer(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def value(self) -> float: ...
+    @property
+    def threshold(self) -> float: ...
+    @property
+    def cause(self) -> str: ...
+    @property
+    def hint(self) -> str: ...
+
+
+A_ = TypeVar("A_", bound=AlertLike)
+
+
+def severity(a: AlertLike) -> float:
+    """How far past its threshold an alert is (a ratio, larger is worse); a non-finite
+    alert is ranked by arrival (the first is the origin)."""
+    if a.kind == "nonfinite":
+        return 0.0
+    if a.kind == "vanishing":
+        return a.threshold / a.value if a.value > 0 else math.inf
+    return a.value / a.threshold if a.threshold > 0 else a.value
+
+
+@dataclass
+class Group(Generic[A_]):
+    """Alerts of one kind and cause (in arrival order, which is forward order within a
+    window)."""
+
+    kind: str
+    cause: str
+    alerts: list[A_] = field(default_factory=list)
+
+    @property
+    def worst(self) -> A_:
+        return max(self.alerts, key=severity)  # the first of equals (max keeps it)
+
+    @property
+    def layers(self) -> list[str]:
+        return list(dict.fromkeys(a.layer for a in self.alerts))
+
+
+def group(alerts: Iterable[A_], key: Callable[[A_], Hashable]) -> list[Group[A_]]:
+    """Alerts grouped by ``key`` (it must fix kind and cause), in order of first arrival."""
+    out: dict[Hashable, Group[A_]] = {}
+    for a in alerts:
+        k = key(a)
+        if k not in out:
+            out[k] = Group(a.kind, a.cause)
+        out[k].alerts.append(a)
+    return list(out.values())
+
+
+def layer_list(names: Sequence[str], most: int = 4) -> str:
+    """'a', 'b', 'c' for a few names; the first and the last of many ('0' .. '16')."""
+    if len(names) <= most:
+        return ", ".join(f"'{n}'" for n in names)
+    return f"'{names[0]}' .. '{names[-1]}'"
+
+
+def describe(g: Group[Alert]) -> str:
+    """The text of a group: the worst alert's message, the other layers with the count,
+    then the cause and the worst layer's hint."""
+    w = g.worst
+    names = g.layers
+    text = w.message
+    if len(names) > 1:
+        text += f" [{len(names)} layers: {layer_list(names)}]"
+    why = f"cause {w.cause}: {w.hint}" if w.hint else f"cause {w.cause}"
+    return f"{text}\n  {why}"

@@ -16,6 +16,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Callable, Mapping, Sequence, Tuple
 
 from gradwatch.alerts import Alert
+from gradwatch.audit import InitAudit
+from gradwatch.diagnosis import Diagnosis, Fault
 from gradwatch.selection import LayerInfo
 
 
@@ -163,9 +165,12 @@ class Rules:
     the rate-limiting state they share is guarded by a lock.
     """
 
-    def __init__(self, thresholds: Thresholds, layers: Sequence[LayerInfo]) -> None:
+    def __init__(self, thresholds: Thresholds, layers: Sequence[LayerInfo],
+                 audit: InitAudit | None = None, fault: Fault | None = None) -> None:
         self.t = thresholds
         self.layers = {li.name: li for li in layers}
+        # cause and hint of each alert, from the init audit and the windows' history
+        self.diagnosis = Diagnosis(audit or InitAudit(), layers, thresholds, fault=fault)
         self.windows = 0
         self._streak: dict[tuple[str, str], int] = {}
         self._clear: dict[tuple[str, str], int] = {}
@@ -226,6 +231,7 @@ class Rules:
         ``act_stuck``: per bounded layer, the fraction of units at a bound for every sample
         (None: not measured, the saturation rule then reads ``act_sat_frac`` alone)."""
         out: list[Alert] = []
+        self.diagnosis.see_order(order)
 
         def add(a: Alert | None) -> None:
             if a is not None:
@@ -248,6 +254,12 @@ class Rules:
                 act_stuck: Mapping[str, float] | None) -> None:
         t = self.t
         warm = self.windows >= t.warmup
+        self.diagnosis.record(step, stats)
+
+        def add_why(a: Alert | None) -> None:  # cause and hint, from this window on
+            if a is not None:
+                add(self.diagnosis.explain(a, stats, self._streak.get((a.layer, a.kind), 1)))
+
         # A parameter without a gradient (None: unused branch, frozen; or exactly zero:
         # behind a dead ReLU, set_to_none=False) has no grad_rms here: never vanishing.
         # inf stays: finite gradients whose norm overflowed fp32 (|g| ~ 1e19) are exploding.
@@ -262,21 +274,21 @@ class Rules:
             info = self.layers.get(name)
             van = vanishing.get(name)
             if self._condition((name, "vanishing"), van is not None) and van:
-                add(self._emit(step, name, "vanishing", "grad_rms", van[0], van[1], "<"))
+                add_why(self._emit(step, name, "vanishing", "grad_rms", van[0], van[1], "<"))
             exp = exploding.get(name)
             if self._condition((name, "exploding"), exp is not None,
                                exp is not None and exp[2]) and exp:
-                add(self._emit(step, name, "exploding", "grad_rms", exp[0], exp[1], ">"))
+                add_why(self._emit(step, name, "exploding", "grad_rms", exp[0], exp[1], ">"))
             z = s.get("act_zero_frac", math.nan)
             dead = info is not None and info.relu_like and z >= t.dead_frac
             if self._condition((name, "dead"), dead) and dead:
-                add(self._emit(step, name, "dead", "act_zero_frac", z, t.dead_frac, ">="))
+                add_why(self._emit(step, name, "dead", "act_zero_frac", z, t.dead_frac, ">="))
             f = s.get("act_sat_frac", math.nan)
             units = act_stuck.get(name, math.nan) if act_stuck is not None else 1.0
             sat = (info is not None and info.bounds is not None and f >= t.saturated_frac
                    and units >= t.saturated_units)
             if self._condition((name, "saturated"), sat) and sat:
-                add(self._emit(step, name, "saturated", "act_sat_frac", f, t.saturated_frac,
+                add_why(self._emit(step, name, "saturated", "act_sat_frac", f, t.saturated_frac,
                                ">=", note=f"{units:.0%} of its units at a bound for every "
                                "sample" if act_stuck is not None else ""))
 
@@ -301,7 +313,8 @@ class Rules:
         within the step (the window's evaluation shares its rate limit)."""
         if not rms > self.t.extreme_rms:
             return None
-        return self._emit(step, layer, "exploding", "grad_rms", rms, self.t.extreme_rms, ">")
+        a = self._emit(step, layer, "exploding", "grad_rms", rms, self.t.extreme_rms, ">")
+        return self.diagnosis.explain(a) if a is not None else None
 
     def nonfinite_now(self, step: int, layer: str, count: float,
                       note: str = "") -> Alert | None:

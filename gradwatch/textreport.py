@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from gradwatch.reader import RunData, json_number
+from gradwatch.alerts import group, layer_list
+from gradwatch.reader import AlertRecord, RunData, json_number
 from gradwatch.sinks.console import COLUMNS as CORE
 
 NUM_WIDTH = 11  # a number like -4.4e-05, its padding and the column divider
@@ -51,6 +52,23 @@ def to_json(runs: Sequence[RunData], logdir: str) -> dict[str, Any]:
             "alert_counts": dict(run.alert_counts),
         })
     return {"logdir": logdir, "runs": out, "alerts": sum(len(r.alerts) for r in runs)}
+
+
+def print_hints(alerts: Sequence[AlertRecord], console: Any) -> None:
+    """Why, and what to try: one paragraph per kind and cause of a run, naming its layers
+    and carrying the hint of the worst alert (the newest step's, when they tie)."""
+    from rich.text import Text
+
+    for g in group(alerts, lambda a: (a.kind, a.cause)):
+        w = g.worst
+        if not w.hint:
+            continue
+        names = g.layers
+        where = f"'{names[0]}'" if len(names) == 1 else f"{len(names)} layers: {layer_list(names)}"
+        line = Text(f"{g.kind}, cause {g.cause} ({len(g.alerts)} alert(s), {where}): ",
+                    style="bold")
+        line.append(Text(f"{w.hint} (at '{w.layer}', step {w.step})"))
+        console.print(line)
 
 
 def print_report(runs: Sequence[RunData], console: Any,
@@ -105,13 +123,14 @@ def print_report(runs: Sequence[RunData], console: Any,
             at = Table(title=Text(f"alerts in {run.name}: {len(run.alerts)}", style="bold red"),
                        title_justify="left", header_style="bold", box=box.SIMPLE_HEAD,
                        pad_edge=False)
-            for c in ("step", "layer", "kind", "stat", "value", "threshold"):
+            for c in ("step", "layer", "kind", "stat", "value", "threshold", "cause"):
                 at.add_column(c, justify="right" if c in ("step", "value", "threshold")
                               else "left")
             for a in run.alerts:
                 at.add_row(Text(str(a.step)), Text(a.layer), Text(a.kind), Text(a.stat),
-                           Text(fmt(a.value)), Text(fmt(a.threshold)))
+                           Text(fmt(a.value)), Text(fmt(a.threshold)), Text(a.cause))
             console.print(at)
+            print_hints(run.alerts, console)
         else:
             console.print(Text(f"no alerts in {run.name}", style="green"))
         console.print()

@@ -23,6 +23,7 @@ import torch.nn as nn
 from gradwatch import alerts as A
 from gradwatch import shutdown
 from gradwatch.amp import ScalerTap
+from gradwatch.audit import measure
 from gradwatch.buffers import WindowBuffers
 from gradwatch.compiled import forget_compiled_code
 from gradwatch.distributed import is_writer_rank, world_size
@@ -162,7 +163,8 @@ class Watcher:
         L = len(chosen)
         self._buffers = WindowBuffers(L, self._device)
         self._collector = Collector(self._buffers, self._infos, self.thresholds.saturation_margin)
-        self._rules = Rules(self.thresholds, self._infos)
+        self._rules = Rules(self.thresholds, self._infos,
+                            measure(root, chosen, self._collector.fault), self._collector.fault)
         self._params = ParamTracker(owners, L, self._device)
         # the non-finite trace covers every module of the model, watched or not
         self._mods = [(n or ROOT_NAME, m) for n, m in root.named_modules()]
@@ -573,6 +575,10 @@ class Watcher:
             return
         found = self._publish.take()
         if not is_writer_rank():
+            return
+        if not A.one_by_one(self.on_alert):  # one warning per kind and cause
+            self._alerts.extend(found)
+            A.deliver_grouped(found, self.on_alert)
             return
         for i, a in enumerate(found):
             self._alerts.append(a)

@@ -96,8 +96,11 @@ def test_raise_from_flush_carries_the_alert() -> None:
     train_step(m, opt)
     with pytest.raises(gradwatch.GradientAlertError) as e:
         w.flush()
-    assert (e.value.alert.layer, e.value.alert.kind) == ("1", "dead")
-    assert str(e.value) == e.value.alert.message
+    a = e.value.alert
+    assert (a.layer, a.kind, a.cause) == ("1", "dead", "bias_shift")
+    # the error names what (the alert's message), then why and what to try
+    assert str(e.value) == f"{a.message}\n  cause bias_shift: {a.hint}"
+    assert "mean -100" in a.hint and "'0'" in a.hint
     w.close()
 
 
@@ -289,3 +292,103 @@ def test_warnings_point_at_the_training_loop_and_keep_no_registry():
     assert len(dead) >= 5
     assert {g.filename for g in dead} == {__file__}
     assert not [k for k in registry if k != "version"]
+
+
+# -- grouping ------------------------------------------------------------------------------------
+def deep_tanh(depth: int = 30) -> nn.Sequential:
+    """A deep tanh net drawn with std 0.02: the error signal dies on its way down."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        lin = nn.Linear(8 if i == 0 else 16, 16)
+        nn.init.normal_(lin.weight, 0.0, 0.02)
+        layers += [lin, nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(16, 2))
+
+
+def test_one_warning_per_window_kind_and_cause_naming_the_layers() -> None:
+    m = deep_tanh()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    with pytest.warns(gradwatch.VanishingGradientWarning) as rec:
+        with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=4,
+                             thresholds={"patience": 1, "rate_limit": 1}) as w:
+            for _ in range(8):
+                train_step(m, opt)
+    van = [a for a in w.alerts if a.kind == "vanishing"]
+    steps = sorted({a.step for a in van})
+    assert steps == [4, 8]
+    msgs = [str(r.message) for r in rec if r.category is gradwatch.VanishingGradientWarning]
+    assert len(msgs) == len(steps)  # one warning per window, not one per layer
+    for step, msg in zip(steps, msgs):
+        here = [a for a in van if a.step == step]
+        assert len(here) > 10 and {a.cause for a in here} == {"init_scale"}
+        worst = min(here, key=lambda a: a.value / a.threshold)
+        head, why = msg.split("\n")
+        assert head == f"{worst.message} [{len(here)} layers: '{here[0].layer}' .. " \
+                       f"'{here[-1].layer}']"
+        assert why == f"  cause init_scale: {worst.hint}"
+        # still what API.md promises of a warning: a layer, the stat, a value, the
+        # threshold and the step
+        assert f"at layer '{worst.layer}' (step {step}): grad_rms=" in head
+
+
+def test_log_lines_are_grouped_and_a_callable_gets_every_alert(
+        caplog: pytest.LogCaptureFixture) -> None:
+    got: list[gradwatch.Alert] = []
+    for on_alert in ("log", got.append):
+        m = deep_tanh()
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        with caplog.at_level(logging.WARNING, logger="gradwatch"):
+            with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=4,
+                                 thresholds={"patience": 1}, on_alert=on_alert) as w:
+                for _ in range(4):
+                    train_step(m, opt)
+        n = len([a for a in w.alerts if a.kind == "vanishing"])
+        assert n > 10
+    lines = [r.getMessage() for r in caplog.records if r.name == "gradwatch"]
+    assert len(lines) == 1 and f"[{n} layers: " in lines[0] and "cause init_scale: " in lines[0]
+    assert len([a for a in got if a.kind == "vanishing"]) == n  # one call per alert
+
+
+def test_different_causes_of_one_kind_are_separate_warnings() -> None:
+    # ReLU '1' dead behind a bias of -100 (bias_shift); ReLU '3' dead because all it is
+    # fed is the zero output of the dead one (no cause of its own)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
+                      nn.Linear(16, 2))
+    with torch.no_grad():
+        m[0].bias.fill_(-100.0)
+        m[2].bias.zero_()
+    opt = sgd(m)
+    with pytest.warns(gradwatch.DeadActivationWarning) as rec:
+        with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=2, thresholds=FAST):
+            for _ in range(2):
+                train_step(m, opt)
+    msgs = sorted(str(r.message) for r in rec
+                  if r.category is gradwatch.DeadActivationWarning)
+    assert len(msgs) == 2
+    assert "at layer '1'" in msgs[0] and "\n  cause bias_shift: " in msgs[0]
+    assert "at layer '3'" in msgs[1] and "\n  cause unknown: its inputs (the outputs of " \
+                                         "'2') are all 0" in msgs[1]
+
+
+def test_report_lists_one_entry_per_window_kind_and_cause_with_its_hint() -> None:
+    m = deep_tanh()
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=4, on_alert="ignore",
+                         thresholds={"patience": 1, "rate_limit": 1}) as w:
+        for _ in range(8):
+            train_step(m, opt)
+    text = w.report()
+    van = [a for a in w.alerts if a.kind == "vanishing"]
+    head = f"alerts ({len(w.alerts)} in all; the newest {len(w.alerts)}, one entry per step, " \
+           f"kind and cause):"
+    assert head in text
+    entries = text.split(head)[1].strip("\n").split("\n")
+    assert len(entries) == 2 * 2  # two windows: a message line and a cause line each
+    for step, (msg, why) in zip((4, 8), zip(entries[::2], entries[1::2])):
+        here = [a for a in van if a.step == step]
+        worst = min(here, key=lambda a: a.value / a.threshold)
+        assert msg == f"  {worst.message} [{len(here)} layers: '{here[0].layer}' .. " \
+                      f"'{here[-1].layer}']"
+        assert why == f"    cause init_scale: {worst.hint}"

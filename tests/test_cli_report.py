@@ -57,6 +57,15 @@ def test_report_command_prints_table_and_every_alert(written):
     assert hostile["grad_rms"] == "-"  # a ReLU has no parameters
     assert f"alerts in {written.run}: {len(written.alerts)}" in out
     assert [r[:3] for r in alerts] == [[str(a.step), a.layer, a.kind] for a in written.alerts]
+    # why: the cause of each alert, then the hint once per kind and cause (plain text: the
+    # payload in the layer name is printed, never interpreted)
+    assert {a.cause for a in written.alerts} == {"bias_shift"}
+    assert [r[-1] for r in alerts] == ["bias_shift"] * len(written.alerts)
+    flat = " ".join(out.split())
+    hint = " ".join(written.alerts[0].hint.split())
+    assert hint.startswith("its inputs (the outputs of 'deep') have mean -")
+    assert f"dead, cause bias_shift ({len(written.alerts)} alert(s), '{HOSTILE}'): " \
+           f"{hint}" in flat
     assert f"1 run(s), {len(written.alerts)} alert(s)" in out
 
 
@@ -84,8 +93,8 @@ def test_report_json_and_fail_on_alert(written, capsys):
     assert "grad_rms" not in run["layers"]["act"]
     assert run["alerted"] == [{"layer": HOSTILE, "stat": "act_zero_frac",
                                "step": written.alerts[-1].step}]
-    assert [(a["step"], a["layer"], a["kind"]) for a in run["alerts"]] == [
-        (a.step, a.layer, a.kind) for a in written.alerts]
+    assert [(a["step"], a["layer"], a["kind"], a["cause"], a["hint"]) for a in run["alerts"]] \
+        == [(a.step, a.layer, a.kind, a.cause, a.hint) for a in written.alerts]
     assert data["alerts"] == len(written.alerts) > 0
     assert main(["report", written.logdir, "--json", "--fail-on-alert"]) == 1
     capsys.readouterr()

@@ -33,17 +33,30 @@ def alert_steps(run: Path) -> list[int]:
 @pytest.mark.slow
 def test_glorot_bengio(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = load("glorot_bengio").main(["--logdir", str(tmp_path), "--steps", "60"])
-    kinds = {name: {(a.kind, a.layer) for a in w.alerts} for name, w in out.items()}
-    assert kinds["tanh_xavier"] == set() and kinds["relu_he"] == set()
-    assert kinds["sigmoid_normal"] and {k for k, _ in kinds["sigmoid_normal"]} == {"saturated"}
-    assert "saturated at layer" in capsys.readouterr().out
-    assert alert_steps(tmp_path / "sigmoid_normal") and not alert_steps(tmp_path / "relu_he")
+    broken = out["sigmoid_normal"].watcher.alerts
+    assert broken and {(a.kind, a.cause) for a in broken} == {("saturated", "init_scale")}
+    # the diagnosis names the Linear before the saturated sigmoid and the remedy applied next
+    a = broken[0]
+    assert f"weights of '{int(a.layer) - 1}' had std " in a.hint
+    assert "ReLU with nn.init.kaiming_normal_(w, nonlinearity='relu')" in a.hint
+    text = capsys.readouterr().out
+    assert f"saturated at '{a.layer}'" in text and "cause: init_scale" in text
+    assert f"hint: {a.hint}" in text
+    # the hinted fixes: no alert, a lower loss and a higher accuracy on the same task
+    for name in ("relu_he", "tanh_xavier"):
+        fixed = out[name]
+        assert fixed.watcher.alerts == []
+        assert fixed.loss < out["sigmoid_normal"].loss - 0.1
+        assert fixed.accuracy > out["sigmoid_normal"].accuracy + 0.1
+        assert f"sigmoid_normal -> {name}: loss" in text
+        assert not alert_steps(tmp_path / name)
+    assert alert_steps(tmp_path / "sigmoid_normal")
 
 
 @pytest.mark.slow
 def test_exploding_rnn(tmp_path: Path) -> None:
     out = load("exploding_rnn").main(["--logdir", str(tmp_path), "--steps", "30"])
     bad = out["rnn_gain3"].alerts
-    assert ("exploding", "rnn") in {(a.kind, a.layer) for a in bad}
+    assert ("exploding", "rnn", "recurrent_gain") in {(a.kind, a.layer, a.cause) for a in bad}
     assert out["rnn_orthogonal_clipped"].alerts == []
     assert alert_steps(tmp_path / "rnn_gain3")

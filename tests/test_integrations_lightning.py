@@ -118,3 +118,30 @@ def test_lightning_mixed_precision_scaler_skip(tmp_path):
         assert stats["nonfinite"] == 0.0, name
         assert all(v == v for v in stats.values()), name  # no NaN from the skipped step
     assert "step" not in scaler.__dict__  # handed back at fit end
+
+
+class DeadTiny(Tiny):
+    """Its ReLU is dead from the start: the Linear before it has a bias of -50."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.net[0].bias.fill_(-50.0)
+
+
+def test_lightning_fit_warns_with_the_cause_and_hint():
+    cb = GradwatchCallback(every=2, tensorboard=False, thresholds={"patience": 1})
+    trainer = pl.Trainer(max_steps=STEPS, accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[cb])
+    loader = torch.utils.data.DataLoader(_data(), batch_size=BATCH, shuffle=False)
+    with pytest.warns(gradwatch.DeadActivationWarning) as rec:
+        trainer.fit(DeadTiny(), loader)
+    msgs = [str(r.message) for r in rec if r.category is gradwatch.DeadActivationWarning]
+    assert len(msgs) == 1  # the second window's is held back by the rate limit
+    assert cb.watcher is not None
+    a = cb.watcher.alerts[0]
+    assert (a.layer, a.kind, a.cause) == ("net.1", "dead", "bias_shift")
+    assert msgs[0] == f"{a.message}\n  cause bias_shift: {a.hint}"
+    assert "its inputs (the outputs of 'net.0') have mean -5" in a.hint
+    assert "the bias of 'net.0' had mean -50 at watch()" in a.hint

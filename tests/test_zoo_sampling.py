@@ -2,7 +2,9 @@
 of each window (the others are light steps: NaN/Inf checks and parameter-gradient norms
 only), and every setup still gets the same verdict as with every step read
 (``test_zoo.py``): each broken setup flagged with the right kind at the right layer, each
-healthy one silent. The confusion table is printed whether or not pytest captures output.
+healthy one silent. The causes are never wrong (the update ratios are read on the sampled
+steps only, so a learning-rate cause may read as unknown). The tables are printed whether or
+not pytest captures output.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import zoo  # noqa: E402
-from test_zoo import confusion  # noqa: E402
+from test_zoo import cause_table, cause_verdict, confusion, diagnosed  # noqa: E402
 
 EVERY = 10
 SAMPLE_EVERY = 5
@@ -69,3 +71,14 @@ def test_nan_at_a_light_step_is_named_within_that_step(
         # the window holding the NaN step reports it in its non-finite count
         snap = next(s for s in r.snapshots if s.step > zoo.NAN_STEP)
         assert snap.stats["4"]["nonfinite"] > 0
+
+
+def test_causes_under_sampling_are_never_wrong(sampled: dict[str, list[zoo.Result]],
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    table, _ = cause_table(sampled)
+    with capsys.disabled():
+        print(f"\n\ngradwatch zoo causes, every={EVERY}, sample_every={SAMPLE_EVERY}\n"
+              f"{table}\n")
+    verdicts = [cause_verdict(r) for r in diagnosed(sampled)]
+    assert "wrong" not in verdicts and "missed" not in verdicts, table
+    assert verdicts.count("right") >= len(verdicts) - 2, table

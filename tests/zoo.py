@@ -39,6 +39,7 @@ class Setup:
     kinds: tuple[str, ...] = ()  # the right alert kind(s); () for a healthy setup
     layers: tuple[str, ...] = ()  # where such an alert is right
     steps: int = 160
+    cause: str | None = None  # the right Alert.cause of that alert (None: healthy)
 
     @property
     def label(self) -> str:
@@ -52,6 +53,7 @@ class Result:
     alerts: list[gradwatch.Alert]
     final_loss: float
     snapshots: list[gradwatch.Snapshot] = field(default_factory=list)
+    watcher: gradwatch.Watcher | None = field(default=None, repr=False)
 
     @property
     def hit(self) -> gradwatch.Alert | None:
@@ -315,6 +317,58 @@ def nan_midway(seed: int) -> Trial:
     return _ce_trial(m, _sgd(m), seed, 32)
 
 
+def _regression(m: nn.Module, seed: int, d_in: int,
+                target: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[int], torch.Tensor]:
+    """MSE on ``target(x @ teacher)`` for a fixed random linear teacher."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    teacher = torch.randn(d_in, 1, generator=g)
+
+    def loss(step: int) -> torch.Tensor:
+        gs = torch.Generator().manual_seed(seed * 100_003 + step)
+        x = torch.randn(64, d_in, generator=gs)
+        return F.mse_loss(m(x), target(x @ teacher))
+
+    return loss
+
+
+def _lr_schedule(opt: torch.optim.Optimizer, loss: Callable[[int], torch.Tensor],
+                 lr: Callable[[int], float]) -> Callable[[int], torch.Tensor]:
+    """``loss`` with the learning rate of step ``i`` set to ``lr(i)`` before it."""
+
+    def scheduled(step: int) -> torch.Tensor:
+        for group in opt.param_groups:
+            group["lr"] = lr(step)
+        return loss(step)
+
+    return scheduled
+
+
+def relu_lr_too_high(seed: int) -> Trial:
+    """A He-initialised ReLU regression MLP whose learning-rate warm-up climbs to 0.3 over
+    60 steps: SGD is stable up to about 0.07 here, so it blows up between steps 20 and 35."""
+    torch.manual_seed(seed)
+    m = _mlp([16, 64, 64, 64, 1], nn.ReLU, _he)
+    opt = _sgd(m, lr=0.0, momentum=0.0)
+    loss = _regression(m, seed, 16, lambda y: y)
+    return Trial(m, opt, _lr_schedule(opt, loss, lambda i: 0.3 * min(1.0, (i + 1) / 60)))
+
+
+LR_SPIKE = 60  # 0-based first step of the learning-rate spike in relu_lr_spike
+
+
+def relu_lr_spike(seed: int) -> Trial:
+    """A He-initialised ReLU MLP with a ReLU on its one output (a non-negative target),
+    SGD at lr 0.01 with a 30x learning-rate spike for 3 steps from step 60: the spike
+    overshoots and leaves the output's pre-activations below zero for every input, so the
+    output ReLU dies (and with it every gradient of the model)."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(_mlp([16, 64, 64, 1], nn.ReLU, _he), nn.ReLU())
+    opt = _sgd(m, lr=0.01, momentum=0.0)
+    loss = _regression(m, seed, 16, lambda y: F.softplus(y) + 1)
+    spike = range(LR_SPIKE, LR_SPIKE + 3)
+    return Trial(m, opt, _lr_schedule(opt, loss, lambda i: 0.3 if i in spike else 0.01))
+
+
 _SIGMOIDS = tuple(str(i) for i in range(1, 16, 2))
 _TANH_LOW = ("0", "2", "4", "6", "8")
 _LINEARS_RELU = tuple(str(i) for i in range(0, 17, 2))
@@ -325,15 +379,156 @@ ZOO: tuple[Setup, ...] = (
     Setup("transformer_encoder", transformer),
     Setup("lstm", lstm),
     Setup("tanh_mlp_xavier_dropout", tanh_mlp_xavier_dropout),
-    Setup("sigmoid_normal_init", sigmoid_normal, ("saturated",), _SIGMOIDS, 60),
-    Setup("tanh_tiny_init", tanh_tiny_init, ("vanishing",), _TANH_LOW, 60),
-    Setup("tanh_rnn_gain3", exploding_rnn, ("exploding",), ("rnn",), 60),
+    Setup("sigmoid_normal_init", sigmoid_normal, ("saturated",), _SIGMOIDS, 60,
+          "init_scale"),
+    Setup("tanh_tiny_init", tanh_tiny_init, ("vanishing",), _TANH_LOW, 60, "init_scale"),
+    Setup("tanh_rnn_gain3", exploding_rnn, ("exploding",), ("rnn",), 60, "recurrent_gain"),
     Setup("relu_oversized_init", relu_oversized_init, ("exploding", "nonfinite"),
-          _LINEARS_RELU, 40),
-    Setup("relu_negative_bias", relu_negative_bias, ("dead",), ("5",), 60),
-    Setup("nan_midway", nan_midway, ("nonfinite",), ("4",), 80),
+          _LINEARS_RELU, 40, "init_scale"),
+    Setup("relu_negative_bias", relu_negative_bias, ("dead",), ("5",), 60, "bias_shift"),
+    Setup("nan_midway", nan_midway, ("nonfinite",), ("4",), 80, "forward_op"),
+    Setup("relu_lr_too_high", relu_lr_too_high, ("exploding",), ("0", "2", "4", "6"), 50,
+          "learning_rate"),
+    Setup("relu_lr_spike", relu_lr_spike, ("dead",), ("1",), 100, "learning_rate"),
 )
 SEEDS = (0, 1)
+
+
+# -- non-finite values, each with where and why it starts (the non-finite origin issue) ------
+class LogShift(nn.Module):
+    """A custom parameter-free leaf: ``log(x - 1e6)`` is NaN for every ordinary x."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x - 1e6)
+
+
+class InlineBlock(nn.Module):
+    """A container whose own forward does math between its children: ``log`` of a
+    pre-activation that is often negative makes NaN inside the container itself."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.log(self.fc(x)))
+
+
+class WhereSqrt(nn.Module):
+    """``torch.where(x > 0, x.sqrt(), 0)``: finite forward, NaN backward (0 * inf from the
+    branch not taken at x < 0)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > 0, x.sqrt(), torch.zeros_like(x))
+
+
+class WithNorm(nn.Module):
+    """Appends each row's L2 norm, written out as ``sqrt(sum(x**2))``, as a feature: its
+    gradient x/|x| is 0 * inf on a zero row (``torch.linalg.vector_norm`` defines it as 0
+    there; the hand-written norm does not)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x.pow(2).sum(1, keepdim=True).sqrt()], 1)
+
+
+def _nf_mlp(middle: nn.Module, d: int = 64) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(32, d), nn.ReLU(), middle, nn.Linear(d, 10))
+
+
+def nf_log_leaf(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    m = _nf_mlp(LogShift())
+    return _ce_trial(m, _sgd(m), seed, 32)
+
+
+def nf_inline_container(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), InlineBlock(), nn.ReLU(), nn.Linear(64, 10))
+    return _ce_trial(m, _sgd(m), seed, 32)
+
+
+def nf_where_sqrt(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(32, 64), WhereSqrt(), nn.Linear(64, 10))
+    return _ce_trial(m, _sgd(m), seed, 32)
+
+
+def nf_zero_norm(seed: int) -> Trial:
+    """Padding rows (all zero) in every batch reach ``WithNorm`` through a bias-free
+    Linear: the forward is finite, the backward NaN."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(32, 64, bias=False), WithNorm(), nn.Linear(65, 10))
+    data = _classify(seed, 32, 10, 64)
+
+    def loss(step: int) -> torch.Tensor:
+        x, y = data(step)
+        x = x.clone()
+        x[-4:] = 0.0  # padding
+        return F.cross_entropy(m(x), y)
+
+    return Trial(m, _sgd(m), loss)
+
+
+NF_BAD_BATCH = 30  # 0-based step whose batch holds a NaN in nf_bad_batch
+
+
+def nf_bad_batch(seed: int) -> Trial:
+    torch.manual_seed(seed)
+    m = _mlp([32, 64, 64, 10], nn.ReLU, _he)
+    data = _classify(seed, 32, 10, 64)
+
+    def loss(step: int) -> torch.Tensor:
+        x, y = data(step)
+        if step == NF_BAD_BATCH:
+            x = x.clone()
+            x[3, 5] = float("nan")  # one corrupted feature
+        return F.cross_entropy(m(x), y)
+
+    return Trial(m, _sgd(m), loss)
+
+
+def nf_huge_lr(seed: int) -> Trial:
+    """SGD at lr 1e38: the first update overflows the weights to +-inf (NaN after)."""
+    torch.manual_seed(seed)
+    m = _mlp([16, 64, 64, 1], nn.ReLU, _he)
+    opt = _sgd(m, lr=1e38, momentum=0.0)
+    return Trial(m, opt, _regression(m, seed, 16, lambda y: 100 * y))
+
+
+def nf_fp16_overflow(seed: int) -> Trial:
+    """fp16 autocast without a GradScaler: inputs of scale 100 and a second Linear drawn
+    with std 30 give outputs beyond fp16's 65504 there: inf in that Linear's forward."""
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
+                      nn.Linear(256, 10))
+    nn.init.kaiming_normal_(m[0].weight)
+    nn.init.normal_(m[2].weight, 0.0, 30.0)
+    data = _classify(seed, 32, 10, 64)
+
+    def loss(step: int) -> torch.Tensor:
+        x, y = data(step)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = m(100 * x)
+        return F.cross_entropy(out.float(), y)
+
+    return Trial(m, _sgd(m, lr=1e-4), loss)
+
+
+#: Non-finite values with their origin and cause: ``layers`` is where the NaN/Inf starts,
+#: ``cause`` why. Reported right needs the non-finite origin detector.
+NONFINITE_ZOO: tuple[Setup, ...] = (
+    Setup("nf_log_leaf", nf_log_leaf, ("nonfinite",), ("2",), 5, "forward_op"),
+    Setup("nf_inline_container", nf_inline_container, ("nonfinite",), ("2",), 5,
+          "forward_op"),
+    Setup("nf_where_sqrt_backward", nf_where_sqrt, ("nonfinite",), ("1",), 5,
+          "backward_op"),
+    Setup("nf_zero_norm_backward", nf_zero_norm, ("nonfinite",), ("1",), 5, "backward_op"),
+    Setup("nf_bad_batch", nf_bad_batch, ("nonfinite",), ("0", "(root)"), 40, "input"),
+    Setup("nf_huge_lr_params", nf_huge_lr, ("nonfinite",), ("0", "2", "4"), 5,
+          "parameters"),
+    Setup("nf_fp16_overflow", nf_fp16_overflow, ("nonfinite",), ("2",), 5, "forward_op"),
+)
 
 
 def run(setup: Setup, seed: int, every: int = 10,
@@ -363,4 +558,4 @@ def run(setup: Setup, seed: int, every: int = 10,
                     snaps.append(snap)
     finally:
         w.close()
-    return Result(setup, seed, alerts, float(loss.detach()), snaps)
+    return Result(setup, seed, alerts, float(loss.detach()), snaps, w)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from gradwatch.alerts import Alert
+from gradwatch.alerts import Alert, describe, group
 from gradwatch.snapshot import Snapshot
 
 COLUMNS = ("grad_rms", "grad_max", "update_ratio", "act_mean", "act_std", "act_zero_frac",
            "act_sat_frac", "out_grad_rms", "nonfinite")
+MAX_GROUPS = 20  # alert entries listed by report(), newest last
 _ALERT_STAT = {"vanishing": "grad_rms", "exploding": "grad_rms", "dead": "act_zero_frac",
                "saturated": "act_sat_frac", "nonfinite": "nonfinite"}
 
@@ -25,7 +26,9 @@ def _cell(v: float | None) -> str:
 
 
 def report(snap: Snapshot | None, alerts: Sequence[Alert], types: dict[str, str]) -> str:
-    """One row per layer; a cell whose stat was alerted in this window ends with ``!``."""
+    """One row per layer; a cell whose stat was alerted in this window ends with ``!``.
+    Then the alerts, one entry per step, kind and cause: the worst layer's message, the
+    other layers, the cause and the hint."""
     if snap is None:
         return "gradwatch: nothing flushed yet"
     marked = {(a.layer, _ALERT_STAT[a.kind]) for a in alerts if a.step <= snap.step}
@@ -45,11 +48,16 @@ def report(snap: Snapshot | None, alerts: Sequence[Alert], types: dict[str, str]
                                for i, (c, w) in enumerate(zip(r, widths))))
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
-    recent = [a for a in alerts if a.step <= snap.step][-20:]
+    groups = group([a for a in alerts if a.step <= snap.step],
+                   lambda a: (a.step, a.kind, a.cause))
+    recent = groups[-MAX_GROUPS:]
     if recent:
         lines.append("")
-        lines.append(f"alerts ({len(alerts)} in all, newest {len(recent)}):")
-        lines.extend("  " + a.message for a in recent)
+        shown = sum(len(g.alerts) for g in recent)
+        lines.append(f"alerts ({len(alerts)} in all; the newest {shown}, one entry per "
+                     f"step, kind and cause):")
+        for g in recent:
+            lines.extend("  " + line for line in describe(g).splitlines())
     else:
         lines.append("no alerts")
     return "\n".join(lines)
