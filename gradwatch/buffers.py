@@ -170,6 +170,23 @@ class WindowBuffers:
         if len(self._row_slots) >= FOLD_AT:
             self.fold()
 
+    def log_rows(self, slots: list[int], rows: Tensor) -> None:
+        """Several outputs' activation rows at once (``[n, ROW]``, see ``log_activation``)."""
+        self._put(self._act_log, self._row_slots, slots, rows)
+
+    def log_grad_rows(self, slots: list[int], rows: Tensor) -> None:
+        """Several output gradients at once (``[n, 2]``: element count, Σg²)."""
+        self._put(self._grad_log, self._g_slots, slots, rows)
+
+    def _put(self, log: Tensor, have: list[int], slots: list[int], rows: Tensor) -> None:
+        for a in range(0, len(slots), FOLD_AT):
+            part = slots[a: a + FOLD_AT]
+            if len(have) + len(part) > FOLD_AT:
+                self.fold()
+            n = len(have)
+            log[n: n + len(part)].copy_(rows[a: a + len(part)])
+            have.extend(part)
+
     def log_out_grad(self, slot: int, sq: Tensor, n: Tensor) -> None:
         """One output gradient: its element count and Σg² (fp32 device scalars)."""
         torch.stack([n, sq], out=self._grad_log[len(self._g_slots)])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import math
 import threading
+import time
 import warnings
 import weakref
 from typing import Any, Callable, Sequence
@@ -26,6 +27,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradwatch import stats as S
 from gradwatch.alerts import GradwatchWarning, logger
+from gradwatch.batched import ActBatch, GradBatch
 from gradwatch.buffers import ParamStepStats, WindowBuffers, device_tensor
 from gradwatch.distributed import local, shard_reducer
 from gradwatch.selection import LayerInfo
@@ -80,6 +82,8 @@ class ForwardDoneHook(_Hook):
         c = self._collector()
         if c is not None:
             c._traced.clear()
+            if c.full and not torch.compiler.is_compiling():
+                c.flush_outputs()
         return None
 
 
@@ -132,6 +136,10 @@ class Collector:
         self.deferred: collections.deque[str] = collections.deque()
         self.hist: Any = None  # DeviceHistograms when histograms=True
         self.on_eval_done: Any = None  # called when a forward without gradients ends
+        # sampled steps, eager code: small outputs and gradients reduced together
+        self.act_batch = ActBatch(buffers.log_rows, lambda s: self.layers[s].bounds, margin)
+        self.work = 0.0  # host seconds of this step's sampled-only work (``sampling.py``)
+        self.grad_batch = GradBatch(buffers.log_grad_rows)
 
     # -- forward ----------------------------------------------------------------------------
     def on_call(self, m: int, slot: int, args: Any, kwargs: Any, output: Any) -> None:
@@ -163,6 +171,7 @@ class Collector:
                 self.order.append(slot)
             if not self.full:  # light step: the trace has checked the output
                 return
+            t0 = time.perf_counter()
             leaves = float_leaves(output)
         except Exception as e:
             self.act_on = self.grad_on = False
@@ -189,6 +198,7 @@ class Collector:
             except Exception as e:
                 self.grad_on = False
                 self.fault("output-gradient hook", self.layers[slot].name, e)
+        self.work += time.perf_counter() - t0
 
     def _const(self, value: float) -> Tensor:
         """A 0-d fp32 device tensor holding ``value`` (element and unit counts), made once
@@ -202,8 +212,11 @@ class Collector:
         return c
 
     def _stats(self, slot: int, t: Tensor) -> None:
-        """Eager, sampled step: this output's statistics as device scalars, logged for the
-        step's fold."""
+        """Eager, sampled step: this output held for the batch of outputs of its shape
+        (``batched.py``), or its statistics as device scalars now, logged for the step's
+        fold."""
+        if self.hist is None and self.act_batch.add(slot, t):
+            return
         buf = self.buffers
         bounds = self.layers[slot].bounds
         s1, hi, lo, s2, nnz, nf, sat = S.activation_parts(
@@ -256,17 +269,45 @@ class Collector:
     # -- backward ---------------------------------------------------------------------------
     def on_out_grad(self, slot: int, grad: Tensor) -> None:
         # registered on full steps only (a light step checks outputs and parameter gradients)
+        t0 = time.perf_counter()
         try:
-            sq = S.grad_sq_sum(grad)
             if torch.compiler.is_compiling():
-                self.buffers.add_out_grad(slot, sq, grad.numel())
-            else:
-                self.buffers.log_out_grad(slot, sq, self._const(grad.numel()))
+                self.buffers.add_out_grad(slot, S.grad_sq_sum(grad), grad.numel())
+            elif not self.grad_batch.add(slot, grad):
+                self.buffers.log_out_grad(slot, S.grad_sq_sum(grad), self._const(grad.numel()))
         except Exception as e:
             self.grad_on = False
             self.fault("output-gradient hook", self.layers[slot].name, e)
+        self.work += time.perf_counter() - t0
 
     # -- step boundary ----------------------------------------------------------------------
+    def flush_outputs(self) -> None:
+        """The held outputs of a sampled step, reduced (at the end of a forward pass)."""
+        t0 = time.perf_counter()
+        try:
+            self.act_batch.flush()
+        except Exception as e:
+            self.act_on = False
+            self.act_batch.clear()
+            self.fault("activation statistics", "*", e)
+        self.work += time.perf_counter() - t0
+
+    def flush_batches(self) -> None:
+        """Everything held for the step, reduced (before the step is folded or scaled)."""
+        self.flush_outputs()
+        t0 = time.perf_counter()
+        try:
+            self.grad_batch.flush()
+        except Exception as e:
+            self.grad_on = False
+            self.grad_batch.clear()
+            self.fault("output-gradient hook", "*", e)
+        self.work += time.perf_counter() - t0
+
+    def discard_batches(self) -> None:
+        self.act_batch.clear()
+        self.grad_batch.clear()
+
     def end_step(self) -> None:
         self.phase += 1  # the next sampled step reads other elements of large outputs
         self._hooked.clear()
@@ -365,7 +406,8 @@ class ParamTracker:
         self._cache: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor, S.NormPlan]] = {}
         self.present: tuple[int, ...] = ()  # trainable parameters with a gradient, last step
         self._wplan: S.NormPlan | None = None
-        self._before: list[Tensor] | None = None
+        self._before: S.Packed | None = None
+        self._vplan: S.NormPlan | None = None
         self._views_idx: Tensor | None = None
         self._views_has: Tensor | None = None
         self._views: list[Tensor] = []
@@ -413,11 +455,13 @@ class ParamTracker:
         else:
             grads = [local(train[k][0].grad) for k in present]  # type: ignore[arg-type]
         idx, numel, has, plan = self._layout(present)
-        norms = plan.norms(grads)  # type: ignore[arg-type]
+        # a sampled step also takes the max: one packing serves both
+        packed = plan.pack(grads) if full and plan.groups else grads  # type: ignore[arg-type]
+        norms = plan.norms(packed)  # type: ignore[arg-type]
         L = self.n_layers
         sq = torch.zeros(L, device=self.device).index_add_(0, idx, norms * norms)
         if full:
-            maxes = plan.absmax(grads)  # type: ignore[arg-type]
+            maxes = plan.absmax(packed)  # type: ignore[arg-type]
             gmax: Tensor | None = torch.zeros(L, device=self.device).scatter_reduce_(
                 0, idx, maxes, "amax")
             bad = torch.isfinite(maxes).logical_not().to(torch.float32)
@@ -470,16 +514,17 @@ class ParamTracker:
         self._views, self._views_key = out, key
         return out
 
-    def _norms(self, tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
-        if self._plain:  # one fused call, no per-tensor Python
-            return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
-        return S.foreach_norms(tensors, 2.0)
+    def _views_plan(self, views: list[Tensor]) -> S.NormPlan:
+        if self._vplan is None or self._vplan.n != len(views):
+            self._vplan = S.NormPlan(views)
+        return self._vplan
 
     def before_update(self) -> None:
         if not self.trainable or self.trainable[0][0].is_sparse:
             self._before = None
             return
-        self._before = [v.clone() for v in self._sample_views()]
+        views = self._sample_views()
+        self._before = self._views_plan(views).pack(views, copy=True)
 
     def update_ratios(self) -> Tensor | None:
         """‖Δw‖/‖w‖ per layer over the sampled elements (exact for tensors <= 4096)."""
@@ -487,10 +532,11 @@ class ParamTracker:
         self._before = None
         if before is None:
             return None
-        after = self._sample_views()
-        delta = torch._foreach_sub(after, before)
-        dn = self._norms(delta)
-        wn = self._norms(after)
+        views = self._sample_views()
+        plan = self._views_plan(views)
+        after = plan.pack(views)
+        dn = plan.norms(after - before)
+        wn = plan.norms(after)
         if self._views_idx is None:
             self._views_idx = device_tensor([i for _, i in self.trainable], torch.long,
                                             self.device)

@@ -279,6 +279,21 @@ STACK_MAX = 1 << 16
 STACK_MIN = 4  # a group needs this many members to be stacked
 
 
+class Packed:
+    """Tensors laid out for ``NormPlan``: each stacked group as one ``[members, numel]``
+    tensor, the others as a list."""
+
+    __slots__ = ("groups", "rest")
+
+    def __init__(self, groups: list[Tensor], rest: list[Tensor]) -> None:
+        self.groups = groups
+        self.rest = rest
+
+    def __sub__(self, other: Packed) -> Packed:
+        rest = list(torch._foreach_sub(self.rest, other.rest)) if self.rest else []
+        return Packed([a - b for a, b in zip(self.groups, other.groups)], rest)
+
+
 class NormPlan:
     """The per-tensor L2 norms (and max |x|) of a list of tensors whose shapes are fixed
     (the parameters with a gradient), each in fp32, in as few ops as the device allows.
@@ -292,6 +307,7 @@ class NormPlan:
     def __init__(self, tensors: Sequence[Tensor]) -> None:
         self.n = len(tensors)
         dev = tensors[0].device if tensors else torch.device("cpu")
+        self.device = dev
         self.groups: list[tuple[list[int], Tensor]] = []
         rest = list(range(self.n))
         plain = all(t.dtype in UPCAST and not t.is_sparse and t.numel() > 0
@@ -311,29 +327,42 @@ class NormPlan:
         self.rest_t = torch.tensor(rest, device=dev) if self.groups and rest else None
         self.plain = plain
 
-    def norms(self, tensors: Sequence[Tensor]) -> Tensor:
-        if not self.groups:
+    def pack(self, tensors: Sequence[Tensor], copy: bool = False) -> Packed:
+        """``tensors`` in this plan's layout; ``copy``: the unstacked ones cloned too (a
+        snapshot that later in-place changes do not reach)."""
+        groups = [torch.stack([tensors[i] for i in idx]).reshape(len(idx), -1)
+                  for idx, _ in self.groups]
+        rest = [tensors[i] for i in self.rest]
+        if copy:
+            rest = [t.clone() for t in rest]
+        return Packed(groups, rest)
+
+    def norms(self, tensors: Sequence[Tensor] | Packed) -> Tensor:
+        if not isinstance(tensors, Packed) and not self.groups:
             if self.plain:
-                return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float32))
+                return torch.stack(torch._foreach_norm(list(tensors), 2.0,
+                                                       dtype=torch.float32))
             return foreach_norms(tensors, 2.0)
-        out = torch.empty(self.n, dtype=torch.float32, device=tensors[0].device)
-        for idx, idx_t in self.groups:
-            st = torch.stack([tensors[i] for i in idx]).reshape(len(idx), -1)
+        p = tensors if isinstance(tensors, Packed) else self.pack(tensors)
+        if not self.groups:
+            return foreach_norms(p.rest, 2.0)
+        out = torch.empty(self.n, dtype=torch.float32, device=self.device)
+        for (_, idx_t), st in zip(self.groups, p.groups):
             out.index_copy_(0, idx_t, torch.linalg.vector_norm(st, dim=1,
                                                                 dtype=torch.float32))
         if self.rest_t is not None:
-            vals = torch._foreach_norm([tensors[i] for i in self.rest], 2.0,
-                                       dtype=torch.float32)
-            out.index_copy_(0, self.rest_t, torch.stack(vals))
+            out.index_copy_(0, self.rest_t, foreach_norms(p.rest, 2.0))
         return out
 
-    def absmax(self, tensors: Sequence[Tensor]) -> Tensor:
-        if not self.groups:
+    def absmax(self, tensors: Sequence[Tensor] | Packed) -> Tensor:
+        if not isinstance(tensors, Packed) and not self.groups:
             return foreach_absmax(tensors)
-        out = torch.empty(self.n, dtype=torch.float32, device=tensors[0].device)
-        for idx, idx_t in self.groups:
-            st = torch.stack([tensors[i] for i in idx]).reshape(len(idx), -1)
+        p = tensors if isinstance(tensors, Packed) else self.pack(tensors)
+        if not self.groups:
+            return foreach_absmax(p.rest)
+        out = torch.empty(self.n, dtype=torch.float32, device=self.device)
+        for (_, idx_t), st in zip(self.groups, p.groups):
             out.index_copy_(0, idx_t, torch.maximum(st.amax(1), st.amin(1).neg()).float())
         if self.rest_t is not None:
-            out.index_copy_(0, self.rest_t, foreach_absmax([tensors[i] for i in self.rest]))
+            out.index_copy_(0, self.rest_t, foreach_absmax(p.rest))
         return out

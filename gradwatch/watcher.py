@@ -346,6 +346,7 @@ class Watcher:
     def _params_safe(self, what: str) -> Any:
         if what in self._off:
             return None
+        t0 = time.perf_counter()
         try:
             with torch.no_grad():  # optimizer hooks run outside the step's own no_grad
                 return self._params_op(what)
@@ -353,6 +354,9 @@ class Watcher:
             self._off.add(what)
             self._collector.fault(f"parameter statistics ({what})", "*", e)
             return None
+        finally:
+            if what != "grad":  # weight norms, update ratios: sampled-only work
+                self._collector.work += time.perf_counter() - t0
 
     def _params_op(self, what: str) -> Any:
         if what == "grad":
@@ -384,6 +388,7 @@ class Watcher:
 
     def _amp_unscale(self, factor: torch.Tensor) -> None:
         try:
+            self._collector.flush_batches()
             self._buffers.scale_out_grads(factor)
         except Exception as e:
             self._collector.fault("AMP unscale", "*", e)
@@ -399,6 +404,7 @@ class Watcher:
         weights = self._params_safe("weight") if full else None
         updates = self._params_safe("update") if full and self._optimizer is not None else None
         if skipped:  # its staged stats see the inf/NaN that made the scaler skip: drop them
+            self._collector.discard_batches()
             self._buffers.discard_step()
             if self._collector.trace is not None:
                 self._collector.trace.discard()
@@ -414,8 +420,10 @@ class Watcher:
         if self._window_steps >= self.every:
             self._launch_flush()
         # sampled steps are aligned on the window: its first step, then one in k
-        self._sampler.observe(full)
-        self._collector.full = self._sampler.full(self._window_steps)
+        c = self._collector
+        self._sampler.observe(full, c.work)
+        c.work = 0.0
+        c.full = self._sampler.full(self._window_steps)
         self._deliver()
 
     def _commit(self, grads: Any, weights: Any, updates: Any) -> None:
@@ -424,6 +432,8 @@ class Watcher:
                 self._buffers.discard_step()
                 return
             full = self._collector.full
+            if full:
+                self._collector.flush_batches()
             self._push_flags(self._buffers.step_flags(grads, full), grads, full)
             self._buffers.commit_step(grads, weights, updates, full)
         except Exception as e:

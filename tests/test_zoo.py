@@ -27,8 +27,6 @@ LABELS = ("healthy", *KINDS)
 VERDICTS = (*LABELS, "wrong layer")
 #: Causes given by the non-finite origin detector (issue 12), not by the diagnosis here.
 NONFINITE_CAUSES = ("forward_op", "backward_op", "parameters", "input")
-NEEDS_ORIGIN = pytest.mark.xfail(strict=False,
-                                 reason="needs the non-finite origin detector (issue 12)")
 
 
 def run_all(setups: tuple[zoo.Setup, ...]) -> dict[str, list[zoo.Result]]:
@@ -200,7 +198,10 @@ def test_cause_table(results: dict[str, list[zoo.Result]],
     runs = diagnosed(results)
     assert len(runs) == 2 * 7  # init too large (2 cases), too small, recurrent gain,
     # learning rate too high, dead from a shifted bias, killed by a learning-rate spike
-    assert [cause_verdict(r) for r in runs] == ["right"] * len(runs), table
+    origins = [r for runs_ in nonfinite.values() for r in runs_] + results["nan_midway"]
+    assert len(origins) == 2 * 8  # the non-finite origins, with the causes of API.md
+    every = runs + origins
+    assert [cause_verdict(r) for r in every] == ["right"] * len(every), table
 
 
 @pytest.mark.slow
@@ -233,7 +234,6 @@ def test_hints_carry_the_measured_numbers(results: dict[str, list[zoo.Result]]) 
         assert r.hit is not None and "learning-rate spike" in r.hit.hint
 
 
-@NEEDS_ORIGIN
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["nan_midway", *(s.name for s in zoo.NONFINITE_ZOO)])
 def test_nonfinite_origin_and_cause(results: dict[str, list[zoo.Result]],

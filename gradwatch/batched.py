@@ -1,0 +1,145 @@
+"""Sampled-step statistics of many small tensors in a few ops: stacked by shape.
+
+A model of a thousand small modules spends a sampled step in op dispatch, not arithmetic:
+twenty reductions of a 32x64 output cost about the same as twenty of a 1M-element one. So
+on a sampled step the hooks only keep (a reference to) each watched output, and each output
+gradient, and at the end of the forward pass (outputs) or of the step (gradients) the
+tensors of one shape, dtype and kind are stacked (one copy) and reduced along a dimension:
+about fifteen ops per group, whatever the number of modules, for the same values as
+``stats.activation_parts`` and ``stats.grad_sq_sum`` give one tensor at a time.
+
+Large tensors (above ``stats.STACK_MAX`` elements) are not held: their op count is small
+next to their size, and the hooks reduce them at once, as before. An output changed in
+place after its hook (an in-place ReLU after a Linear) is not read stale: its slot is
+reduced in its hook from then on, and left out of the one step where that was found.
+Held tensors are bounded by ``HOLD_BYTES``: past it, a batch is reduced early.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from gradwatch import stats as S
+from gradwatch.buffers import ROW
+from gradwatch.trace import _version
+
+#: Bytes of held tensors past which a batch is reduced early (it bounds the memory kept alive).
+HOLD_BYTES = 64 << 20
+
+
+class ActBatch:
+    """Watched outputs of a sampled step, reduced together (see the module docstring).
+
+    ``log(slots, rows)`` takes the ``[n, buffers.ROW]`` fp32 rows of ``n`` outputs;
+    ``bounds(slot)`` gives a layer's output range (None if unbounded)."""
+
+    def __init__(self, log: Callable[[list[int], Tensor], None],
+                 bounds: Callable[[int], tuple[float, float] | None], margin: float) -> None:
+        self._log = log
+        self._bounds = bounds
+        self.margin = margin
+        self._held: list[tuple[int, Tensor, int]] = []
+        self._bytes = 0
+        self.eager: set[int] = set()  # slots whose output is changed in place later
+        self._consts: dict[tuple[float, str], Tensor] = {}
+
+    def add(self, slot: int, t: Tensor) -> bool:
+        """Hold ``t`` for the batch; False if it is for the hook to reduce now."""
+        if slot in self.eager or t.numel() > S.STACK_MAX or t.dtype not in S.UPCAST:
+            return False
+        self._held.append((slot, t.detach(), _version(t)))
+        self._bytes += t.numel() * t.element_size()
+        if self._bytes > HOLD_BYTES:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        held, self._held, self._bytes = self._held, [], 0
+        groups: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}
+        for slot, t, v in held:
+            if v < 0 or _version(t) != v:  # changed in place since: never read stale
+                self.eager.add(slot)
+                continue
+            groups.setdefault((tuple(t.shape), t.dtype, self._bounds(slot)), []).append(
+                (slot, t))
+        for (shape, _, bounds), items in groups.items():
+            slots = [s for s, _ in items]
+            x = torch.stack([t for _, t in items])
+            self._log(slots, self._rows(x, shape, bounds))
+
+    def _rows(self, x: Tensor, shape: tuple[int, ...], bounds: tuple[float, float] | None
+              ) -> Tensor:
+        """``[n, ROW]``: per stacked output, ``[n, Σx, Σx², nonzeros, nonfinite, saturated,
+        stuck units, units, max x, min x]`` as ``stats.activation_parts`` and
+        ``stats.stuck_units`` define them."""
+        g = x.shape[0]
+        x = x.reshape(g, -1)
+        if x.dtype != torch.float32:
+            x = x.float()
+        n = x.shape[1]
+        s1 = x.sum(1)
+        s2 = (x * x).sum(1)
+        hi, lo = x.amax(1), x.amin(1)
+        sg = x.sign()
+        nnz = (sg * sg).sum(1)  # NaN where the output holds a NaN, as one tensor at a time
+        nf = torch.nan_to_num_(x - x, nan=1.0).sum(1)
+        cols = [torch.full_like(s1, n), s1, s2, nnz, nf]
+        if bounds is not None:
+            c, r = S._centre_radius(bounds, self.margin)
+            d = x.abs() if c == 0 else (x - c).abs_()
+            cols.append(d.sub_(r).relu_().sign_().sum(1))
+            # units: dim 0 of each output is its batch (as stats.stuck_units reads it)
+            per = x.reshape(g, shape[0], -1) if len(shape) >= 2 else x.reshape(g, 1, -1)
+            lo_b, hi_b = bounds
+            m = self.margin * (hi_b - lo_b)
+            mx, mn = per.amax(1), per.amin(1)
+            stuck = (mx <= lo_b + m).sum(1) + (mn >= hi_b - m).sum(1)
+            cols += [stuck.to(torch.float32), torch.full_like(s1, per.shape[2])]
+        else:
+            z = torch.zeros_like(s1)
+            cols += [z, z, z]
+        cols += [hi, lo]
+        out = torch.stack(cols, 1)
+        assert out.shape[1] == ROW
+        return out
+
+    def clear(self) -> None:
+        self._held, self._bytes = [], 0
+
+
+class GradBatch:
+    """Output gradients of a sampled step: Σg² per gradient, stacked by shape at the end of
+    the step. ``log(slots, rows)`` takes ``[n, 2]`` rows ``[numel, Σg²]``."""
+
+    def __init__(self, log: Callable[[list[int], Tensor], None]) -> None:
+        self._log = log
+        self._held: list[tuple[int, Tensor]] = []
+        self._bytes = 0
+
+    def add(self, slot: int, g: Tensor) -> bool:
+        if g.numel() > S.STACK_MAX or g.dtype not in S.UPCAST or g.is_sparse:
+            return False
+        self._held.append((slot, g.detach()))
+        self._bytes += g.numel() * g.element_size()
+        if self._bytes > HOLD_BYTES:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        held, self._held, self._bytes = self._held, [], 0
+        groups: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}
+        for slot, g in held:
+            groups.setdefault((tuple(g.shape), g.dtype), []).append((slot, g))
+        for items in groups.values():
+            x = torch.stack([g for _, g in items]).reshape(len(items), -1)
+            if x.dtype != torch.float32:
+                x = x.float()
+            sq = (x * x).sum(1)
+            self._log([s for s, _ in items],
+                      torch.stack([torch.full_like(sq, x.shape[1]), sq], 1))
+
+    def clear(self) -> None:
+        self._held, self._bytes = [], 0
