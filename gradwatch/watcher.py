@@ -337,8 +337,8 @@ class Watcher:
     def _repr_html_(self) -> str:
         """Jupyter: the report as an HTML table (alerted cells marked), then the alerts."""
         snap = self.latest
-        title = (f"gradwatch: {len(self._infos)} layers, step {self._step}, "
-                 f"every {self.every}, {'closed' if self._closed else 'open'}")
+        title = (f"gradwatch: {len(self._infos)} layers, every {self.every}, "
+                 f"{'closed' if self._closed else 'open'}")
         return html_report(snap, self.alerts, self._types, title)
 
     def _settle(self) -> None:
