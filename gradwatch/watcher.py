@@ -208,6 +208,7 @@ class Watcher:
                                   self._stepping.accepts)
         lifetime.attach(root, self)  # the model keeps its watcher alive
         shutdown.register(self)  # flushed and closed at exit / SIGTERM if left open
+        self._pid = os.getpid()  # a forked child's copy never writes (see __del__)
         self._attached = True
 
     # -- public surface -------------------------------------------------------------------------
@@ -350,8 +351,11 @@ class Watcher:
 
     def __del__(self) -> None:
         # the model and this watcher were dropped together (the model holds its watcher):
-        # write what was collected and close the writer before both are freed
-        if self.__dict__.get("_attached") and not self._closed:
+        # write what was collected and close the writer before both are freed. Not in a
+        # forked child (a DataLoader worker): its copy must not write into the parent's
+        # logs, and the writer's thread did not survive the fork.
+        if (self.__dict__.get("_attached") and not self._closed
+                and self._pid == os.getpid()):
             lifetime.close_collected(self)
 
     def __enter__(self) -> Watcher:
