@@ -55,6 +55,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradwatch.buffers import ParamStepStats
 from gradwatch.hooks import _Inert
+from gradwatch.snapshot import applicable
 
 if TYPE_CHECKING:
     from gradwatch.watcher import Watcher
@@ -224,14 +225,21 @@ class Stepping:
         if self.mode == MANUAL:
             if self._manual_opt is None or self._manual_opt() is None:
                 self._manual_opt = weakref.ref(opt)
-                w._optimizer_known()
+                self._known(w)
             return _COMPANION
         if adopt and self.driver is None:  # auto, or the found driver is gone
             self._found = weakref.ref(opt)
             self.mode = OPTIMIZER
-            w._optimizer_known()
+            self._known(w)
             return _DRIVER
         return _COMPANION
+
+    def _known(self, w: Watcher) -> None:
+        """An optimizer updates watched parameters: update ratios apply from now on, and a
+        GradScaler's skipped steps of a driving optimizer end a step."""
+        w._applies[:] = [applicable(i, True) for i in w._infos]  # the Publisher's list
+        if w._amp is not None:
+            w._amp.optimizer = self.driver if self.mode == OPTIMIZER else None
 
     def accepts(self, opt: Any) -> bool:
         """For the GradScaler tap: ``scaler.step(opt)`` of an optimizer this watcher uses.
@@ -251,23 +259,25 @@ class Stepping:
         if role is None:
             self._unwatched += 1
             return
+        # with a closure (Lightning, LBFGS) the backward runs inside step(): the gradients
+        # are read after it, in post() (optimizers do not modify .grad in place)
         closure = closure_given(args, kwargs)
         only = self._holds(opt, w).only
-        if role == _DRIVER:
-            w._pre_step(closure, only)
-            return
         if self.mode == MANUAL:
             # only when the model ran since the last step: else these are the gradients
             # the last watcher.step() reported (it came before this optimizer step)
             if not closure and self._since > 0:
-                w._read_grads(only, merge=True)
+                self.read(w, only)
                 self._grads_at = (self._at_step, self._since)
         else:
-            self._others += 1
-            self._other_names.add(_name(opt))
+            if role == _COMPANION:
+                self._others += 1
+                self._other_names.add(_name(opt))
             if not closure:
-                w._read_grads(only, merge=True)
-        w._take_before(only)
+                self.read(w, only)
+        if w._collector.full:  # the weights before the first update of the step
+            w._only = only
+            w._params_safe("before")
 
     def post(self, opt: Any, args: Any, kwargs: Any) -> None:
         w = self._watcher()
@@ -276,15 +286,20 @@ class Stepping:
         role = self._role(opt, w, adopt=False)
         if role is None:
             return
-        closure = closure_given(args, kwargs)
-        only = self._holds(opt, w).only
-        if role == _DRIVER:
-            w._post_step(closure, only)
-            self.ended_by_driver()
-        elif closure:
-            w._read_grads(only, merge=True)
+        if closure_given(args, kwargs):
+            self.read(w, self._holds(opt, w).only)
             self._count(w)
             self._grads_at = (self._at_step, self._since)
+        if role == _DRIVER:
+            w._end_step()
+            self.ended_by_driver()
+
+    def read(self, w: Watcher, only: frozenset[int] | None, merge: bool = True) -> None:
+        """Read the gradients of ``only`` (indices into the tracked parameters; None: all)
+        for the step in progress; ``merge``: over what another optimizer's step read."""
+        w._only = only
+        grads = w._params_safe("grad")
+        w._pending_grads = merge_grads(w._pending_grads, grads) if merge else grads
 
     def ended_by_driver(self) -> None:
         """A step was ended by the driver (stepped, or skipped by a GradScaler)."""
@@ -301,7 +316,8 @@ class Stepping:
             self._found = None
             if found is not None:
                 self._manual_opt = weakref.ref(found)
-            w._manual_from_now()
+            if w._amp is not None:  # a skipped step now waits for watcher.step()
+                w._amp.optimizer = None
         if was == OPTIMIZER and self.confirmable:
             self.confirmable = False
             return False

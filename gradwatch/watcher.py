@@ -42,7 +42,7 @@ from gradwatch.sinks.console import report as _report
 from gradwatch.sinks.notebook import html_report
 from gradwatch.sinks.pictures import Pictures
 from gradwatch.snapshot import HostCopy, Snapshot, applicable
-from gradwatch.stepping import OPTIMIZER, Stepping, merge_grads
+from gradwatch.stepping import Stepping
 from gradwatch.worker import Worker
 
 MAX_ALERTS = 10_000
@@ -257,7 +257,7 @@ class Watcher:
             self._end_step(skipped=True)
             return
         if not early:  # else: read at an optimizer step of this step, still current
-            self._read_grads()
+            s.read(self, None, merge=False)
         self._end_step()
 
     def flush(self) -> Snapshot | None:
@@ -324,7 +324,7 @@ class Watcher:
         collected as one step (it is written as one window) and say how to step."""
         if self._step or not self._collector.order:
             return
-        self._read_grads()
+        self._stepping.read(self, None, merge=False)
         self._end_step()
         warnings.warn(
             self._stepping.no_step_message(self._stepping.forwards)
@@ -410,50 +410,12 @@ class Watcher:
             return None
         return self._params.update_ratios()
 
-    # -- called by stepping.Stepping (torch's global optimizer step hooks) -----------------
+    # -- the optimizer (stepping.Stepping reads at its steps) ----------------------------------
     @property
     def _optimizer(self) -> torch.optim.Optimizer | None:
         """The optimizer whose steps are measured: given, found, or (when stepped by hand)
         one that updated watched parameters; None before any."""
         return self._stepping.optimizer
-
-    def _optimizer_known(self) -> None:
-        """An optimizer updates watched parameters: update ratios apply from now on, and a
-        GradScaler's skipped steps of a driving optimizer end a step."""
-        self._applies[:] = [applicable(i, True) for i in self._infos]
-        if self._amp is not None and self._stepping.mode == OPTIMIZER:
-            self._amp.optimizer = self._stepping.driver
-
-    def _manual_from_now(self) -> None:
-        """``step()`` was called: skipped AMP steps wait for it."""
-        if self._amp is not None:
-            self._amp.optimizer = None
-
-    def _read_grads(self, only: frozenset[int] | None = None, merge: bool = False) -> None:
-        """Read the gradients of ``only`` (indices into the tracked parameters; None: all)
-        for this step; ``merge``: into those another optimizer's step read already."""
-        self._only = only
-        grads = self._params_safe("grad")
-        self._pending_grads = merge_grads(self._pending_grads, grads) if merge else grads
-
-    def _take_before(self, only: frozenset[int] | None = None) -> None:
-        """The weights before the first optimizer update of this step (sampled steps);
-        ``only``: the parameters this optimizer updates (None: all)."""
-        if self._collector.full:
-            self._only = only
-            self._params_safe("before")
-
-    def _pre_step(self, closure: bool, only: frozenset[int] | None = None) -> None:
-        # with a closure (Lightning, LBFGS) the backward runs inside step(): read the
-        # gradients after it, in _post_step (optimizers do not modify .grad in place)
-        if not closure:
-            self._read_grads(only, merge=True)
-        self._take_before(only)
-
-    def _post_step(self, closure: bool, only: frozenset[int] | None = None) -> None:
-        if closure:
-            self._read_grads(only, merge=True)
-        self._end_step()
 
     def _describe(self, owners: Sequence[tuple[nn.Parameter, int]]) -> list[Any]:
         own: list[list[nn.Parameter]] = [[] for _ in self._chosen]
