@@ -51,6 +51,8 @@ MAX_ALERTS = 10_000
 #: windows shorter than twice this are read on every step). Chosen by measurement, see
 #: docs/performance.md.
 SAMPLED_PER_WINDOW = 10
+# models pickled (torch.save) while watched by an earlier version name the marker here
+_Attachment = lifetime.Attachment
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -78,8 +80,9 @@ class Watcher:
 
     Steps: without ``optimizer=`` the first optimizer whose ``step()`` updates a watched
     parameter is found and used as if it had been given; with several optimizers, a step
-    ends when the driving one's ``step()`` returns, and the others' updates count in the
-    step in progress. ``step()`` steps the watcher by hand instead (``stepping.py``).
+    ends when the driving one's ``step()`` returns, each optimizer's gradients are read at
+    its own ``step()`` and count in the step in progress. ``step()`` steps the watcher by
+    hand instead (``stepping.py``).
 
     Lifetime: the model keeps its watcher alive (the result of ``watch()`` may be dropped);
     it is closed by ``gradwatch.unwatch(model)``, ``close()``, the end of a ``with`` block,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 import weakref
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import gradwatch
-from gradwatch import shutdown
+from gradwatch import lifetime, shutdown
 from tests.events import event_files, scalars
 from tests.hookstate import hook_state
 
@@ -201,3 +202,18 @@ def test_open_watchers_are_weakly_registered_and_closed_with_the_model():
     del m
     gc.collect()
     assert ref() is None
+
+
+def test_a_model_pickled_by_an_earlier_version_loads_unwatched():
+    """Earlier versions pickled the marker as ``gradwatch.watcher._Attachment``."""
+    import pickle
+
+    marker = pickle.loads(b"cgradwatch.watcher\n_Attachment\n)R.")
+    m = mlp()
+    m.__dict__["_gradwatch_attachment"] = marker
+    assert lifetime.attached(m) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not watched: no "already watched" warning
+        w = gradwatch.watch(m, tensorboard=False)
+    assert lifetime.attached(m) is w
+    w.close()
