@@ -29,7 +29,8 @@ def any_lazy(params: Iterable[torch.Tensor]) -> bool:
 
 class MaterializedHook:
     """Forward hook on the watched root: tells the watcher after each forward until its
-    parameters are materialized. Inert when copied or pickled with the model."""
+    parameters are materialized (the watcher then removes it). Inert when copied or
+    pickled with the model."""
 
     __slots__ = ("_ref",)
 

@@ -53,6 +53,7 @@ from torch.optim.optimizer import (
 )
 from torch.utils.hooks import RemovableHandle
 
+from gradwatch.alerts import GradientAlertError, logger
 from gradwatch.buffers import ParamStepStats
 from gradwatch.hooks import _Inert
 from gradwatch.snapshot import applicable
@@ -78,6 +79,16 @@ def closure_given(args: Any, kwargs: Any) -> bool:
     return callable(closure)
 
 
+def warn_usage(msg: str, stacklevel: int) -> None:
+    """A ``UserWarning`` about how gradwatch is used (not a model-health alert, not an
+    internal fault); where warnings are errors (``-W error``) it is logged instead: it
+    must not stop the training either."""
+    try:
+        warnings.warn(msg, UserWarning, stacklevel=stacklevel)
+    except Exception:
+        logger.warning(msg)
+
+
 def _name(opt: Any) -> str:
     return f"{type(opt).__name__} (id {id(opt):#x})"
 
@@ -101,11 +112,17 @@ class _GlobalStepHook:
 
     def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         s = self._ref()
-        if s is not None:
+        if s is None or s.off:
+            return None
+        try:
             if self._post:
                 s.post(optimizer, args, kwargs)
             else:
                 s.pre(optimizer, args, kwargs)
+        except GradientAlertError:  # on_alert="raise": from the step that found it
+            raise
+        except Exception as e:  # never the reason the training stops
+            s.fail("optimizer step hook", e)
         return None
 
 
@@ -122,8 +139,11 @@ class _ForwardCounter:
         if torch.compiler.is_compiling() or not torch.is_grad_enabled():
             return None
         s = self._ref()
-        if s is not None:
-            s.forward()
+        if s is not None and not s.off:
+            try:
+                s.forward()
+            except Exception as e:  # a warning turned into an error included
+                s.fail("forward counter", e)
         return None
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
@@ -179,6 +199,7 @@ class Stepping:
         self._other_names: set[str] = set()
         self._grads_at: tuple[int, int] | None = None  # (step, forwards) of early-read grads
         self._warned = False
+        self.off = False  # switched off after an internal failure
         self.handles: list[RemovableHandle] = [
             _GlobalStepHook(self, post=False).handle,
             _GlobalStepHook(self, post=True).handle,
@@ -348,7 +369,7 @@ class Stepping:
         self.confirmable = False
         if self._since == TRAINING_FORWARDS_WITHOUT_STEP and not self._warned:
             self._warned = True
-            warnings.warn(self.no_step_message(self._since), UserWarning, stacklevel=6)
+            warn_usage(self.no_step_message(self._since), stacklevel=7)
 
     def no_step_message(self, forwards: int) -> str:
         """What is wrong when forward passes go by without a step, and what to do."""
@@ -376,6 +397,13 @@ class Stepping:
                     "other models: was the optimizer made for another copy of the model?)")
         return (msg + ". Step an optimizer made with this model's parameters, pass it as "
                 "watch(optimizer=...), or call watcher.step() once per training step")
+
+    def fail(self, stage: str, e: Exception) -> None:
+        """An internal failure in a hook: reported once, the hooks turn inert."""
+        self.off = True
+        w = self._watcher()
+        if w is not None:
+            w._collector.fault(stage, "*", e)
 
     def remove(self) -> None:
         for h in self.handles:

@@ -37,12 +37,12 @@ from gradwatch.lazy import MaterializedHook, any_lazy
 from gradwatch.options import check_bool, check_int, check_sample_every, given, open_writer
 from gradwatch.publish import Publisher
 from gradwatch.rules import Rules, Thresholds
-from gradwatch.selection import assign_params, describe, select, unwrap
+from gradwatch.selection import LayerInfo, assign_params, describe, select, unwrap
 from gradwatch.sinks.console import report as _report
 from gradwatch.sinks.notebook import html_report
 from gradwatch.sinks.pictures import Pictures
 from gradwatch.snapshot import HostCopy, Snapshot, applicable
-from gradwatch.stepping import Stepping
+from gradwatch.stepping import Stepping, warn_usage
 from gradwatch.worker import Worker
 
 MAX_ALERTS = 10_000
@@ -201,8 +201,8 @@ class Watcher:
         for slot, (_, m) in enumerate(chosen):
             self._handles.append(m.register_forward_hook(ForwardHook(self._collector, slot)))
         self._handles.append(root.register_forward_hook(ForwardDoneHook(self._collector, -1)))
-        if self._lazy:
-            self._handles.append(root.register_forward_hook(MaterializedHook(self)))
+        self._lazy_hook = (root.register_forward_hook(MaterializedHook(self))
+                           if self._lazy else None)
         # torch's global optimizer step hooks and a forward counter on the root
         self._stepping = Stepping(self, root, root.parameters(), optimizer)
         self._amp: ScalerTap | None = None
@@ -301,6 +301,8 @@ class Watcher:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._lazy_hook is not None:
+            self._lazy_hook.remove()
         self._stepping.remove()
         c.remove_tensor_hooks()
         if self._amp is not None:
@@ -329,9 +331,8 @@ class Watcher:
             return
         self._stepping.read(self, None, merge=False)
         self._end_step()
-        warnings.warn(
-            self._stepping.no_step_message(self._stepping.forwards)
-            + "; what was collected is written as one step", UserWarning, stacklevel=4)
+        warn_usage(self._stepping.no_step_message(self._stepping.forwards)
+                   + "; what was collected is written as one step", stacklevel=5)
 
     def report(self) -> str:
         """A table of the latest window per layer, alerted cells marked with ``!``, then
@@ -348,9 +349,8 @@ class Watcher:
     def _settle(self) -> None:
         """Before a read: wait for the windows handed to the background thread (never from
         that thread itself, which would wait for itself)."""
-        worker = self._publish.worker
         if not Worker.on_worker_thread():
-            worker.join()
+            self._publish.worker.join()
 
     def __del__(self) -> None:
         # the model and this watcher were dropped together (the model holds its watcher):
@@ -420,7 +420,7 @@ class Watcher:
         one that updated watched parameters; None before any."""
         return self._stepping.optimizer
 
-    def _describe(self, owners: Sequence[tuple[nn.Parameter, int]]) -> list[Any]:
+    def _describe(self, owners: Sequence[tuple[nn.Parameter, int]]) -> list[LayerInfo]:
         own: list[list[nn.Parameter]] = [[] for _ in self._chosen]
         for p, slot in owners:
             own[slot].append(p)
@@ -429,16 +429,19 @@ class Watcher:
     def _materialized(self) -> None:
         """After a forward of a model with lazy modules: once every parameter has its
         shape, track them (the parameter statistics of this very step included)."""
-        if not self._lazy:
-            return
-        owners = assign_params(self._root, self._chosen)
-        if any_lazy(p for p, _ in owners):
-            return
+        try:
+            owners = assign_params(self._root, self._chosen)
+            if any_lazy(p for p, _ in owners):
+                return
+            self._params = ParamTracker(owners, len(self._infos), self._device)
+            self._stepping.forget()  # which parameters each optimizer holds, by index
+            self._infos[:] = self._describe(owners)  # LazyLinear -> Linear; shared list
+            self._types.update({i.name: i.type_name for i in self._infos})
+        except Exception as e:
+            self._collector.fault("lazy parameters", "*", e)
         self._lazy = False
-        self._params = ParamTracker(owners, len(self._infos), self._device)
-        self._stepping.forget()  # which parameters each optimizer holds, by index
-        self._infos[:] = self._describe(owners)  # LazyLinear -> Linear; shared list
-        self._types.update({i.name: i.type_name for i in self._infos})
+        if self._lazy_hook is not None:
+            self._lazy_hook.remove()
 
     def _amp_unscale(self, factor: torch.Tensor) -> None:
         try:

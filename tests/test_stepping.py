@@ -318,8 +318,9 @@ def test_no_step_at_all_commits_one_window_at_close_and_warns(tmp_path):
         m(_x(step)).pow(2).mean().backward()
     ref.before_step()
     with pytest.warns(UserWarning, match=r"7 training forward pass\(es\) .* no training step.*"
-                      r"watcher.step\(\).*written as one step"):
+                      r"watcher.step\(\).*written as one step") as rec:
         w.close()
+    assert rec[0].filename == __file__  # points at the close() call
     snap = w.latest
     assert snap is not None and snap.step == 1
     want = ref.window([0])  # the seven forward passes pooled, the accumulated gradients
