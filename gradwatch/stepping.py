@@ -142,7 +142,7 @@ class _ForwardCounter:
         if s is not None and not s.off:
             try:
                 s.forward()
-            except Exception as e:  # a warning turned into an error included
+            except Exception as e:  # never the reason the training stops
                 s.fail("forward counter", e)
         return None
 
