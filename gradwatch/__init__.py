@@ -12,7 +12,7 @@ from gradwatch.alerts import (
 )
 from gradwatch.rules import Thresholds
 from gradwatch.snapshot import Snapshot
-from gradwatch.watcher import Watcher, watch
+from gradwatch.watcher import Watcher, unwatch, watch
 
 __all__ = [
     "Alert",
@@ -26,6 +26,7 @@ __all__ = [
     "Thresholds",
     "VanishingGradientWarning",
     "Watcher",
+    "unwatch",
     "watch",
 ]
 __version__ = "0.1.0"

@@ -74,13 +74,20 @@ class ScalerTap:
 
     ``unscale(factor)`` multiplies the staged output-gradient Σg² by ``factor`` (a device
     tensor), at most once per watcher step; ``skipped()`` is called on the training thread
-    when the scaler skipped the optimizer step.
+    when the scaler skipped the optimizer step. ``optimizer``: the one whose skipped steps
+    end a watcher step (None: the watcher is stepped by hand, a skip waits for ``step()``);
+    held weakly, the watcher holds one given to ``watch()``. ``accepts(opt)``, while
+    ``optimizer`` is None: whether ``scaler.step(opt)`` concerns this watcher (it may make
+    ``opt`` the watcher's optimizer, a step the scaler skips included).
     """
 
     def __init__(self, scaler: Any, optimizer: Any, unscale: Callable[[torch.Tensor], None],
-                 skipped: Callable[[], None]) -> None:
+                 skipped: Callable[[], None],
+                 accepts: Callable[[Any], bool] | None = None) -> None:
         self.scaler = scaler
+        self._optimizer: weakref.ref[Any] | None = None
         self.optimizer = optimizer
+        self._accepts = accepts
         self._unscale = unscale
         self._skipped = skipped
         self._unscaled = False  # this step's staged sums are unscaled already
@@ -102,9 +109,21 @@ class ScalerTap:
         cur.taps.append(weakref.ref(self))
         self._wrapper = cur
 
+    @property
+    def optimizer(self) -> Any:
+        return self._optimizer() if self._optimizer is not None else None
+
+    @optimizer.setter
+    def optimizer(self, opt: Any) -> None:
+        self._optimizer = weakref.ref(opt) if opt is not None else None
+
     def active(self, optimizer: Any) -> bool:
-        enabled = getattr(self.scaler, "is_enabled", lambda: True)()
-        return bool(enabled) and (self.optimizer is None or optimizer is self.optimizer)
+        if not getattr(self.scaler, "is_enabled", lambda: True)():
+            return False
+        mine = self.optimizer
+        if mine is not None:
+            return optimizer is mine
+        return self._accepts is None or self._accepts(optimizer)
 
     def before_step(self) -> None:
         if self._unscaled:

@@ -408,6 +408,8 @@ class ParamTracker:
         self._wplan: S.NormPlan | None = None
         self._before: S.Packed | None = None
         self._vplan: S.NormPlan | None = None
+        self._updating: frozenset[int] | None = None  # see before_update
+        self._updated_cache: dict[frozenset[int], Tensor] = {}
         self._views_idx: Tensor | None = None
         self._views_has: Tensor | None = None
         self._views: list[Tensor] = []
@@ -437,15 +439,18 @@ class ParamTracker:
             self._cache[present] = hit
         return hit
 
-    def grad_stats(self, full: bool = True) -> ParamStepStats | None:
+    def grad_stats(self, full: bool = True,
+                   only: frozenset[int] | None = None) -> ParamStepStats | None:
         """Per-layer gradient norms, RMS and non-finite flags; the max-abs only when
-        ``full`` (a second pass over every gradient: sampled steps only).
+        ``full`` (a second pass over every gradient: sampled steps only). ``only``: the
+        indices into ``trainable`` to read (one optimizer's parameters), None: all.
 
         Non-finite: on full steps from the max-abs, exact (an L2 norm of finite values can
         overflow, |g| ~ 1e19); on light steps from the norm, NaN only: an Inf gradient
         there shows as an infinite ``grad_rms`` (the rules report it as exploding at once).
         """
-        present = tuple(k for k, (p, _) in enumerate(self.trainable) if p.grad is not None)
+        present = tuple(k for k, (p, _) in enumerate(self.trainable)
+                        if p.grad is not None and (only is None or k in only))
         self.present = present
         if not present:
             return None
@@ -519,12 +524,33 @@ class ParamTracker:
             self._vplan = S.NormPlan(views)
         return self._vplan
 
-    def before_update(self) -> None:
+    def before_update(self, only: frozenset[int] | None = None) -> None:
+        """Copy the weights before the first optimizer update of a step. ``only``: the
+        parameters that optimizer updates (indices into ``trainable``; None: all); each
+        further optimizer of the step adds its own, and ``update_ratios`` leaves out (NaN)
+        the layers none of them updated."""
+        if self._before is not None:  # an earlier optimizer of this step copied them
+            had = self._updating
+            self._updating = None if had is None or only is None else had | only
+            return
         if not self.trainable or self.trainable[0][0].is_sparse:
-            self._before = None
             return
         views = self._sample_views()
         self._before = self._views_plan(views).pack(views, copy=True)
+        self._updating = only
+
+    def _updated(self, only: frozenset[int]) -> Tensor:
+        """Layers with a parameter in ``only`` (bool, on the device; made once per set)."""
+        hit = self._updated_cache.get(only)
+        if hit is None:
+            hit = torch.zeros(self.n_layers, dtype=torch.bool, device=self.device)
+            slots = [self.trainable[k][1] for k in sorted(only)]
+            if slots:
+                hit.index_fill_(0, device_tensor(slots, torch.long, self.device), True)
+            if len(self._updated_cache) > 64:  # bounded: a few optimizers per model
+                self._updated_cache.clear()
+            self._updated_cache[only] = hit
+        return hit
 
     def update_ratios(self) -> Tensor | None:
         """‖Δw‖/‖w‖ per layer over the sampled elements (exact for tensors <= 4096)."""
@@ -543,9 +569,12 @@ class ParamTracker:
             has = torch.zeros(self.n_layers, dtype=torch.bool, device=self.device)
             self._views_has = has.index_fill_(0, self._views_idx, True)
         assert self._views_has is not None
+        has = self._views_has
+        if self._updating is not None:
+            has = has & self._updated(self._updating)
         sq = torch.zeros(2, self.n_layers, device=self.device)
         sq.index_add_(1, self._views_idx, torch.stack([dn * dn, wn * wn]))
         if self._shards is not None:
             sq = self._shards.sum_(sq)
-        return torch.where(self._views_has, torch.sqrt(sq[0]) / torch.sqrt(sq[1]),
+        return torch.where(has, torch.sqrt(sq[0]) / torch.sqrt(sq[1]),
                            torch.full_like(sq[0], math.nan))

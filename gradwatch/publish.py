@@ -85,6 +85,13 @@ class Publisher:
         finally:
             self.worker.close(left())
 
+    def close_later(self) -> None:
+        """``close`` for the worker thread itself (a watcher collected there): queue the
+        sink's close and the thread's end behind the queued windows; wait for nothing."""
+        if self._sink is not None:
+            self.worker.submit(self._close_sink)
+        self.worker.stop_later()
+
     # -- on the worker thread ---------------------------------------------------------------
     def _guard(self, part: str, stage: str, fn: Callable[[], Any]) -> Any:
         if part in self.off:

@@ -20,8 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from gradwatch.watcher import Watcher
+    from gradwatch.worker import Worker
 
 _open: weakref.WeakSet[Watcher] = weakref.WeakSet()
+# background threads still writing the last window of a watcher closed where nobody could
+# wait for them (collected by the garbage collector on a gradwatch thread): waited for at exit
+_draining: weakref.WeakSet[Worker] = weakref.WeakSet()
 # re-entrant: the SIGTERM handler runs on the main thread, possibly inside register()
 _lock = threading.RLock()
 # "handler": the SIGTERM handler gradwatch installed last (None: none in place)
@@ -53,18 +57,29 @@ def unregister(w: Watcher) -> None:
         _restore()
 
 
+def drain(worker: Worker) -> None:
+    """A closed watcher's background thread still has its last window to write."""
+    with _lock:
+        _draining.add(worker)
+
+
 def close_all() -> None:
-    """Flush and close every open watcher; never raises (used at exit).
+    """Flush and close every open watcher, and wait for the background threads of closed
+    ones still writing; never raises (used at exit).
 
     Only in the process that opened them: a forked child (a DataLoader worker) holds copies
     of the parent's watchers, and must not write into the parent's logs."""
     with _lock:
-        watchers = list(_open) if _state["pid"] == os.getpid() else []
+        mine = _state["pid"] == os.getpid()
+        watchers = list(_open) if mine else []
+        workers = list(_draining) if mine else []
     for w in watchers:
         try:
             w._close_at_exit(EXIT_BUDGET)
         except Exception:  # noqa: BLE001 - at exit, a failure must not hide the others
             pass
+    for wk in workers:
+        wk.join(EXIT_BUDGET)
 
 
 def _at_exit() -> None:

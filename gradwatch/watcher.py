@@ -4,6 +4,7 @@ No statistics are computed here and nothing is written here: hooks (``hooks.py``
 device buffers (``buffers.py``); a flush makes one host copy (``snapshot.py``) and hands it
 to the background worker, which runs the rules (``rules.py``) and the sinks (``sinks/``).
 Alerts are delivered on the training thread, at the next ``step()``/``flush()``/``close()``.
+What ends a step is decided in ``stepping.py``, how long a watcher lives in ``lifetime.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from gradwatch import alerts as A
-from gradwatch import shutdown
+from gradwatch import lifetime, shutdown
 from gradwatch.amp import ScalerTap
 from gradwatch.audit import measure
 from gradwatch.buffers import WindowBuffers
@@ -33,17 +34,18 @@ from gradwatch.hooks import (
     ForwardDoneHook,
     ForwardHook,
     ParamTracker,
-    _StepHook,
     report_fault,
 )
+from gradwatch.lazy import MaterializedHook, any_lazy
 from gradwatch.nonfinite import Meta, NonFiniteTracker
 from gradwatch.options import check_bool, check_int, check_sample_every, given, open_writer
 from gradwatch.origin import ModelMap
 from gradwatch.publish import Publisher
 from gradwatch.rules import Rules, Thresholds
-from gradwatch.sampling import SAMPLED_PER_WINDOW, Sampler
+from gradwatch.sampling import Sampler
 from gradwatch.selection import (
     ROOT_NAME,
+    LayerInfo,
     assign_params,
     describe,
     grad_safe,
@@ -52,28 +54,16 @@ from gradwatch.selection import (
     unwrap,
 )
 from gradwatch.sinks.console import report as _report
+from gradwatch.sinks.notebook import html_report
 from gradwatch.sinks.pictures import Pictures
 from gradwatch.snapshot import HostCopy, Snapshot, applicable
+from gradwatch.stepping import Stepping, warn_usage
 from gradwatch.trace import ModuleFlags, StepTrace
+from gradwatch.worker import Worker
 
 MAX_ALERTS = 10_000
-_ATTACH = "_gradwatch_attachment"
-
-
-class _Attachment:
-    """Marks a model as watched. Pickles and deep-copies as an empty marker, so a copy of
-    the model is not watched."""
-
-    __slots__ = ("ref",)
-
-    def __init__(self, watcher: Watcher | None = None) -> None:
-        self.ref = weakref.ref(watcher) if watcher is not None else None
-
-    def __reduce__(self) -> tuple[Any, tuple[()]]:
-        return (_Attachment, ())
-
-    def get(self) -> Watcher | None:
-        return self.ref() if self.ref is not None else None
+# models pickled (torch.save) while watched by an earlier version name the marker here
+_Attachment = lifetime.Attachment
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -100,6 +90,21 @@ class Watcher:
     watcher itself (``gradwatch.sampling``): the first window as densely as doubling a
     light step's time allows (every step for most models), later windows at about 2% of
     the step time and at most ``every // SAMPLED_PER_WINDOW`` steps apart.
+
+    Steps: without ``optimizer=`` the first optimizer whose ``step()`` updates a watched
+    parameter is found and used as if it had been given; with several optimizers, a step
+    ends when the driving one's ``step()`` returns, each optimizer's gradients are read at
+    its own ``step()`` and count in the step in progress. ``step()`` steps the watcher by
+    hand instead (``stepping.py``).
+
+    Lifetime: the model keeps its watcher alive (the result of ``watch()`` may be dropped);
+    it is closed by ``gradwatch.unwatch(model)``, ``close()``, the end of a ``with`` block,
+    process exit, or when the model and the watcher are garbage-collected together.
+
+    Reads: ``latest``, ``alerts``, ``report()`` wait for a flush in progress on the
+    background thread (the only wait, and only when read), so they are never a window
+    behind. Reading delivers nothing: alerts found by that flush are in ``alerts`` at once
+    and are issued (warned, raised, logged) at the next ``step()``/``flush()``/``close()``.
     """
 
     def __init__(
@@ -149,14 +154,11 @@ class Watcher:
         chosen = select(root, include, exclude)
 
         self.on_alert = on_alert
-        self._optimizer = optimizer
         self._scaler = scaler
         self._root = root
+        self._chosen = chosen
         owners = assign_params(root, chosen)
-        own: list[list[nn.Parameter]] = [[] for _ in chosen]
-        for p, slot in owners:
-            own[slot].append(p)
-        self._infos = [describe(n, m, own[i]) for i, (n, m) in enumerate(chosen)]
+        self._infos = self._describe(owners)
         self._applies = [applicable(i, optimizer is not None) for i in self._infos]
         self._types = {i.name: i.type_name for i in self._infos}
         self._device = _device_of(root)
@@ -165,7 +167,9 @@ class Watcher:
         self._collector = Collector(self._buffers, self._infos, self.thresholds.saturation_margin)
         self._rules = Rules(self.thresholds, self._infos,
                             measure(root, chosen, self._collector.fault), self._collector.fault)
-        self._params = ParamTracker(owners, L, self._device)
+        # lazy modules: parameters are tracked once materialized, at the first forward
+        self._lazy = any_lazy(p for p, _ in owners)
+        self._params = ParamTracker([] if self._lazy else owners, L, self._device)
         # the non-finite trace covers every module of the model, watched or not
         self._mods = [(n or ROOT_NAME, m) for n, m in root.named_modules()]
         hooked = [not grad_safe(m) for _, m in self._mods]
@@ -185,6 +189,7 @@ class Watcher:
         self._off: set[str] = set()  # internal parts switched off after a failure
         self._pending_grads: Any = None
         self._trace_step = -1  # the step whose non-finite trace was taken already
+        self._only: frozenset[int] | None = None
         self._sink: Any = None
         # distributed: only rank 0 opens a writer, so a run has one event file
         if tensorboard and is_writer_rank():
@@ -204,9 +209,8 @@ class Watcher:
         self._flags = StepFlags(L, self._device)
 
         # -- attach: replace an open watcher of the same model first -----------------------------
-        old = root.__dict__.get(_ATTACH)
-        prev = old.get() if isinstance(old, _Attachment) else None
-        if prev is not None and not prev._closed:
+        prev = lifetime.attached(root)
+        if prev is not None:
             warnings.warn(
                 "gradwatch: this model was already watched; the previous watcher is closed "
                 "(its data flushed, its hooks removed)",
@@ -222,14 +226,18 @@ class Watcher:
                 ForwardHook(self._collector, i, slot_of.get(id(m), -1)), with_kwargs=True))
         self._handles.append(root.register_forward_hook(ForwardDoneHook(self._collector, -1)))
         self._collector.on_eval_done = weakref.WeakMethod(self._eval_done)
-        if optimizer is not None:
-            self._handles.append(optimizer.register_step_pre_hook(_StepHook(self._pre_step)))
-            self._handles.append(optimizer.register_step_post_hook(_StepHook(self._post_step)))
+        self._lazy_hook = (root.register_forward_hook(MaterializedHook(self))
+                           if self._lazy else None)
+        # torch's global optimizer step hooks and a forward counter on the root
+        self._stepping = Stepping(self, root, root.parameters(), optimizer)
         self._amp: ScalerTap | None = None
         if scaler is not None:
-            self._amp = ScalerTap(scaler, optimizer, self._amp_unscale, self._amp_skip)
-        root.__dict__[_ATTACH] = _Attachment(self)
+            self._amp = ScalerTap(scaler, optimizer, self._amp_unscale, self._amp_skip,
+                                  self._stepping.accepts)
+        lifetime.attach(root, self)  # the model keeps its watcher alive
         shutdown.register(self)  # flushed and closed at exit / SIGTERM if left open
+        self._pid = os.getpid()  # a forked child's copy never writes (see __del__)
+        self._attached = True
 
     # -- public surface -------------------------------------------------------------------------
     @property
@@ -248,25 +256,42 @@ class Watcher:
 
     @property
     def latest(self) -> Snapshot | None:
+        """The last flushed window; waits for a flush in progress (never stale)."""
+        self._settle()
         return self._publish.latest
 
     @property
     def alerts(self) -> list[A.Alert]:
-        return list(self._alerts)
+        """Every alert found so far (the newest ``MAX_ALERTS``), also those of a flush in
+        progress (waited for) that the next step/flush/close will issue."""
+        self._settle()
+        found = list(self._alerts)
+        if is_writer_rank():
+            with self._publish.lock:
+                found.extend(self._publish.pending)
+        return found[-MAX_ALERTS:]
 
     def step(self) -> None:
-        """End of one training step (only when no optimizer was given to ``watch()``)."""
-        if self._optimizer is not None:
+        """End of one training step, for loops without a torch optimizer.
+
+        Calling it means the watcher is stepped by hand from now on. In a loop that also
+        calls ``opt.step()`` each step is counted once: the first call right after a step
+        the found optimizer ended confirms that step. An error when ``watch()`` was given
+        an optimizer (that optimizer steps the watcher)."""
+        s = self._stepping
+        if s.explicit is not None:
             raise RuntimeError(
                 "step() must not be called when watch() was given an optimizer: the watcher "
                 "steps itself after every optimizer.step()"
             )
-        if self._closed:
+        if self._closed or not s.manual_step(self):
             return
+        early = s.take_early_grads(self)
         if self._amp is not None and self._amp.take_pending_skip():
             self._end_step(skipped=True)
             return
-        self._pending_grads = self._params_safe("grad")
+        if not early:  # else: read at an optimizer step of this step, still current
+            s.read(self, None, merge=False)
         self._end_step()
 
     def flush(self) -> Snapshot | None:
@@ -282,14 +307,24 @@ class Watcher:
         return self._publish.latest
 
     def close(self) -> None:
-        """Flush a non-empty window, remove every hook, close an owned writer. Idempotent."""
+        """Flush a non-empty window, remove every hook, close an owned writer. Idempotent.
+
+        If the model ran forward and no step ever ended, what was collected is committed
+        as one step and written, with a ``UserWarning`` saying how to step the watcher."""
         self._close(None)
 
-    def _close(self, budget: float | None) -> None:
+    def _close(self, budget: float | None, wait: bool = True) -> None:
         """``budget``: at most this many seconds waiting for the background thread (at exit,
-        where a hang is worse than a lost window); None waits as long as it takes."""
+        where a hang is worse than a lost window); None waits as long as it takes.
+        ``wait=False``: wait for nothing (on a background thread: the last window and the
+        writer's close are queued there, and the process exit waits for them)."""
         if self._closed:
             return
+        raised: A.GradientAlertError | None = None
+        try:
+            self._commit_unstepped()
+        except A.GradientAlertError as e:  # on_alert="raise": close first, then raise
+            raised = e
         self._closed = True
         shutdown.unregister(self)
         c = self._collector
@@ -297,13 +332,13 @@ class Watcher:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        if self._lazy_hook is not None:
+            self._lazy_hook.remove()
+        self._stepping.remove()
         c.remove_tensor_hooks()
         if self._amp is not None:
             self._amp.remove()
-        if self._root.__dict__.get(_ATTACH) is not None:
-            att = self._root.__dict__[_ATTACH]
-            if isinstance(att, _Attachment) and att.get() is self:
-                del self._root.__dict__[_ATTACH]
+        lifetime.detach(self._root, self)
         end = None if budget is None else time.monotonic() + budget
 
         def left() -> float | None:
@@ -311,12 +346,51 @@ class Watcher:
 
         if self._window_steps:
             self._launch_flush()
-        self._publish.close(left)
+        if wait:
+            self._publish.close(left)
+        else:
+            self._publish.close_later()
+            shutdown.drain(self._publish.worker)
+        if raised is not None:
+            raise raised
         self._deliver()
 
+    def _commit_unstepped(self) -> None:
+        """At close: the model ran forward but no step ever ended. Commit what was
+        collected as one step (it is written as one window) and say how to step."""
+        if self._step or not self._collector.order:
+            return
+        self._stepping.read(self, None, merge=False)
+        self._end_step()
+        warn_usage(self._stepping.no_step_message(self._stepping.forwards)
+                   + "; what was collected is written as one step", stacklevel=5)
+
     def report(self) -> str:
-        """A table of the latest window per layer, alerted cells marked with ``!``."""
-        return _report(self._publish.latest, self.alerts, self._types)
+        """A table of the latest window per layer, alerted cells marked with ``!``, then
+        the alerts with their cause and hint. Waits for a flush in progress."""
+        return _report(self.latest, self.alerts, self._types)
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the report as an HTML table (alerted cells marked), then the alerts."""
+        snap = self.latest
+        title = (f"gradwatch: {len(self._infos)} layers, every {self.every}, "
+                 f"{'closed' if self._closed else 'open'}")
+        return html_report(snap, self.alerts, self._types, title)
+
+    def _settle(self) -> None:
+        """Before a read: wait for the windows handed to the background thread (never from
+        that thread itself, which would wait for itself)."""
+        if not Worker.on_worker_thread():
+            self._publish.worker.join()
+
+    def __del__(self) -> None:
+        # the model and this watcher were dropped together (the model holds its watcher):
+        # write what was collected and close the writer before both are freed. Not in a
+        # forked child (a DataLoader worker): its copy must not write into the parent's
+        # logs, and the writer's thread did not survive the fork.
+        if (self.__dict__.get("_attached") and not self._closed
+                and self._pid == os.getpid()):
+            lifetime.close_collected(self)
 
     def __enter__(self) -> Watcher:
         return self
@@ -327,14 +401,15 @@ class Watcher:
             return
         self._close_at_exit()
 
-    def _close_at_exit(self, budget: float | None = None) -> None:
-        """Close when the program is already ending (an exception, exit, SIGTERM): alerts
-        are delivered, but ``on_alert="raise"`` does not replace what is going on."""
+    def _close_at_exit(self, budget: float | None = None, wait: bool = True) -> None:
+        """Close when the program is already ending (an exception, exit, SIGTERM) or the
+        watcher is being collected: alerts are delivered, but ``on_alert="raise"`` does not
+        replace what is going on."""
         on_alert = self.on_alert
         if on_alert == "raise":
             self.on_alert = "log"
         try:
-            self._close(budget)
+            self._close(budget, wait)
         finally:
             self.on_alert = on_alert
 
@@ -360,31 +435,51 @@ class Watcher:
 
     def _params_op(self, what: str) -> Any:
         if what == "grad":
+            only = self._only  # one optimizer's parameters (None: all)
             if self._collector.hist is not None and self._collector.full:
-                self._collector.hist.add_grads(self._params.trainable)
-            return self._params.grad_stats(self._collector.full)
+                mine = self._params.trainable
+                self._collector.hist.add_grads(
+                    mine if only is None else [t for k, t in enumerate(mine) if k in only])
+            return self._params.grad_stats(self._collector.full, only)
         if what == "weight":
             return self._params.weight_norms()
         if what == "before":
-            self._params.before_update()
+            self._params.before_update(self._only)
             return None
         return self._params.update_ratios()
 
-    def _pre_step(self, closure: bool) -> None:
-        # with a closure (Lightning, LBFGS) the backward runs inside step(): read the
-        # gradients after it, in _post_step (optimizers do not modify .grad in place)
-        if not closure:
-            self._pending_grads = self._params_safe("grad")
-            # the step's forward and backward are done and the weights not yet updated:
-            # the moment to read the non-finite trace (see _take_trace)
-            self._take_trace(self._pending_grads, before_update=True)
-        if self._collector.full:
-            self._params_safe("before")
+    # -- the optimizer (stepping.Stepping reads at its steps) ----------------------------------
+    @property
+    def _optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose steps are measured: given, found, or (when stepped by hand)
+        one that updated watched parameters; None before any."""
+        return self._stepping.optimizer
 
-    def _post_step(self, closure: bool) -> None:
-        if closure:
-            self._pending_grads = self._params_safe("grad")
-        self._end_step()
+    def _describe(self, owners: Sequence[tuple[nn.Parameter, int]]) -> list[LayerInfo]:
+        own: list[list[nn.Parameter]] = [[] for _ in self._chosen]
+        for p, slot in owners:
+            own[slot].append(p)
+        return [describe(n, m, own[i]) for i, (n, m) in enumerate(self._chosen)]
+
+    def _materialized(self) -> None:
+        """After a forward of a model with lazy modules: once every parameter has its
+        shape, track them (the parameter statistics of this very step included)."""
+        try:
+            owners = assign_params(self._root, self._chosen)
+            if any_lazy(p for p, _ in owners):
+                return
+            self._params = ParamTracker(owners, len(self._infos), self._device)
+            self._stepping.forget()  # which parameters each optimizer holds, by index
+            self._map = ModelMap.build(self._mods, self._map.hooked)  # LazyLinear -> Linear
+            self._nonfinite = NonFiniteTracker(self._map, self._mods, self._chosen,
+                                               self._params)
+            self._infos[:] = self._describe(owners)  # LazyLinear -> Linear; shared list
+            self._types.update({i.name: i.type_name for i in self._infos})
+        except Exception as e:
+            self._collector.fault("lazy parameters", "*", e)
+        self._lazy = False
+        if self._lazy_hook is not None:
+            self._lazy_hook.remove()
 
     def _amp_unscale(self, factor: torch.Tensor) -> None:
         try:
@@ -394,9 +489,10 @@ class Watcher:
             self._collector.fault("AMP unscale", "*", e)
 
     def _amp_skip(self) -> None:
-        """The GradScaler skipped the optimizer step (inf/NaN gradients)."""
+        """The GradScaler skipped the driving optimizer's step (inf/NaN gradients)."""
         if not self._closed:
             self._end_step(skipped=True)
+            self._stepping.ended_by_driver()
 
     def _end_step(self, skipped: bool = False) -> None:
         full = self._collector.full and not skipped
@@ -600,5 +696,11 @@ class Watcher:
 
 
 def watch(model: nn.Module, **kwargs: Any) -> Watcher:
-    """Attach gradwatch to ``model``; see ``Watcher`` and the README for the arguments."""
+    """Attach gradwatch to ``model``; see ``Watcher`` and the README for the arguments.
+
+    The model keeps the watcher alive: the result may be dropped (``gradwatch.unwatch``
+    closes it)."""
     return Watcher(model, **kwargs)
+
+
+unwatch = lifetime.unwatch

@@ -8,6 +8,11 @@ import time
 from typing import Callable
 
 
+class WorkerThread(threading.Thread):
+    """The thread of a ``Worker`` (a class of its own: code that may run on it, such as a
+    finalizer called by the garbage collector, can tell and never wait for itself)."""
+
+
 class Worker:
     """A single daemon thread running submitted jobs in order.
 
@@ -24,8 +29,8 @@ class Worker:
     def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                thread = threading.Thread(target=self._run, name="gradwatch-worker",
-                                          daemon=True)
+                thread = WorkerThread(target=self._run, name="gradwatch-worker",
+                                      daemon=True)
                 try:
                     thread.start()
                 except RuntimeError:  # interpreter shutting down: no new threads
@@ -58,6 +63,17 @@ class Worker:
                     return False
                 self._q.all_tasks_done.wait(left)
         return True
+
+    @staticmethod
+    def on_worker_thread() -> bool:
+        """True on the thread of any ``Worker`` (joining from there could wait for itself)."""
+        return isinstance(threading.current_thread(), WorkerThread)
+
+    def stop_later(self) -> None:
+        """End the thread once the jobs queued so far have run; waits for nothing."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                self._q.put(None)
 
     def close(self, timeout: float | None = None) -> None:
         t = self._thread

@@ -13,6 +13,8 @@ import torch.nn as nn
 
 STEPS = 3
 BATCH = 8  # per rank
+STALE_RUNS = 100  # watch, train, read latest at once: in one process pair
+STALE_STEPS, STALE_EVERY = 20, 5
 
 
 def model() -> nn.Module:
@@ -102,3 +104,24 @@ def fsdp_body(rank: int, world: int, out: str) -> dict[str, Any]:
     w.close()
     assert w.latest is not None
     return {"stats": w.latest.stats}
+
+
+def stale_body(rank: int, world: int, out: str) -> dict[str, Any]:
+    """``latest`` read right after the loop, in ``STALE_RUNS`` fresh runs: each rank's step
+    and stats of every run (all runs train the same model on the same batches)."""
+    import gradwatch
+
+    runs = []
+    for _ in range(STALE_RUNS):
+        ddp = nn.parallel.DistributedDataParallel(model())
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        w = gradwatch.watch(ddp, optimizer=opt, tensorboard=False, every=STALE_EVERY)
+        for step in range(STALE_STEPS):
+            loss = ddp(batch(step, rank)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        snap = w.latest  # no flush(), no close() first
+        runs.append(None if snap is None else {"step": snap.step, "stats": snap.stats})
+        w.close()
+    return {"runs": runs}

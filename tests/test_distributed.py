@@ -77,8 +77,10 @@ def _spawn(body: Any, out: Path) -> str | None:
     return failure
 
 
-def _reference() -> dict[str, dict[str, float]]:
-    """Float64, one process: each rank's batch through the same model, DDP-averaged grads.
+def _reference(steps: int = DW.STEPS, window: int | None = None
+               ) -> dict[str, dict[str, float]]:
+    """Float64, one process: each rank's batch through the same model, DDP-averaged grads,
+    over the last ``window`` of ``steps`` steps (None: all).
 
     Activation and output-gradient stats: the mean over steps and ranks of each rank's
     value (the max for maxima), which is what a flush over two ranks reports.
@@ -87,11 +89,13 @@ def _reference() -> dict[str, dict[str, float]]:
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     layers = {"0": m[0], "1": m[1], "2": m[2]}
     acc: dict[str, dict[str, list[float]]] = {n: {} for n in layers}
+    first = steps - (window or steps)
 
-    def add(n: str, k: str, v: float) -> None:
-        acc[n].setdefault(k, []).append(v)
+    def add(n: str, k: str, v: float, step: int) -> None:
+        if step >= first:
+            acc[n].setdefault(k, []).append(v)
 
-    for step in range(DW.STEPS):
+    for step in range(steps):
         for r in range(WORLD):
             outs: dict[str, torch.Tensor] = {}
             hs = [mod.register_forward_hook(lambda _m, _a, o, n=n, d=outs: d.__setitem__(n, o))
@@ -103,26 +107,26 @@ def _reference() -> dict[str, dict[str, float]]:
             loss.backward()
             for (n, o), g in zip(outs.items(), grads):
                 o = o.detach()
-                add(n, "act_mean", o.mean().item())
-                add(n, "act_std", o.std().item())
-                add(n, "act_max", o.abs().max().item())
-                add(n, "act_zero_frac", (o == 0).double().mean().item())
-                add(n, "out_grad_rms", g.pow(2).mean().sqrt().item())
+                add(n, "act_mean", o.mean().item(), step)
+                add(n, "act_std", o.std().item(), step)
+                add(n, "act_max", o.abs().max().item(), step)
+                add(n, "act_zero_frac", (o == 0).double().mean().item(), step)
+                add(n, "out_grad_rms", g.pow(2).mean().sqrt().item(), step)
         before = {n: torch.cat([p.detach().reshape(-1) for p in mod.parameters()]).clone()
                   for n, mod in layers.items() if n != "1"}
         for p in m.parameters():
             p.grad /= WORLD  # DDP averages the gradients of the ranks
         for n in before:
             g = torch.cat([p.grad.reshape(-1) for p in layers[n].parameters()])
-            add(n, "grad_norm", g.norm().item())
-            add(n, "grad_rms", (g.norm() / math.sqrt(g.numel())).item())
-            add(n, "grad_max", g.abs().max().item())
+            add(n, "grad_norm", g.norm().item(), step)
+            add(n, "grad_rms", (g.norm() / math.sqrt(g.numel())).item(), step)
+            add(n, "grad_max", g.abs().max().item(), step)
         opt.step()
         opt.zero_grad()
         for n, w0 in before.items():
             w1 = torch.cat([p.detach().reshape(-1) for p in layers[n].parameters()])
-            add(n, "weight_norm", w1.norm().item())
-            add(n, "update_ratio", ((w1 - w0).norm() / w1.norm()).item())
+            add(n, "weight_norm", w1.norm().item(), step)
+            add(n, "update_ratio", ((w1 - w0).norm() / w1.norm()).item(), step)
     return {n: {k: (max(v) if k.endswith("_max") else sum(v) / len(v)) for k, v in d.items()}
             for n, d in acc.items()}
 
@@ -172,3 +176,18 @@ def test_fsdp2_norms_are_global(tmp_path):
     _assert_matches(results[0]["stats"], ref, ("act_mean", "act_std", "act_max",
                                                "out_grad_rms"))
 
+
+
+def test_ddp_latest_right_after_the_loop_is_never_stale(tmp_path):
+    """100 runs in one process pair (100 launches would take minutes): on both ranks,
+    ``latest`` read right after step 20 with every=5 is the window of steps 16-20."""
+    results, _ = _launch(DW.stale_body, tmp_path)
+    ref = _reference(DW.STALE_STEPS, DW.STALE_EVERY)
+    for r in results:
+        runs = r["runs"]
+        assert len(runs) == DW.STALE_RUNS
+        stale = [run and run["step"] for run in runs
+                 if run is None or run["step"] != DW.STALE_STEPS]
+        assert stale == [], f"{len(stale)} stale reads in {len(runs)} runs"
+        for run in runs:
+            _assert_matches(run["stats"], ref)

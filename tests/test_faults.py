@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 import gradwatch
 import gradwatch.hooks
 import gradwatch.stats
+import gradwatch.stepping
 import gradwatch.trace
 from gradwatch.buffers import WindowBuffers
 from gradwatch.hooks import ParamTracker
@@ -347,3 +348,14 @@ def test_fault_under_warnings_as_errors(monkeypatch: pytest.MonkeyPatch,
     logged = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
     assert len(logged) == 2
     assert "activation statistics (layer '0')" in logged[0] and "rules" in logged[1]
+
+
+def test_optimizer_step_hook_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's global optimizer step hooks see every optimizer: a failure there is one
+    warning, the hooks turn inert, the optimizer steps as without gradwatch."""
+    monkeypatch.setattr(gradwatch.stepping.Stepping, "_holds", boom)
+    w, faults = run_with_fault()
+    one_fault(faults, "optimizer step hook", "all layers")
+    # no step could end after that: close() writes what was collected as one step
+    assert w.latest is not None and w.latest.step == 1
+    assert all(finite(w.latest, "act_mean").values())

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.optim import optimizer as optimizer_mod
 
 import gradwatch
 import gradwatch.watcher
@@ -34,6 +35,13 @@ def forward_hooks(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) for m in model.modules())
 
 
+def optimizer_hooks(opt: torch.optim.Optimizer) -> int:
+    """The optimizer's own step hooks and torch's global ones (gradwatch uses these)."""
+    return (len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
+            + len(optimizer_mod._global_optimizer_pre_hooks)
+            + len(optimizer_mod._global_optimizer_post_hooks))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="RSS read from /proc")
 def test_soak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,6 +51,7 @@ def test_soak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(),
                           nn.Linear(32, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt_hooks_before = optimizer_hooks(opt)
     delivered = [0]
 
     def on_alert(a: gradwatch.Alert) -> None:
@@ -54,7 +63,7 @@ def test_soak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
                         on_alert=on_alert,
                         thresholds={"vanishing_rms": 10.0, "patience": 1, "rate_limit": 1})
     hooks0 = forward_hooks(model)
-    opt_hooks0 = len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks)
+    opt_hooks0 = optimizer_hooks(opt)
     x, y = torch.randn(8, 16), torch.randn(8, 1)
     hook_counts, thread_counts = set(), set()
     out_ref = None
@@ -101,12 +110,11 @@ def test_soak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert delivered[0] > ALERT_CAP and len(w.alerts) == ALERT_CAP
     assert w.alerts[-1].step == STEPS  # the newest are kept
     assert hook_counts == {hooks0} and hooks0 >= 5  # one per watched layer (+ the root's)
-    assert len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks) \
-        == opt_hooks0 == 2
+    assert optimizer_hooks(opt) == opt_hooks0 == opt_hooks_before + 2
     assert len(thread_counts) == 1  # one background thread, not one per flush
     w.close()
     assert forward_hooks(model) == 0
-    assert len(opt._optimizer_step_pre_hooks) + len(opt._optimizer_step_post_hooks) == 0
+    assert optimizer_hooks(opt) == opt_hooks_before
 
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     acc.Reload()

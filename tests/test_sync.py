@@ -25,10 +25,13 @@ def run(m, opt, steps):
         opt.step()
 
 
-def reads(watched: bool, **kw) -> int:
+def reads(watched: bool, found: bool = False, **kw) -> int:
+    """``found``: no optimizer= (torch's global optimizer hooks find it)."""
     m = model()
     opt = torch.optim.Adam(m.parameters())
-    w = gradwatch.watch(m, optimizer=opt, tensorboard=False, every=1000, **kw) if watched else None
+    if not found:
+        kw["optimizer"] = opt
+    w = gradwatch.watch(m, tensorboard=False, every=1000, **kw) if watched else None
     run(m, opt, 2)  # warm-up: first-step allocations and caches
     with count_host_reads() as c:
         run(m, opt, 6)
@@ -45,6 +48,7 @@ def test_no_host_reads_between_flushes():
     bare = reads(False)
     assert reads(True) == bare
     assert reads(True, sample_every=3) == bare
+    assert reads(True, found=True) == bare
 
 
 def test_counter_catches_an_item_in_a_hook(monkeypatch):

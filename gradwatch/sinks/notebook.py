@@ -1,0 +1,64 @@
+"""HTML form of ``Watcher.report()`` for Jupyter (``Watcher._repr_html_``).
+
+The same table as the text report (the latest window per layer, alerted cells marked),
+then the alerts with their cause and hint. Layer names, types and alert texts are data:
+every one is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Sequence
+
+from gradwatch.alerts import Alert
+from gradwatch.sinks.console import COLUMNS, _cell
+from gradwatch.snapshot import Snapshot
+
+#: newest alerts listed below the table (all are counted)
+MAX_LISTED = 20
+_MARK = "background:#fdd;font-weight:bold"
+_NUM = "text-align:right;font-family:monospace"
+
+
+def html_report(snap: Snapshot | None, alerts: Sequence[Alert], types: dict[str, str],
+                title: str = "gradwatch") -> str:
+    """A ``<div>`` with the table and the alerts; ``title`` heads it (plain text)."""
+    out = [f'<div class="gradwatch-report"><p><b>{escape(title)}</b>']
+    if snap is None:
+        out.append(": nothing flushed yet</p></div>")
+        return "".join(out)
+    out.append(f" &mdash; step {snap.step}")
+    if snap.amp_skipped:
+        out.append(f", {snap.amp_skipped} AMP-skipped step(s)")
+    out.append("</p>")
+    shown = [a for a in alerts if a.step <= snap.step]
+    marked: dict[tuple[str, str], Alert] = {(a.layer, a.stat): a for a in shown}
+    out.append("<table><thead><tr><th>layer</th><th>type</th>")
+    out.extend(f"<th>{escape(c)}</th>" for c in COLUMNS)
+    out.append("</tr></thead><tbody>")
+    for layer, stats in snap.stats.items():
+        out.append(f"<tr><td><code>{escape(layer)}</code></td>"
+                   f"<td>{escape(types.get(layer, ''))}</td>")
+        for c in COLUMNS:
+            text = escape(_cell(stats.get(c)))
+            a = marked.get((layer, c))
+            if a is None:
+                out.append(f'<td style="{_NUM}">{text}</td>')
+            else:
+                out.append(f'<td class="alerted" style="{_NUM};{_MARK}" '
+                           f'title="{escape(a.kind)}">{text}!</td>')
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    recent = shown[-MAX_LISTED:]
+    if not recent:
+        out.append("<p>no alerts</p></div>")
+        return "".join(out)
+    out.append(f"<p>alerts ({len(alerts)} in all, newest {len(recent)}):</p>")
+    out.append("<table><thead><tr><th>step</th><th>layer</th><th>kind</th><th>message</th>"
+               "<th>cause</th><th>hint</th></tr></thead><tbody>")
+    for a in recent:
+        out.append(f"<tr><td>{a.step}</td><td><code>{escape(a.layer)}</code></td>"
+                   f"<td>{escape(a.kind)}</td><td>{escape(a.message)}</td>"
+                   f"<td>{escape(a.cause)}</td><td>{escape(a.hint)}</td></tr>")
+    out.append("</tbody></table></div>")
+    return "".join(out)
