@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import math
 import threading
-import time
 import warnings
 import weakref
 from typing import Any, Callable, Sequence
@@ -138,7 +137,6 @@ class Collector:
         self.on_eval_done: Any = None  # called when a forward without gradients ends
         # sampled steps, eager code: small outputs and gradients reduced together
         self.act_batch = ActBatch(buffers.log_rows, lambda s: self.layers[s].bounds, margin)
-        self.work = 0.0  # host seconds of this step's sampled-only work (``sampling.py``)
         self.grad_batch = GradBatch(buffers.log_grad_rows)
 
     # -- forward ----------------------------------------------------------------------------
@@ -171,7 +169,6 @@ class Collector:
                 self.order.append(slot)
             if not self.full:  # light step: the trace has checked the output
                 return
-            t0 = time.perf_counter()
             leaves = float_leaves(output)
         except Exception as e:
             self.act_on = self.grad_on = False
@@ -198,7 +195,6 @@ class Collector:
             except Exception as e:
                 self.grad_on = False
                 self.fault("output-gradient hook", self.layers[slot].name, e)
-        self.work += time.perf_counter() - t0
 
     def _const(self, value: float) -> Tensor:
         """A 0-d fp32 device tensor holding ``value`` (element and unit counts), made once
@@ -269,7 +265,6 @@ class Collector:
     # -- backward ---------------------------------------------------------------------------
     def on_out_grad(self, slot: int, grad: Tensor) -> None:
         # registered on full steps only (a light step checks outputs and parameter gradients)
-        t0 = time.perf_counter()
         try:
             if torch.compiler.is_compiling():
                 self.buffers.add_out_grad(slot, S.grad_sq_sum(grad), grad.numel())
@@ -278,31 +273,26 @@ class Collector:
         except Exception as e:
             self.grad_on = False
             self.fault("output-gradient hook", self.layers[slot].name, e)
-        self.work += time.perf_counter() - t0
 
     # -- step boundary ----------------------------------------------------------------------
     def flush_outputs(self) -> None:
         """The held outputs of a sampled step, reduced (at the end of a forward pass)."""
-        t0 = time.perf_counter()
         try:
             self.act_batch.flush()
         except Exception as e:
             self.act_on = False
             self.act_batch.clear()
             self.fault("activation statistics", "*", e)
-        self.work += time.perf_counter() - t0
 
     def flush_batches(self) -> None:
         """Everything held for the step, reduced (before the step is folded or scaled)."""
         self.flush_outputs()
-        t0 = time.perf_counter()
         try:
             self.grad_batch.flush()
         except Exception as e:
             self.grad_on = False
             self.grad_batch.clear()
             self.fault("output-gradient hook", "*", e)
-        self.work += time.perf_counter() - t0
 
     def discard_batches(self) -> None:
         self.act_batch.clear()
@@ -420,7 +410,7 @@ class ParamTracker:
         # FSDP2: norms of local shards are partial; one all-reduce makes them global
         self._shards = shard_reducer(self.params)
 
-    def _layout(self, present: tuple[int, ...]
+    def _layout(self, present: tuple[int, ...], grads: list[Tensor]
                 ) -> tuple[Tensor, Tensor, Tensor, S.NormPlan]:
         hit = self._cache.get(present)
         if hit is None:
@@ -432,7 +422,7 @@ class ParamTracker:
                 idx.append(i)
             idx_t = device_tensor(idx, torch.long, self.device)
             numel_t = device_tensor(numel, torch.float32, self.device)
-            plan = S.NormPlan([self._local(self.trainable[k][0]) for k in present])
+            plan = S.NormPlan(grads)  # by the gradients' layout (an embedding's is sparse)
             hit = (idx_t, numel_t, (numel_t > 0).to(torch.float32), plan)
             if len(self._cache) > 64:  # bounded: the set of present grads rarely changes
                 self._cache.clear()
@@ -459,7 +449,7 @@ class ParamTracker:
             grads = [train[k][0].grad for k in present]
         else:
             grads = [local(train[k][0].grad) for k in present]  # type: ignore[arg-type]
-        idx, numel, has, plan = self._layout(present)
+        idx, numel, has, plan = self._layout(present, grads)  # type: ignore[arg-type]
         # a sampled step also takes the max: one packing serves both
         packed = plan.pack(grads) if full and plan.groups else grads  # type: ignore[arg-type]
         norms = plan.norms(packed)  # type: ignore[arg-type]

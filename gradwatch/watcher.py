@@ -86,10 +86,8 @@ class Watcher:
     check every module's outputs for NaN/Inf (one sum per new tensor) and measure the
     parameter-gradient norms, so non-finite values and exploding gradients are caught on
     the step they appear. Sampled steps are the first step of each window and then one in
-    ``sample_every``; ``"auto"`` (the default) spaces them by a cost budget measured on the
-    watcher itself (``gradwatch.sampling``): the first window as densely as doubling a
-    light step's time allows (every step for most models), later windows at about 2% of
-    the step time and at most ``every // SAMPLED_PER_WINDOW`` steps apart.
+    ``sample_every``; ``"auto"`` (the default) samples every step of the first window and
+    then one step in ``every // SAMPLED_PER_WINDOW`` (``gradwatch.sampling``).
 
     Steps: without ``optimizer=`` the first optimizer whose ``step()`` updates a watched
     parameter is found and used as if it had been given; with several optimizers, a step
@@ -250,9 +248,9 @@ class Watcher:
 
     @property
     def sample_every(self) -> int:
-        """The steps between two sampled steps in the current window (``"auto"``: chosen by
-        the measured cost, see ``gradwatch.sampling``)."""
-        return self._sampler.k
+        """The steps between two sampled steps after the first window (``"auto"``:
+        ``every // SAMPLED_PER_WINDOW``, at least 1)."""
+        return self._sampler.later
 
     @property
     def latest(self) -> Snapshot | None:
@@ -421,7 +419,6 @@ class Watcher:
     def _params_safe(self, what: str) -> Any:
         if what in self._off:
             return None
-        t0 = time.perf_counter()
         try:
             with torch.no_grad():  # optimizer hooks run outside the step's own no_grad
                 return self._params_op(what)
@@ -429,9 +426,7 @@ class Watcher:
             self._off.add(what)
             self._collector.fault(f"parameter statistics ({what})", "*", e)
             return None
-        finally:
-            if what != "grad":  # weight norms, update ratios: sampled-only work
-                self._collector.work += time.perf_counter() - t0
+
 
     def _params_op(self, what: str) -> Any:
         if what == "grad":
@@ -516,10 +511,7 @@ class Watcher:
         if self._window_steps >= self.every:
             self._launch_flush()
         # sampled steps are aligned on the window: its first step, then one in k
-        c = self._collector
-        self._sampler.observe(full, c.work)
-        c.work = 0.0
-        c.full = self._sampler.full(self._window_steps)
+        self._collector.full = self._sampler.full(self._window_steps)
         self._deliver()
 
     def _commit(self, grads: Any, weights: Any, updates: Any) -> None:

@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 
 import gradwatch
+import gradwatch.batched
 import gradwatch.hooks
 import gradwatch.stats
 import gradwatch.stepping
@@ -116,10 +117,18 @@ def test_no_fault_baseline() -> None:
     assert all(finite(w.latest, "out_grad_rms").values())
 
 
-def test_activation_statistics_fault(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gradwatch.stats, "activation_parts", boom)
+@pytest.mark.parametrize("path", ["batched", "one at a time"])
+def test_activation_statistics_fault(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    # small outputs are reduced together at the end of the forward pass (batched.py); a
+    # large one (or any with histograms on) in its hook
+    if path == "batched":
+        monkeypatch.setattr(gradwatch.batched.ActBatch, "_rows", boom)
+    else:
+        monkeypatch.setattr(gradwatch.batched.ActBatch, "add", lambda *a: False)
+        monkeypatch.setattr(gradwatch.stats, "activation_parts", boom)
     w, faults = run_with_fault()
-    one_fault(faults, "activation statistics", "layer '0'")
+    one_fault(faults, "activation statistics",
+              "all layers" if path == "batched" else "layer '0'")
     snap = w.latest
     assert snap is not None and snap.step == STEPS
     assert not any(finite(snap, "act_mean").values())  # switched off
@@ -148,11 +157,17 @@ def test_forward_hook_fault(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(finite(w.latest, "grad_norm").values())  # parameter stats kept
 
 
-def test_output_gradient_hook_fault(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gradwatch.stats, "grad_sq_sum", boom)
+@pytest.mark.parametrize("path", ["batched", "one at a time"])
+def test_output_gradient_hook_fault(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    if path == "batched":
+        monkeypatch.setattr(gradwatch.batched.GradBatch, "flush", boom)
+    else:
+        monkeypatch.setattr(gradwatch.batched.GradBatch, "add", lambda *a: False)
+        monkeypatch.setattr(gradwatch.stats, "grad_sq_sum", boom)
     w, faults = run_with_fault()
     # the backward pass meets the last layer first
-    one_fault(faults, "output-gradient hook", "layer '4'")
+    one_fault(faults, "output-gradient hook", "all layers" if path == "batched"
+              else "layer '4'")
     assert not any(finite(w.latest, "out_grad_rms").values())
     assert all(finite(w.latest, "act_mean").values())
     assert all(finite(w.latest, "grad_norm").values())
@@ -335,7 +350,7 @@ def test_fault_under_warnings_as_errors(monkeypatch: pytest.MonkeyPatch,
                                         caplog: pytest.LogCaptureFixture) -> None:
     """With warnings turned into errors (``-W error``), a fault is logged instead: it still
     does not stop the training."""
-    monkeypatch.setattr(gradwatch.stats, "activation_parts", boom)
+    monkeypatch.setattr(gradwatch.batched.ActBatch, "_rows", boom)
     monkeypatch.setattr(Rules, "evaluate", boom)  # a deferred one, from the worker
     base = make_model()
     ref_losses, _, _ = train(copy.deepcopy(base), None)
@@ -347,7 +362,7 @@ def test_fault_under_warnings_as_errors(monkeypatch: pytest.MonkeyPatch,
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(ref_losses, losses))
     logged = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
     assert len(logged) == 2
-    assert "activation statistics (layer '0')" in logged[0] and "rules" in logged[1]
+    assert "activation statistics (all layers)" in logged[0] and "rules" in logged[1]
 
 
 def test_optimizer_step_hook_fault(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,8 +23,8 @@ from torch.utils.tensorboard import SummaryWriter
 import gradwatch
 from gradwatch.alerts import KINDS
 from gradwatch.buffers import FOLD_AT, ROW
+from gradwatch.sampling import SAMPLED_PER_WINDOW
 from gradwatch.sinks import tensorboard as tb_sink
-from gradwatch.watcher import SAMPLED_PER_WINDOW
 from tests.events import event_files, scalars
 from tests.reference import Float64Reference, close, small_mlp
 from tests.zoo import NaNAfter
