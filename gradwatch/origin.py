@@ -136,6 +136,17 @@ class _Calls:
         outer = [a for a in self.mm.ancestors[m] if a in self.called]
         return max(outer, key=lambda a: self.mm.depth[a]) if outer else m
 
+    def inner_inf(self, m: int) -> int | None:
+        """An output entry of a submodule of ``m`` holding Inf (or an Inf handed on), made
+        in this step: where a NaN that ``m`` returns from finite inputs may have come from."""
+        rec, st, mm = self.rec, self.st, self.mm
+        for c, _, outs in rec.calls:
+            if c != m and m in mm.ancestors[c]:
+                for k in outs:
+                    if st[k] in (INF, UNKNOWN):
+                        return k
+        return None
+
     def inputs_finite(self, ci: int) -> bool:
         return all(self.st[k] == FINITE for k in self.rec.calls[ci][1])
 
@@ -190,6 +201,15 @@ def forward_origin(rec: Record, st: np.ndarray, mm: ModelMap) -> Origin | None:
         if any(s in (NAN, UNKNOWN) for s in in_st):
             continue
         if all(s == FINITE for s in in_st):
+            inner = calls.inner_inf(m)
+            if inner is not None:  # a submodule made an Inf that became NaN inside ``m``
+                o = calls.follow_inf(inner)
+                if o.cause != "input" and o.module != m:
+                    at = next((c for c, _, outs in rec.calls if m in mm.ancestors[c]
+                               and any(st[k] == NAN for k in outs)), m)
+                    o.detail += f"; the Inf turned into NaN in {_q(mm.names[at])}"
+                    o.inf_from = o.module
+                return o
             what = "its inputs were finite" if ins else "it has no tensor inputs"
             return Origin(m, "forward_op", "forward", f"its output holds NaN; {what}",
                           check_params=mm.owns_params[m])

@@ -578,6 +578,7 @@ class Watcher:
             self._push_flags(self._buffers.no_flags(), None, True, step=self._step,
                              before_update=True)
             self._check_flags()
+            self._deliver()  # an evaluation loop may have no step to deliver at
         except Exception as e:
             self._off.add("commit")
             self._collector.fault("step commit", "*", e)
