@@ -30,7 +30,31 @@ from gradwatch.trace import _version
 HOLD_BYTES = 64 << 20
 
 
-class ActBatch:
+class _Holding:
+    """Tensors held for a batch, and their bytes (past ``HOLD_BYTES``: reduce early)."""
+
+    def __init__(self) -> None:
+        self._held: list[Any] = []
+        self._bytes = 0
+
+    def _hold(self, item: Any, t: Tensor) -> None:
+        self._held.append(item)
+        self._bytes += t.numel() * t.element_size()
+        if self._bytes > HOLD_BYTES:
+            self.flush()
+
+    def _take(self) -> list[Any]:
+        held, self._held, self._bytes = self._held, [], 0
+        return held
+
+    def flush(self) -> None:
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        self._take()
+
+
+class ActBatch(_Holding):
     """Watched outputs of a sampled step, reduced together (see the module docstring).
 
     ``log(slots, rows)`` takes the ``[n, buffers.ROW]`` fp32 rows of ``n`` outputs;
@@ -38,11 +62,10 @@ class ActBatch:
 
     def __init__(self, log: Callable[[list[int], Tensor], None],
                  bounds: Callable[[int], tuple[float, float] | None], margin: float) -> None:
+        super().__init__()
         self._log = log
         self._bounds = bounds
         self.margin = margin
-        self._held: list[tuple[int, Tensor, int]] = []
-        self._bytes = 0
         self.eager: set[int] = set()  # slots whose output is changed in place later
         self._consts: dict[tuple[float, str], Tensor] = {}
 
@@ -50,16 +73,12 @@ class ActBatch:
         """Hold ``t`` for the batch; False if it is for the hook to reduce now."""
         if slot in self.eager or t.numel() > S.STACK_MAX or t.dtype not in S.UPCAST:
             return False
-        self._held.append((slot, t.detach(), _version(t)))
-        self._bytes += t.numel() * t.element_size()
-        if self._bytes > HOLD_BYTES:
-            self.flush()
+        self._hold((slot, t.detach(), _version(t)), t)
         return True
 
     def flush(self) -> None:
-        held, self._held, self._bytes = self._held, [], 0
         groups: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}
-        for slot, t, v in held:
+        for slot, t, v in self._take():
             if v < 0 or _version(t) != v:  # changed in place since: never read stale
                 self.eager.add(slot)
                 continue
@@ -106,32 +125,24 @@ class ActBatch:
         assert out.shape[1] == ROW
         return out
 
-    def clear(self) -> None:
-        self._held, self._bytes = [], 0
 
-
-class GradBatch:
+class GradBatch(_Holding):
     """Output gradients of a sampled step: Σg² per gradient, stacked by shape at the end of
     the step. ``log(slots, rows)`` takes ``[n, 2]`` rows ``[numel, Σg²]``."""
 
     def __init__(self, log: Callable[[list[int], Tensor], None]) -> None:
+        super().__init__()
         self._log = log
-        self._held: list[tuple[int, Tensor]] = []
-        self._bytes = 0
 
     def add(self, slot: int, g: Tensor) -> bool:
         if g.numel() > S.STACK_MAX or g.dtype not in S.UPCAST or g.is_sparse:
             return False
-        self._held.append((slot, g.detach()))
-        self._bytes += g.numel() * g.element_size()
-        if self._bytes > HOLD_BYTES:
-            self.flush()
+        self._hold((slot, g.detach()), g)
         return True
 
     def flush(self) -> None:
-        held, self._held, self._bytes = self._held, [], 0
         groups: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}
-        for slot, g in held:
+        for slot, g in self._take():
             groups.setdefault((tuple(g.shape), g.dtype), []).append((slot, g))
         for items in groups.values():
             x = torch.stack([g for _, g in items]).reshape(len(items), -1)
@@ -140,6 +151,3 @@ class GradBatch:
             sq = (x * x).sum(1)
             self._log([s for s, _ in items],
                       torch.stack([torch.full_like(sq, x.shape[1]), sq], 1))
-
-    def clear(self) -> None:
-        self._held, self._bytes = [], 0

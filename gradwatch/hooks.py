@@ -157,7 +157,9 @@ class Collector:
             except Exception as e:
                 tr.on = False
                 self.fault("non-finite trace", "*", e)
-        if slot >= 0 and (self.act_on or self.grad_on):
+        # a light step needs a watched module only for the order of its first call
+        if slot >= 0 and (self.full or not self.called[slot]) and (self.act_on
+                                                                      or self.grad_on):
             self.on_output(slot, output)
 
     def on_output(self, slot: int, output: Any) -> None:

@@ -24,6 +24,7 @@ from gradwatch import origin as O
 from gradwatch.buffers import ParamStepStats
 from gradwatch.distributed import local
 from gradwatch.flags import Flags
+from gradwatch.snapshot import HostCopy
 from gradwatch.trace import Record
 
 
@@ -53,26 +54,6 @@ class Found:
     message: str
     hint: str
     count: float
-
-
-class _HostValue:
-    """A small device tensor copied to the host without blocking (pinned + event on CUDA)."""
-
-    def __init__(self, t: Tensor) -> None:
-        if t.device.type == "cuda":
-            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self.host.copy_(t, non_blocking=True)
-            self.event: Any = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host = t.to("cpu", copy=True)
-            self.event = None
-
-    def ready(self) -> bool:
-        return self.event is None or bool(self.event.query())
-
-    def value(self) -> np.ndarray:
-        return self.host.numpy()
 
 
 class NonFiniteTracker:
@@ -117,7 +98,7 @@ class NonFiniteTracker:
         self.last_finite = 0  # the last step whose trace held no NaN
         self.last_bad = -1  # the last step whose trace held one
         self.host_nf = np.zeros(len(chosen))  # light-step non-finite outputs per watched layer
-        self._pending: list[tuple[Found, _HostValue, int, bool]] = []
+        self._pending: list[tuple[Found, HostCopy, int, bool]] = []
 
     # -- training thread, end of a step (device ops only) -------------------------------------
     def payload(self, vals: Tensor | None, grads: ParamStepStats | None,
@@ -209,7 +190,7 @@ class NonFiniteTracker:
         ps = [local(self.all_params[i].detach()) for i in own]
         with torch.no_grad():
             check = torch.stack([torch.sum(p, dtype=torch.float32) for p in ps])
-        self._pending.append((found, _HostValue(check), origin.module, meta.before_update))
+        self._pending.append((found, HostCopy(check), origin.module, meta.before_update))
         return out + self.settle()
 
     def _judge(self, found: Found, m: int, sums: np.ndarray, exact: bool) -> None:
@@ -240,7 +221,7 @@ class NonFiniteTracker:
             if not hv.ready():
                 left.append((found, hv, m, exact))
                 continue
-            self._judge(found, m, hv.value(), exact)
+            self._judge(found, m, hv.numpy(), exact)
             out.append(found)
         self._pending = left
         return out

@@ -50,6 +50,10 @@ class HostCopy:
             self.host = t.to("cpu", copy=True)
             self.event = None
 
+    def ready(self) -> bool:
+        """Whether the copy has landed (never blocks)."""
+        return self.event is None or bool(self.event.query())
+
     def numpy(self) -> np.ndarray:
         if self.event is not None:
             self.event.synchronize()
