@@ -11,9 +11,9 @@ A. **Timing variants** in alternating blocks (process CPU time; per round, each 
 B. **Attribution**: gradwatch's entry points wrapped with timers (``PARTS``), each part's
    time exclusive of the parts nested in it (median over steps of each part's time in the
    step). The empty-hook cost of A is the hook call outside them.
-C. **Ops**: the aten ops each part dispatches (a ``TorchDispatchMode``; each op attributed to
-   the part running when it is dispatched) and their time inside the dispatcher (median per
-   op); what is left of a part's time is its Python.
+C. **Ops**: the aten ops each part dispatches (counted with a ``TorchDispatchMode``, each op
+   attributed to the part running when it is dispatched) and their time (torch.profiler,
+   one range per part: the top-level ops in it); what is left of a part's time is Python.
 D. **Cross-check**: cProfile's functions of gradwatch, and the torch calls made from them,
    by own time.
 
@@ -99,7 +99,7 @@ class Attribution:
         self.calls: collections.Counter[str] = collections.Counter()
         self.saved: list[tuple[Any, str, Any]] = []
         self.missing: list[str] = []
-        self.ranges = False  # also open a profiler range per part (unused by default)
+        self.ranges = False  # also open a profiler range per part (for C's op times)
 
     def current(self) -> str:
         return self.stack[-1][0] if self.stack else "model"
@@ -120,6 +120,9 @@ class Attribution:
                 frame = [_part, clock(), 0]
                 self.stack.append(frame)
                 try:
+                    if self.ranges:
+                        with torch.profiler.record_function(_part):
+                            return _orig(*a, **k)
                     return _orig(*a, **k)
                 finally:
                     dt = clock() - frame[1]
@@ -148,21 +151,45 @@ class Attribution:
 
 
 class PartOps(TorchDispatchMode):
-    """aten ops per (part, op) and each op's time inside the dispatcher (ns)."""
+    """aten ops dispatched per (part, op), counted as ``_common.OpCounter`` counts them."""
 
     def __init__(self, attribution: Attribution) -> None:
         super().__init__()
         self.att = attribution
-        self.times: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
         name = func.name()
-        t0 = time.perf_counter_ns()
-        out = func(*args, **(kwargs or {}))
-        dt = time.perf_counter_ns() - t0
         if not name.startswith("profiler::"):
-            self.times[(self.att.current(), name)].append(dt)
-        return out
+            self.counts[(self.att.current(), name)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def op_times(att: Attribution, step: Callable[[], Any], steps: int
+             ) -> dict[tuple[str, str], tuple[int, float]]:
+    """(part, op) -> (calls, total µs) of the top-level ops run inside each part's range,
+    as torch.profiler times them (the op and what it calls, excluding Python)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    att.ranges = True
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+                att.end_step()
+    finally:
+        att.ranges = False
+    parts = {p for p, _ in PARTS}
+    out: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.name not in parts:
+            continue
+        for c in e.cpu_children:
+            if c.name.startswith("aten::"):
+                acc = out[(e.name, c.name)]
+                acc[0] += 1
+                acc[1] += c.cpu_time_total
+    return {k: (int(v[0]), float(v[1])) for k, v in out.items()}
 
 
 # -- the measurements -----------------------------------------------------------------------
@@ -268,6 +295,7 @@ def attribution(b: Bench, kind: str, steps: int, op_steps: int) -> dict[str, Any
             for _ in range(op_steps):
                 b.step()
                 att.end_step()
+        timed_ops = op_times(att, b.step, op_steps)
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(op_steps):
@@ -290,23 +318,23 @@ def attribution(b: Bench, kind: str, steps: int, op_steps: int) -> dict[str, Any
         att.uninstall()
     M = b.modules
     op_rows = []
-    for (part, name), ts in ops.times.items():
-        n = len(ts) / op_steps
-        op_rows.append({"part": part, "op": name, "per_module": n / M, "per_step": n,
-                        "us_per_call": statistics.median(ts) / 1e3,
-                        "us_per_module": n * statistics.median(ts) / 1e3 / M})
+    for (part, name), (n, us) in timed_ops.items():
+        op_rows.append({"part": part, "op": name, "per_step": n / op_steps,
+                        "us_per_call": us / n, "us_per_module": us / op_steps / M})
     op_rows.sort(key=lambda r: -r["us_per_module"])
     parts = {}
     for p in per_step:
-        mine = [r for r in op_rows if r["part"] == p]
         us = per_step[p] / 1e3 / M
-        op_us = sum(r["us_per_module"] for r in mine)
+        op_us = sum(r["us_per_module"] for r in op_rows if r["part"] == p)
         parts[p] = {"us_per_module": us, "calls_per_step": calls.get(p, 0.0),
-                    "ops_per_module": sum(r["per_module"] for r in mine),
+                    "ops_per_module": sum(n for (q, _), n in ops.counts.items() if q == p)
+                    / op_steps / M,
                     "op_us_per_module": op_us, "python_us_per_module": us - op_us}
-    model_ops = sum(r["per_module"] for r in op_rows if r["part"] == "model") * M
+    model_ops = sum(n for (q, _), n in ops.counts.items() if q == "model") / op_steps
     return {
-        "parts": parts, "ops": [r for r in op_rows if r["part"] != "model"],
+        "parts": parts, "ops": op_rows,
+        "ops_dispatched": {f"{q}: {name}": n / op_steps
+                           for (q, name), n in ops.counts.most_common() if q != "model"},
         "model_ops_per_step": model_ops,
         "step_ms_instrumented": 1e3 * statistics.median(total),
         "flush_training_ms": flush_train / 1e6,
@@ -399,9 +427,10 @@ def table(r: dict[str, Any]) -> str:
         lines.append(f"| {p} | {'–' if a is None else f'{a:.1f}'} | "
                      f"{'–' if b is None else f'{b:.1f}'} |")
     for k in ("light", "sampled"):
-        lines += ["", f"Top aten ops of a {k} step (C: time inside the dispatcher, median per "
-                  "call):", "", "| part | op | calls per step | µs per call | µs per module "
-                  "per step |", "| --- | --- | --- | --- | --- |"]
+        lines += ["", f"Top aten ops of a {k} step (C: torch.profiler's time of each top-level "
+                  "op, what it calls included; the profiler adds a little to each):", "",
+                  "| part | op | calls per step | µs per call | µs per module per step |",
+                  "| --- | --- | --- | --- | --- |"]
         for o in r[k]["ops"][:10]:
             lines.append(f"| {o['part']} | `{o['op']}` | {o['per_step']:.0f} | "
                          f"{o['us_per_call']:.1f} | {o['us_per_module']:.2f} |")
