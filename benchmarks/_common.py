@@ -260,10 +260,11 @@ def run_worker(script: str, argv: list[str], timeout: float) -> dict[str, Any]:
     """Run ``script --worker ARGV...`` in a fresh process; its last stdout line that starts
     with ``{`` is the result. A run that dies before reporting (a transient failure, e.g.
     the shared machine short of memory while loading torch) is tried up to three more
-    times; a timeout is not retried. Failures come back as ``{"error": why}``."""
+    times; a timeout or a kill (the OOM killer) is not retried. Failures come back as
+    ``{"error": why}``."""
     for attempt in range(4):
         out = _run_once(script, argv, timeout)
-        if "error" not in out or "timed out" in out["error"]:
+        if "error" not in out or out["error"].startswith(("timed out", "killed")):
             break
         time.sleep(10.0 * (attempt + 1))
     return out
@@ -284,6 +285,8 @@ def _run_once(script: str, argv: list[str], timeout: float) -> dict[str, Any]:
     for line in reversed(p.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)  # type: ignore[no-any-return]
+    if p.returncode < 0:  # e.g. 9: the kernel's OOM killer
+        return {"error": f"killed by signal {-p.returncode}"}
     tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
     return {"error": " | ".join(tail)[-300:]}
 
