@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -42,7 +42,6 @@ class Case:
     what: str  # how the fault is made, for the table
     build: Callable[[], Setup]
     expected: tuple[str, str] | None  # (layer, cause) by construction, if it is known
-    notes: list[str] = field(default_factory=list)
 
 
 def _data(n_in: int, n_out: int, shape: tuple[int, ...] = ()) -> tuple[list, list]:

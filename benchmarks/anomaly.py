@@ -149,8 +149,8 @@ def summarize(runs: list[dict[str, Any]], cases: list[str]) -> dict[str, Any]:
                       if v in rd and "bare" in rd]
             answer = next((r[v] for r in runs if r["case"] == name and v in r), None)
             if v == "gradwatch" and answer is not None and ref is not None:
-                answer["right"] = (answer["layer"], answer["cause"]) == (ref["layer"],
-                                                                         ref["cause"])
+                answer["right_layer"] = answer["layer"] == ref["layer"]
+                answer["right_cause"] = answer["cause"] == ref["cause"]
             row[v] = {"answer": answer,
                       "ratio": statistics.median(ratios) if ratios else None,
                       "ratio_min": min(ratios) if ratios else None,
@@ -228,9 +228,9 @@ def nonfinite_page(result: dict[str, Any]) -> str:
 
     return "\n".join([
         "# Non-finite values: where gradwatch and `detect_anomaly` place them", "",
-        "Written by `python benchmarks/anomaly.py` (part of `make bench`); every answer in "
-        "the table is computed by running the case, nothing in it is typed in by hand except "
-        "the *expected* column, which is what each case is built to have.", "",
+        "Written by `python benchmarks/anomaly.py` (part of `make bench`); every cell of the "
+        "table comes from running the case: gradwatch's and detect_anomaly's answers, the "
+        "origin (from a slow reference check, below) and the costs.", "",
         "Each case is a small real training loop (SGD with momentum, fixed seeds, batch 64) in "
         f"which the fault starts at step {result['fault_step']} (counted from 1, as gradwatch "
         "counts steps; a light step under the default sampling). gradwatch runs with its "
@@ -241,7 +241,7 @@ def nonfinite_page(result: dict[str, Any]) -> str:
         "the forward pass is named where the backward of the loss first meets it.", "",
         render_anomaly(result),
         "How to read it:", "",
-        "- *expected*: the origin by the definitions of `Alert.cause` in the API: the "
+        "- *origin*: where the fault is born, by the definitions of `Alert.cause` in the API: the "
         "innermost module whose output went non-finite from finite inputs and parameters "
         "(`forward_op`), whose input or parameter gradient went non-finite from a finite "
         "output gradient (`backward_op`), whose parameters are non-finite (`parameters`), or "
@@ -253,11 +253,19 @@ def nonfinite_page(result: dict[str, Any]) -> str:
         f"{result['timed_steps'][0]}-{result['timed_steps'][1] - 1} (after gradwatch's first "
         "window, before the fault), process CPU time, one thread, each (case, variant) in its "
         f"own process, median of {result['rounds']} interleaved rounds (min-max). These "
-        "models are small (a step is about a millisecond), so the ratio is mostly the "
-        "per-module cost of each tool.",
+        "models are small (see the bare step), so the ratio is mostly each tool's fixed and "
+        "per-module cost.",
+        "- The origin is found the slow way in a separate, untimed run "
+        "(`benchmarks/_nonfinite.py`, `Reference`): host checks of every module's inputs, "
+        "own parameters and outputs in the forward pass and of the gradients at every "
+        "module's output and input in the backward pass, by the definitions above (an Inf "
+        "counts as a NaN there: no case uses an Inf on purpose). Where a case was built to "
+        "have a known origin, the reference must agree with it, or the cell says so.",
         "- `torch.linalg.vector_norm` has a zero gradient at a zero vector in torch 2.x "
         "(measured): the zero-norm case writes the norm as `sqrt(sum(x^2))`, the form that "
-        "does produce 0 * inf.", "",
+        "does produce 0 * inf.",
+        "- fp16 autocast runs on CPU in this torch (checked), so the overflow case uses "
+        "float16, not bfloat16 (whose range is fp32's and would not overflow there).", "",
     ])
 
 

@@ -47,6 +47,8 @@ NOTES = [
     "Lightning: `lightning.pytorch.utilities.grad_norm(model, 2)` after backward. Delve: "
     "`SaturationTracker(..., stats=['lsat'])` with its hooks on every step "
     "(`add_saturations` is an end-of-epoch call, not timed).",
+    "`reads/step` lists the workloads in column order. The GPT-2 model reads one value on "
+    "the host per step by itself (its bare row): every gradwatch row adds none to it.",
     "Load caveat: the machine's 2 cores were shared with other jobs during the run. Wall "
     "time swung 2-3x between processes, so ratios use process CPU time; they still move by a "
     "few percent from round to round (see the ranges), which is the size of the targets.",
@@ -80,8 +82,9 @@ def _f(x: Any, fmt: str = "{:.2f}") -> str:
 
 def render(data: dict[str, Any]) -> str:
     lines = ["# gradwatch benchmark results", "",
-             "Written by `benchmarks/overhead.py` and `benchmarks/flush.py` (`make bench`); "
-             "the numbers below are from the last run, see `results.json` for every round.", ""]
+             "Written by `make bench`: `benchmarks/overhead.py`, `modules.py`, `breakdown.py`, "
+             "`anomaly.py` and `flush.py`, each into its own section; the numbers below are "
+             "from the last run of each, see `results.json` for every round.", ""]
     ov = data.get("overhead")
     if ov:
         m = ov["machine"]
@@ -121,8 +124,8 @@ def render(data: dict[str, Any]) -> str:
                     cells.append("–")
                     continue
                 seen = True
-                if "error" in r:
-                    cells.append("failed")
+                if "error" in r or "skipped" in r:
+                    cells.append("failed" if "error" in r else "not run")
                     continue
                 cells.append(f"{_f(r['ratio'])}x ({_f(r['ratio_min'])}–{_f(r['ratio_max'])})"
                              if v != "bare" else f"{r['step_ms']:.1f} ms")
@@ -149,6 +152,10 @@ def render(data: dict[str, Any]) -> str:
             lines.append(f"- {label(v)}: skipped, {why}.")
         for w, v, e in errs:
             lines.append(f"- {label(v)} on {w}: failed: `{e}`.")
+        for w in wls:
+            for v, r in ov["summary"][w].items():
+                if "skipped" in r:
+                    lines.append(f"- {label(v)} on {w}: not run: {r['skipped']}.")
         lines += [f"- {n}" for n in NOTES + list(ov.get("notes", []))]
         lines.append("")
     if data.get("modules"):
@@ -230,7 +237,8 @@ def render_modules(mo: dict[str, Any]) -> list[str]:
         lines.append("| " + " | ".join(cells) + " |")
     reads = {q.get("reads_per_step") for r in mo["summary"].values() if "error" not in r
              for v, q in r.items() if isinstance(q, dict) and "reads_per_step" in q}
-    lines += ["", f"Host reads per step, every gradwatch row: {sorted(reads)}.", ""]
+    shown = ", ".join(f"{x:g}" for x in sorted(reads))
+    lines += ["", f"Host reads per step counted in the gradwatch rows: {shown}.", ""]
     return lines
 
 
@@ -262,7 +270,10 @@ def render_anomaly(an: dict[str, Any]) -> str:
         elif g["layer"] is None:
             gc = "no nonfinite alert"
         else:
-            mark = {True: " ✓", False: " ✗"}.get(g.get("right"), "")
+            mark = ""
+            if "right_layer" in g:
+                mark = (f": layer {'✓' if g['right_layer'] else '✗'}, "
+                        f"cause {'✓' if g['right_cause'] else '✗'}")
             gc = (f"`{g['layer']}` {g['cause']}, step {g['step']} "
                   f"(+{g['nonfinite_alerts'] - 1}){mark}")
         d = r["detect_anomaly"]["answer"]
