@@ -1,10 +1,18 @@
-"""Shared pieces of the benchmarks: workloads, a host-read counter, memory readings."""
+"""Shared pieces of the benchmarks: workloads, how gradwatch is attached, host-read and aten-op
+counters, the one-process-per-measurement runner, memory readings."""
 
 from __future__ import annotations
 
+import collections
+import json
+import os
 import platform
 import resource
+import statistics
+import subprocess
+import sys
 import threading
+import time
 from typing import Any, Callable
 
 import torch
@@ -74,9 +82,87 @@ def transformer() -> tuple[nn.Module, torch.Tensor, torch.Tensor, Callable[..., 
     return _Encoder(), torch.randn(16, 64, 256), torch.randint(0, 10, (16,)), F.cross_entropy
 
 
+def gpt2() -> tuple[nn.Module, torch.Tensor, torch.Tensor, Callable[..., torch.Tensor]]:
+    """A GPT-2-style language model built from a config (no download): Hugging Face
+    ``GPT2LMHeadModel``, 12 blocks, d=256, 4 heads, the GPT-2 vocabulary (50,257), sequence
+    64, batch 4 of random tokens, next-token cross-entropy. 76 watched modules by default."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    seq = 64
+    cfg = GPT2Config(n_layer=12, n_embd=256, n_head=4, n_positions=seq, use_cache=False)
+    model = GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (4, seq))
+
+    def next_token(out: Any, y: torch.Tensor) -> torch.Tensor:
+        logits = out.logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))
+
+    return model, ids, ids, next_token
+
+
+# Deep and narrow at a fixed total size: N x (Linear(w, w) + Tanh), 2N watched modules,
+# w chosen so that N * w^2 (parameters and FLOPs per sample) stays at 500 * 64^2.
+DEEP = {10: (5, 640), 100: (50, 202), 1000: (500, 64)}
+
+
+def deep(modules: int) -> Callable[[], Any]:
+    """The workload of ``modules`` watched modules (a key of ``DEEP``)."""
+    n, w = DEEP[modules]
+
+    def build() -> tuple[nn.Module, torch.Tensor, torch.Tensor, Callable[..., torch.Tensor]]:
+        layers: list[nn.Module] = []
+        for _ in range(n):
+            lin = nn.Linear(w, w)
+            # orthogonal weights and zero biases keep the signal and the gradients in range
+            # through 500 blocks: with the default init the lower layers' gradients pass
+            # through denormal floats (slow on CPU) and the bare step changes by 2x
+            nn.init.orthogonal_(lin.weight)
+            nn.init.zeros_(lin.bias)
+            layers += [lin, nn.Tanh()]
+        return nn.Sequential(*layers), torch.randn(32, w), torch.randn(32, w), F.mse_loss
+
+    build.__doc__ = f"{n} x (Linear({w}, {w}) + Tanh), batch 32, MSE: {modules} watched modules."
+    return build
+
+
 WORKLOADS: dict[str, Callable[[], Any]] = {
-    "mlp": mlp, "cnn": cnn, "lstm": lstm, "transformer": transformer,
+    "mlp": mlp, "cnn": cnn, "lstm": lstm, "transformer": transformer, "gpt2": gpt2,
+    **{f"deep{m}": deep(m) for m in DEEP},
 }
+
+# -- attaching gradwatch ----------------------------------------------------------------------
+# The step kinds of the module-count series and the breakdown, forced through the public API.
+# If the way sampled steps are chosen changes, this is the one function to adapt.
+STEP_KINDS = ("default", "light", "sampled")
+
+
+def watch_as(kind: str, model: nn.Module, opt: torch.optim.Optimizer, logdir: str) -> Any:
+    """gradwatch attached so that every step after the first is of ``kind``.
+
+    ``default``: ``watch()`` as a user writes it. ``light``: ``every`` and ``sample_every``
+    of 10**6 (the first step is sampled, every later one light). ``sampled``:
+    ``sample_every=1`` (every step collects the full stat set). The last two never flush
+    (``every=10**6``): the flush is measured on its own (``flush.py``, ``breakdown.py``).
+    """
+    import gradwatch
+
+    if kind == "default":
+        return gradwatch.watch(model, optimizer=opt, logdir=logdir, on_alert="ignore")
+    if kind == "light":
+        return gradwatch.watch(model, optimizer=opt, logdir=logdir, every=10**6,
+                               sample_every=10**6, on_alert="ignore")
+    if kind == "sampled":
+        return gradwatch.watch(model, optimizer=opt, logdir=logdir, every=10**6,
+                               sample_every=1, on_alert="ignore")
+    raise ValueError(f"kind must be one of {STEP_KINDS}, got {kind!r}")
+
+
+def watched_modules(model: nn.Module) -> int:
+    """How many modules gradwatch watches in ``model`` by default."""
+    from gradwatch.selection import select, unwrap
+
+    return len(select(unwrap(model), None, None))
 
 # -- host reads -----------------------------------------------------------------------------
 
@@ -146,6 +232,70 @@ class HostReads(TorchDispatchMode):
         self._saved.clear()
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is active: on a GPU each is a kernel launch
+    (or a view/metadata op, a few µs of CPU each either way). The CPU backward runs on the
+    calling thread and is counted too. The profiler's own range markers (the optimizer's
+    ``record_function``) are not ops and are left out. ``by_op``: counts per op name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self.by_op: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None):
+        name = func.name()
+        if not name.startswith("profiler::"):
+            self.count += 1
+            self.by_op[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+# -- one measurement per process ------------------------------------------------------------
+# Every (variant, workload) runs in a process of its own (one thread, fixed seeds), started
+# by the driver of each benchmark with these settings.
+
+
+def run_worker(script: str, argv: list[str], timeout: float) -> dict[str, Any]:
+    """Run ``script --worker ARGV...`` in a fresh process; its last stdout line that starts
+    with ``{`` is the result. A run that dies before reporting (a transient failure, e.g.
+    the shared machine short of memory while loading torch) is tried up to three more
+    times; a timeout or a kill (the OOM killer) is not retried. Failures come back as
+    ``{"error": why}``."""
+    for attempt in range(4):
+        out = _run_once(script, argv, timeout)
+        if "error" not in out or out["error"].startswith(("timed out", "killed")):
+            break
+        time.sleep(10.0 * (attempt + 1))
+    return out
+
+
+def _run_once(script: str, argv: list[str], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(script), "--worker", *argv]
+    # Fixed glibc malloc thresholds: with the default dynamic mmap threshold, how many page
+    # faults a step's large tensors cost depended on what the process had imported before
+    # (a bare process paid ~10% more than one that had imported wandb, measured here).
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline",
+               WANDB_SILENT="true", PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1",
+               MALLOC_MMAP_THRESHOLD_="1073741824", MALLOC_TRIM_THRESHOLD_="1073741824")
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)  # type: ignore[no-any-return]
+    if p.returncode < 0:  # e.g. 9: the kernel's OOM killer
+        return {"error": f"killed by signal {-p.returncode}"}
+    tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+    return {"error": " | ".join(tail)[-300:]}
+
+
+def block_means(cpu: list[float], block: int) -> list[float]:
+    """Mean step time of each whole block of ``block`` consecutive steps."""
+    return [statistics.fmean(cpu[i:i + block]) for i in range(0, len(cpu) - block + 1, block)]
+
+
 # -- memory / machine -----------------------------------------------------------------------
 
 
@@ -163,8 +313,6 @@ def peak_rss_mb() -> float:
 
 
 def machine() -> dict[str, Any]:
-    import os
-
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:

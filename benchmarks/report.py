@@ -27,7 +27,10 @@ NOTES = [
     "4 x Conv3x3+BatchNorm+ReLU(inplace) 32/64/64/128 channels, batch 32 of 3x32x32, with a "
     "2x2 max-pool after the first three blocks (without it one step takes ~0.5 s on one core) "
     "and a linear head; LSTM 2 layers, hidden 256, sequence 50, batch 32; Transformer encoder "
-    "4 layers, d=256, 4 heads, sequence 64, batch 16. SGD with momentum, fixed seeds.",
+    "4 layers, d=256, 4 heads, sequence 64, batch 16; GPT-2 a Hugging Face "
+    "`GPT2LMHeadModel` built from `GPT2Config(n_layer=12, n_embd=256, n_head=4, "
+    "n_positions=64)` (no download; 76 watched modules, its 50,257-token vocabulary), batch 4 "
+    "of 64 random tokens, next-token cross-entropy. SGD with momentum, fixed seeds.",
     "gradwatch default: `watch(model, optimizer=opt, logdir=...)` as a user writes it "
     "(every=100, sample_every='auto', TensorBoard on), timed in its steady state: after its "
     "first window (100 steps, every one sampled), one sampled step in 10, each 20-step block "
@@ -44,6 +47,8 @@ NOTES = [
     "Lightning: `lightning.pytorch.utilities.grad_norm(model, 2)` after backward. Delve: "
     "`SaturationTracker(..., stats=['lsat'])` with its hooks on every step "
     "(`add_saturations` is an end-of-epoch call, not timed).",
+    "`reads/step` lists the workloads in column order. The GPT-2 model reads one value on "
+    "the host per step by itself (its bare row): every gradwatch row adds none to it.",
     "Load caveat: the machine's 2 cores were shared with other jobs during the run. Wall "
     "time swung 2-3x between processes, so ratios use process CPU time; they still move by a "
     "few percent from round to round (see the ranges), which is the size of the targets.",
@@ -77,8 +82,9 @@ def _f(x: Any, fmt: str = "{:.2f}") -> str:
 
 def render(data: dict[str, Any]) -> str:
     lines = ["# gradwatch benchmark results", "",
-             "Written by `benchmarks/overhead.py` and `benchmarks/flush.py` (`make bench`); "
-             "the numbers below are from the last run, see `results.json` for every round.", ""]
+             "Written by `make bench`: `benchmarks/overhead.py`, `modules.py`, `breakdown.py`, "
+             "`anomaly.py` and `flush.py`, each into its own section; the numbers below are "
+             "from the last run of each, see `results.json` for every round.", ""]
     ov = data.get("overhead")
     if ov:
         m = ov["machine"]
@@ -118,8 +124,8 @@ def render(data: dict[str, Any]) -> str:
                     cells.append("–")
                     continue
                 seen = True
-                if "error" in r:
-                    cells.append("failed")
+                if "error" in r or "skipped" in r:
+                    cells.append("failed" if "error" in r else "not run")
                     continue
                 cells.append(f"{_f(r['ratio'])}x ({_f(r['ratio_min'])}–{_f(r['ratio_max'])})"
                              if v != "bare" else f"{r['step_ms']:.1f} ms")
@@ -146,8 +152,25 @@ def render(data: dict[str, Any]) -> str:
             lines.append(f"- {label(v)}: skipped, {why}.")
         for w, v, e in errs:
             lines.append(f"- {label(v)} on {w}: failed: `{e}`.")
+        for w in wls:
+            for v, r in ov["summary"][w].items():
+                if "skipped" in r:
+                    lines.append(f"- {label(v)} on {w}: not run: {r['skipped']}.")
         lines += [f"- {n}" for n in NOTES + list(ov.get("notes", []))]
         lines.append("")
+    if data.get("modules"):
+        lines += render_modules(data["modules"])
+    bd = data.get("breakdown")
+    if bd and bd.get("table"):
+        lines += ["## Breakdown: where the time goes per watched module (CPU)", "",
+                  f"`python benchmarks/breakdown.py` ({bd['rounds']} rounds, {bd['date']}, "
+                  f"load average {', '.join(f'{x:.1f}' for x in bd['load_avg'])}).", "",
+                  bd["table"], ""]
+    if data.get("anomaly"):
+        lines += ["## Non-finite values: gradwatch and detect_anomaly side by side", "",
+                  "`python benchmarks/anomaly.py`; what the columns mean: "
+                  "[docs/nonfinite.md](../docs/nonfinite.md).", "",
+                  render_anomaly(data["anomaly"])]
     fl = data.get("flush")
     if fl:
         lines += ["## Flush and hook cost (CPU)", "",
@@ -170,3 +193,99 @@ def render(data: dict[str, Any]) -> str:
                   "ratios; run it by hand where one is present."]
     lines.append("")
     return "\n".join(lines)
+
+
+def _ratio(r: dict[str, Any] | None) -> str:
+    if not r or r.get("median") is None:
+        return "–"
+    return f"{r['median']:.2f}x ({r['min']:.2f}–{r['max']:.2f})"
+
+
+def render_modules(mo: dict[str, Any]) -> list[str]:
+    """The module-count series of ``modules.py``."""
+    lines = [
+        "## Cost per watched module as the module count grows (CPU)", "",
+        f"`python benchmarks/modules.py` ({mo['rounds']} interleaved rounds, {mo['date']}, "
+        f"load average {', '.join(f'{x:.1f}' for x in mo['load_avg'])}). Deep and narrow "
+        "models at a fixed total size (N x (Linear(w, w) + Tanh), N·w² = 500·64², batch 32: "
+        "`deep10` w=640, `deep100` w=202, `deep1000` w=64) and the MLP and CNN above. *light*: "
+        "every step a light one (`every` and `sample_every` 10**6); *sampled*: every step "
+        "sampled (`sample_every=1`, `every` 10**6, so no flush in either); *default*: "
+        "`watch()` as a user writes it, after its first window and during it. Per step kind: "
+        "ratio to the bare step of the same round (min–max), µs per watched module per step "
+        "((step - bare step) / modules, median over rounds) and aten ops dispatched per "
+        "watched module per step ((ops - bare ops) / modules, a `TorchDispatchMode` count; "
+        "on a GPU each is a launch).", "",
+        "| model | watched modules | bare step | bare ops/step | light: ratio | µs/module | "
+        "ops/module | sampled: ratio | µs/module | ops/module | default, steady | µs/module "
+        "| ops/module | default, first window |",
+        "|" + " --- |" * 14,
+    ]
+    for wl, r in mo["summary"].items():
+        if "error" in r:
+            lines.append(f"| {wl} | failed: {r['error']} |" + " |" * 12)
+            continue
+        cells = [wl, str(r["modules"]), f"{r['bare_ms']:.1f} ms", f"{r['bare_ops_per_step']:.0f}"]
+        for v in ("light", "sampled", "default"):
+            q = r.get(v) or {"error": "not run"}
+            if "error" in q:
+                cells += ["failed", "–", "–"]
+                continue
+            cells += [_ratio(q["ratio"]), f"{q['us_per_module']['median']:.1f}",
+                      f"{q['ops_per_module']:.2f}"]
+        cells.append(_ratio((r.get("default") or {}).get("first_ratio")))
+        lines.append("| " + " | ".join(cells) + " |")
+    reads = {q.get("reads_per_step") for r in mo["summary"].values() if "error" not in r
+             for v, q in r.items() if isinstance(q, dict) and "reads_per_step" in q}
+    shown = ", ".join(f"{x:g}" for x in sorted(reads))
+    lines += ["", f"Host reads per step counted in the gradwatch rows: {shown}.", ""]
+    return lines
+
+
+def render_anomaly(an: dict[str, Any]) -> str:
+    """The side-by-side table of ``anomaly.py`` (also docs/nonfinite.md)."""
+
+    def cost(q: dict[str, Any]) -> str:
+        if q.get("ratio") is None:
+            return "–"
+        return f"{q['ratio']:.2f}x ({q['ratio_min']:.2f}–{q['ratio_max']:.2f})"
+
+    lines = [
+        f"Fault from step {an['fault_step']}; {an['rounds']} rounds, {an['date']}, "
+        f"{an['machine']['cpu']}, torch {an['machine']['torch']}.", "",
+        "| case | the fault | origin (reference check) | gradwatch: layer, cause, step "
+        "(+ later nonfinite alerts) | detect_anomaly: backward function, forward line, step "
+        "| bare step | gradwatch cost | detect_anomaly cost |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in an["summary"].items():
+        ref = r.get("reference")
+        rc = "–" if ref is None else (f"`{ref['layer']}` {ref['cause']}, step {ref['step']}"
+                                      if ref["layer"] else f"{ref['cause']}, step {ref['step']}")
+        if r.get("reference_as_built") is False:
+            rc += f" (built as `{r['built_as']['layer']}` {r['built_as']['cause']}!)"
+        g = r["gradwatch"]["answer"]
+        if g is None:
+            gc = "– (did not run)"
+        elif g["layer"] is None:
+            gc = "no nonfinite alert"
+        else:
+            mark = ""
+            if "right_layer" in g:
+                mark = (f": layer {'✓' if g['right_layer'] else '✗'}, "
+                        f"cause {'✓' if g['right_cause'] else '✗'}")
+            gc = (f"`{g['layer']}` {g['cause']}, step {g['step']} "
+                  f"(+{g['nonfinite_alerts'] - 1}){mark}")
+        d = r["detect_anomaly"]["answer"]
+        if d is None:
+            dc = "– (did not run)"
+        elif d["function"] is None:
+            dc = "did not raise"
+        else:
+            dc = f"`{d['function']}`, {d['line'] or 'no line'}, step {d['step']}"
+        bare = "–" if r.get("bare_ms") is None else f"{r['bare_ms']:.2f} ms"
+        lines.append(f"| {name} | {r['what']} | {rc} | {gc} | {dc} | {bare} | "
+                     f"{cost(r['gradwatch'])} | {cost(r['detect_anomaly'])} |")
+        for e in r.get("errors", []):
+            lines.append(f"| | failed: `{e}` | | | | | | |")
+    return "\n".join(lines) + "\n"
