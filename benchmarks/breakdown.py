@@ -53,19 +53,23 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 # part's time excludes the parts called inside it (e.g. the fold inside the step end).
 PARTS: tuple[tuple[str, str], ...] = (
     ("forward hook", "gradwatch.hooks:ForwardHook.__call__"),
+    ("non-finite trace", "gradwatch.trace:StepTrace.call"),
     ("forward hook", "gradwatch.hooks:ForwardDoneHook.__call__"),
     ("output-gradient hook", "gradwatch.hooks:OutGradHook.__call__"),
+    ("batched statistics", "gradwatch.hooks:Collector.flush_batches"),
+    ("batched statistics", "gradwatch.hooks:Collector.flush_outputs"),
     ("parameter statistics", "gradwatch.watcher:Watcher._params_safe"),
     ("fold", "gradwatch.buffers:WindowBuffers.fold"),
     ("commit", "gradwatch.buffers:WindowBuffers.commit_step"),
     ("non-finite flags", "gradwatch.buffers:WindowBuffers.step_flags"),
-    ("non-finite flags", "gradwatch.flags:StepFlags.push"),
+    ("non-finite flags", "gradwatch.watcher:Watcher._push_flags"),
     ("non-finite flags", "gradwatch.watcher:Watcher._check_flags"),
-    ("step end, rest", "gradwatch.hooks:_StepHook.__call__"),
+    ("step end, rest", "gradwatch.stepping:_GlobalStepHook.__call__"),
     ("flush, training thread", "gradwatch.watcher:Watcher._launch_flush"),
 )
-ORDER = ("hook call", "forward hook", "output-gradient hook", "parameter statistics", "fold",
-         "commit", "non-finite flags", "step end, rest")
+ORDER = ("hook call", "forward hook", "non-finite trace", "output-gradient hook",
+         "batched statistics", "parameter statistics", "fold", "commit", "non-finite flags",
+         "step end, rest")
 
 
 def _switch_off(*parts: str) -> Callable[[Any], None]:
@@ -73,18 +77,20 @@ def _switch_off(*parts: str) -> Callable[[Any], None]:
         for p in parts:
             if p == "params":  # the watcher's own switches after an internal failure
                 w._off.update({"grad", "weight", "before", "update"})
+            elif p == "trace":  # the non-finite trace of every module
+                w._collector.trace.on = False
             else:  # "act_on" / "grad_on": the collector's forward / output-gradient parts
                 setattr(w._collector, p, False)
     return switch
 
 
-# Timing variants: a part switched off through the watcher's internal switches (the ones
-# it uses itself after an internal failure).
+# the parts whose cost is taken by subtraction (each switched off alone, then all)
 SWITCHES: dict[str, Callable[[Any], None]] = {
+    "non-finite trace": _switch_off("trace"),
     "forward statistics": _switch_off("act_on"),
     "output-gradient hooks": _switch_off("grad_on"),
     "parameter statistics": _switch_off("params"),
-    "all three": _switch_off("act_on", "grad_on", "params"),
+    "all four": _switch_off("trace", "act_on", "grad_on", "params"),
 }
 EVERY = 100  # the default window, for the flush per step
 
@@ -265,7 +271,7 @@ def timing_variants(b: Bench, rounds: int, steps: int) -> dict[str, Any]:
     for kind in ("light", "sampled"):
         parts = {"hook call": med["empty hook"]}
         for s in SWITCHES:
-            if f"{kind} - {s}" in med and s != "all three":
+            if f"{kind} - {s}" in med and s != "all four":
                 parts[s] = med[kind] - med[f"{kind} - {s}"]
         parts["hook frames and step end (all three off) minus the hook call"] = (
             med[f"{kind} - all three"] - med["empty hook"])

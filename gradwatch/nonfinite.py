@@ -167,6 +167,8 @@ class NonFiniteTracker:
         for m, v in zip(mods, pn):
             if math.isnan(v):
                 pg_own[m] = O.NAN
+            elif math.isinf(v) and pg_own[m] != O.NAN:  # Inf, or a norm that overflowed
+                pg_own[m] = O.INF
         origin = None
         if mflags is not None and mflags.any():
             origin = O.module_origin(mflags, meta.modules or (), pg_own, self.mm)

@@ -280,11 +280,14 @@ def backward_origin(rec: Record, gst: dict[int, int], pg_own: Sequence[int],
         return Origin(root, "backward_op", "backward",
                       "the gradient arriving at the model's output already holds NaN: it "
                       "was made by the loss (code after the model)")
-    bad = [m for m in order if pg_own[m] == NAN]
+    # no hooked module shows it: the module nearest the loss whose own parameter gradients
+    # are not finite (an Inf there, an overflow, often turns into NaN just below it)
+    bad = [m for m in order if pg_own[m] >= INF]
     if bad:
         m = bad[-1]
+        what = "NaN" if pg_own[m] == NAN else "Inf (or overflowed)"
         return Origin(m, "backward_op", "backward",
-                      "its parameter gradients hold NaN; no hooked gradient above it did")
+                      f"its parameter gradients hold {what}; no hooked gradient above it did")
     bad_any = [m for m in range(n) if og[m] == NAN or ig[m] == NAN]
     if bad_any:
         return Origin(bad_any[0], "unknown", "backward", "a gradient holds NaN; origin "
