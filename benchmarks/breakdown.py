@@ -273,8 +273,8 @@ def timing_variants(b: Bench, rounds: int, steps: int) -> dict[str, Any]:
         for s in SWITCHES:
             if f"{kind} - {s}" in med and s != "all four":
                 parts[s] = med[kind] - med[f"{kind} - {s}"]
-        parts["hook frames and step end (all three off) minus the hook call"] = (
-            med[f"{kind} - all three"] - med["empty hook"])
+        parts["hook frames and step end (all four off) minus the hook call"] = (
+            med[f"{kind} - all four"] - med["empty hook"])
         parts["total"] = med[kind]
         by_sub[kind] = parts
     out["by_subtraction"] = by_sub

@@ -122,6 +122,23 @@ class StepFlags:
         self._first = None
         self._dropped = False
 
+    def read_now(self, flags: Tensor, parts: list[Tensor], step: int, meta: Any) -> Flags:
+        """CPU: the ``[layers, 3]`` flags of step ``step`` and its payload ``parts`` read at
+        once: two copies into host buffers made once, read through their numpy view."""
+        assert self._acc is None, "read_now is for a device that is host memory"
+        slot = self._slots[0]
+        n = sum(t.numel() for t in parts)
+        slot.fit(self._head + n)
+        slot.host[: self.n_layers * COLS].copy_(flags.reshape(-1))
+        trace = None
+        if meta is not None:
+            if parts:
+                torch.cat(parts, out=slot.host[self._head: self._head + n])
+            trace = slot.view[self._head: self._head + n]
+        layers = slot.view[: self.n_layers * COLS].reshape(self.n_layers, COLS)
+        nan = float(np.isnan(trace).sum()) if trace is not None else 0.0
+        return Flags(step, layers, nan, trace, meta)
+
     def poll(self) -> list[Flags]:
         """The flags that have reached the host, oldest first, for each step (or span) with
         a non-zero value; the arrays are copies, the slots are freed."""

@@ -101,16 +101,17 @@ class NonFiniteTracker:
         self._pending: list[tuple[Found, HostCopy, int, bool]] = []
 
     # -- training thread, end of a step (device ops only) -------------------------------------
-    def payload(self, vals: Tensor | None, grads: ParamStepStats | None,
-                param_sums: bool = False, modules: Tensor | None = None
-                ) -> tuple[Tensor, tuple[tuple[int, ...], tuple[int, ...]]]:
-        """The step's trace rows, then the parameter-gradient norms (tracked, then shadow),
-        and which parameters those norms are of; with ``param_sums``, then an fp32 sum of
-        every parameter (``all_params``: their values as the forward used them, when taken
-        before the update)."""
-        parts = [vals] if vals is not None else []
-        if modules is not None:
-            parts.append(modules)
+    def payload(self, rows: list[Tensor], grads: ParamStepStats | None,
+                param_sums: bool = False
+                ) -> tuple[list[Tensor], tuple[tuple[int, ...], tuple[int, ...]]]:
+        """The parts of a step's payload: ``rows`` (the trace's forward and gradient rows,
+        the per-module counts of compiled code), then the parameter-gradient norms (tracked,
+        then shadow), then with ``param_sums`` an fp32 sum of every parameter
+        (``all_params``: their values as the forward used them, when taken before the
+        update); and which parameters those norms are of."""
+        from gradwatch import stats as S
+
+        parts = list(rows)
         present: tuple[int, ...] = ()
         if grads is not None and grads.norms is not None:
             parts.append(grads.norms)
@@ -118,18 +119,11 @@ class NonFiniteTracker:
         shadow = tuple(k for k, (p, _) in enumerate(self.shadow) if p.grad is not None)
         if shadow:
             gs = [local(self.shadow[k][0].grad) for k in shadow]  # type: ignore[arg-type]
-            from gradwatch import stats as S
-
             parts.append(S.foreach_norms(gs, 2.0))
         if param_sums and self.all_params:
-            from gradwatch import stats as S
-
             ps = [local(p.detach()) for p in self.all_params]
             parts.append(S.foreach_norms(ps, 1.0))
-        dev = vals.device if vals is not None else None
-        if not parts:
-            return torch.zeros(0, device=dev), (present, shadow)
-        return (torch.cat(parts) if len(parts) > 1 else parts[0]), (present, shadow)
+        return parts, (present, shadow)
 
     # -- when the flags reach the host ----------------------------------------------------------
     def read(self, item: Flags) -> list[Found]:

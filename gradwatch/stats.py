@@ -274,8 +274,9 @@ def foreach_absmax(tensors: Sequence[Tensor]) -> Tensor:
 
 
 #: ``NormPlan`` on CPU: same-shape tensors up to this size are stacked and reduced together
-#: (one op per group instead of one per tensor); larger ones are reduced one by one.
-STACK_MAX = 1 << 16
+#: (one op per group instead of one per tensor); larger ones are reduced one by one. The
+#: break-even: a tensor's own op costs a few microseconds, the time to copy ~16K floats.
+STACK_MAX = 1 << 14
 STACK_MIN = 4  # a group needs this many members to be stacked
 
 

@@ -273,17 +273,21 @@ class StepTrace:
             self.fault("non-finite trace (gradients)", "*", e)
 
     # -- step boundary -------------------------------------------------------------------------
-    def take(self) -> tuple[Record, Tensor]:
-        """This record and a copy of its device rows (forward rows, then gradient rows);
-        starts a new record. The gradient rows are zeroed for the next one: a hook that
-        does not run leaves 0 (finite) in its row."""
+    def take(self) -> tuple[Record, Tensor, Tensor]:
+        """This record and views of its device rows (forward rows, gradient rows); starts a
+        new record. The caller reads (or copies) the views, then ``clear(rec)``."""
         rec = self.rec
-        vals = torch.cat([self.fwd.t[: rec.n_rows], self.grads.t[: rec.n_grads]])
-        if rec.n_grads:
-            self.grads.t[: rec.n_grads].zero_()
+        views = self.fwd.t[: rec.n_rows], self.grads.t[: rec.n_grads]
         self._new()
         self.handles.clear()
-        return rec, vals
+        return rec, views[0], views[1]
+
+    def clear(self, rec: Record) -> None:
+        """Zero the gradient rows of ``rec`` (read or copied already; on CUDA the zeroing
+        runs after the copy, in stream order): a hook that does not run in the next record
+        leaves 0 (finite) in its row."""
+        if rec.n_grads:
+            self.grads.t[: rec.n_grads].zero_()
 
     def discard(self) -> None:
         """Drop this record (a step the GradScaler skipped: its gradients overflowed on

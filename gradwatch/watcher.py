@@ -28,7 +28,7 @@ from gradwatch.audit import measure
 from gradwatch.buffers import WindowBuffers
 from gradwatch.compiled import forget_compiled_code
 from gradwatch.distributed import is_writer_rank, world_size
-from gradwatch.flags import StepFlags
+from gradwatch.flags import Flags, StepFlags
 from gradwatch.hooks import (
     Collector,
     ForwardDoneHook,
@@ -530,24 +530,38 @@ class Watcher:
 
     def _push_flags(self, flags: torch.Tensor, grads: Any, full: bool,
                     step: int | None = None, before_update: bool = False) -> None:
-        """The step's flags, with its non-finite trace unless taken already, to the host
-        (``flags.StepFlags``): device ops and a non-blocking copy only."""
+        """The step's flags, with its non-finite trace unless taken already, to the host:
+        on CUDA device ops and a non-blocking copy (``flags.StepFlags``), read a step or so
+        later; on CPU, where device memory is host memory, read at once through numpy (no
+        torch read op either way)."""
         step = self._step + 1 if step is None else step
         tr = self._collector.trace
-        vals, meta = None, None
+        rec = None
+        rows: list[torch.Tensor] = []
+        mf = self._collector.mflags
+        order = None
         if tr is not None and tr.on and self._trace_step != step:
             self._trace_step = step
-            rec, vals = tr.take()
+            rec, fv, gv = tr.take()
+            rows = [fv, gv]
+            if mf is not None and mf.order:  # compiled code ran: its per-module counts
+                rows.append(mf.take())
+                order = tuple(mf.order)
         # the weights as the forward used them: read lazily on CPU when the record is taken
         # before the update (the analysis runs at once), else summed with the payload
-        sums = vals is not None and not (before_update and self._device.type == "cpu")
-        mf = self._collector.mflags
-        mods = mf.take() if vals is not None and mf is not None and mf.order else None
-        payload, (present, shadow) = self._nonfinite.payload(vals, grads, param_sums=sums,
-                                                             modules=mods)
-        if vals is not None:
-            meta = Meta(rec, present, shadow, full, before_update, sums,
-                        tuple(mf.order) if mods is not None and mf is not None else None)
+        sums = rec is not None and not (before_update and self._device.type == "cpu")
+        parts, (present, shadow) = self._nonfinite.payload(rows, grads, param_sums=sums)
+        meta = (Meta(rec, present, shadow, full, before_update, sums, order)
+                if rec is not None else None)
+        if self._device.type == "cpu":
+            item = self._flags.read_now(flags, parts, step, meta)
+            if rec is not None:
+                tr.clear(rec)  # type: ignore[union-attr]
+            self._on_flags(item)
+            return
+        payload = torch.cat(parts) if parts else flags.new_zeros(0)
+        if rec is not None:
+            tr.clear(rec)  # type: ignore[union-attr]  # after the copy, in stream order
         nan = torch.isnan(payload).sum(dtype=torch.float32)
         extra = torch.stack([nan, torch.zeros_like(nan), torch.zeros_like(nan)])
         head = torch.cat([flags, extra.unsqueeze(0)])
@@ -590,20 +604,31 @@ class Watcher:
         if self._off & {"commit", "flags"}:
             return
         try:
-            nf = self._nonfinite
-            for f in nf.settle():
+            for f in self._nonfinite.settle():
                 self._nonfinite_alert(f)
             for item in self._flags.poll():
-                found = nf.read(item)
-                for f in found:
-                    self._nonfinite_alert(f)
-                bad = item.layers[:, :2].any() or item.trace_nan
-                if not bad:
-                    self._extreme(item.step, item.layers)
-                elif item.meta is None and nf.armed and nf.last_bad != item.step:
-                    # nothing named from a trace for this step (none came along, or it held
-                    # Inf without NaN, e.g. an Inf parameter gradient): name a layer
-                    self._flag_alert(item.step, item.layers)
+                self._on_flags(item)
+        except Exception as e:
+            self._off.add("flags")
+            self._rules.per_step_nonfinite = False  # the window names it from now on
+            self._collector.fault("non-finite flags", "*", e)
+
+    def _on_flags(self, item: Flags) -> None:
+        """One step's flags on the host: a non-finite origin, or an extreme gradient."""
+        if self._off & {"commit", "flags"}:
+            return
+        try:
+            nf = self._nonfinite
+            bad = item.layers[:, :2].any() or item.trace_nan
+            if not bad:
+                self._extreme(item.step, item.layers)
+                return
+            for f in nf.read(item):
+                self._nonfinite_alert(f)
+            if item.meta is None and nf.armed and nf.last_bad != item.step:
+                # nothing named from a trace for this step (none came along, or it held
+                # Inf without NaN, e.g. an Inf parameter gradient): name a layer
+                self._flag_alert(item.step, item.layers)
         except Exception as e:
             self._off.add("flags")
             self._rules.per_step_nonfinite = False  # the window names it from now on
