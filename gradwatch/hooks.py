@@ -17,7 +17,7 @@ import math
 import threading
 import warnings
 import weakref
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -341,31 +341,6 @@ def report_fault(msg: str) -> None:
         warnings.warn(msg, GradwatchWarning, stacklevel=3)
     except Exception:
         logger.warning(msg)
-
-
-class _StepHook:
-    """Optimizer step pre/post hook; inert when copied or pickled.
-
-    Calls ``fn(closure)``: whether ``step`` was given a closure (positional or keyword),
-    in which case the gradients only exist once the step has run the closure.
-    """
-
-    __slots__ = ("_fn",)
-
-    def __init__(self, fn: Callable[[bool], None]) -> None:
-        self._fn = weakref.WeakMethod(fn)  # type: ignore[arg-type]
-
-    def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        fn = self._fn()
-        if fn is not None:
-            closure = kwargs.get("closure") if kwargs else None
-            if closure is None and len(args) > 1:  # args[0] is the optimizer itself
-                closure = args[1]
-            fn(callable(closure))
-        return None
-
-    def __reduce__(self) -> tuple[Any, tuple[()]]:
-        return (_Inert, ())
 
 
 # Largest number of elements per parameter copied to measure an update ratio, taken as

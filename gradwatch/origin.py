@@ -74,6 +74,33 @@ class ModelMap:
             hooked=list(hooked),
         )
 
+    def children_first(self) -> tuple[int, ...]:
+        """Every module, each after its descendants (siblings in registration order): the
+        order forward hooks complete in for containers that call their children in order."""
+        out: list[int] = []
+        seen: set[int] = set()
+        kids: dict[int, list[int]] = {i: [] for i in range(len(self.names))}
+        for i, anc in enumerate(self.ancestors):
+            if anc:
+                kids[max(anc, key=lambda a: self.depth[a])].append(i)
+
+        def visit(i: int) -> None:
+            stack = [(i, False)]
+            while stack:
+                j, done = stack.pop()
+                if done:
+                    if j not in seen:
+                        seen.add(j)
+                        out.append(j)
+                    continue
+                stack.append((j, True))
+                stack.extend((k, False) for k in reversed(kids[j]))
+
+        for i in range(len(self.names)):
+            if not self.ancestors[i]:
+                visit(i)
+        return tuple(out)
+
     def innermost(self, mods: set[int]) -> list[int]:
         """The modules of ``mods`` that contain no other module of ``mods``."""
         inner = set(mods)

@@ -29,10 +29,6 @@ class LayerInfo:
     has_trainable: bool
     bounds: tuple[float, float] | None  # output range of a bounded activation
     relu_like: bool
-    # a parameter-free activation that maps finite inputs to finite outputs: on light steps
-    # its output needs no non-finite check when its input was just checked
-    keeps_finite: bool = False
-    inplace: bool = False  # the module writes its output into its input
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -185,6 +181,4 @@ def describe(name: str, m: nn.Module, own: Sequence[nn.Parameter]) -> LayerInfo:
         has_trainable=any(p.requires_grad for p in own),
         bounds=output_bounds(m),
         relu_like=isinstance(m, _RELU_LIKE),
-        keeps_finite=keeps_finite(m),
-        inplace=bool(getattr(m, "inplace", False)),
     )

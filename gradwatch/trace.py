@@ -335,23 +335,21 @@ class _ModuleGradHook:
 
 class ModuleFlags:
     """The non-finite trace of code that ``torch.compile`` traces: no per-tensor host
-    bookkeeping (Python state in a graph), per-module counts added on the device instead,
-    which the compiler fuses into the model's own kernels. ``order``: modules in order of
-    first completion (recorded while tracing)."""
+    bookkeeping (Python state in a graph would retrace), per-module counts added on the
+    device instead, which the compiler fuses into the model's own kernels. ``order``: the
+    modules children first (the order forward hooks complete in); ``ran``: compiled code
+    added counts since the last ``take``."""
 
-    def __init__(self, n_modules: int, device: torch.device, unsafe: list[bool]) -> None:
+    def __init__(self, n_modules: int, device: torch.device, unsafe: list[bool],
+                 order: tuple[int, ...]) -> None:
         self.t = torch.zeros(n_modules, 6, dtype=torch.float32, device=device)
         self.unsafe = unsafe
-        self.seen = [False] * n_modules
-        self.order: list[int] = []
+        self.order = order
         self.on = True
-        self.used = False  # set while tracing: the step's payload carries these flags
+        self.ran = False
 
     def call(self, m: int, args: Any, output: Any) -> None:
-        if not self.seen[m]:
-            self.seen[m] = True
-            self.order.append(m)
-            self.used = True
+        self.ran = True
         outs = [t for t in tree_leaves(output) if _float(t)]
         ins = [t for t in tree_leaves(args) if _float(t)]
         row = self.t[m]
@@ -369,6 +367,7 @@ class ModuleFlags:
 
     def take(self) -> Tensor:
         """This step's counts (a copy), and zero for the next."""
+        self.ran = False
         out = self.t.reshape(-1).clone()
         self.t.zero_()
         return out

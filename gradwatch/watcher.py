@@ -177,7 +177,8 @@ class Watcher:
             self._device, [passes_finite(m) for _, m in self._mods],
             [bool(getattr(m, "inplace", False)) for _, m in self._mods], hooked,
             self._collector.fault)
-        self._collector.mflags = ModuleFlags(len(self._mods), self._device, hooked)
+        self._collector.mflags = ModuleFlags(len(self._mods), self._device, hooked,
+                                             self._map.children_first())
 
         self._step = 0
         self._window_steps = 0
@@ -544,9 +545,9 @@ class Watcher:
             self._trace_step = step
             rec, fv, gv = tr.take()
             rows = [fv, gv]
-            if mf is not None and mf.order:  # compiled code ran: its per-module counts
+            if mf is not None and mf.ran:  # compiled code ran: its per-module counts
                 rows.append(mf.take())
-                order = tuple(mf.order)
+                order = mf.order
         # the weights as the forward used them: read lazily on CPU when the record is taken
         # before the update (the analysis runs at once), else summed with the payload
         sums = rec is not None and not (before_update and self._device.type == "cpu")
