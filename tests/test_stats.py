@@ -192,3 +192,36 @@ def test_grad_sq_sum_and_foreach_against_float64():
     sp = torch.sparse_coo_tensor([[0, 3]], [3.0, -4.0], (10,), check_invariants=True)
     assert close(S.grad_sq_sum(sp).item(), 25.0)
     assert S.foreach_absmax([sp]).tolist() == [4.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_norm_plan_stacked_and_one_by_one_against_float64(dtype):
+    # groups of >= STACK_MIN same-shape tensors up to STACK_MAX elements are stacked on CPU,
+    # the rest (too big, too few, another shape) go one by one: every norm, max |x| and the
+    # norm of a difference of two packs must equal float64 in the original order
+    g = torch.Generator().manual_seed(0)
+    side = int(S.STACK_MAX ** 0.5)
+    shapes = ([(8, 4)] * S.STACK_MIN + [(side, side)] * S.STACK_MIN  # two stacked groups
+              + [(side + 1, side)] * S.STACK_MIN  # above STACK_MAX: one by one
+              + [(3,)] * (S.STACK_MIN - 1) + [(5, 5)])  # too few of one shape
+    order = torch.randperm(len(shapes), generator=g).tolist()
+    ts = [(torch.randn(*shapes[i], generator=g) * 10 ** (k % 5 - 2)).to(dtype)
+          for k, i in enumerate(order)]
+    plan = S.NormPlan(ts)
+    if dtype in S.UPCAST:
+        assert [len(idx) for idx, _ in plan.groups] == [S.STACK_MIN] * 2
+        assert len(plan.rest) == S.STACK_MIN + S.STACK_MIN
+    else:  # float64 stays float64 per tensor: one by one
+        assert plan.groups == [] and len(plan.rest) == len(ts)
+    ref = [t.double() for t in ts]
+    for got, want in ((plan.norms(ts), [r.norm().item() for r in ref]),
+                      (plan.norms(plan.pack(ts)), [r.norm().item() for r in ref]),
+                      (plan.absmax(ts), [r.abs().max().item() for r in ref])):
+        assert got.dtype == torch.float32 and got.shape == (len(ts),)
+        for a, b in zip(got.tolist(), want):
+            assert math.isclose(a, b, rel_tol=1e-5 if dtype != torch.bfloat16 else 1e-2)
+    before = plan.pack(ts, copy=True)
+    after = [t * 2 for t in ts]
+    d = plan.norms(plan.pack(after) - before)
+    for a, r in zip(d.tolist(), ref):
+        assert math.isclose(a, r.norm().item(), rel_tol=1e-5 if dtype != torch.bfloat16 else 1e-2)
