@@ -97,6 +97,9 @@ def test_dashboard_in_headless_chromium(server, tmp_path):
         assert run["rows"] == LAYERS == run["labels"]
         assert [a[:3] for a in run["alerts"]] == [
             [str(a.step), a.layer, a.kind] for a in written.alerts]
+        # each alert's cause and hint are shown as written (a measured cause, not "unknown")
+        assert [a[6:] for a in run["alerts"]] == [[a.cause, a.hint] for a in written.alerts]
+        assert written.alerts[0].cause == "bias_shift" and "mean -50" in written.alerts[0].hint
         assert [HOSTILE, written.alerts[0].step] in run["marked"]
         assert run["flagged"] == [HOSTILE]  # the label of an alerted layer is marked
         # the name was shown as text: no element was made from it, and it is a real payload
