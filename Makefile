@@ -45,6 +45,7 @@ bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/breakdown.py
 	$(BIN)/python benchmarks/anomaly.py
 	$(BIN)/python benchmarks/flush.py
+	$(BIN)/python benchmarks/compiled.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

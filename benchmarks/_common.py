@@ -85,7 +85,7 @@ def transformer() -> tuple[nn.Module, torch.Tensor, torch.Tensor, Callable[..., 
 def gpt2() -> tuple[nn.Module, torch.Tensor, torch.Tensor, Callable[..., torch.Tensor]]:
     """A GPT-2-style language model built from a config (no download): Hugging Face
     ``GPT2LMHeadModel``, 12 blocks, d=256, 4 heads, the GPT-2 vocabulary (50,257), sequence
-    64, batch 4 of random tokens, next-token cross-entropy. 76 watched modules by default."""
+    64, batch 4 of random tokens, next-token cross-entropy. 88 watched modules by default."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import GPT2Config, GPT2LMHeadModel
 

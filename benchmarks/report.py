@@ -29,7 +29,7 @@ NOTES = [
     "and a linear head; LSTM 2 layers, hidden 256, sequence 50, batch 32; Transformer encoder "
     "4 layers, d=256, 4 heads, sequence 64, batch 16; GPT-2 a Hugging Face "
     "`GPT2LMHeadModel` built from `GPT2Config(n_layer=12, n_embd=256, n_head=4, "
-    "n_positions=64)` (no download; 76 watched modules, its 50,257-token vocabulary), batch 4 "
+    "n_positions=64)` (no download; 88 watched modules, its 50,257-token vocabulary), batch 4 "
     "of 64 random tokens, next-token cross-entropy. SGD with momentum, fixed seeds.",
     "gradwatch default: `watch(model, optimizer=opt, logdir=...)` as a user writes it "
     "(every=100, sample_every='auto', TensorBoard on), timed in its steady state: after its "
@@ -83,8 +83,9 @@ def _f(x: Any, fmt: str = "{:.2f}") -> str:
 def render(data: dict[str, Any]) -> str:
     lines = ["# gradwatch benchmark results", "",
              "Written by `make bench`: `benchmarks/overhead.py`, `modules.py`, `breakdown.py`, "
-             "`anomaly.py` and `flush.py`, each into its own section; the numbers below are "
-             "from the last run of each, see `results.json` for every round.", ""]
+             "`anomaly.py`, `flush.py` and `compiled.py`, each into its own section; the "
+             "numbers below are from the last run of each, see `results.json` for every "
+             "round.", ""]
     ov = data.get("overhead")
     if ov:
         m = ov["machine"]
@@ -176,13 +177,26 @@ def render(data: dict[str, Any]) -> str:
         lines += ["## Flush and hook cost (CPU)", "",
                   "Training-thread time of one flush (launch the host copy, reset, hand over to "
                   "the background thread), and hook cost per watched layer per step, for "
-                  "models of N watched layers (median of repeats).", "",
+                  "chains of N Linear(32, 32) layers, batch 8 (median of repeats; the window "
+                  "never ends there, so every step is a sampled step of a first window).", "",
                   "| watched layers | flush, training thread (ms) | step overhead (ms) | "
                   "per layer per step (µs) |", "| --- | --- | --- | --- |"]
         for r in fl["rows"]:
             lines.append(f"| {r['layers']} | {r['flush_ms']:.2f} | {r['overhead_ms']:.2f} | "
                          f"{r['per_layer_us']:.1f} |")
         lines += ["", fl.get("note", ""), ""]
+    co = data.get("compiled")
+    if co:
+        from compiled import HEADER, render_row
+
+        lines += ["## torch.compile and the hooks (CPU)", "",
+                  f"`python benchmarks/compiled.py` ({co['date']}, load average "
+                  f"{', '.join(f'{x:.1f}' for x in co['load_avg'])}): light steps of the deep "
+                  "and narrow models, eager and compiled with each backend, process CPU time "
+                  "(median of blocks of 20 steps after the compile); the first step is the "
+                  "compile.", "", HEADER]
+        lines += [render_row(r) for r in co["rows"]]
+        lines.append("")
     gpu = data.get("gpu")
     lines += ["## GPU", ""]
     if gpu:
