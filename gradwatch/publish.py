@@ -26,8 +26,7 @@ Fault = Callable[..., None]  # (stage, layer, exc, defer=True)
 class Publisher:
     def __init__(self, infos: Sequence[LayerInfo], applies: Sequence[tuple[str, ...]],
                  rules: Rules, sink: Any, pictures: Any, fault: Fault) -> None:
-        self._infos = infos
-        self._types = {i.name: i.type_name for i in infos}
+        self._infos = infos  # shared with the watcher: lazy modules replace its items
         self._applies = applies
         self._rules = rules
         self._sink: Any = sink if is_writer_rank() else None
@@ -117,7 +116,8 @@ class Publisher:
         self.latest = snap
         if self._sink is not None:
             # Snapshot.stats lists the layers in forward order, never-called ones last
-            layers = [(name, self._types[name]) for name in snap.stats]
+            types = {i.name: i.type_name for i in self._infos}
+            layers = [(name, types[name]) for name in snap.stats]
             self._guard("sink", "TensorBoard sink",
                         lambda: self._sink.write(snap, found, force, layers))
             if self._pictures is not None and "sink" not in self.off:

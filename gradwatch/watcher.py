@@ -152,13 +152,11 @@ class Watcher:
         chosen = select(root, include, exclude)
 
         self.on_alert = on_alert
-        self._scaler = scaler
         self._root = root
         self._chosen = chosen
         owners = assign_params(root, chosen)
         self._infos = self._describe(owners)
         self._applies = [applicable(i, optimizer is not None) for i in self._infos]
-        self._types = {i.name: i.type_name for i in self._infos}
         self._device = _device_of(root)
         L = len(chosen)
         self._buffers = WindowBuffers(L, self._device)
@@ -166,8 +164,8 @@ class Watcher:
         self._rules = Rules(self.thresholds, self._infos,
                             measure(root, chosen, self._collector.fault), self._collector.fault)
         # lazy modules: parameters are tracked once materialized, at the first forward
-        self._lazy = any_lazy(p for p, _ in owners)
-        self._params = ParamTracker([] if self._lazy else owners, L, self._device)
+        lazy = any_lazy(p for p, _ in owners)
+        self._params = ParamTracker([] if lazy else owners, L, self._device)
         # the non-finite trace covers every module of the model, watched or not
         self._mods = [(n or ROOT_NAME, m) for n, m in root.named_modules()]
         hooked = [not grad_safe(m) for _, m in self._mods]
@@ -226,7 +224,7 @@ class Watcher:
         self._handles.append(root.register_forward_hook(ForwardDoneHook(self._collector, -1)))
         self._collector.on_eval_done = weakref.WeakMethod(self._eval_done)
         self._lazy_hook = (root.register_forward_hook(MaterializedHook(self))
-                           if self._lazy else None)
+                           if lazy else None)
         # torch's global optimizer step hooks and a forward counter on the root
         self._stepping = Stepping(self, root, root.parameters(), optimizer)
         self._amp: ScalerTap | None = None
@@ -364,17 +362,21 @@ class Watcher:
         warn_usage(self._stepping.no_step_message(self._stepping.forwards)
                    + "; what was collected is written as one step", stacklevel=5)
 
+    def _types(self) -> dict[str, str]:
+        """Module type per watched layer (read now: lazy modules change theirs)."""
+        return {i.name: i.type_name for i in self._infos}
+
     def report(self) -> str:
         """A table of the latest window per layer, alerted cells marked with ``!``, then
         the alerts with their cause and hint. Waits for a flush in progress."""
-        return _report(self.latest, self.alerts, self._types)
+        return _report(self.latest, self.alerts, self._types())
 
     def _repr_html_(self) -> str:
         """Jupyter: the report as an HTML table (alerted cells marked), then the alerts."""
         snap = self.latest
         title = (f"gradwatch: {len(self._infos)} layers, every {self.every}, "
                  f"{'closed' if self._closed else 'open'}")
-        return html_report(snap, self.alerts, self._types, title)
+        return html_report(snap, self.alerts, self._types(), title)
 
     def _settle(self) -> None:
         """Before a read: wait for the windows handed to the background thread (never from
@@ -470,10 +472,8 @@ class Watcher:
             self._nonfinite = NonFiniteTracker(self._map, self._mods, self._chosen,
                                                self._params)
             self._infos[:] = self._describe(owners)  # LazyLinear -> Linear; shared list
-            self._types.update({i.name: i.type_name for i in self._infos})
         except Exception as e:
             self._collector.fault("lazy parameters", "*", e)
-        self._lazy = False
         if self._lazy_hook is not None:
             self._lazy_hook.remove()
 
@@ -551,7 +551,13 @@ class Watcher:
         # the weights as the forward used them: read lazily on CPU when the record is taken
         # before the update (the analysis runs at once), else summed with the payload
         sums = rec is not None and not (before_update and self._device.type == "cpu")
-        parts, (present, shadow) = self._nonfinite.payload(rows, grads, param_sums=sums)
+        parts: list[torch.Tensor] = []
+        present: tuple[int, ...] = ()
+        shadow: tuple[int, ...] = ()
+        # without a trace the payload only adds its NaN count to the flags (CUDA), which the
+        # push that took this step's trace at the optimizer's pre-step has counted already
+        if rec is not None or (self._device.type != "cpu" and self._trace_step != step):
+            parts, (present, shadow) = self._nonfinite.payload(rows, grads, param_sums=sums)
         meta = (Meta(rec, present, shadow, full, before_update, sums, order)
                 if rec is not None else None)
         if self._device.type == "cpu":
@@ -571,8 +577,11 @@ class Watcher:
     def _take_trace(self, grads: Any, before_update: bool) -> None:
         """The step's trace to the host now (at the optimizer's pre-step), and on CPU read
         at once: the weights a NaN may come from are still those the forward used."""
-        if "commit" in self._off or self._collector.trace is None:
+        tr, mf = self._collector.trace, self._collector.mflags
+        if "commit" in self._off or tr is None:
             return
+        if tr.empty() and not (mf is not None and mf.ran):
+            return  # no forward since the last take (an optimizer stepping after the driver)
         try:
             zero = self._buffers.no_flags()
             self._push_flags(zero, grads, self._collector.full, before_update=before_update)

@@ -40,7 +40,7 @@ def test_lazy_model_watched_before_its_first_forward(optimizer):
         for s, v in stats.items():
             assert close(snap.stats[layer][s], v), (layer, s, snap.stats[layer][s], v)
     assert set(snap.stats["0"]) >= {"grad_norm", "weight_norm", "update_ratio"}
-    assert w._types == {"0": "Conv2d", "1": "ReLU", "3": "Linear", "4": "Tanh", "5": "Linear"}
+    assert w._types() == {"0": "Conv2d", "1": "ReLU", "3": "Linear", "4": "Tanh", "5": "Linear"}
     assert "Conv2d" in w.report() and "Lazy" not in w.report()
 
 
@@ -61,3 +61,23 @@ def test_lazy_model_with_an_optimizer_made_after_the_dry_run():
     for layer in ("0", "3", "5"):
         assert 0 < w.latest.stats[layer]["grad_norm"] < 10
         assert 0 < w.latest.stats[layer]["update_ratio"] < 1
+
+
+def test_lazy_types_in_the_layer_order_record(tmp_path):
+    """The record the dashboard and ``gradwatch report`` read names the materialized types."""
+    from gradwatch.reader import read_logdir
+
+    m = lazy_model()
+    w = gradwatch.watch(m, logdir=str(tmp_path), every=2)
+    opt = None
+    for step in range(STEPS):
+        loss = m(_x(step)).pow(2).mean()
+        if opt is None:
+            opt = torch.optim.SGD(m.parameters(), lr=0.05)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    gradwatch.unwatch(m)
+    (run,) = read_logdir(str(tmp_path))
+    assert run.types == {"0": "Conv2d", "1": "ReLU", "3": "Linear", "4": "Tanh", "5": "Linear"}
+    assert w.latest is not None and w.latest.step == STEPS

@@ -231,6 +231,31 @@ def test_a_nan_that_happens_once_is_named_on_its_step_and_re_arms(sample_every: 
     assert all(a.hint for a in got)
 
 
+@pytest.mark.parametrize("given", [False, True])
+def test_a_nan_batch_with_two_optimizers_is_named_on_its_step(given: bool) -> None:
+    """Two optimizers on one model (a body and a head, the found one drives): the trace of
+    each forward is read at the first optimizer step after it, before any weight moved."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    body = torch.optim.SGD(m[0].parameters(), lr=0.01)
+    head = torch.optim.SGD(m[2].parameters(), lr=0.01)
+    got: list[gradwatch.Alert] = []
+    with gradwatch.watch(m, optimizer=body if given else None, tensorboard=False, every=5,
+                         on_alert=got.append):
+        for i in range(12):
+            x = torch.randn(4, 6)
+            if i == 8:
+                x[1, 2] = math.nan
+            loss = m(x).pow(2).mean()
+            body.zero_grad()
+            head.zero_grad()
+            loss.backward()
+            body.step()
+            head.step()
+    nf = [a for a in got if a.kind == "nonfinite"]
+    assert [(a.layer, a.step, a.cause) for a in nf[:1]] == [("0", 9, "input")]
+
+
 class Poison(nn.Module):
     """``x * scale``; the scale is set to NaN by the test (a bad checkpoint, say)."""
 
