@@ -134,13 +134,10 @@ def deliver(alert: Alert, on_alert: OnAlert) -> None:
     """Hand one alert to the user, on the training thread."""
     if callable(on_alert):
         on_alert(alert)
-    elif on_alert == "warn":
-        warn_at_caller(describe(Group(alert.kind, alert.cause, [alert])),
-                       WARNING_FOR[alert.kind])
     elif on_alert == "raise":
         raise GradientAlertError(alert)
-    elif on_alert == "log":
-        logger.warning(describe(Group(alert.kind, alert.cause, [alert])))
+    else:
+        deliver_grouped([alert], on_alert)
 
 
 def one_by_one(on_alert: OnAlert) -> bool:
@@ -222,6 +219,17 @@ def group(alerts: Iterable[A_], key: Callable[[A_], Hashable]) -> list[Group[A_]
             out[k] = Group(a.kind, a.cause)
         out[k].alerts.append(a)
     return list(out.values())
+
+
+def fmt(v: float) -> str:
+    """A number in a hint or a report cell: 3 significant digits, ``nan``/``inf`` spelled."""
+    if math.isnan(v):
+        return "nan"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    if v == 0:
+        return "0"
+    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.1e}"
 
 
 def layer_list(names: Sequence[str], most: int = 4) -> str:

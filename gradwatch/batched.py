@@ -72,7 +72,6 @@ class ActBatch(_Holding):
         self._bounds = bounds
         self.margin = margin
         self.eager: set[int] = set()  # slots whose output is changed in place later
-        self._consts: dict[tuple[float, str], Tensor] = {}
 
     def add(self, slot: int, t: Tensor) -> bool:
         """Hold ``t`` for the batch; False if it is for the hook to reduce now."""

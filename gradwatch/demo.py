@@ -30,8 +30,6 @@ def mlp(act: Callable[[], nn.Module], depth: int = 8, width: int = 128,
             nn.init.normal_(lin.weight, 0.0, 1.0)
         elif init == "he":
             nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
-        elif init == "xavier":
-            nn.init.xavier_uniform_(lin.weight, gain=nn.init.calculate_gain("tanh"))
         nn.init.zeros_(lin.bias)
         layers += [lin, act()]
         d = width

@@ -33,9 +33,9 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
-from gradwatch.alerts import Alert
+from gradwatch.alerts import Alert, fmt
 from gradwatch.audit import InitAudit
-from gradwatch.paths import Paths, fmt
+from gradwatch.paths import Paths
 from gradwatch.selection import LayerInfo
 
 Stats = Mapping[str, Mapping[str, float]]

@@ -365,11 +365,12 @@ class ParamTracker:
         self.params = [p for p, _ in owners]
         self.trainable = [(p, i) for p, i in owners if p.requires_grad]
         lidx = [i for _, i in owners]
-        self._all_idx = torch.tensor(lidx, dtype=torch.long, device=device)
+        # device_tensor: a lazy model builds this in a forward hook, mid-training
+        self._all_idx = device_tensor(lidx, torch.long, device)
         has = [False] * n_layers
         for i in lidx:
             has[i] = True
-        self._has_param = torch.tensor(has, device=device)
+        self._has_param = device_tensor(has, torch.bool, device)
         self._cache: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor, S.NormPlan]] = {}
         self.present: tuple[int, ...] = ()  # trainable parameters with a gradient, last step
         self._wplan: S.NormPlan | None = None
@@ -381,9 +382,6 @@ class ParamTracker:
         self._views_has: Tensor | None = None
         self._views: list[Tensor] = []
         self._views_key: tuple[int, ...] | None = None
-        # every parameter a dense non-empty float tensor: the fused norm kernel takes them
-        self._plain = all(p.dtype in S.UPCAST and not p.is_sparse and p.numel() > 0
-                          for p in self.params)
         # FSDP2: norms of local shards are partial; one all-reduce makes them global
         self._shards = shard_reducer(self.params)
 

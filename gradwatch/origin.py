@@ -18,7 +18,7 @@ parameter gradients): a healthy step costs one vectorised ``isnan`` over the cop
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -121,8 +121,6 @@ class Origin:
     stage: str
     detail: str
     check_params: bool = False
-    inf_from: int | None = None  # forward: the module that made the Inf the NaN came from
-    others: list[int] = field(default_factory=list)
 
 
 def status(v: np.ndarray) -> np.ndarray:
@@ -173,9 +171,6 @@ class _Calls:
                     if st[k] in (INF, UNKNOWN):
                         return k
         return None
-
-    def inputs_finite(self, ci: int) -> bool:
-        return all(self.st[k] == FINITE for k in self.rec.calls[ci][1])
 
     def follow_inf(self, e: int) -> Origin:
         """Back from a non-finite input entry to where it was born."""
@@ -235,7 +230,6 @@ def forward_origin(rec: Record, st: np.ndarray, mm: ModelMap) -> Origin | None:
                     at = next((c for c, _, outs in rec.calls if m in mm.ancestors[c]
                                and any(st[k] == NAN for k in outs)), m)
                     o.detail += f"; the Inf turned into NaN in {_q(mm.names[at])}"
-                    o.inf_from = o.module
                 return o
             what = "its inputs were finite" if ins else "it has no tensor inputs"
             return Origin(m, "forward_op", "forward", f"its output holds NaN; {what}",
@@ -245,7 +239,6 @@ def forward_origin(rec: Record, st: np.ndarray, mm: ModelMap) -> Origin | None:
         o = calls.follow_inf(e)
         if o.cause != "input" and o.module != m:
             o.detail += f"; the Inf turned into NaN in {_q(mm.names[m])}"
-            o.inf_from = o.module
         return o
     # every NaN output had a NaN input: a NaN entry first seen as an input
     for k, (kind, s) in enumerate(zip(rec.kind, st)):
@@ -300,8 +293,7 @@ def backward_origin(rec: Record, gst: dict[int, int], pg_own: Sequence[int],
         if sub[m] == NAN:
             parts.append("parameter gradients " + ("of its own" if pg_own[m] == NAN
                                                    else "below it") + " hold NaN")
-        return Origin(m, "backward_op", "backward", "; ".join(parts),
-                      others=[x for x in inner if x != m])
+        return Origin(m, "backward_op", "backward", "; ".join(parts))
     root = 0
     if og[root] == NAN:
         return Origin(root, "backward_op", "backward",
@@ -349,7 +341,7 @@ def module_origin(flags: np.ndarray, order: Sequence[int], pg_own: Sequence[int]
                         return Origin(a, "forward_op", "forward",
                                       "its output holds Inf from finite inputs (an overflow)"
                                       f"; the Inf turned into NaN in '{mm.names[m]}'",
-                                      check_params=mm.owns_params[a], inf_from=a)
+                                      check_params=mm.owns_params[a])
                 return Origin(m, "forward_op", "forward", "its output holds NaN; its inputs "
                               "were finite", check_params=mm.owns_params[m])
         called = set(order)

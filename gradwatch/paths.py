@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
+from gradwatch.alerts import fmt
 from gradwatch.audit import InitAudit, WeightScale
 from gradwatch.selection import LayerInfo
 
@@ -21,11 +22,6 @@ from gradwatch.selection import LayerInfo
 #: not seen yet): linear/sigmoid to tanh, so that any standard initialization for some
 #: activation counts as sound.
 UNKNOWN_GAIN = (1.0, 5.0 / 3.0)
-
-
-def fmt(v: float) -> str:
-    """A number in a hint: 3 significant digits."""
-    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 or v == 0 else f"{v:.1e}"
 
 
 def excess(w: WeightScale, gain: float | None) -> float:

@@ -21,7 +21,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from gradwatch.buffers import STATS
 from gradwatch.sinks.tensorboard import ALERT_TEXT_TAG, LAYERS_TAG
@@ -193,10 +193,6 @@ def natural_sort(names: Sequence[str]) -> list[str]:
     return sorted(names, key=natural_key)
 
 
-def first_seen(names: Sequence[str]) -> list[str]:
-    return list(names)
-
-
 def run_name(rel: str, logdir: str) -> str:
     """A run's name: its path relative to the logdir; the logdir itself (``.``) is named
     after its directory."""
@@ -233,11 +229,14 @@ def find_runs(logdir: str) -> list[str]:
 
 def build_run(name: str, path: str, scalars: Iterable[tuple[str, list[tuple[int, float]]]],
               alert_texts: Iterable[str], layer_records: Iterable[tuple[int, str]] = (),
-              fallback: Callable[[Sequence[str]], list[str]] = first_seen) -> RunData:
+              natural: bool = False) -> RunData:
     """A RunData from (tag, points) pairs, the alert texts and the layer-order records as
-    (step, text). The newest record orders the layers (layers it does not name follow, in
-    ``fallback`` order); without one, ``fallback`` orders them all: ``first_seen`` keeps
-    the order of ``scalars``, ``natural_sort`` sorts the names."""
+    (step, text). The newest record orders the layers (layers it does not name follow);
+    without one, the layers come in the order of ``scalars``, or sorted by name with
+    ``natural`` (``natural_sort``: for readers whose tag order is not defined)."""
+    def fallback(names: list[str]) -> list[str]:
+        return natural_sort(names) if natural else names
+
     run = RunData(name, path)
     seen_layers: dict[str, None] = {}
     series: dict[str, dict[str, list[tuple[int, float]]]] = {}
@@ -255,7 +254,7 @@ def build_run(name: str, path: str, scalars: Iterable[tuple[str, list[tuple[int,
     record = newest_record(layer_records)
     if record is None:
         run.layers = fallback(list(seen_layers))
-        run.order = "natural" if fallback is natural_sort else "first-seen"
+        run.order = "natural" if natural else "first-seen"
     else:
         named = [n for n, _ in record if n in seen_layers]
         listed = set(named)

@@ -24,7 +24,6 @@ class Sampler:
     ``new_window`` is called at every flush."""
 
     def __init__(self, every: int, sample_every: int | None) -> None:
-        self.auto = sample_every is None
         self.later = max(1, every // SAMPLED_PER_WINDOW) if sample_every is None else sample_every
         self.k = 1 if sample_every is None else sample_every
 

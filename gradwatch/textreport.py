@@ -6,10 +6,9 @@ they go into ``rich.text.Text`` objects, never into markup.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
-from gradwatch.alerts import group, layer_list
+from gradwatch.alerts import fmt, group, layer_list
 from gradwatch.reader import AlertRecord, RunData, json_number
 from gradwatch.sinks.console import COLUMNS as CORE
 
@@ -22,16 +21,6 @@ def require_rich() -> Any:
     except ImportError as e:
         raise ImportError("gradwatch report needs rich: pip install gradwatch[plot]") from e
     return rich
-
-
-def fmt(v: float) -> str:
-    if math.isnan(v):
-        return "nan"
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if v == 0:
-        return "0"
-    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.1e}"
 
 
 def to_json(runs: Sequence[RunData], logdir: str) -> dict[str, Any]:
@@ -56,7 +45,7 @@ def to_json(runs: Sequence[RunData], logdir: str) -> dict[str, Any]:
 
 def print_hints(alerts: Sequence[AlertRecord], console: Any) -> None:
     """Why, and what to try: one paragraph per kind and cause of a run, naming its layers
-    and carrying the hint of the worst alert (the newest step's, when they tie)."""
+    and carrying the hint of the worst alert (the oldest of equals: alerts come oldest first)."""
     from rich.text import Text
 
     for g in group(alerts, lambda a: (a.kind, a.cause)):

@@ -79,7 +79,6 @@ class Record:
     half: list[int] = field(default_factory=list)  # rows of float16 tensors (overflow hints)
     g_roles: list[list[tuple[int, int]]] = field(default_factory=list)
     fired: list[int] = field(default_factory=list)
-    eval_only: bool = False  # forward calls without gradients (an evaluation loop)
 
     @property
     def n(self) -> int:

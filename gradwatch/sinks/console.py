@@ -11,8 +11,6 @@ from gradwatch.snapshot import Snapshot
 COLUMNS = ("grad_rms", "grad_max", "update_ratio", "act_mean", "act_std", "act_zero_frac",
            "act_sat_frac", "out_grad_rms", "nonfinite")
 MAX_GROUPS = 20  # alert entries listed by report(), newest last
-_ALERT_STAT = {"vanishing": "grad_rms", "exploding": "grad_rms", "dead": "act_zero_frac",
-               "saturated": "act_sat_frac", "nonfinite": "nonfinite"}
 
 
 def _cell(v: float | None) -> str:
@@ -31,7 +29,7 @@ def report(snap: Snapshot | None, alerts: Sequence[Alert], types: dict[str, str]
     other layers, the cause and the hint."""
     if snap is None:
         return "gradwatch: nothing flushed yet"
-    marked = {(a.layer, _ALERT_STAT[a.kind]) for a in alerts if a.step <= snap.step}
+    marked = {(a.layer, a.stat) for a in alerts if a.step <= snap.step}
     head = ["layer", "type", *COLUMNS]
     rows = [head]
     for layer, stats in snap.stats.items():

@@ -145,12 +145,7 @@ class TensorBoardSink:
         values = [(scalar_tag(stat, layer), v) for layer, stats in snap.stats.items()
                   for stat, v in stats.items() if not math.isnan(v)]
         values.append(("gradwatch/amp_skipped", float(snap.amp_skipped)))
-        for a in alerts:
-            self._counts[a.kind] += 1
-        values += [(alert_count_tag(kind), float(self._counts[kind])) for kind in KINDS]
-        self._write_window(values, snap.step)
-        if alerts:
-            add_text(w, ALERT_TEXT_TAG, alerts_markdown(alerts), snap.step)
+        self._alerts(alerts, snap.step, values)
         if force or time.monotonic() - self._flushed >= FLUSH_SECS:
             self.flush()
 
@@ -173,10 +168,16 @@ class TensorBoardSink:
         get().add_summary(summary, step)
 
     def write_alerts(self, alerts: Sequence[Alert], step: int) -> None:
+        """Alerts found between windows (a per-step alert): their counts and table."""
+        self._alerts(alerts, step, [])
+
+    def _alerts(self, alerts: Sequence[Alert], step: int,
+                values: list[tuple[str, float]]) -> None:
+        """``values`` and the alert counts as one event at ``step``, then the alerts' table."""
         for a in alerts:
             self._counts[a.kind] += 1
-        for kind in KINDS:
-            self.writer.add_scalar(alert_count_tag(kind), self._counts[kind], step)
+        values += [(alert_count_tag(kind), float(self._counts[kind])) for kind in KINDS]
+        self._write_window(values, step)
         if alerts:
             add_text(self.writer, ALERT_TEXT_TAG, alerts_markdown(alerts), step)
 

@@ -28,7 +28,6 @@ from gradwatch.reader import (
     build_run,
     decode_strings,
     json_number,
-    natural_sort,
     run_name,
     split_tag,
 )
@@ -112,29 +111,35 @@ class GradwatchPlugin(base_plugin.TBPlugin):
             mine = [t for t in tags if t.startswith(PREFIX)]
             if not mine:
                 continue
+            wanted[run] = []
             for t in mine:
                 st = split_tag(t)
                 if st is not None:
                     stats.add(st[0])
-            wanted[run] = [t for t in mine if (split_tag(t) or ("",))[0] == stat
-                           or t.startswith(PREFIX + ALERT_COUNT + "/")]
+                if (st is not None and st[0] == stat) or t.startswith(
+                        PREFIX + ALERT_COUNT + "/"):
+                    wanted[run].append(t)
         tags = sorted({t for ts in wanted.values() for t in ts})
         read = self._provider.read_scalars(
             ctx, experiment_id=eid, plugin_name="scalars", downsample=MAX_STEPS,
             run_tag_filter=P.RunTagFilter(runs=list(wanted), tags=tags),
         ) if tags else {}
         runs = list(wanted)
-        texts = self._strings(ctx, eid, "text", runs, ALERT_TEXT_TAGS)
-        records = self._strings(ctx, eid, LAYERS_PLUGIN, runs, LAYERS_TAGS)
+        texts: dict[str, list[tuple[int, str]]] = {}
+        records = {run: [x for found in by_tag.values() for x in found] for run, by_tag
+                   in self._strings(ctx, eid, LAYERS_PLUGIN, runs, LAYERS_TAGS).items()}
         # a record filed by add_text (a writer that is not a SummaryWriter) is a text tensor
-        for run, found in self._strings(ctx, eid, "text", runs, LAYERS_TAGS).items():
-            records.setdefault(run, []).extend(found)
+        for run, by_tag in self._strings(ctx, eid, "text", runs,
+                                         ALERT_TEXT_TAGS + LAYERS_TAGS).items():
+            for tag, found in by_tag.items():
+                into = texts if tag in ALERT_TEXT_TAGS else records
+                into.setdefault(run, []).extend(found)
         out = []
         for run in sorted(wanted):
             series = [(t, [(d.step, float(d.value)) for d in read.get(run, {}).get(t, [])])
                       for t in wanted[run]]
             rd = build_run(run, run, series, [x for _, x in texts.get(run, [])],
-                           records.get(run, []), fallback=natural_sort)
+                           records.get(run, []), natural=True)
             have, steps, values = rd.matrix(stat)
             out.append({
                 "run": run_name(run, self._logdir),
@@ -152,8 +157,8 @@ class GradwatchPlugin(base_plugin.TBPlugin):
         return {"stat": stat, "stats": [s for s in STATS if s in stats], "runs": out}
 
     def _strings(self, ctx: Any, eid: str, plugin: str, runs: list[str],
-                 names: tuple[str, ...]) -> dict[str, list[tuple[int, str]]]:
-        """run -> [(step, text)] of the string tensors ``names`` of ``plugin``."""
+                 names: tuple[str, ...]) -> dict[str, dict[str, list[tuple[int, str]]]]:
+        """run -> tag -> [(step, text)] of the string tensors ``names`` of ``plugin``."""
         from tensorboard.data import provider as P
 
         listing = self._provider.list_tensors(ctx, experiment_id=eid, plugin_name=plugin)
@@ -164,12 +169,11 @@ class GradwatchPlugin(base_plugin.TBPlugin):
             ctx, experiment_id=eid, plugin_name=plugin, downsample=MAX_TEXTS,
             run_tag_filter=P.RunTagFilter(runs=runs, tags=tags),
         )
-        out: dict[str, list[tuple[int, str]]] = {}
+        out: dict[str, dict[str, list[tuple[int, str]]]] = {}
         for run, by_tag in read.items():
-            for data in by_tag.values():
-                for d in data:
-                    out.setdefault(run, []).extend(
-                        (d.step, text) for text in decode_strings(d.numpy))
+            for tag, data in by_tag.items():
+                out.setdefault(run, {})[tag] = [(d.step, text) for d in data
+                                                for text in decode_strings(d.numpy)]
         return out
 
 
