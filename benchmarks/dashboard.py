@@ -1,7 +1,7 @@
 """How long the gradwatch dashboard takes to show a 12-block GPT-2-style run, and the
 dashboard pictures of the docs.
 
-Trains the transformer of ``tests/gpt2log.py`` (Hugging Face ``GPT2LMHeadModel`` from a
+Trains the transformer of ``tests/support/gpt2log.py`` (Hugging Face ``GPT2LMHeadModel`` from a
 config, 40 steps, ``every=5``, one MLP broken on purpose), starts a fresh ``tensorboard`` on
 it, and opens the GRADWATCH tab ``--repeat`` times in the system Chromium (Playwright, a
 fresh page each time). Prints the median and range of:
@@ -33,12 +33,11 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+sys.path.insert(0, os.path.dirname(HERE))
 
-import chromium  # noqa: E402
-import gpt2log  # noqa: E402
-from dashpage import Dashboard  # noqa: E402
-from tbserver import get, tensorboard  # noqa: E402
+from tests.support import chromium, gpt2log  # noqa: E402
+from tests.support.dashpage import Dashboard  # noqa: E402
+from tests.support.tbserver import get, tensorboard  # noqa: E402
 
 WIDTH = 1280
 

@@ -47,7 +47,7 @@ _FLAT = {"Sigmoid": lambda m: math.log((1 - m) / m), "Tanh": lambda m: math.atan
 
 @dataclass(frozen=True)
 class CauseLimits:
-    """The evidence a cause needs. Measured on the zoo (``tests/zoo.py``): see
+    """The evidence a cause needs. Measured on the zoo (``tests/support/zoo.py``): see
     docs/diagnosis.md for each value and the measurements behind it."""
 
     init_grow: float = 4.0

@@ -23,7 +23,7 @@ from gradwatch.selection import LayerInfo
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Limits of the rules. Defaults were measured on the zoo in ``tests/zoo.py``: see
+    """Limits of the rules. Defaults were measured on the zoo in ``tests/support/zoo.py``: see
     ``docs/thresholds.md`` for each value and the measurements behind it."""
 
     vanishing_rms: float = 1e-7

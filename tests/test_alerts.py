@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,10 +15,7 @@ import torch.nn.functional as F
 
 import gradwatch
 from gradwatch import alerts as A
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from zoo import NaNAfter  # noqa: E402
+from tests.support.zoo import NaNAfter  # noqa: E402
 
 FAST = {"patience": 1}
 

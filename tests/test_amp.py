@@ -172,7 +172,7 @@ def test_bf16_autocast_accumulates_in_fp32():
 
 
 def _amp_reads(watched: bool, bad_step: bool) -> int:
-    from syncs import count_host_reads
+    from tests.support.syncs import count_host_reads
 
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

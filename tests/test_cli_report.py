@@ -6,11 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from flowlog import HOSTILE, LAYERS, PARAM_LAYERS, train
 
 from gradwatch.cli import main
 from gradwatch.plot import Flow, default_size
 from gradwatch.reader import read_logdir
+from tests.support.flowlog import HOSTILE, LAYERS, PARAM_LAYERS, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from gradwatch.cli import main
-from tests.events import event_files, scalars
+from tests.support.events import event_files, scalars
 
 
 def test_demo_diagnoses_the_sigmoid_net_and_the_hinted_fix_is_quiet(tmp_path, capsys):

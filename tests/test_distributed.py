@@ -8,13 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import dist_workers as DW
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from events import event_files, scalars
 from torch.multiprocessing.spawn import ProcessException
+
+from tests.support import dist_workers as DW
+from tests.support.events import event_files, scalars
 
 pytestmark = [
     pytest.mark.slow,

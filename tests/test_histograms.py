@@ -4,11 +4,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from flowlog import HOSTILE, train
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradwatch
 from gradwatch.histograms import HALF, LO_EXP, NBINS, PER_DECADE, bin_counts, bucket_limits
+from tests.support.flowlog import HOSTILE, train
 
 
 def expected_index(x: float) -> int | None:

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 
 import gradwatch
-from tests.events import event_files, scalars
-from tests.hookstate import hook_state
-from tests.reference import Float64Reference, close, small_mlp
+from tests.support.events import event_files, scalars
+from tests.support.hookstate import hook_state
+from tests.support.reference import Float64Reference, close, small_mlp
 
 ROOT = Path(gradwatch.__file__).resolve().parent.parent
 EVERY = 5
@@ -144,7 +144,7 @@ def test_a_notebook_cell_run_twice(tmp_path):
     try:
         setup = textwrap.dedent("""
             import torch, torch.nn as nn, gradwatch
-            from tests.reference import small_mlp
+            from tests.support.reference import small_mlp
             model = small_mlp()
             opt = torch.optim.SGD(model.parameters(), lr=0.05)
         """)
@@ -176,7 +176,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import torch, torch.nn as nn
     import gradwatch
-    from tests.reference import Float64Reference, small_mlp
+    from tests.support.reference import Float64Reference, small_mlp
 
     torch.manual_seed(0)
     torch.set_num_threads(1)

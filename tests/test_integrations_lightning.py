@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from events import event_files, scalars
+
+from tests.support.events import event_files, scalars
 
 pl = pytest.importorskip("lightning.pytorch", reason="pip install gradwatch[lightning]")
 

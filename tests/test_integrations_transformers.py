@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from events import scalars
+
+from tests.support.events import scalars
 
 transformers = pytest.importorskip("transformers", reason="pip install gradwatch[transformers]")
 pytest.importorskip("accelerate", reason="the Trainer needs accelerate")

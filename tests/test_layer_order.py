@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from events import load
 from tensorboard import context
 from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.plugins import base_plugin
@@ -31,6 +30,7 @@ from gradwatch.reader import (
 )
 from gradwatch.sinks.tensorboard import LAYERS_TAG, add_layers, layers_json
 from gradwatch.tb_plugin import GradwatchPlugin
+from tests.support.events import load
 
 
 class Net(nn.Module):

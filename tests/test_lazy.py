@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import gradwatch
-from tests.reference import Float64Reference, close
+from tests.support.reference import Float64Reference, close
 
 STEPS = 4
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 import gradwatch
-from tests.events import scalars
+from tests.support.events import scalars
 
 
 def mlp():

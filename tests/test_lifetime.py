@@ -19,8 +19,8 @@ import torch.nn as nn
 
 import gradwatch
 from gradwatch import lifetime, shutdown
-from tests.events import event_files, scalars
-from tests.hookstate import hook_state
+from tests.support.events import event_files, scalars
+from tests.support.hookstate import hook_state
 
 ROOT = Path(gradwatch.__file__).resolve().parent.parent
 

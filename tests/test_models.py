@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import gradwatch
-from tests.zoo import BasicBlock
+from tests.support.zoo import BasicBlock
 
 
 def hook_counts(model: nn.Module) -> dict[str, int]:

@@ -13,8 +13,8 @@ import pytest
 import gradwatch
 from gradwatch.sinks.notebook import html_report
 from gradwatch.snapshot import Snapshot
-from tests.events import scalars
-from tests.hookstate import hook_state
+from tests.support.events import scalars
+from tests.support.hookstate import hook_state
 
 IPython = pytest.importorskip("IPython")
 from IPython.core.interactiveshell import InteractiveShell  # noqa: E402

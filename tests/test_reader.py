@@ -2,10 +2,10 @@ import math
 import os
 
 import pytest
-from flowlog import HOSTILE, LAYERS, PARAM_LAYERS, train
 
 from gradwatch.reader import LogdirError, parse_alerts_markdown, read_logdir
 from gradwatch.sinks.tensorboard import alerts_markdown
+from tests.support.flowlog import HOSTILE, LAYERS, PARAM_LAYERS, train
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.events import scalars
+from tests.support.events import scalars
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

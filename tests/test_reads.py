@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import gradwatch
-from tests.reference import Float64Reference, close, small_mlp
+from tests.support.reference import Float64Reference, close, small_mlp
 
 RUNS = 100
 EVERY = 5

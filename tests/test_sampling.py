@@ -25,9 +25,9 @@ from gradwatch.alerts import KINDS
 from gradwatch.buffers import FOLD_AT, ROW
 from gradwatch.sampling import SAMPLED_PER_WINDOW
 from gradwatch.sinks import tensorboard as tb_sink
-from tests.events import event_files, scalars
-from tests.reference import Float64Reference, close, small_mlp
-from tests.zoo import NaNAfter
+from tests.support.events import event_files, scalars
+from tests.support.reference import Float64Reference, close, small_mlp
+from tests.support.zoo import NaNAfter
 
 PARAM_EVERY_STEP = ("grad_norm", "grad_rms")  # measured on light steps too
 

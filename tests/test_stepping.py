@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import gradwatch
 from gradwatch import stepping
-from tests.reference import Float64Reference, close, small_mlp
+from tests.support.reference import Float64Reference, close, small_mlp
 
 STEPS = 6
 
@@ -328,7 +328,7 @@ def test_no_step_at_all_commits_one_window_at_close_and_warns(tmp_path):
         for s in ("act_mean", "act_std", "act_max", "out_grad_rms", "grad_norm", "grad_max"):
             if s in stats:
                 assert close(snap.stats[layer][s], stats[s]), (layer, s)
-    from tests.events import scalars
+    from tests.support.events import scalars
 
     assert list(scalars(tmp_path)["gradwatch/act_mean/1"]) == [1]
 

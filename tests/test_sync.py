@@ -7,8 +7,8 @@ import torch.nn as nn
 
 import gradwatch
 from gradwatch import stats
-from tests.syncs import count_host_reads
-from tests.zoo import BasicBlock
+from tests.support.syncs import count_host_reads
+from tests.support.zoo import BasicBlock
 
 
 def model() -> nn.Module:

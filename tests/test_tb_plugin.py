@@ -5,14 +5,14 @@
 import json
 import struct
 
-import gpt2log
 import pytest
-from chromium import page
-from dashpage import Dashboard
-from flowlog import HOSTILE, LAYERS, PARAM_LAYERS, train
-from tbserver import declared_entry_point, get, get_json, has_data_server, tensorboard
 
 from gradwatch.tb_plugin import MODULES, GradwatchLoader, GradwatchPlugin
+from tests.support import gpt2log
+from tests.support.chromium import page
+from tests.support.dashpage import Dashboard
+from tests.support.flowlog import HOSTILE, LAYERS, PARAM_LAYERS, train
+from tests.support.tbserver import declared_entry_point, get, get_json, has_data_server, tensorboard
 
 
 @pytest.fixture(scope="module")

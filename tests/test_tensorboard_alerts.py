@@ -3,18 +3,14 @@ text tag ``gradwatch/alerts`` and a running alert count per kind as scalars."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_alerts import dead_net, nan_net, sgd, train_step  # noqa: E402
 
 import gradwatch
 from gradwatch.alerts import KINDS
 from gradwatch.sinks.tensorboard import alerts_markdown
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_alerts import dead_net, nan_net, sgd, train_step  # noqa: E402
 
 
 def load(logdir: Path) -> EventAccumulator:

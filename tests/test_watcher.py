@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 import gradwatch
-from tests.events import event_files, scalars
-from tests.reference import Float64Reference, close, small_mlp
+from tests.support.events import event_files, scalars
+from tests.support.reference import Float64Reference, close, small_mlp
 
 
 @pytest.mark.parametrize("sample_every", [1, 3])

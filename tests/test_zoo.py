@@ -7,20 +7,15 @@ The confusion tables are printed whether or not pytest captures output.
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import zoo  # noqa: E402
-
 from gradwatch.alerts import KINDS  # noqa: E402
+from tests.support import zoo
 
 EVERY = 10
 LABELS = ("healthy", *KINDS)

@@ -9,16 +9,11 @@ not pytest captures output.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-import zoo  # noqa: E402
 from test_zoo import cause_table, cause_verdict, confusion, diagnosed  # noqa: E402
+
+from tests.support import zoo
 
 EVERY = 10
 SAMPLE_EVERY = 5

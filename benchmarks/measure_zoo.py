@@ -1,6 +1,6 @@
 """Measure the zoo: the statistics behind every default of ``gradwatch.Thresholds``.
 
-    PYTHONPATH=. python tests/measure_zoo.py [setup ...]
+    python benchmarks/measure_zoo.py [setup ...]
 
 For each setup and seed, the per-window statistics the rules look at, reduced to the extreme
 that matters: for healthy runs the value closest to a limit (the smallest grad_rms ratio to
@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import zoo  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gradwatch.selection import describe  # noqa: E402
+from tests.support import zoo  # noqa: E402
 
 
 def measure(setup: zoo.Setup, seed: int, ema_decay: float = 0.9) -> dict[str, float]:

@@ -15,7 +15,7 @@ import time
 import urllib.request
 from typing import Any, Iterator
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def declared_entry_point() -> str:

@@ -1,6 +1,6 @@
 """Measure the zoo: the evidence behind every limit of ``gradwatch.diagnosis.CauseLimits``.
 
-    PYTHONPATH=. python tests/measure_causes.py [setup ...]
+    python benchmarks/measure_causes.py [setup ...]
 
 Per setup and seed (every=10, every window kept):
 
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import zoo  # noqa: E402
+from tests.support import zoo  # noqa: E402
 
 
 def measure(setup: zoo.Setup, seed: int) -> dict[str, float]:
