@@ -6,9 +6,8 @@ import logging
 import math
 import sys
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import (
-    Any,
     Callable,
     Generic,
     Hashable,
@@ -19,7 +18,11 @@ from typing import (
     Union,
 )
 
-KINDS = ("vanishing", "exploding", "nonfinite", "dead", "saturated")
+# the record, the kinds and the number format live in the torch-free schema; re-exported here
+from gradwatch.schema import KINDS as KINDS
+from gradwatch.schema import Alert as Alert
+from gradwatch.schema import fmt as fmt
+
 ON_ALERT = ("warn", "raise", "log", "ignore")
 
 logger = logging.getLogger("gradwatch")
@@ -29,27 +32,6 @@ logger = logging.getLogger("gradwatch")
 #: evidence supports none of the others.
 CAUSES = ("init_scale", "recurrent_gain", "learning_rate", "bias_shift", "forward_op",
           "backward_op", "parameters", "input", "unknown")
-
-
-@dataclass(frozen=True)
-class Alert:
-    """One finding of the rules: ``kind`` at ``layer`` on ``stat`` at training ``step``.
-
-    ``cause`` (one of ``CAUSES``) says why, from evidence the watcher measured; ``hint`` is
-    one or two sentences with that evidence in numbers and what to try ("" when none)."""
-
-    step: int
-    layer: str
-    kind: str
-    stat: str
-    value: float
-    threshold: float
-    message: str
-    cause: str = "unknown"
-    hint: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class GradwatchWarning(RuntimeWarning):
@@ -219,17 +201,6 @@ def group(alerts: Iterable[A_], key: Callable[[A_], Hashable]) -> list[Group[A_]
             out[k] = Group(a.kind, a.cause)
         out[k].alerts.append(a)
     return list(out.values())
-
-
-def fmt(v: float) -> str:
-    """A number in a hint or a report cell: 3 significant digits, ``nan``/``inf`` spelled."""
-    if math.isnan(v):
-        return "nan"
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    if v == 0:
-        return "0"
-    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.1e}"
 
 
 def layer_list(names: Sequence[str], most: int = 4) -> str:

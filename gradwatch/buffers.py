@@ -20,22 +20,7 @@ import torch
 from torch import Tensor
 
 from gradwatch import stats as S
-
-# The public statistics, in display order (API.md). Also the TensorBoard tag names.
-STATS: tuple[str, ...] = (
-    "grad_norm",
-    "grad_rms",
-    "grad_max",
-    "weight_norm",
-    "update_ratio",
-    "act_mean",
-    "act_std",
-    "act_max",
-    "act_zero_frac",
-    "act_sat_frac",
-    "out_grad_rms",
-    "nonfinite",
-)
+from gradwatch.schema import STATS as STATS  # the public statistics, in display order
 
 # Stage columns (one step). ST_N..ST_UNITS are sums over the calls of the step, in the order
 # of the per-call activation rows the hooks log (``log_activation``); ST_MAX is a max.

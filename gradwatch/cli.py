@@ -30,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("logdir", help="a TensorBoard log directory written by gradwatch")
     rep.add_argument("--json", action="store_true", help="print JSON instead of tables")
     rep.add_argument("--stats", default=None,
-                     help="comma-separated stats to show as columns, or all (default: all that "
-                          "fit the terminal)")
+                     help="comma-separated stats to show as columns, or all (default: the "
+                          "alerted stats and as many others as fit the terminal)")
     rep.add_argument("--fail-on-alert", action="store_true",
                      help="exit with status 1 when any run holds an alert (for CI)")
     plot = sub.add_parser("plot", help="gradient-flow heatmap of a logdir as a PNG")
@@ -47,28 +47,41 @@ def _error(msg: str) -> int:
     return 2
 
 
+def _emit(text: str) -> None:
+    """Print to stdout; a reader that went away (``| head``) ends the output quietly."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # the interpreter's own flush at exit would fail again: point stdout at nothing
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def _report(args: argparse.Namespace) -> int:
     from gradwatch import textreport
     from gradwatch.reader import read_logdir
 
+    try:
+        stats = textreport.parse_stats(args.stats)
+    except ValueError as e:
+        return _error(str(e))
     print(f"reading {args.logdir} ...", file=sys.stderr)
     runs = read_logdir(args.logdir)
-    n_alerts = sum(len(r.alerts) for r in runs)
+    status = 1 if args.fail_on_alert and any(r.alerts for r in runs) else 0
     if args.json:
-        print(json.dumps(textreport.to_json(runs, args.logdir), indent=2))
+        _emit(json.dumps(textreport.to_json(runs, args.logdir), indent=2))
     else:
-        textreport.require_rich()
-        from rich.console import Console
+        _emit(textreport.report_text(runs, stats, textreport.terminal_width()))
+    return status
 
-        stats = None
-        if args.stats == "all":
-            from gradwatch.buffers import STATS
 
-            stats = list(STATS)
-        elif args.stats:
-            stats = [s.strip() for s in args.stats.split(",")]
-        textreport.print_report(runs, Console(), stats)
-    return 1 if args.fail_on_alert and n_alerts else 0
+def _logdir_not_a_file(logdir: str) -> None:
+    if os.path.exists(logdir) and not os.path.isdir(logdir):
+        from gradwatch.reader import LogdirError
+
+        raise LogdirError(f"logdir {logdir!r} is a file: give a directory for the runs")
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -93,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command == "demo":
+            _logdir_not_a_file(args.logdir)
             from gradwatch import demo as d
 
             d.run(args.logdir, args.steps)

@@ -23,7 +23,8 @@ def require_matplotlib() -> Any:
         import matplotlib
     except ImportError as e:
         raise ImportError(
-            "gradwatch plots need matplotlib: pip install gradwatch[plot]"
+            "gradwatch plots need matplotlib: pip install 'gradwatch[plot]' (in a clone of "
+            "the repository: .venv/bin/pip install -e '.[plot]')"
         ) from e
     return matplotlib
 

@@ -1,11 +1,12 @@
 """Read gradwatch data back from a TensorBoard log directory.
 
 Uses TensorBoard's own event reader (``EventAccumulator``), one per run directory (a
-directory that directly holds ``*tfevents*`` files). Knows the tag scheme written by
-``gradwatch.sinks.tensorboard``: scalars ``gradwatch/<stat>/<layer>``, cumulative alert
-counts ``gradwatch/alert_count/<kind>``, the alerts as a markdown table under the text
-tag ``gradwatch/alerts`` and the layer-order record ``gradwatch/layers`` (JSON). Host-only
-code: no torch tensors are touched here.
+directory that directly holds ``*tfevents*`` files). The tag scheme and the record formats
+are ``gradwatch.schema``'s: scalars ``gradwatch/<stat>/<layer>``, cumulative alert counts
+``gradwatch/alert_count/<kind>``, the alerts as a markdown table under the text tag
+``gradwatch/alerts`` (one event per step holding all of that step's alerts; logs of older
+versions are read too) and the layer-order record ``gradwatch/layers`` (JSON). Imports no
+torch.
 
 Layer order: the newest layer-order record gives it (forward order). Logs written before
 the record existed fall back to the order in which the layers' tags first appear in the
@@ -16,46 +17,38 @@ data provider), to a natural sort of the names (numbers compared as numbers).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from gradwatch.buffers import STATS
-from gradwatch.sinks.tensorboard import ALERT_TEXT_TAG, LAYERS_TAG
+from gradwatch.schema import (
+    ALERT_COUNT,
+    ALERT_STAT,
+    ALERT_TEXT_TAGS,
+    LAYERS_TAGS,
+    PREFIX,
+    STATS,
+    Alert,
+    alerts_of_events,
+    is_alert_count,
+    json_number,
+    parse_alerts_markdown,
+    parse_layers_record,
+    split_tag,
+)
 
-PREFIX = "gradwatch/"
-ALERT_TEXT_TAGS = (ALERT_TEXT_TAG, ALERT_TEXT_TAG + "/text_summary")
-# the record as written to a SummaryWriter, and as ``add_text`` files it for other writers
-LAYERS_TAGS = (LAYERS_TAG, LAYERS_TAG + "/text_summary")
-ALERT_COUNT = "alert_count"
-# The stat a kind of alert is about (for marking table cells).
-ALERT_STAT = {"vanishing": "grad_rms", "exploding": "grad_rms", "dead": "act_zero_frac",
-              "saturated": "act_sat_frac", "nonfinite": "nonfinite"}
+#: An alert read back from a log: the same record the watcher raised.
+AlertRecord = Alert
+__all__ = ["ALERT_COUNT", "ALERT_STAT", "ALERT_TEXT_TAGS", "LAYERS_TAGS", "PREFIX", "STATS",
+           "Alert", "AlertRecord", "LogdirError", "RunData", "json_number", "read_logdir",
+           "parse_alerts_markdown", "parse_layers_record", "split_tag", "natural_sort",
+           "newest_record", "build_run", "read_run", "find_runs", "run_name"]
 
 
 class LogdirError(ValueError):
     """A log directory that is missing, empty, or holds no gradwatch data."""
-
-
-@dataclass(frozen=True)
-class AlertRecord:
-    """One alert as read back from the ``gradwatch/alerts`` text."""
-
-    step: int
-    layer: str
-    kind: str
-    stat: str
-    value: float
-    threshold: float
-    cause: str = "unknown"  # logs written before alerts carried a cause read as unknown
-    hint: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: json_number(v) if isinstance(v, float) else v
-                for k, v in asdict(self).items()}
 
 
 @dataclass
@@ -70,7 +63,7 @@ class RunData:
     stats: list[str] = field(default_factory=list)  # present stats, in STATS order
     # stat -> layer -> [(step, value)] sorted by step
     series: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)
-    alerts: list[AlertRecord] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)
     alert_counts: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -106,68 +99,12 @@ class RunData:
         return layers, steps, rows
 
     def alerted(self) -> dict[tuple[str, str], int]:
-        """(layer as in tags, stat) -> step of the newest alert on it."""
+        """(layer as in tags, the alert's stat) -> step of the newest alert on it."""
         out: dict[tuple[str, str], int] = {}
         for a in self.alerts:
-            key = (a.layer, ALERT_STAT.get(a.kind, a.stat))
+            key = (a.layer, a.stat)
             out[key] = max(out.get(key, a.step), a.step)
         return out
-
-
-def json_number(v: float) -> float | str:
-    """JSON has no NaN/Infinity: non-finite floats become the strings nan, inf, -inf."""
-    if math.isfinite(v):
-        return v
-    return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
-
-
-_CELL_SPLIT = re.compile(r"(?<!\\)\|")
-_UNESCAPE = re.compile(r"\\(.)")
-
-
-def parse_alerts_markdown(text: str) -> list[AlertRecord]:
-    """Rows of the table written by ``sinks.tensorboard.alerts_markdown`` (8 cells; the 6
-    cells of logs written before alerts carried a cause and a hint are read too)."""
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("|"):
-            line = line[1:]
-        if line.endswith("|") and not line.endswith("\\|"):
-            line = line[:-1]
-        cells = [c.strip() for c in _CELL_SPLIT.split(line)]
-        if len(cells) not in (6, 8) or not cells[0].lstrip("-").isdigit():
-            continue  # header, separator or a foreign line
-        step, layer, kind, stat, value, threshold = cells[:6]
-        cause, hint = (cells[6], _UNESCAPE.sub(r"\1", cells[7])) if len(cells) == 8 else (
-            "unknown", "")
-        try:
-            out.append(AlertRecord(int(step), layer.strip("`"), kind, stat,
-                                   float(value), float(threshold), cause, hint))
-        except ValueError:
-            continue
-    return out
-
-
-def parse_layers_record(text: str) -> list[tuple[str, str]] | None:
-    """(name, module type) pairs of a layer-order record, or None when ``text`` is not one
-    (a newer version is read as long as it keeps the ``layers`` list)."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("version"), int):
-        return None
-    items = data.get("layers")
-    if not isinstance(items, list):
-        return None
-    out = []
-    for item in items:
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            return None
-        kind = item.get("type")
-        out.append((item["name"], kind if isinstance(kind, str) else ""))
-    return out
 
 
 def newest_record(records: Iterable[tuple[int, str]]) -> list[tuple[str, str]] | None:
@@ -201,22 +138,13 @@ def run_name(rel: str, logdir: str) -> str:
     return os.path.basename(os.path.abspath(logdir)) or logdir or "."
 
 
-def split_tag(tag: str) -> tuple[str, str] | None:
-    """``gradwatch/<stat>/<layer>`` -> (stat, layer); None for any other tag."""
-    if not tag.startswith(PREFIX):
-        return None
-    parts = tag[len(PREFIX):].split("/", 1)
-    if len(parts) != 2 or parts[0] not in STATS or not parts[1]:
-        return None
-    return parts[0], parts[1]
-
-
 def find_runs(logdir: str) -> list[str]:
     """Directories under ``logdir`` (itself included) that directly hold event files."""
     if not os.path.exists(logdir):
         raise LogdirError(f"logdir {logdir!r} does not exist")
     if not os.path.isdir(logdir):
-        raise LogdirError(f"logdir {logdir!r} is not a directory")
+        what = "is a file" if os.path.isfile(logdir) else "is not a directory"
+        raise LogdirError(f"logdir {logdir!r} {what}: give the directory that holds the runs")
     runs = []
     for root, dirs, files in os.walk(logdir):
         dirs.sort()
@@ -228,10 +156,11 @@ def find_runs(logdir: str) -> list[str]:
 
 
 def build_run(name: str, path: str, scalars: Iterable[tuple[str, list[tuple[int, float]]]],
-              alert_texts: Iterable[str], layer_records: Iterable[tuple[int, str]] = (),
+              alert_texts: Iterable[tuple[int, str]],
+              layer_records: Iterable[tuple[int, str]] = (),
               natural: bool = False) -> RunData:
-    """A RunData from (tag, points) pairs, the alert texts and the layer-order records as
-    (step, text). The newest record orders the layers (layers it does not name follow);
+    """A RunData from (tag, points) pairs, the alert texts and the layer-order records, both as
+    (step, text) in log order. The newest record orders the layers (layers it does not name follow);
     without one, the layers come in the order of ``scalars``, or sorted by name with
     ``natural`` (``natural_sort``: for readers whose tag order is not defined)."""
     def fallback(names: list[str]) -> list[str]:
@@ -241,7 +170,7 @@ def build_run(name: str, path: str, scalars: Iterable[tuple[str, list[tuple[int,
     seen_layers: dict[str, None] = {}
     series: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for tag, pts in scalars:
-        if tag.startswith(PREFIX + ALERT_COUNT + "/"):
+        if is_alert_count(tag):
             if pts:
                 run.alert_counts[tag.rsplit("/", 1)[1]] = int(max(pts)[1])
             continue
@@ -262,9 +191,7 @@ def build_run(name: str, path: str, scalars: Iterable[tuple[str, list[tuple[int,
         run.types = {n: t for n, t in record if n in seen_layers and t}
     run.stats = [s for s in STATS if s in series]
     run.series = {s: series[s] for s in run.stats}
-    for text in alert_texts:
-        run.alerts.extend(parse_alerts_markdown(text))
-    run.alerts.sort(key=lambda a: a.step)
+    run.alerts = alerts_of_events(alert_texts)
     return run
 
 
@@ -293,7 +220,7 @@ def read_run(path: str, name: str) -> RunData:
                for t in tags.get("scalars", []) if t.startswith(PREFIX)]
     # SummaryWriter.add_text stores the text under "<tag>/text_summary"
     tensors = tags.get("tensors", [])
-    texts = [x for t in tensors if t in ALERT_TEXT_TAGS for _, x in _texts(acc, t)]
+    texts = [x for t in tensors if t in ALERT_TEXT_TAGS for x in _texts(acc, t)]
     records = [x for t in tensors if t in LAYERS_TAGS for x in _texts(acc, t)]
     return build_run(name, path, scalars, texts, records)
 

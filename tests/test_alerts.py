@@ -377,8 +377,8 @@ def test_report_lists_one_entry_per_window_kind_and_cause_with_its_hint() -> Non
             train_step(m, opt)
     text = w.report()
     van = [a for a in w.alerts if a.kind == "vanishing"]
-    head = f"alerts ({len(w.alerts)} in all; the newest {len(w.alerts)}, one entry per step, " \
-           f"kind and cause):"
+    head = f"alerts: {len(w.alerts)} in all, the newest {len(w.alerts)} in 2 entries (one per " \
+           f"step, kind and cause):"
     assert head in text
     entries = text.split(head)[1].strip("\n").split("\n")
     assert len(entries) == 2 * 2  # two windows: a message line and a cause line each

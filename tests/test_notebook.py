@@ -112,7 +112,7 @@ def test_html_escapes_every_name_and_text():
         assert raw not in html
     assert "&lt;b&gt;x&lt;/b&gt;" in html and "My&lt;Layer&gt;" in html
     assert "use &lt;code&gt;nn.init.xavier_uniform_&lt;/code&gt; &amp; retry" in html
-    assert 'title="vanishing">1.00e-09!</td>' in html and ">nan</td>" in html
+    assert 'title="vanishing">1e-09!</td>' in html and ">nan</td>" in html
     assert html_report(None, [], {}).endswith("nothing flushed yet</p></div>")
 
 

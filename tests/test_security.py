@@ -103,7 +103,7 @@ def test_alert_table_keeps_hostile_names_in_their_cell() -> None:
     assert len(lines) == 2 + len(HOSTILE)  # header, rule, one row per alert
     for line in lines[2:]:
         cells = line.split(" | ")
-        assert len(cells) == 8, line
+        assert len(cells) == 9, line  # a cell per Alert field
         assert cells[1].startswith("`") and cells[1].endswith("`")
         assert cells[1].count("`") == 2  # one code span: markup inside is shown, not run
     assert "`<img src=x onerror=alert(1)>`" in md

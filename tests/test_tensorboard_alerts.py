@@ -1,5 +1,6 @@
 """Alerts in TensorBoard, read back with TensorBoard's own reader: a markdown table under the
-text tag ``gradwatch/alerts`` and a running alert count per kind as scalars."""
+text tag ``gradwatch/alerts`` (a column per ``Alert`` field, one event per step holding every
+alert of that step) and a running alert count per kind as scalars."""
 
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ def test_window_alerts_as_markdown_and_counts(tmp_path: Path) -> None:
     t = texts(acc, "gradwatch/alerts")
     assert set(t) == {2, 6}
     lines = t[2].splitlines()
-    assert lines[0] == "| step | layer | kind | stat | value | threshold | cause | hint |"
-    assert lines[2].startswith("| 2 | `1` | dead | act_zero_frac | 1 | 0.99 | ")
+    assert lines[0] == ("| step | layer | kind | stat | value | threshold | message | cause "
+                        "| hint |")
+    assert lines[2].startswith("| 2 | `1` | dead | act_zero_frac | 1 | 0.99 | gradwatch: dead ")
     assert t[6].splitlines()[2].startswith("| 6 | `1` | dead | act_zero_frac | 1 | 0.99 | ")
     assert "held back" in w.alerts[1].message
     c = counts(acc, "dead")
@@ -70,4 +72,30 @@ def test_per_step_nonfinite_alert_reaches_tensorboard(tmp_path: Path) -> None:
 def test_markdown_escapes_table_characters() -> None:
     a = gradwatch.Alert(3, "a|b`c", "dead", "act_zero_frac", 1.0, 0.99, "m")
     row = alerts_markdown([a]).splitlines()[2]
-    assert row == "| 3 | `a/bc` | dead | act_zero_frac | 1 | 0.99 | unknown |  |"
+    assert row == "| 3 | `a/bc` | dead | act_zero_frac | 1 | 0.99 | m | unknown |  |"
+
+
+def test_alerts_written_at_one_step_in_two_writes_are_one_event_with_both(tmp_path: Path):
+    """TensorBoard keeps one event per step and tag: a second write at a step rewrites the
+    step's table with every alert of that step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gradwatch.reader import read_logdir
+    from gradwatch.sinks.tensorboard import TensorBoardSink
+    from gradwatch.snapshot import Snapshot
+
+    sink = TensorBoardSink(SummaryWriter(str(tmp_path)), owns=True)
+    first = gradwatch.Alert(4, "a", "nonfinite", "nonfinite", 1.0, 0.0, "m1", "input")
+    more = [gradwatch.Alert(4, n, "exploding", "grad_rms", 2e3, 1e3, "m", "init_scale")
+            for n in ("b", "c")]
+    sink.write_alerts([first], 4)  # a per-step alert, then the window at the same step
+    sink.write(Snapshot(4, {"a": {"grad_rms": 1.0}}), more)
+    sink.write(Snapshot(6, {"a": {"grad_rms": 1.0}}), [])
+    sink.close()
+    t = texts(load(tmp_path), "gradwatch/alerts")
+    assert list(t) == [4] and [r.split(" | ")[1] for r in t[4].splitlines()[2:]] == [
+        "`a`", "`b`", "`c`"]
+    (run,) = read_logdir(tmp_path)
+    assert [(a.step, a.layer, a.message) for a in run.alerts] == [
+        (4, "a", "m1"), (4, "b", "m"), (4, "c", "m")]
+    assert sum(run.alert_counts.values()) == 3

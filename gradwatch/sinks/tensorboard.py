@@ -1,76 +1,100 @@
-"""TensorBoard sink: scalars ``gradwatch/<stat>/<layer>``, a custom-scalars layout, alerts,
-and the layer-order record ``gradwatch/layers``.
+"""TensorBoard sink: scalars ``gradwatch/<stat>/<layer>``, a custom-scalars layout, the
+alerts (one text event per step holding every alert of that step) and the layer-order record
+``gradwatch/layers``. Tags and record formats come from ``gradwatch.schema``.
 
-Runs on the watcher's background thread. Uses ``add_scalar`` with hierarchical tags (never
-``add_scalars``, which makes one event file per tag).
+Runs on the watcher's background thread. A window's scalars go out as one event of many
+values (never ``add_scalars``, which makes one event file per tag).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
-from gradwatch.alerts import KINDS, Alert
-from gradwatch.buffers import STATS
+from gradwatch.schema import (
+    ALERT_TEXT_TAG,
+    AMP_SKIPPED_TAG,
+    KINDS,
+    LAYERS_TAG,
+    LAYERS_VERSION,
+    PLUGIN_NAME,
+    STATS,
+    Alert,
+    alert_count_tag,
+    alerts_markdown,
+    layers_json,
+    scalar_tag,
+)
 from gradwatch.snapshot import Snapshot
 
-ALERT_TEXT_TAG = "gradwatch/alerts"
-#: The layer-order record: the watched layers in forward order with their module types, as
-#: JSON in a string tensor summary of this plugin name (TensorBoard's TEXT tab ignores it;
-#: its event reader and data provider both serve it). Written with the first window and
-#: again only when the order changes (a layer first called later).
-LAYERS_TAG = "gradwatch/layers"
-LAYERS_PLUGIN = "gradwatch"
-LAYERS_VERSION = 1
+#: The most lines in one custom-scalars chart: a stat with more layers gets one chart per
+#: module (the name with its block numbers as ``*``: a depth profile of every
+#: ``h.*.attn.c_attn``), and a module with more layers is cut in depth order.
+MAX_LINES = 12
+_DIGITS = re.compile(r"^\d+$")
 
 
-def scalar_tag(stat: str, layer: str) -> str:
-    """The one place where a TensorBoard scalar tag is built."""
-    return f"gradwatch/{stat}/{layer}"
+def module_key(name: str) -> str:
+    """``transformer.h.3.attn.c_attn`` -> ``transformer.h.*.attn.c_attn``."""
+    return ".".join("*" if _DIGITS.match(p) else p for p in name.split("."))
 
 
-def alert_count_tag(kind: str) -> str:
-    return f"gradwatch/alert_count/{kind}"
+def _chunks(names: Sequence[str]) -> list[list[str]]:
+    return [list(names[i:i + MAX_LINES]) for i in range(0, len(names), MAX_LINES)]
 
 
-def layout() -> dict[str, Any]:
-    """Custom-scalars layout: category ``gradwatch``, one multi-line chart per stat."""
-    charts = {s: ["Multiline", ["^" + re.escape(scalar_tag(s, ""))]] for s in STATS}
-    charts["alert_count"] = ["Multiline", ["^" + re.escape(alert_count_tag(""))]]
-    return {"gradwatch": charts}
+def _exact(stat: str, names: Sequence[str]) -> str:
+    return "^" + re.escape(scalar_tag(stat, "")) + "(?:" + "|".join(
+        re.escape(n) for n in names) + ")$"
 
 
-def _code_span(name: str) -> str:
-    """A layer name as one markdown table cell: a code span (so markup in it is shown, not
-    rendered) without the characters that would end the span, the cell or the row."""
-    for ch, to in (("|", "/"), ("`", ""), ("\r", " "), ("\n", " ")):
-        name = name.replace(ch, to)
-    return f"`{name}`"
+def stat_charts(stat: str, layers: Sequence[str]) -> list[tuple[str, str]]:
+    """(title, tag regex) of the charts of one stat over ``layers`` (forward order)."""
+    if len(layers) <= MAX_LINES:
+        return [(stat, "^" + re.escape(scalar_tag(stat, "")))]
+    by: dict[str, list[str]] = {}
+    for la in layers:
+        by.setdefault(module_key(la), []).append(la)
+    charts: list[tuple[str, str]] = []
+    single: list[str] = []
+    for key, names in by.items():
+        if len(names) == 1:
+            single.append(names[0])
+            continue
+        parts = _chunks(names)
+        for k, part in enumerate(parts):
+            title = f"{stat} · {key}" + (f" ({k + 1}/{len(parts)})" if len(parts) > 1 else "")
+            if len(parts) == 1 and "*" in key:  # every layer of this module, also later ones
+                rx = "^" + re.escape(scalar_tag(stat, "")) + ".".join(
+                    r"\d+" if p == "*" else re.escape(p) for p in key.split(".")) + "$"
+            else:
+                rx = _exact(stat, part)
+            charts.append((title, rx))
+    parts = _chunks(single)
+    for k, part in enumerate(parts):
+        title = f"{stat} · other layers" + (f" ({k + 1}/{len(parts)})" if len(parts) > 1 else "")
+        charts.append((title, _exact(stat, part)))
+    return charts
 
 
-#: Characters escaped in a plain-text markdown cell: they would end the cell or make markup.
-_MARKUP = re.compile(r"([\\`*_\[\]<>|])")
-
-
-def text_cell(text: str) -> str:
-    """Free text (a hint, which may quote layer names) as one markdown table cell, shown as
-    written: markup characters are backslash-escaped, line breaks become spaces."""
-    return _MARKUP.sub(r"\\\1", text.replace("\r", " ").replace("\n", " "))
-
-
-def alerts_markdown(alerts: Sequence[Alert]) -> str:
-    head = ("| step | layer | kind | stat | value | threshold | cause | hint |\n"
-            "|---:|---|---|---|---:|---:|---|---|\n")
-    rows = "".join(
-        f"| {a.step} | {_code_span(a.layer)} | {a.kind} | {a.stat} "
-        f"| {a.value:.4g} | {a.threshold:.4g} | {a.cause} | {text_cell(a.hint)} |\n"
-        for a in alerts
-    )
-    return head + rows
+def layout(layers: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
+    """Custom-scalars layout. ``layers``: stat -> the layers having it, in forward order.
+    A stat with at most ``MAX_LINES`` layers is one chart in the category ``gradwatch``; a
+    stat with more gets a category of its own, one chart per module (``stat_charts``)."""
+    layers = layers or {}
+    main: dict[str, Any] = {}
+    out: dict[str, Any] = {"gradwatch": main}
+    for s in STATS:
+        charts = stat_charts(s, layers.get(s, ()))
+        if len(charts) == 1:
+            main[s] = ["Multiline", [charts[0][1]]]
+        else:
+            out[f"gradwatch · {s}"] = {t: ["Multiline", [rx]] for t, rx in charts}
+    main["alert_count"] = ["Multiline", ["^" + re.escape(alert_count_tag(""))]]
+    return out
 
 
 def add_text(writer: Any, tag: str, text: str, step: int) -> None:
@@ -87,13 +111,6 @@ def add_text(writer: Any, tag: str, text: str, step: int) -> None:
     get_file_writer().add_summary(summary, step)
 
 
-def layers_json(layers: Sequence[tuple[str, str]]) -> str:
-    """The record's text: ``{"version": 1, "layers": [{"name": ..., "type": ...}, ...]}``,
-    layers in forward order (modules never called yet last)."""
-    return json.dumps({"version": LAYERS_VERSION,
-                       "layers": [{"name": n, "type": t} for n, t in layers]})
-
-
 def add_layers(writer: Any, layers: Sequence[tuple[str, str]], step: int) -> None:
     """Write the layer-order record at ``step``. Writers other than a SummaryWriter get it
     through ``add_text`` (filed under ``gradwatch/layers/text_summary``, read back too)."""
@@ -107,7 +124,7 @@ def add_layers(writer: Any, layers: Sequence[tuple[str, str]], step: int) -> Non
     from tensorboard.compat.proto.tensor_pb2 import TensorProto
 
     meta = SummaryMetadata(
-        plugin_data=SummaryMetadata.PluginData(plugin_name=LAYERS_PLUGIN,
+        plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME,
                                                content=str(LAYERS_VERSION).encode()),
         data_class=DataClass.DATA_CLASS_TENSOR,  # else neither data provider lists it
         summary_description="gradwatch layer order (JSON)")
@@ -129,6 +146,9 @@ class TensorBoardSink:
         self._layout_written = False
         self._layers_written: tuple[tuple[str, str], ...] | None = None
         self._counts: Counter[str] = Counter()
+        # the alerts written at the newest step: a second write at that step rewrites them all
+        # (TensorBoard keeps one event per step and tag)
+        self._step_alerts: tuple[int, list[Alert]] = (-1, [])
         self._flushed = time.monotonic()
 
     def write(self, snap: Snapshot, alerts: Sequence[Alert], force: bool = False,
@@ -137,14 +157,16 @@ class TensorBoardSink:
         differs from the order recorded last."""
         w = self.writer
         if not self._layout_written:
-            w.add_custom_scalars(layout())
+            have = {st: [la for la, by in snap.stats.items()
+                         if not math.isnan(by.get(st, math.nan))] for st in STATS}
+            w.add_custom_scalars(layout(have))
             self._layout_written = True
         if layers is not None and tuple(layers) != self._layers_written:
             add_layers(w, layers, snap.step)
             self._layers_written = tuple(layers)
         values = [(scalar_tag(stat, layer), v) for layer, stats in snap.stats.items()
                   for stat, v in stats.items() if not math.isnan(v)]
-        values.append(("gradwatch/amp_skipped", float(snap.amp_skipped)))
+        values.append((AMP_SKIPPED_TAG, float(snap.amp_skipped)))
         self._alerts(alerts, snap.step, values)
         if force or time.monotonic() - self._flushed >= FLUSH_SECS:
             self.flush()
@@ -173,13 +195,19 @@ class TensorBoardSink:
 
     def _alerts(self, alerts: Sequence[Alert], step: int,
                 values: list[tuple[str, float]]) -> None:
-        """``values`` and the alert counts as one event at ``step``, then the alerts' table."""
+        """``values`` and the alert counts as one event at ``step``, then the table of every
+        alert written at ``step`` (this call's and earlier calls' at the same step)."""
         for a in alerts:
             self._counts[a.kind] += 1
         values += [(alert_count_tag(kind), float(self._counts[kind])) for kind in KINDS]
         self._write_window(values, step)
         if alerts:
-            add_text(self.writer, ALERT_TEXT_TAG, alerts_markdown(alerts), step)
+            at, those = self._step_alerts
+            if at != step:
+                at, those = step, []
+            those = those + list(alerts)
+            self._step_alerts = (at, those)
+            add_text(self.writer, ALERT_TEXT_TAG, alerts_markdown(those), step)
 
     def close(self) -> None:
         self.writer.flush()

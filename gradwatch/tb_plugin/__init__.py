@@ -10,6 +10,14 @@ the alert list. Routes, under ``/data/plugin/gradwatch/``: the modules of ``stat
 Layers come in forward order from the newest layer-order record of each run; a run logged
 before the record existed falls back to a natural sort of the names (the data provider
 lists tags in no defined order).
+
+Every alert: the alert texts are one event per step. TensorBoard keeps 10 text events per
+tag unless started with ``--samples_per_plugin text=0``; when the run's alert counts (scalars,
+all kept) say more alerts were written than TensorBoard kept, the plugin reads the alert
+events from the run's event files itself. Where it cannot (no local logdir), the run says
+exactly how many alerts it cannot show and why (``missing``, ``missing_why``).
+
+Imports no torch: names and formats come from ``gradwatch.schema``.
 """
 
 from __future__ import annotations
@@ -20,24 +28,23 @@ from typing import Any, Callable
 
 from tensorboard.plugins import base_plugin  # a core dependency
 
-from gradwatch.reader import (
-    ALERT_COUNT,
+from gradwatch.reader import build_run, decode_strings, run_name
+from gradwatch.schema import (
     ALERT_TEXT_TAGS,
     LAYERS_TAGS,
+    PLUGIN_NAME,
     PREFIX,
-    build_run,
-    decode_strings,
+    STATS,
+    is_alert_count,
     json_number,
-    run_name,
     split_tag,
 )
-from gradwatch.sinks.tensorboard import LAYERS_PLUGIN
 
-PLUGIN_NAME = "gradwatch"
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 MODULES = ("index.js", "colour.js", "rows.js", "heatmap.js")  # the frontend's ES modules
 MAX_STEPS = 500  # columns per heatmap: longer runs are downsampled by TensorBoard
 MAX_TEXTS = 100_000  # text events read per tag (TensorBoard may keep fewer)
+SAMPLED_TEXTS = 10  # TensorBoard's default: text events kept per tag
 DEFAULT_STAT = "grad_rms"
 
 
@@ -55,6 +62,8 @@ class GradwatchPlugin(base_plugin.TBPlugin):
     def __init__(self, context: base_plugin.TBContext) -> None:
         self._provider = context.data_provider
         self._logdir = getattr(context, "logdir", "") or ""
+        # event file path -> ((size, mtime), [(step, alert text)]): read once per change
+        self._file_alerts: dict[str, tuple[tuple[int, float], list[tuple[int, str]]]] = {}
 
     def get_plugin_apps(self) -> dict[str, Callable[..., Any]]:
         from werkzeug import wrappers
@@ -88,8 +97,6 @@ class GradwatchPlugin(base_plugin.TBPlugin):
     def _serve_data(self, request: Any) -> Any:
         from tensorboard import plugin_util
 
-        from gradwatch.buffers import STATS
-
         stat = request.args.get("stat", DEFAULT_STAT)
         if stat not in STATS:
             msg = f"stat must be one of {list(STATS)}, got {stat!r}"
@@ -116,8 +123,7 @@ class GradwatchPlugin(base_plugin.TBPlugin):
                 st = split_tag(t)
                 if st is not None:
                     stats.add(st[0])
-                if (st is not None and st[0] == stat) or t.startswith(
-                        PREFIX + ALERT_COUNT + "/"):
+                if (st is not None and st[0] == stat) or is_alert_count(t):
                     wanted[run].append(t)
         tags = sorted({t for ts in wanted.values() for t in ts})
         read = self._provider.read_scalars(
@@ -127,7 +133,7 @@ class GradwatchPlugin(base_plugin.TBPlugin):
         runs = list(wanted)
         texts: dict[str, list[tuple[int, str]]] = {}
         records = {run: [x for found in by_tag.values() for x in found] for run, by_tag
-                   in self._strings(ctx, eid, LAYERS_PLUGIN, runs, LAYERS_TAGS).items()}
+                   in self._strings(ctx, eid, PLUGIN_NAME, runs, LAYERS_TAGS).items()}
         # a record filed by add_text (a writer that is not a SummaryWriter) is a text tensor
         for run, by_tag in self._strings(ctx, eid, "text", runs,
                                          ALERT_TEXT_TAGS + LAYERS_TAGS).items():
@@ -138,8 +144,21 @@ class GradwatchPlugin(base_plugin.TBPlugin):
         for run in sorted(wanted):
             series = [(t, [(d.step, float(d.value)) for d in read.get(run, {}).get(t, [])])
                       for t in wanted[run]]
-            rd = build_run(run, run, series, [x for _, x in texts.get(run, [])],
-                           records.get(run, []), natural=True)
+            rd = build_run(run, run, series, texts.get(run, []), records.get(run, []),
+                           natural=True)
+            total = sum(rd.alert_counts.values())
+            missing, why = 0, ""
+            if total > len(rd.alerts):  # TensorBoard kept a sample of the alert events
+                from_files = self._alerts_from_files(run)
+                if from_files is not None and len(from_files) >= len(rd.alerts):
+                    rd.alerts = from_files
+                missing = max(0, total - len(rd.alerts))
+                if missing:
+                    why = (f"TensorBoard keeps the alerts of {SAMPLED_TEXTS} steps per run "
+                           "unless started with --samples_per_plugin text=0, and the event "
+                           "files are not readable from this plugin"
+                           if from_files is None else
+                           "the event files hold fewer alerts than the alert counts")
             have, steps, values = rd.matrix(stat)
             out.append({
                 "run": run_name(run, self._logdir),
@@ -149,11 +168,11 @@ class GradwatchPlugin(base_plugin.TBPlugin):
                 "types": [rd.types.get(la, "") for la in have],
                 "steps": steps,
                 "values": [[json_number(v) for v in row] for row in values],
-                "alerts": [a.to_dict() for a in rd.alerts],
-                "alert_total": sum(rd.alert_counts.values()),
+                "alerts": [a.to_json() for a in rd.alerts],
+                "alert_total": total,
+                "missing": missing,
+                "missing_why": why,
             })
-        from gradwatch.buffers import STATS
-
         return {"stat": stat, "stats": [s for s in STATS if s in stats], "runs": out}
 
     def _strings(self, ctx: Any, eid: str, plugin: str, runs: list[str],
@@ -174,6 +193,51 @@ class GradwatchPlugin(base_plugin.TBPlugin):
             for tag, data in by_tag.items():
                 out.setdefault(run, {})[tag] = [(d.step, text) for d in data
                                                 for text in decode_strings(d.numpy)]
+        return out
+
+
+    def _alerts_from_files(self, run: str) -> list[Any] | None:
+        """Every alert of ``run`` read from its event files (None when they cannot be read:
+        no local logdir, a remote one, a run that is not a directory there)."""
+        from gradwatch.schema import alerts_of_events
+
+        if not self._logdir or "://" in self._logdir:
+            return None
+        path = os.path.join(self._logdir, run)
+        try:
+            names = sorted(n for n in os.listdir(path) if "tfevents" in n)
+        except OSError:
+            return None
+        if not names:
+            return None
+        events: list[tuple[int, str]] = []
+        for name in names:
+            found = self._file_texts(os.path.join(path, name))
+            if found is None:
+                return None
+            events += found
+        return alerts_of_events(events)
+
+    def _file_texts(self, path: str) -> list[tuple[int, str]] | None:
+        from tensorboard.backend.event_processing.event_file_loader import (
+            LegacyEventFileLoader,
+        )
+
+        try:
+            st = os.stat(path)
+            key = (st.st_size, st.st_mtime)
+            cached = self._file_alerts.get(path)
+            if cached is not None and cached[0] == key:
+                return cached[1]
+            out = []
+            for ev in LegacyEventFileLoader(path).Load():
+                for v in ev.summary.value:
+                    if v.tag in ALERT_TEXT_TAGS:
+                        out += [(ev.step, b.decode("utf-8", "replace"))
+                                for b in v.tensor.string_val]
+        except Exception:  # a file being written or damaged: report what is missing instead
+            return None
+        self._file_alerts[path] = (key, out)
         return out
 
 

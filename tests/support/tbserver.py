@@ -70,19 +70,24 @@ def get_json(url: str) -> Any:
 
 @contextlib.contextmanager
 def tensorboard(logdir: str, tmp: str, timeout: float = 120,
-                load_fast: bool = False) -> Iterator[str]:
+                load_fast: bool = False, all_texts: bool = True,
+                spec: bool = False) -> Iterator[str]:
     """Start TensorBoard on 127.0.0.1 and yield its base URL once the gradwatch plugin is
     listed as enabled; the process is ended on exit. ``load_fast``: read the logdir with
     TensorBoard's Rust data server (``tensorboard-data-server``) instead of its Python
-    multiplexer."""
+    multiplexer. ``all_texts``: pass the README's ``--samples_per_plugin text=0`` (else
+    TensorBoard keeps its default sample of text events). ``spec``: name the logdir with
+    ``--logdir_spec gw:<logdir>`` (TensorBoard then gives plugins no logdir path)."""
     paths = [ROOT, entry_point_path(tmp), os.environ.get("PYTHONPATH")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
     port = free_port()
     log = open(os.path.join(tmp, f"tensorboard-{port}.log"), "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", logdir, "--host", "127.0.0.1",
+        [sys.executable, "-m", "tensorboard.main",
+         *(["--logdir_spec", f"gw:{logdir}"] if spec else ["--logdir", logdir]),
+         "--host", "127.0.0.1",
          "--port", str(port), f"--load_fast={str(load_fast).lower()}", "--reload_interval=0",
-         "--samples_per_plugin=text=0"],
+         *(["--samples_per_plugin=text=0"] if all_texts else [])],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
