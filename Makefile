@@ -1,4 +1,5 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# Two commands on a fresh machine: `make demo` and `make test`. The commands they install
+# (gradwatch, tensorboard) live in .venv/bin: run them from there, or activate the venv.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -16,11 +17,16 @@ $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
 	$(PIP) install -e . "$(TORCH_SPEC)"
 	touch $@
 
+# The plot extra (matplotlib): what `gradwatch plot`, which the demo suggests, needs.
+$(VENV)/.plot: $(VENV)/.installed
+	$(PIP) install -e ".[plot]" "$(TORCH_SPEC)"
+	touch $@
+
 $(VENV)/.dev: $(VENV)/.installed
 	$(PIP) install -e ".[dev]" "$(TORCH_SPEC)"
 	touch $@
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.plot
 	$(BIN)/gradwatch demo --logdir runs
 
 lint: $(VENV)/.dev
@@ -29,7 +35,8 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy gradwatch
 
-# the dashboard test drives a headless Chromium: install it when missing
+# the dashboard test drives a headless Chromium: installed when missing (apt's output goes
+# to a log file; one line here, the log only when it fails)
 browser:
 	@.ci/install-chromium
 

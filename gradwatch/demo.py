@@ -10,6 +10,8 @@ and what to try (the hint); the second net applies the hint's first remedy.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import warnings
 from typing import Callable
 
@@ -63,6 +65,28 @@ def train(name: str, model: nn.Module, logdir: str, steps: int = 300,
     return w, loss.item(), acc
 
 
+def command(name: str) -> str:
+    """How to type the console command ``name`` of this installation: its bare name when
+    that is what the shell finds, else its path (``.venv/bin/tensorboard`` after ``make
+    demo`` in a clone, whose virtual environment is not activated)."""
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    found = shutil.which(name)
+    if not os.path.exists(here) or (found and os.path.samefile(found, here)):
+        return name
+    rel = os.path.relpath(here)
+    return rel if not rel.startswith("..") else here
+
+
+def commands(logdir: str) -> str:
+    """The commands that open what the demo wrote (each works with the runtime install)."""
+    return (f"TensorBoard logs written under {logdir}/. Open them with:\n"
+            f"  {command('tensorboard')} --logdir {logdir}    (the GRADWATCH tab)\n"
+            f"or read them without TensorBoard:\n"
+            f"  {command('gradwatch')} report {logdir}\n"
+            f"  {command('gradwatch')} plot {logdir} -o flow.png    (needs matplotlib: the "
+            f"plot extra)")
+
+
 def run(logdir: str = "runs", steps: int = 300) -> dict[str, gradwatch.Watcher]:
     torch.manual_seed(0)
     broken = mlp(nn.Sigmoid, init="normal")
@@ -80,9 +104,5 @@ def run(logdir: str = "runs", steps: int = 300) -> dict[str, gradwatch.Watcher]:
     print(f"\nsigmoid_normal_init -> relu_he_init: loss {loss0:.3f} -> {loss1:.3f}, "
           f"train accuracy {acc0:.1%} -> {acc1:.1%}, alerts {len(w0.alerts)} -> "
           f"{len(w1.alerts)}")
-    print(f"\nTensorBoard logs written under {logdir}/. Open them with:\n"
-          f"  tensorboard --logdir {logdir}    (the GRADWATCH tab)\n"
-          f"or read them without TensorBoard:\n"
-          f"  gradwatch report {logdir}\n"
-          f"  gradwatch plot {logdir} -o flow.png")
+    print("\n" + commands(logdir))
     return {"sigmoid_normal_init": w0, "relu_he_init": w1}

@@ -97,8 +97,11 @@ def test_dashboard_in_headless_chromium(server, tmp_path):
         assert run["rows"] == LAYERS == run["labels"]
         assert [a[:3] for a in run["alerts"]] == [
             [str(a.step), a.layer, a.kind] for a in written.alerts]
-        # each alert's cause and hint are shown as written (a measured cause, not "unknown")
-        assert [a[6:] for a in run["alerts"]] == [[a.cause, a.hint] for a in written.alerts]
+        # each alert's cause is shown as written (a measured cause, not "unknown"), the hint
+        # once per kind and cause, folded under its first sentence
+        assert [a[6:] for a in run["alerts"]] == [[a.cause] for a in written.alerts]
+        assert [(w["kind"], w["cause"], w["hint"]) for w in run["why"]] == [
+            ("dead", "bias_shift", written.alerts[0].hint)]
         assert written.alerts[0].cause == "bias_shift" and "mean -50" in written.alerts[0].hint
         assert [HOSTILE, written.alerts[0].step] in run["marked"]
         assert run["flagged"] == [HOSTILE]  # the label of an alerted layer is marked
@@ -163,7 +166,7 @@ def test_colour_scales_suit_the_stat(server):
     assert got["kinds"] == ["log"] * 4 + ["linear"] * 2 + ["signed"]
     viridis_lo, viridis_hi = "rgb(68, 1, 84)", "rgb(253, 231, 37)"
     assert got["log"] == [viridis_lo, viridis_hi, "#ff2bd6", "#e3e3e3", "#1b1b1b",
-                          "1.00e-6", "0.001"]
+                          "1e-06", "0.001"]
     # fractions: the same colour for the same value whatever the data holds (only 1.0 here)
     assert got["lin"] == [viridis_lo, got["lin"][3], viridis_hi, got["lin"][3]]
 
@@ -294,7 +297,11 @@ def test_gpt2_filter_grouping_and_alerts_in_the_browser(gpt2, tmp_path):
         assert dash.visible() and dash.visible(gpt2log.BROKEN)
         assert seen["status"].endswith(f"showing {gpt2log.BROKEN} at step {broken[0].step}")
         row = next(r for r in run["alerts"] if r[1] == gpt2log.BROKEN)
-        assert row[6:] == [broken[0].cause, broken[0].hint]
+        assert row[6:] == [broken[0].cause]
+        why = next(w for w in run["why"] if (w["kind"], w["cause"]) == (
+            broken[0].kind, broken[0].cause))
+        assert why["hint"] == next((a.hint for a in gpt2.alerts if a.hint and (a.kind, a.cause)
+                                    == (broken[0].kind, broken[0].cause)), "")
         dash.screenshot(str(tmp_path / "alert.png"))
         assert not pg.dialogs
     for name in ("depth", "filter", "module", "alert"):

@@ -17,6 +17,8 @@ SNAPSHOT = """() => {
   const layerOf = (c) => c.closest('.gw-row').dataset.layer;
   return {
     stat: root.dataset.stat, filter: root.dataset.filter, group: root.dataset.group,
+    scale: root.dataset.scale,
+    barLegend: [...document.querySelectorAll('.gw-bar .gw-legend')].map((e) => e.textContent),
     options: [...document.querySelectorAll('.gw-stat option')].map((o) => o.value),
     legend: document.querySelector('.gw-legend').textContent,
     status: document.querySelector('.gw-status').textContent,
@@ -47,6 +49,20 @@ SNAPSHOT = """() => {
           (c) => [layerOf(c), Number(c.dataset.step)]),
         alerts: [...s.querySelectorAll('tr.gw-alert')].map(
           (tr) => [...tr.querySelectorAll('td')].map((td) => td.textContent)),
+        open: s.open,
+        legend: [...s.querySelectorAll('.gw-legend')].map((e) => e.textContent),
+        why: [...s.querySelectorAll('.gw-why')].map((d) => ({
+          kind: d.dataset.kind, cause: d.dataset.cause, open: d.open,
+          summary: d.querySelector('summary').textContent,
+          hint: d.querySelector('p.gw-hint') ? d.querySelector('p.gw-hint').textContent : '',
+        })),
+        missing: s.querySelector('.gw-missing') ? s.querySelector('.gw-missing').textContent
+          : null,
+        ticks: [...s.querySelectorAll('.gw-axis span')].map((t) => {
+          const r = t.getBoundingClientRect();
+          return [t.textContent, r.left, r.right];
+        }),
+        colours: [...new Set([...s.querySelectorAll('.gw-cell')].map((c) => c.style.background))],
       };
     }),
   };
@@ -130,6 +146,16 @@ class Dashboard:
     def set_filter(self, text: str) -> dict[str, Any]:
         self.frame.fill(".gw-filter", text)
         return self.wait(filter=text)
+
+    def set_scale(self, mode: str) -> dict[str, Any]:
+        self.frame.select_option(".gw-scale", mode)
+        return self.wait(scale=mode)
+
+    def toggle_run(self, run: str) -> dict[str, Any]:
+        """Click a run's heading (it folds or unfolds)."""
+        self.frame.locator(f".gw-run[data-run='{run}'] > summary").click()
+        self.page.wait_for_timeout(100)
+        return self.snapshot()
 
     def set_group(self, mode: str) -> dict[str, Any]:
         self.frame.select_option(".gw-group-by", mode)

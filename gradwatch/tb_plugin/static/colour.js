@@ -5,6 +5,10 @@
 //           so 0.5 looks the same in every run and every refresh
 //   signed  act_mean: diverging, blue below 0 and red above, intensity by log10 |value|
 //           over the top SIGNED_DECADES decades (smaller magnitudes are white)
+//   count   nonfinite: 0 (the healthy value) is near-white, anything above it red by
+//           log10 value: a healthy run is a calm grid, a non-finite cell stands out
+// A scale spans the runs it is made for: one run (the default: one exploding run does
+// not wash out the others) or all of them (the "shared" option).
 // Values arrive as numbers, the strings "nan"/"inf"/"-inf", or null (not collected).
 
 const VIRIDIS = [
@@ -20,10 +24,13 @@ const SIGNED_DECADES = 4;
 
 const LINEAR = new Set(['act_zero_frac', 'act_sat_frac']);
 const SIGNED = new Set(['act_mean']);
+const COUNT = new Set(['nonfinite']);
+export const NONE = '#f4f4f4'; // a count of 0
 
 export function scaleKind(stat) {
   if (LINEAR.has(stat)) return 'linear';
   if (SIGNED.has(stat)) return 'signed';
+  if (COUNT.has(stat)) return 'count';
   return 'log';
 }
 
@@ -34,13 +41,23 @@ export function num(v) {
   return v;
 }
 
+// The one number format of gradwatch (Python's schema.fmt, f"{v:.3g}"): 3 significant
+// digits, 0.547, 1.23e-05, 2.5e+03.
 export function fmt(v) {
   if (v === null) return 'not collected';
   if (Number.isNaN(v)) return 'nan';
   if (!Number.isFinite(v)) return v > 0 ? 'inf' : '-inf';
   if (v === 0) return '0';
-  const a = Math.abs(v);
-  return a >= 1e-3 && a < 1e4 ? String(Number(v.toPrecision(3))) : v.toExponential(2);
+  const exp = Number(v.toExponential(2).split('e')[1]); // after rounding to 3 digits
+  if (exp < -4 || exp >= 3) {
+    const [m, e] = v.toExponential(2).split('e');
+    const mant = m.includes('.') ? m.replace(/0+$/, '').replace(/\.$/, '') : m;
+    const sign = e[0] === '-' ? '-' : '+';
+    const digits = e.replace(/^[-+]/, '');
+    return `${mant}e${sign}${digits.padStart(2, '0')}`;
+  }
+  const fixed = v.toFixed(Math.max(0, 2 - exp));
+  return fixed.includes('.') ? fixed.replace(/0+$/, '').replace(/\.$/, '') : fixed;
 }
 
 function ramp(stops, t) {
@@ -74,6 +91,13 @@ function logRange(runs) {
   return lo === Infinity ? [0, 0] : [lo, hi];
 }
 
+function hasNonZero(runs) {
+  return runs.some((run) => run.values.some((row) => row.some((raw) => {
+    const v = num(raw);
+    return v !== null && Number.isFinite(v) && v !== 0;
+  })));
+}
+
 function special(v) {
   if (v === null) return MISSING;
   if (!Number.isFinite(v)) return NONFINITE;
@@ -84,7 +108,7 @@ function special(v) {
 // labels, a note, and swatches of the special colours).
 export function makeScale(stat, runs) {
   const kind = scaleKind(stat);
-  const swatches = [[NONFINITE, 'nan/inf'], [MISSING, 'none']];
+  const swatches = [[NONFINITE, 'nan/inf'], [MISSING, 'not collected']];
   if (kind === 'linear') {
     return {
       kind,
@@ -94,6 +118,26 @@ export function makeScale(stat, runs) {
     };
   }
   const [lo0, hi] = logRange(runs);
+  const empty = !hasNonZero(runs);
+  if (kind === 'count') {
+    const t = (v) => (hi > lo0 ? (Math.log10(v) - lo0) / (hi - lo0) : 1);
+    return {
+      kind,
+      colour: (v) => special(v) || (v === 0 ? NONE : ramp(REDS, 0.25 + 0.75 * t(v))),
+      ramp: empty ? [] : [1, 2, 3, 4].map((k) => ramp(REDS, k / 4)),
+      low: empty ? '' : fmt(10 ** lo0), high: empty ? '' : fmt(10 ** hi),
+      note: empty ? 'every value is 0 (none)' : '(log)',
+      swatches: [[NONE, '0 (none)'], ...swatches],
+    };
+  }
+  if (empty) {
+    return {
+      kind,
+      colour: (v) => special(v) || (v === 0 ? ZERO : viridis(0.5)),
+      ramp: [], low: '', high: '', note: 'every value is 0',
+      swatches: [[ZERO, '0'], ...swatches],
+    };
+  }
   if (kind === 'signed') {
     const lo = Math.max(lo0, hi - SIGNED_DECADES);
     const t = (a) => (hi > lo ? (Math.log10(a) - lo) / (hi - lo) : 1);
@@ -105,7 +149,7 @@ export function makeScale(stat, runs) {
       ramp: [...[4, 3, 2, 1].map((k) => ramp(BLUES, k / 4)), ramp(REDS, 0),
              ...[1, 2, 3, 4].map((k) => ramp(REDS, k / 4))],
       low: `-${top}`, high: top,
-      note: `(signed; white below ${fmt(10 ** lo)} in size, log |value| above)`,
+      note: `(signed log; |v| < ${fmt(10 ** lo)} white)`,
       swatches,
     };
   }

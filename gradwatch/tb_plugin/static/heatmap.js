@@ -1,12 +1,34 @@
 // The DOM of one run: its heatmap (grouped rows of cells, step axis, hover tooltip) and its
-// alert list. Names are data: they reach the page through textContent and attribute
-// values only, never innerHTML.
+// alert list (every alert; the hint once per kind and cause, folded). Names are data: they
+// reach the page through textContent and attribute values only, never innerHTML.
 
 import { fmt, num } from './colour.js';
 import { fitLabel } from './rows.js';
 
 const LABEL_CHARS = 44; // longer labels are cut at the front; the full name is the title
 const CHAR_PX = 6.7; // monospace 11px
+const TICK_CHAR_PX = 6.2; // the axis' 10px digits
+const OPEN_ALERTS = 12; // a longer alert list starts folded (its count is in the summary)
+
+// Which columns get a step label: every k-th, k the smallest of 1, 2, 5, 10, 20, 50, ...
+// whose labels do not overlap (a label per column when they fit), and the last column.
+export function tickColumns(steps, width) {
+  const n = steps.length;
+  if (!n) return { every: 1, cols: [] };
+  const labelPx = Math.max(...steps.map((s) => String(s).length)) * TICK_CHAR_PX + 8;
+  let every = 1;
+  for (let m = 1; every * width < labelPx; m *= 10) {
+    every = [1, 2, 5].map((f) => f * m).find((k) => k * width >= labelPx) || 10 * m;
+  }
+  const cols = [];
+  for (let j = 0; j < n; j += every) cols.push(j);
+  const last = n - 1;
+  if (cols[cols.length - 1] !== last) {
+    if ((last - cols[cols.length - 1]) * width < labelPx) cols.pop();
+    cols.push(last);
+  }
+  return { every, cols };
+}
 
 export function el(tag, cls, text) {
   const e = document.createElement(tag);
@@ -70,14 +92,14 @@ export function heatmap(run, stat, sc, groups, tip) {
     }
   }
   const axis = el('div', 'gw-axis');
-  const n = run.steps.length;
-  const ticks = Math.min(n, 8);
-  for (let k = 0; k < ticks; k++) {
-    const j = ticks === 1 ? 0 : Math.round((k * (n - 1)) / (ticks - 1));
+  const { every, cols } = tickColumns(run.steps, width);
+  for (const j of cols) {
     const t = el('span', null, run.steps[j]);
     t.style.left = `${(j + 0.5) * width}px`;
     axis.append(t);
   }
+  axis.title = every === 1 ? 'the step of every column (a window ends there)'
+    : `the step of every ${every}th column (and the last); hover a cell for its own`;
   wrap.append(axis);
   // one listener for every cell: a 100-layer x 500-step grid has 50,000 of them
   wrap.addEventListener('mouseover', (ev) => {
@@ -102,27 +124,73 @@ export function heatmap(run, stat, sc, groups, tip) {
   return wrap;
 }
 
+// the first sentence of a hint (its summary when folded)
+function firstSentence(text) {
+  const m = /^(.*?[.:;])\s/.exec(text);
+  return m && m[1].length < text.length ? `${m[1]} …` : text;
+}
+
+// one entry per kind and cause: its alerts, layers and the hint of its worst alert
+export function causes(alerts) {
+  const by = new Map();
+  for (const a of alerts) {
+    const key = `${a.kind}\u0000${a.cause || 'unknown'}`;
+    if (!by.has(key)) by.set(key, { kind: a.kind, cause: a.cause || 'unknown', alerts: [] });
+    by.get(key).alerts.push(a);
+  }
+  return [...by.values()].map((g) => ({
+    ...g,
+    layers: [...new Set(g.alerts.map((a) => a.layer))],
+    hint: (g.alerts.find((a) => a.hint) || {}).hint || '',
+  }));
+}
+
 // onPick(alert): an alert row was clicked (or chosen with Enter)
 export function alertList(run, onPick) {
-  const frag = document.createDocumentFragment();
-  frag.append(el('h3', null, `alerts (${run.alerts.length})`));
+  if (!run.alerts.length && !run.missing) return el('p', 'gw-note gw-none', 'no alerts');
+  const box = el('details', 'gw-alert-list');
+  box.open = run.alerts.length <= OPEN_ALERTS;
+  const head = el('summary', null, `alerts (${run.alerts.length})`);
+  box.append(head);
+  if (run.missing) {
+    box.open = true;
+    box.append(el('p', 'gw-note gw-missing',
+      `showing ${run.alerts.length} of ${run.alert_total} alerts: ${run.missing} cannot be ` +
+      `shown because ${run.missing_why}`));
+  }
   if (!run.alerts.length) {
-    frag.append(el('p', 'gw-note gw-none', 'no alerts'));
-    return frag;
+    box.append(el('p', 'gw-note gw-none', 'no alerts'));
+    return box;
+  }
+  // why, and what to try: once per kind and cause, the full hint a click away
+  for (const g of causes(run.alerts)) {
+    const why = el('details', 'gw-why');
+    const n = g.alerts.length;
+    const where = g.layers.length === 1 ? g.layers[0] : `${g.layers.length} layers`;
+    const sum = el('summary');
+    sum.append(el('span', 'gw-kind', g.kind), el('span', null, ` · cause ${g.cause} · `),
+      el('span', null, `${n} alert${n === 1 ? '' : 's'} (${where})`));
+    if (g.hint) sum.append(el('span', 'gw-dim', ` — ${firstSentence(g.hint)}`));
+    why.append(sum);
+    if (g.hint) why.append(el('p', 'gw-hint', g.hint));
+    why.dataset.kind = g.kind;
+    why.dataset.cause = g.cause;
+    box.append(why);
   }
   const table = el('table', 'gw-alerts');
-  const head = el('tr');
-  for (const h of ['step', 'layer', 'kind', 'stat', 'value', 'threshold', 'cause', 'hint']) {
-    head.append(el('th', null, h));
+  const headRow = el('tr');
+  for (const h of ['step', 'layer', 'kind', 'stat', 'value', 'threshold', 'cause']) {
+    headRow.append(el('th', null, h));
   }
   const thead = el('thead');
-  thead.append(head);
+  thead.append(headRow);
   table.append(thead);
   const body = el('tbody');
   for (const a of run.alerts) {
     const tr = el('tr', 'gw-alert');
     tr.tabIndex = 0;
-    tr.title = 'show this alert in the heatmap';
+    tr.title = a.message ? `${a.message}\n(click: show this alert in the heatmap)`
+      : 'show this alert in the heatmap';
     tr.dataset.layer = a.layer;
     tr.dataset.step = String(a.step);
     tr.append(
@@ -130,18 +198,12 @@ export function alertList(run, onPick) {
       el('td', null, a.stat), el('td', 'gw-num', fmt(num(a.value))),
       el('td', 'gw-num', fmt(num(a.threshold))),
       el('td', a.cause === 'unknown' ? 'gw-cause gw-dim' : 'gw-cause', a.cause || 'unknown'),
-      el('td', 'gw-hint', a.hint || ''),
     );
     tr.addEventListener('click', () => onPick(a, tr));
     tr.addEventListener('keydown', (ev) => { if (ev.key === 'Enter') onPick(a, tr); });
     body.append(tr);
   }
   table.append(body);
-  frag.append(table);
-  if (run.alert_total > run.alerts.length) {
-    frag.append(el('p', 'gw-note',
-      `showing ${run.alerts.length} of ${run.alert_total} alerts: TensorBoard keeps a sample ` +
-      'of text events; start it with --samples_per_plugin text=0 to keep them all'));
-  }
-  return frag;
+  box.append(table);
+  return box;
 }

@@ -2,9 +2,12 @@
 //
 // TensorBoard loads this module in an iframe (data/plugin_entry.html?name=gradwatch) and
 // calls render(). It fetches data?stat=<stat> and draws, per run, a layer x step heatmap
-// (layers in forward order, as the watcher recorded them), then the run's alerts.
-// The bar holds the stat, a layer filter (substring or glob) and a grouping; clicking an
-// alert scrolls to its cell and outlines it. The view state lives in the page only.
+// (layers in forward order, as the watcher recorded them), then the run's alerts. Each run
+// is a collapsible section with its own colour scale and legend (or one scale shared by
+// every run: the "colours" choice).
+// The bar holds the stat, a layer filter (substring or glob), a grouping and the colour
+// scale choice; clicking an alert scrolls to its cell and outlines it. The view state lives
+// in the page only.
 //
 // Run and layer names are data (a module may be named "<img src=x onerror=alert(1)>"):
 // they reach the DOM only through textContent and attribute values, never innerHTML.
@@ -25,15 +28,25 @@ body { margin: 0; background: #fff; }
   border-bottom: 1px solid #eee; }
 .gw-bar h1 { font-size: 18px; margin: 0; font-weight: 500; }
 .gw-bar input[type=search] { width: 20em; font: inherit; padding: 2px 4px; }
-.gw-legend { display: inline-flex; align-items: center; gap: 6px; }
+.gw-legend { display: inline-flex; align-items: center; gap: 4px 6px; flex-wrap: wrap;
+  font-size: 12px; white-space: nowrap; }
+.gw-legend > span { white-space: nowrap; }
 .gw-ramp { display: inline-flex; height: 12px; border: 1px solid #bbb; }
 .gw-ramp span { width: 14px; height: 12px; }
 .gw-swatch { display: inline-block; width: 12px; height: 12px; border: 1px solid #bbb;
   vertical-align: middle; margin-right: 3px; }
 .gw-status { color: #757575; }
-.gw-run { margin: 10px 0 22px; }
-.gw-run h2 { font-size: 15px; margin: 4px 0 2px; font-weight: 500; }
-.gw-run h3 { font-size: 13px; margin: 10px 0 4px; font-weight: 500; }
+.gw-run { margin: 8px 0 14px; }
+.gw-run > summary { cursor: pointer; list-style-position: outside; margin-left: 14px; }
+.gw-run > summary h2 { display: inline; font-size: 15px; margin: 4px 0 2px; font-weight: 500; }
+.gw-run > summary .gw-count { margin-left: 10px; font-size: 12px; color: #2e7d32; }
+.gw-run > summary .gw-count.gw-bad { color: #c62828; font-weight: 500; }
+.gw-run .gw-legend { margin: 0 0 6px; }
+.gw-alert-list { margin: 8px 0 0; }
+.gw-alert-list > summary { cursor: pointer; font-size: 13px; font-weight: 500; margin: 6px 0 4px; }
+.gw-why { margin: 2px 0 2px 6px; font-size: 12px; }
+.gw-why > summary { cursor: pointer; }
+.gw-why p.gw-hint { margin: 2px 0 6px 18px; max-width: 110ch; }
 .gw-sub { color: #757575; font-size: 12px; margin: 0 0 6px; }
 .gw-row { display: flex; align-items: stretch; height: var(--gw-h, 16px); }
 .gw-label { flex: 0 0 var(--gw-label, 200px); box-sizing: border-box; overflow: hidden;
@@ -57,7 +70,7 @@ body { margin: 0; background: #fff; }
 .gw-alerts th, .gw-alerts td { padding: 2px 10px 2px 0; text-align: left; vertical-align: top; }
 .gw-alerts td.gw-num { text-align: right; font-variant-numeric: tabular-nums; }
 .gw-alerts td.gw-layer { font-family: monospace; }
-.gw-alerts td.gw-hint { max-width: 60ch; }
+.gw-missing { color: #b71c1c; }
 .gw-alerts tr.gw-alert { cursor: pointer; }
 .gw-alerts tr.gw-alert:hover, .gw-alerts tr.gw-alert:focus { background: #f5f5f5; outline: none; }
 .gw-alerts tr.gw-picked { background: #fff3e0; }
@@ -88,6 +101,12 @@ function legend(sc) {
   return box;
 }
 
+const SCALES = [
+  ['run', 'per run', 'each run coloured over its own range: one exploding run does not ' +
+   'wash out the others'],
+  ['shared', 'shared', 'one colour scale over every run: colours compare across runs'],
+];
+
 function orderNote(run) {
   if (run.order === 'record') return 'forward order';
   return 'names sorted (this log has no layer-order record)';
@@ -98,6 +117,9 @@ class Dashboard {
     this.stat = 'grad_rms';
     this.filter = '';
     this.group = 'none';
+    this.scale = 'run';
+    this.closed = new Set(); // paths of the runs folded by the user
+    this.lists = new Map(); // path -> alert list opened (true) or folded (false) by the user
     this.data = null;
     this.focus = null; // {path, layer, step}: the alert cell last picked
     this.seq = 0;
@@ -129,9 +151,18 @@ class Dashboard {
       this.grouping.append(o);
     }
     groupLabel.append(this.grouping);
+    const scaleLabel = el('label', null, 'colours ');
+    this.scaling = el('select', 'gw-scale');
+    for (const [value, text, title] of SCALES) {
+      const o = el('option', null, text);
+      o.value = value;
+      o.title = title;
+      this.scaling.append(o);
+    }
+    scaleLabel.append(this.scaling);
     this.legendSlot = el('span', 'gw-legend-slot');
     this.status = el('span', 'gw-status', 'loading…');
-    bar.append(statLabel, filterLabel, groupLabel, this.legendSlot, this.status);
+    bar.append(statLabel, filterLabel, groupLabel, scaleLabel, this.legendSlot, this.status);
     this.tip = el('div', 'gw-tip');
     this.tip.hidden = true;
     this.runs = el('div', 'gw-runs');
@@ -153,6 +184,10 @@ class Dashboard {
     });
     this.grouping.addEventListener('change', () => {
       this.group = this.grouping.value;
+      this.draw();
+    });
+    this.scaling.addEventListener('change', () => {
+      this.scale = this.scaling.value;
       this.draw();
     });
     setInterval(() => { if (!document.hidden) this.load(); }, REFRESH_MS);
@@ -184,18 +219,30 @@ class Dashboard {
       }));
     }
     this.select.value = data.stat;
-    const sc = makeScale(data.stat, data.runs);
-    this.legendSlot.replaceChildren(legend(sc));
+    const shared = this.scale === 'shared' ? makeScale(data.stat, data.runs) : null;
+    this.legendSlot.replaceChildren(...(shared ? [legend(shared)] : []));
     const keep = matcher(this.filter);
     const sections = data.runs.map((run) => {
-      const sec = el('section', 'gw-run');
+      const sec = el('details', 'gw-run');
+      sec.open = !this.closed.has(run.path);
       sec.dataset.run = run.run;
       sec.dataset.path = run.path;
-      sec.append(el('h2', null, run.run));
+      sec.addEventListener('toggle', () => {
+        if (sec.open) this.closed.delete(run.path);
+        else this.closed.add(run.path);
+      });
+      const head = el('summary');
+      const n = run.alert_total || run.alerts.length;
+      head.append(el('h2', null, run.run),
+        el('span', n ? 'gw-count gw-bad' : 'gw-count', n ? `${n} alert${n === 1 ? '' : 's'}`
+          : 'no alerts'));
+      sec.append(head);
       const groups = groupRows(run.layers, run.types, this.group, keep);
       const shown = groups.reduce((n, g) => n + g.rows.length, 0);
       sec.append(el('p', 'gw-sub',
         `${shown} of ${run.layers.length} layers with ${data.stat} · ${orderNote(run)}`));
+      const sc = shared || makeScale(data.stat, [run]);
+      if (!shared && run.layers.length) sec.append(legend(sc));
       if (!run.layers.length) {
         sec.append(el('p', 'gw-note', `no layer has ${data.stat} in this run`));
       } else if (!shown) {
@@ -203,19 +250,27 @@ class Dashboard {
       } else {
         sec.append(heatmap(run, data.stat, sc, groups, this.tip));
       }
-      sec.append(alertList(run, (a, tr) => this.pick(run, a, tr)));
+      const list = alertList(run, (a, tr) => this.pick(run, a, tr));
+      if (list.tagName === 'DETAILS') {
+        if (this.lists.has(run.path)) list.open = this.lists.get(run.path);
+        list.addEventListener('toggle', () => this.lists.set(run.path, list.open));
+      }
+      sec.append(list);
       return sec;
     });
     if (!sections.length) sections.push(el('p', 'gw-note', 'no gradwatch data in this logdir'));
     this.runs.replaceChildren(...sections);
     const total = data.runs.reduce((n, r) => n + r.alerts.length, 0);
-    this.status.textContent = `${data.runs.length} run(s), ${total} alert(s)`;
+    const missing = data.runs.reduce((n, r) => n + (r.missing || 0), 0);
+    this.status.textContent = `${data.runs.length} run(s), ${total} alert(s)` +
+      (missing ? ` (${missing} more not shown: see the run)` : '');
     if (this.focus && this.showFocus(false)) {
       this.status.textContent += ` · showing ${this.focus.layer} at step ${this.focus.step}`;
     }
     // what is drawn, for scripts driving the page (and the browser tests)
     Object.assign(this.root.dataset, {
-      stat: data.stat, filter: this.filter, group: this.group, ready: 'true',
+      stat: data.stat, filter: this.filter, group: this.group, scale: this.scale,
+      ready: 'true',
     });
     performance.mark('gradwatch:drawn');
   }
@@ -235,7 +290,7 @@ class Dashboard {
     }
     const picked = this.showFocus(true);
     for (const row of this.runs.querySelectorAll('tr.gw-picked')) row.classList.remove('gw-picked');
-    const again = [...this.runs.querySelectorAll('section.gw-run')]
+    const again = [...this.runs.querySelectorAll('.gw-run')]
       .find((s) => s.dataset.path === run.path);
     const same = again && [...again.querySelectorAll('tr.gw-alert')].find(
       (r) => r.dataset.layer === a.layer && r.dataset.step === String(a.step));
@@ -252,11 +307,12 @@ class Dashboard {
     for (const r of this.runs.querySelectorAll('.gw-focus-row')) {
       r.classList.remove('gw-focus-row');
     }
-    const sec = [...this.runs.querySelectorAll('section.gw-run')]
+    const sec = [...this.runs.querySelectorAll('.gw-run')]
       .find((s) => s.dataset.path === f.path);
     const row = sec && [...sec.querySelectorAll('.gw-row')].find((r) => r.dataset.layer === f.layer);
     const run = this.data.runs.find((r) => r.path === f.path);
     if (!row || !run) return null;
+    sec.open = true;
     const cell = row.querySelectorAll('.gw-cell')[columnOf(run.steps, f.step)];
     if (!cell) return null;
     row.classList.add('gw-focus-row');
