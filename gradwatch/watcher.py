@@ -369,14 +369,19 @@ class Watcher:
     def report(self) -> str:
         """A table of the latest window per layer, alerted cells marked with ``!``, then
         the alerts with their cause and hint. Waits for a flush in progress."""
-        return _report(self.latest, self.alerts, self._types())
+        return _report(self.latest, self.alerts, self._types(), self._waiting())
 
     def _repr_html_(self) -> str:
         """Jupyter: the report as an HTML table (alerted cells marked), then the alerts."""
         snap = self.latest
         title = (f"gradwatch: {len(self._infos)} layers, every {self.every}, "
                  f"{'closed' if self._closed else 'open'}")
-        return html_report(snap, self.alerts, self._types(), title)
+        return html_report(snap, self.alerts, self._types(), title, self._waiting())
+
+    def _waiting(self) -> str | None:
+        """Why nothing was flushed yet: forward passes ran and no step ended."""
+        s = self._stepping
+        return s.no_step_message(s.forwards) if not self._step and s.forwards else None
 
     def _settle(self) -> None:
         """Before a read: wait for the windows handed to the background thread (never from

@@ -125,3 +125,28 @@ def test_plain_module_still_trains_after_display(shell):
     shell.display_formatter.format(w)
     run(shell, TRAIN)
     assert w.latest is not None and w.latest.step == 20
+
+
+def test_report_says_why_nothing_is_there_when_no_step_ends():
+    """Forward and backward passes with no optimizer step and no ``watcher.step()``: the
+    report and the notebook view say why nothing was flushed, not just that nothing was."""
+    import torch
+    import torch.nn as nn
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    w = gradwatch.watch(model, tensorboard=False, every=5)
+    try:
+        assert w.report() == "gradwatch: nothing flushed yet"  # nothing ran: nothing to say
+        for _ in range(3):
+            model(torch.randn(2, 4)).sum().backward()
+        assert w.latest is None
+        text = w.report()
+        assert text.startswith("gradwatch: nothing flushed yet: gradwatch: 3 training forward "
+                               "pass(es) of the watched model and no training step")
+        assert "watcher.step() was not called" in text
+        html = w._repr_html_()
+        assert ": nothing flushed yet: gradwatch: 3 training forward pass(es)" in html
+    finally:
+        with pytest.warns(UserWarning, match="3 training forward pass"):
+            w.close()  # what was collected is written as one step, with the same advice
+    assert w.latest is not None and w.latest.step == 1

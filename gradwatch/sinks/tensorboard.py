@@ -81,14 +81,16 @@ def stat_charts(stat: str, layers: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def layout(layers: Mapping[str, Sequence[str]] | None = None) -> dict[str, Any]:
-    """Custom-scalars layout. ``layers``: stat -> the layers having it, in forward order.
-    A stat with at most ``MAX_LINES`` layers is one chart in the category ``gradwatch``; a
-    stat with more gets a category of its own, one chart per module (``stat_charts``)."""
-    layers = layers or {}
+    """Custom-scalars layout. ``layers``: stat -> the layers having it, in forward order
+    (None: one chart per stat). A stat with at most ``MAX_LINES`` layers is one chart in the
+    category ``gradwatch``; a stat with more gets a category of its own, one chart per
+    module (``stat_charts``); a stat no layer has gets none."""
     main: dict[str, Any] = {}
     out: dict[str, Any] = {"gradwatch": main}
     for s in STATS:
-        charts = stat_charts(s, layers.get(s, ()))
+        if layers is not None and not layers.get(s):
+            continue
+        charts = stat_charts(s, layers.get(s, ()) if layers is not None else ())
         if len(charts) == 1:
             main[s] = ["Multiline", [charts[0][1]]]
         else:
