@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping, Sequence, Tuple
 from gradwatch.alerts import Alert
 from gradwatch.audit import InitAudit
 from gradwatch.diagnosis import Diagnosis, Fault
+from gradwatch.schema import fmt
 from gradwatch.selection import LayerInfo
 
 
@@ -99,8 +100,7 @@ class Thresholds:
         )
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.3g}"
+_fmt = fmt  # the one number format of every view (schema.fmt)
 
 
 Verdict = Tuple[float, float, bool]  # value, threshold, extreme

@@ -344,6 +344,10 @@ def test_only_raise_stops_training() -> None:
     with pytest.raises(gradwatch.GradientAlertError) as e:
         train(base, {"tensorboard": False, "on_alert": "raise", "thresholds": th})
     assert e.value.alert.kind == "vanishing" and e.value.alert.step == EVERY
+    # the raise left it watching (its global optimizer hooks too): close it, which flushes
+    # and raises the next alert of the same kind
+    with pytest.raises(gradwatch.GradientAlertError, match="vanishing"):
+        gradwatch.unwatch(base)
 
 
 def test_fault_under_warnings_as_errors(monkeypatch: pytest.MonkeyPatch,

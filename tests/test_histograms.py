@@ -133,5 +133,5 @@ def test_images_without_matplotlib_name_the_extra(tmp_path, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    with pytest.raises(ImportError, match=r"pip install gradwatch\[plot\]"):
+    with pytest.raises(ImportError, match=r"pip install 'gradwatch\[plot\]'"):
         gradwatch.watch(torch.nn.Linear(2, 2), logdir=str(tmp_path), images=True)
