@@ -140,3 +140,18 @@ def test_runs_fold_and_stay_folded(dash, tmp_path):
     shot = os.path.join(tmp_path, "glance.png")
     dash.screenshot(shot)
     assert os.path.getsize(shot) > 10_000
+
+
+@pytest.mark.slow
+def test_the_dashboard_formats_numbers_as_every_other_view(dash):
+    """One number format: the dashboard's fmt gives schema.fmt's text for the same value."""
+    from gradwatch.schema import fmt
+
+    values = [0.0, 1.0, -1.0, 0.547, 0.42, 0.99, 1e-7, 1.234e-9, -4.4019e-05, 0.000381,
+              0.0001, 0.00099999, 999.5, 1234.5, 2.5e3, 7221.77, 1.1e6, 12345678.0, -0.0058,
+              3.14159, 100.0, 0.001]
+    got = dash.frame.evaluate("""async (vs) => {
+      const c = await import('/data/plugin/gradwatch/colour.js');
+      return vs.map((v) => c.fmt(v));
+    }""", values)
+    assert got == [fmt(v) for v in values]
