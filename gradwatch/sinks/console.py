@@ -31,7 +31,7 @@ def report(snap: Snapshot | None, alerts: Sequence[Alert], types: dict[str, str]
         return NOTHING + (f": {waiting}" if waiting else "")
     shown = [a for a in alerts if a.step <= snap.step]
     marked = {(a.layer, a.stat) for a in shown}
-    columns = list(COLUMNS) + [s for _, s in sorted(marked) if s not in COLUMNS]
+    columns = list(dict.fromkeys([*COLUMNS, *(s for _, s in sorted(marked))]))
     lines = [f"gradwatch report, step {snap.step}"
              + (f", {snap.amp_skipped} AMP-skipped step(s)" if snap.amp_skipped else "")]
     layers = list(snap.stats)

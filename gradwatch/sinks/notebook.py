@@ -38,7 +38,7 @@ def html_report(snap: Snapshot | None, alerts: Sequence[Alert], types: dict[str,
     out.append("</p>")
     shown = [a for a in alerts if a.step <= snap.step]
     marked: dict[tuple[str, str], Alert] = {(a.layer, a.stat): a for a in shown}
-    columns = list(COLUMNS) + [s for _, s in sorted(marked) if s not in COLUMNS]
+    columns = list(dict.fromkeys([*COLUMNS, *(s for _, s in sorted(marked))]))
     out.append("<table><thead><tr><th>layer</th><th>type</th>")
     out.extend(f"<th>{escape(c)}</th>" for c in columns)
     out.append("</tr></thead><tbody>")
