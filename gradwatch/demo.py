@@ -79,12 +79,20 @@ def command(name: str) -> str:
 
 def commands(logdir: str) -> str:
     """The commands that open what the demo wrote (each works with the runtime install)."""
+    import importlib.util
+
+    plot = f"  {command('gradwatch')} plot {logdir} -o flow.png"
+    try:
+        have_plot = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        have_plot = False
+    if not have_plot:
+        plot += ("    (needs the plot extra: pip install 'gradwatch[plot]', in a clone "
+                 f"{command('pip')} install -e '.[plot]')")
     return (f"TensorBoard logs written under {logdir}/. Open them with:\n"
             f"  {command('tensorboard')} --logdir {logdir}    (the GRADWATCH tab)\n"
             f"or read them without TensorBoard:\n"
-            f"  {command('gradwatch')} report {logdir}\n"
-            f"  {command('gradwatch')} plot {logdir} -o flow.png    (needs matplotlib: the "
-            f"plot extra)")
+            f"  {command('gradwatch')} report {logdir}\n" + plot)
 
 
 def run(logdir: str = "runs", steps: int = 300) -> dict[str, gradwatch.Watcher]:

@@ -47,3 +47,13 @@ def test_commands_are_printed_as_the_shell_finds_them(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", bindir)
     assert command("tensorboard") == "tensorboard"
     assert command("no-such-tool") == "no-such-tool"
+
+
+def test_the_plot_command_names_its_install_only_when_it_is_missing(monkeypatch):
+    import sys
+
+    from gradwatch.demo import commands
+
+    assert commands("runs").endswith("plot runs -o flow.png")  # matplotlib is here
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert commands("runs").endswith("install -e '.[plot]')")
