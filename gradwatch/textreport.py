@@ -1,152 +1,27 @@
-"""Plain-text tables of per-layer stats: ``gradwatch report`` and ``Watcher.report()``.
+"""``gradwatch report``: per run, the latest value of each stat per layer, every alert, and
+the hints once per kind and cause; or the same as JSON for pipelines.
 
-One renderer, one meaning per mark in every view: a cell ending in ``!`` is a layer's stat
-that raised an alert (at or before the step shown; the alerts below the table say when and
-why), explained in one line under the table (``MARKS``). Columns never drop an alerted stat
-for width: the other stats go first (named under the table). Needs nothing beyond the
-runtime install (no rich); names are printed with control characters escaped.
+Drawn with the plain-text renderer of ``Watcher.report()`` (``gradwatch.sinks.console``):
+the same mark, explained under the table, the same number format; an alerted stat is never
+dropped for width. Needs nothing beyond the runtime install.
 """
 
 from __future__ import annotations
 
 import shutil
-import textwrap
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Sequence
 
 from gradwatch.alerts import group, layer_list
 from gradwatch.reader import RunData
 from gradwatch.schema import STATS, Alert, fmt, json_number
+from gradwatch.sinks.console import GAP, LABEL_MIN, choose, cut, notes, printable, table, wrap
 
-#: The columns of ``Watcher.report()`` and, most telling first, the stats ``gradwatch report``
-#: keeps when the terminal is too narrow for every one.
-CORE = ("grad_rms", "grad_max", "update_ratio", "act_mean", "act_std", "act_zero_frac",
-        "act_sat_frac", "out_grad_rms", "nonfinite")
-MARK = "!"
-MARKS = (f"{MARK} = this layer's stat raised an alert at or before the step shown "
-         "(the alerts below say when and why)")
-#: Under a table with a flagged act_sat_frac: why a higher unflagged value is not an alert.
-SATURATION = ("act_sat_frac is flagged only when units also sit at a bound for every sample "
-              "(the alert gives their share): a high value without stuck units is not flagged")
-GAP = 2  # spaces between columns
 PIPE_WIDTH = 100  # output into a pipe or a file (a CI log) with no COLUMNS set
-LABEL_MIN = 12  # a layer column narrower than its names when the terminal is narrow
 
 
 def terminal_width() -> int:
     """``COLUMNS``, else the terminal's width, else (a pipe, a CI log) ``PIPE_WIDTH``."""
     return shutil.get_terminal_size((PIPE_WIDTH, 24)).columns
-
-
-def printable(text: str) -> str:
-    """A name as terminal text: control characters (escape sequences, line breaks) shown
-    escaped, never acted on."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def cut(name: str, width: int) -> str:
-    """A name in at most ``width`` characters, cut at the front (its end tells most)."""
-    return name if len(name) <= width else "…" + name[len(name) - width + 1:]
-
-
-def cell(v: float | None) -> str:
-    return "-" if v is None else fmt(v)
-
-
-def _head(stat: str) -> tuple[str, str]:
-    """A stat's header in two lines, cut at the first underscore: the columns stay as narrow
-    as their numbers."""
-    first, _, rest = stat.partition("_")
-    return (first, rest) if rest else ("", first)
-
-
-def choose(present: Sequence[str], alerted: Iterable[str], width: int | None, label_w: int,
-           order: Sequence[str] = CORE) -> tuple[list[str], list[str]]:
-    """(shown, hidden) stats, both in ``present`` order: every alerted stat, then the others
-    by ``order`` (most telling first) while they fit in ``width`` (None: all)."""
-    if width is None:
-        return list(present), []
-    must = [s for s in present if s in set(alerted)]
-    rest = sorted((s for s in present if s not in must),
-                  key=lambda s: order.index(s) if s in order else len(order))
-    room = width - label_w
-    keep = set(must)
-    used = sum(_col_w(s) + GAP for s in must)
-    for s in rest:
-        if used + _col_w(s) + GAP > room:
-            break
-        keep.add(s)
-        used += _col_w(s) + GAP
-    return [s for s in present if s in keep], [s for s in present if s not in keep]
-
-
-def _col_w(stat: str) -> int:
-    return max(9, *(len(p) for p in _head(stat))) + len(MARK)
-
-
-def table(layers: Sequence[str], stats: Sequence[str],
-          values: Mapping[str, Mapping[str, float]], marked: Iterable[tuple[str, str]],
-          extra: Sequence[tuple[str, Mapping[str, str]]] = (), width: int | None = None,
-          ) -> list[str]:
-    """The lines of one table: a row per layer (``extra``: text columns after the layer, as
-    (title, layer -> text)), a column per stat, ``!`` on the ``marked`` (layer, stat) cells.
-    ``width`` limits the layer column (names cut at the front with ``…``) so that the stat
-    columns fit."""
-    marks = set(marked)
-    names = [printable(la) for la in layers]
-    label_w = max([5] + [len(n) for n in names])
-    fixed = sum(max([len(t)] + [len(printable(m.get(la, ""))) for la in layers]) + GAP
-                for t, m in extra) + sum(_col_w(s) + GAP for s in stats)
-    if width is not None and label_w + fixed > width:
-        label_w = max(LABEL_MIN, width - fixed)
-    heads = [("", "layer"), *(("", t) for t, _ in extra), *(_head(s) for s in stats)]
-    rows = []
-    for la, name in zip(layers, names):
-        row = [cut(name, label_w), *(printable(m.get(la, "")) for _, m in extra)]
-        for s in stats:
-            v = values.get(la, {}).get(s)
-            row.append(cell(v) + (MARK if (la, s) in marks else ""))
-        rows.append(row)
-    n_text = 1 + len(extra)
-    widths = [max([len(h[0]), len(h[1])] + [len(r[i]) for r in rows])
-              for i, h in enumerate(heads)]
-
-    def line(cells: Sequence[str]) -> str:
-        return (" " * GAP).join(c.ljust(w) if i < n_text else c.rjust(w)
-                                for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    out = []
-    if any(h[0] for h in heads):
-        out.append(line([h[0] for h in heads]))
-    out.append(line([h[1] for h in heads]))
-    out.append((" " * GAP).join("─" * w for w in widths))
-    out.extend(line(r) for r in rows)
-    return out
-
-
-def notes(stats: Sequence[str], marked: Iterable[tuple[str, str]], hidden: Sequence[str],
-          width: int | None) -> list[str]:
-    """The lines under a table: the mark's meaning (when a cell is marked), the saturation
-    condition (when act_sat_frac is marked), the stats left out for width."""
-    marks = set(marked)
-    out = []
-    if marks:
-        out.append(MARKS)
-    if any(s == "act_sat_frac" for _, s in marks) and "act_sat_frac" in stats:
-        out.append(SATURATION)
-    if hidden:
-        out.append(f"not shown for width: {', '.join(hidden)} (--stats all, --json or a wider "
-                   "terminal show them)")
-    if width is None:
-        return out
-    return [w for line in out for w in wrap(line, width)]
-
-
-def wrap(text: str, width: int) -> list[str]:
-    """Lines of at most ``width`` (a name longer than that stays whole), broken at spaces."""
-    return textwrap.wrap(text, width, subsequent_indent="  ", break_on_hyphens=False,
-                         break_long_words=False)
 
 
 # -- gradwatch report ----------------------------------------------------------------------------

@@ -11,8 +11,7 @@ from html import escape
 from typing import TYPE_CHECKING, Sequence
 
 from gradwatch.alerts import Alert
-from gradwatch.sinks.console import COLUMNS, NOTHING, _cell
-from gradwatch.textreport import MARK, MARKS, SATURATION
+from gradwatch.sinks.console import COLUMNS, MARK, MARKS, NOTHING, SATURATION, _cell
 
 if TYPE_CHECKING:
     from gradwatch.snapshot import Snapshot
