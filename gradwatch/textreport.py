@@ -73,31 +73,42 @@ def run_lines(run: RunData, stats: Sequence[str] | None, width: int | None) -> l
     values = {la: {s: v for s, (_step, v) in by.items()} for la, by in latest.items()}
     out = [f"run {printable(run.name)} · step {run.last_step}", ""]
     out += table(run.layers, shown, values, marked, width=width)
-    out.append("")
-    out += notes(shown, [m for m in marked if m[1] in shown], hidden, width)
-    out.append("")
+    below = notes(shown, [m for m in marked if m[1] in shown], hidden, width)
+    out += ["", *below, ""] if below else [""]
     if not run.alerts:
         out.append(f"no alerts in {printable(run.name)}")
         return out
     out.append(f"alerts in {printable(run.name)}: {len(run.alerts)}")
+    out += alert_rows(run.alerts, width)
+    out += hints(run.alerts, width)
+    return out
+
+
+def alert_rows(alerts: Sequence[Alert], width: int | None) -> list[str]:
+    """The alerts as a table (layer names cut at the front to fit ``width``); in a terminal
+    too narrow even for that, two lines an alert: its numbers, then its layer."""
     cols = ("step", "layer", "kind", "stat", "value", "threshold", "cause")
     rows = [[str(a.step), printable(a.layer), a.kind, a.stat, fmt(a.value), fmt(a.threshold),
-             a.cause] for a in run.alerts]
+             a.cause] for a in alerts]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(cols)]
     over = sum(widths) + GAP * (len(cols) - 1) - (width or 0)
     if width and over > 0 and widths[1] > LABEL_MIN:  # cut the layer names at the front
         widths[1] = max(LABEL_MIN, widths[1] - over)
         for r in rows:
             r[1] = cut(r[1], widths[1])
+    if width and sum(widths) + GAP * (len(cols) - 1) > width:
+        step_w = widths[0]
+        return [line for a, r in zip(alerts, rows) for line in (
+            f"{r[0]:>{step_w}}  {a.kind}  {a.stat}  {r[4]} (threshold {r[5]})  {a.cause}",
+            " " * (step_w + GAP) + cut(printable(a.layer), max(8, width - step_w - GAP)))
+        ] + [""]
     right = {0, 4, 5}
 
     def line(cells: Sequence[str]) -> str:
         return (" " * GAP).join(c.rjust(w) if i in right else c.ljust(w)
                                 for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-    out += [line(cols), (" " * GAP).join("─" * w for w in widths), *map(line, rows), ""]
-    out += hints(run.alerts, width)
-    return out
+    return [line(cols), (" " * GAP).join("─" * w for w in widths), *map(line, rows), ""]
 
 
 def report_text(runs: Sequence[RunData], stats: Sequence[str] | None = None,

@@ -169,18 +169,20 @@ def _saturated_log(logdir, layers=24):
     return names
 
 
-@pytest.mark.parametrize("columns", [80, 120])
+@pytest.mark.parametrize("columns", [64, 80, 120])
 def test_narrow_terminal_never_drops_the_alerted_stat(tmp_path, capsys, monkeypatch, columns):
     names = _saturated_log(str(tmp_path / "tanh"))
     monkeypatch.setenv("COLUMNS", str(columns))
     assert main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    stats, _ = _tables(out)
+    stats = _tables(out)[0]
     assert len(stats[0]) < 13  # some stats left out for width ...
     last = stats[-1]
     assert last[0].endswith(names[-1][-10:]) and "0.5!" in last  # ... never the alerted one
     assert "act_sat_frac is flagged only when units also sit at a bound" in " ".join(out.split())
     assert max(len(line) for line in out.splitlines()) <= columns
+    # the alert too: a row of the alert table, or (narrower) its numbers then its layer
+    assert "10  saturated  act_sat_frac" in out and names[-1] in out
 
 
 def test_unknown_stats_are_an_error_listing_the_valid_names(written, capsys):
