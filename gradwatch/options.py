@@ -47,6 +47,8 @@ def open_writer(logdir: str | os.PathLike[str] | None) -> Any:
         raise ImportError("gradwatch needs tensorboard: pip install tensorboard") from e
     if logdir is not None:
         path = os.fspath(logdir)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"logdir {path!r} is a file: give a directory for the runs")
         try:
             os.makedirs(path, exist_ok=True)
             probe = os.path.join(path, ".gradwatch-write-test")

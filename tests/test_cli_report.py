@@ -205,6 +205,12 @@ def test_a_logdir_that_is_a_file_says_so(tmp_path, capsys):
     for cmd in (["report", str(f)], ["plot", str(f)], ["demo", "--logdir", str(f)]):
         assert main(cmd) == 2
         assert f"gradwatch: error: logdir {str(f)!r} is a file" in capsys.readouterr().err
+    import torch
+
+    import gradwatch
+
+    with pytest.raises(ValueError, match=re.escape(f"logdir {str(f)!r} is a file")):
+        gradwatch.watch(torch.nn.Linear(2, 2), logdir=f)
 
 
 def test_report_needs_no_extra_install(written):
