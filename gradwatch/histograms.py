@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradwatch.hostcopy import HostCopy
+
 LO_EXP, HI_EXP, PER_DECADE = -12, 6, 4
 HALF = (HI_EXP - LO_EXP) * PER_DECADE  # log bins on each side of zero
 NBINS = 2 * HALF + 1
@@ -104,7 +106,6 @@ class DeviceHistograms:
 
     def take(self) -> Any:
         """Start the one host copy of the window's counts and reset (training thread)."""
-        from gradwatch.snapshot import HostCopy
 
         copy = HostCopy(self.buf)
         self.buf.zero_()

@@ -23,14 +23,15 @@ from torch import Tensor
 from gradwatch import origin as O
 from gradwatch.buffers import ParamStepStats
 from gradwatch.distributed import local
-from gradwatch.flags import Flags
-from gradwatch.snapshot import HostCopy
+from gradwatch.flags import HostFlags
+from gradwatch.hostcopy import HostCopy
 from gradwatch.trace import Record
 
 
 @dataclass
-class Meta:
-    """The host half of a step's payload."""
+class PayloadRecord:
+    """The host half of a step's non-finite payload: the trace record the device rows
+    belong to, and how the rows were laid out."""
 
     rec: Record
     present: tuple[int, ...]  # tracker-trainable indices with a gradient
@@ -126,8 +127,8 @@ class NonFiniteTracker:
         return parts, (present, shadow)
 
     # -- when the flags reach the host ----------------------------------------------------------
-    def read(self, item: Flags) -> list[Found]:
-        """Alerts-to-be for one step's flags (``item.meta``: its ``Meta``)."""
+    def read(self, item: HostFlags) -> list[Found]:
+        """Alerts-to-be for one step's flags (``item.meta``: its ``PayloadRecord``)."""
         out: list[Found] = []
         meta = item.meta
         if item.trace is None or meta is None:

@@ -20,17 +20,19 @@ SAMPLED_PER_WINDOW = 10
 
 
 class Sampler:
-    """``full(window_step)`` says whether a step collects the full stat set;
-    ``new_window`` is called at every flush."""
+    """``full(window_step)`` says whether a step is sampled (collects the full stat set);
+    ``new_window`` is called at every flush. ``period``: the steps between two sampled
+    steps in the current window; ``later_period``: the same after the first window."""
 
     def __init__(self, every: int, sample_every: int | None) -> None:
-        self.later = max(1, every // SAMPLED_PER_WINDOW) if sample_every is None else sample_every
-        self.k = 1 if sample_every is None else sample_every
+        self.later_period = (max(1, every // SAMPLED_PER_WINDOW) if sample_every is None
+                             else sample_every)
+        self.period = 1 if sample_every is None else sample_every
 
     def full(self, window_step: int) -> bool:
         """Whether step ``window_step`` (0-based, within the window) is sampled."""
-        return window_step % self.k == 0
+        return window_step % self.period == 0
 
     def new_window(self) -> None:
         """A window was flushed: ``"auto"`` leaves the dense first window."""
-        self.k = self.later
+        self.period = self.later_period

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
+from gradwatch.handles import Inert
+
 #: ``torch.sum(x, DIMS[x.ndim], ..., out=row)`` reduces every dim into a 0-d row
 DIMS: tuple[tuple[int, ...], ...] = tuple(tuple(range(n)) for n in range(33))
 #: Entries kept per record before a long stretch of forward calls without a step (an
@@ -108,9 +110,7 @@ class _GradHook:
         return None
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
-        from gradwatch.hooks import _Inert
-
-        return (_Inert, ())
+        return (Inert, ())
 
 
 def _version(t: Tensor) -> int:
@@ -327,9 +327,7 @@ class _ModuleGradHook:
         return None
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
-        from gradwatch.hooks import _Inert
-
-        return (_Inert, ())
+        return (Inert, ())
 
 
 class ModuleFlags:
