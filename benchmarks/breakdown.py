@@ -75,22 +75,21 @@ ORDER = ("hook call", "forward hook", "non-finite trace", "output-gradient hook"
 def _switch_off(*parts: str) -> Callable[[Any], None]:
     def switch(w: Any) -> None:
         for p in parts:
-            if p == "params":  # the watcher's own switches after an internal failure
-                w._off.update({"grad", "weight", "before", "update"})
-            elif p == "trace":  # the non-finite trace of every module
-                w._collector.trace.on = False
-            else:  # "act_on" / "grad_on": the collector's forward / output-gradient parts
-                setattr(w._collector, p, False)
+            # the parts as the fault guard switches them off after an internal failure
+            if p == "params":  # the parameter reads
+                w._parts.guard.off.update({"grad", "weight", "before", "update"})
+            else:  # "trace", "act" (forward statistics), "out_grad" (output gradients)
+                w._parts.guard.off.add(p)
     return switch
 
 
 # the parts whose cost is taken by subtraction (each switched off alone, then all)
 SWITCHES: dict[str, Callable[[Any], None]] = {
     "non-finite trace": _switch_off("trace"),
-    "forward statistics": _switch_off("act_on"),
-    "output-gradient hooks": _switch_off("grad_on"),
+    "forward statistics": _switch_off("act"),
+    "output-gradient hooks": _switch_off("out_grad"),
     "parameter statistics": _switch_off("params"),
-    "all four": _switch_off("trace", "act_on", "grad_on", "params"),
+    "all four": _switch_off("trace", "act", "out_grad", "params"),
 }
 EVERY = 100  # the default window, for the flush per step
 

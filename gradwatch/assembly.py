@@ -83,7 +83,7 @@ class Parts:
         self.map = ModelMap.build(mods, hooked)
         c.trace = StepTrace(device, [passes_finite(m) for _, m in mods],
                             [bool(getattr(m, "inplace", False)) for _, m in mods], hooked,
-                            c.fault)
+                            self.guard)
         self.handles.adopt("trace", c.trace.handles)
         c.mflags = ModuleFlags(len(mods), device, hooked, self.map.children_first())
         self.inbox = AlertInbox(cfg.on_alert, max_alerts, is_writer_rank())
@@ -95,7 +95,7 @@ class Parts:
             self.sink = (TensorBoardSink(writer, owns=False) if writer is not None
                          else TensorBoardSink(open_writer(logdir), owns=True))
         # histograms are binned on the hot path; the pictures sink writes what it is handed
-        hist = (DeviceHistograms(L, device, c.fault)
+        hist = (DeviceHistograms(L, device, self.guard)
                 if cfg.histograms and self.sink is not None else None)
         c.hist = hist
         self.pictures = Pictures.create(self.sink, hist, cfg.images)

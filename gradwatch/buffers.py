@@ -236,10 +236,6 @@ class WindowBuffers:
         row[ST_STUCK].add_(stuck)
         row[ST_UNITS].add_(units)
 
-    def add_nonfinite(self, slots: Tensor, flags: Tensor) -> None:
-        """Compiled code: per-layer non-finite output flags of a light step."""
-        self.stage[:, ST_NF].index_add_(0, slots, flags)
-
     def add_out_grad(self, slot: int, sq: Tensor, numel: int) -> None:
         row = self.stage[slot]
         row[ST_GN].add_(numel)

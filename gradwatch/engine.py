@@ -179,7 +179,7 @@ class StepEngine:
             if world_size() > 1:
                 self.buffers.reduce_across_ranks()
             copy = HostCopy(self.buffers.finalize())
-            hist = (self.hist.take() if self.hist is not None and self.hist.on else None)
+            hist = self.hist.take() if self.hist is not None and self.hist.on else None
         except Exception as e:
             self.guard.fail("flush", "flush", "*", e)
             return

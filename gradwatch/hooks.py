@@ -131,7 +131,7 @@ class Collector:
     def on_call(self, m: int, slot: int, args: Any, kwargs: Any, output: Any) -> None:
         """Every module call: the non-finite trace, then the statistics of a watched one."""
         tr = self.trace
-        if tr is not None and tr.on:
+        if tr is not None and "trace" not in self.off:
             try:
                 if torch.compiler.is_compiling():
                     if self.mflags is not None:
@@ -143,8 +143,7 @@ class Collector:
                         if done is not None:
                             done()
             except Exception as e:
-                tr.on = False
-                self.fault("non-finite trace", "*", e)
+                self.guard.fail("trace", "non-finite trace", "*", e)
         # a light step needs a watched module only for the order of its first call
         if slot >= 0 and (self.full or not self.called[slot]) and not (
                 "act" in self.off and "out_grad" in self.off):
@@ -292,9 +291,8 @@ class Collector:
     def close(self) -> None:
         """The watcher closes: every hook turns inert (their handles are removed by the
         watcher's ``HandleRegistry``), the trace forgets its record."""
-        self.off.update(("act", "out_grad"))
+        self.off.update(("act", "out_grad", "trace"))
         if self.trace is not None:
-            self.trace.on = False
             self.trace.remove()
         self.end_step()
 

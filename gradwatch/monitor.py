@@ -70,7 +70,7 @@ class StepMonitor:
         rows: list[torch.Tensor] = []
         mf = c.mflags
         order = None
-        if tr is not None and tr.on and self.trace_step != step:
+        if tr is not None and "trace" not in self.guard.off and self.trace_step != step:
             self.trace_step = step
             rec, fv, gv = tr.take()
             rows = [fv, gv]

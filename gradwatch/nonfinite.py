@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -21,11 +21,15 @@ import torch.nn as nn
 from torch import Tensor
 
 from gradwatch import origin as O
+from gradwatch import stats as S
 from gradwatch.buffers import ParamStepStats
 from gradwatch.distributed import local
 from gradwatch.flags import HostFlags
 from gradwatch.hostcopy import HostCopy
 from gradwatch.trace import Record
+
+if TYPE_CHECKING:
+    from gradwatch.params import ParamTracker
 
 
 @dataclass
@@ -60,12 +64,13 @@ class Found:
 class NonFiniteTracker:
     """Host-side state of the non-finite origin for one watcher.
 
-    ``mods``: every module (``named_modules()`` order, root first); ``owners``: the
-    (parameter, slot) pairs of the watched layers (``selection.assign_params``); ``chosen``:
-    the watched (name, module) pairs; ``tracker``: the watcher's ``ParamTracker``."""
+    ``mm``: the model's module map (``origin.ModelMap``); ``mods``: every module
+    (``named_modules()`` order, root first); ``chosen``: the watched (name, module) pairs;
+    ``tracker``: the watcher's ``params.ParamTracker`` (its trainable parameters are the
+    watched layers' own)."""
 
     def __init__(self, mm: O.ModelMap, mods: Sequence[tuple[str, nn.Module]],
-                 chosen: Sequence[tuple[str, nn.Module]], tracker: Any) -> None:
+                 chosen: Sequence[tuple[str, nn.Module]], tracker: ParamTracker) -> None:
         self.mm = mm
         index = {id(m): i for i, (_, m) in enumerate(mods)}
         self.slot_module = [index[id(m)] for _, m in chosen]
@@ -110,8 +115,6 @@ class NonFiniteTracker:
         then shadow), then with ``param_sums`` an fp32 sum of every parameter
         (``all_params``: their values as the forward used them, when taken before the
         update); and which parameters those norms are of."""
-        from gradwatch import stats as S
-
         parts = list(rows)
         present: tuple[int, ...] = ()
         if grads is not None and grads.norms is not None:

@@ -316,6 +316,29 @@ class Stepping:
             return False
         return True
 
+    def step_by_hand(self, w: StepEngine) -> None:
+        """``watcher.step()``: end the step in progress (unless it only confirms the step
+        the found driver just ended, or the watcher is closed)."""
+        if w.closed or not self.manual_step(w):
+            return
+        early = self.take_early_grads(w)
+        if w.amp is not None and w.amp.take_pending_skip():
+            w.end_step(skipped=True)
+            return
+        if not early:  # else: read at an optimizer step of this step, still current
+            w.read_grads(None, merge=False)
+        w.end_step()
+
+    def commit_unstepped(self, w: StepEngine) -> None:
+        """At close: the model ran forward but no step ever ended. Commit what was
+        collected as one step (it is written as one window) and say how to step."""
+        if w.step or not w.collector.order:
+            return
+        w.read_grads(None, merge=False)
+        w.end_step()
+        warn_usage(self.no_step_message(self.forwards)
+                   + "; what was collected is written as one step", stacklevel=5)
+
     def take_early_grads(self, w: StepEngine) -> bool:
         """At ``watcher.step()``: whether the gradients read at optimizer steps of this step
         stand (no training forward of the model came after them)."""

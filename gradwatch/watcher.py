@@ -26,12 +26,10 @@ from gradwatch import lifetime, shutdown
 from gradwatch.assembly import Parts
 from gradwatch.compiled import forget_compiled_code
 from gradwatch.options import WatchConfig
-from gradwatch.origin import ModelMap
 from gradwatch.selection import select, unwrap
 from gradwatch.sinks.console import report as _report
 from gradwatch.sinks.notebook import html_report
 from gradwatch.snapshot import Snapshot
-from gradwatch.stepping import warn_usage
 from gradwatch.thresholds import Thresholds
 from gradwatch.worker import Worker
 
@@ -161,21 +159,12 @@ class Watcher:
         calls ``opt.step()`` each step is counted once: the first call right after a step
         the found optimizer ended confirms that step. An error when ``watch()`` was given
         an optimizer (that optimizer steps the watcher)."""
-        s, e = self._stepping, self._engine
-        if s.explicit is not None:
+        if self._stepping.explicit is not None:
             raise RuntimeError(
                 "step() must not be called when watch() was given an optimizer: the watcher "
                 "steps itself after every optimizer.step()"
             )
-        if e.closed or not s.manual_step(e):
-            return
-        early = s.take_early_grads(e)
-        if e.amp is not None and e.amp.take_pending_skip():
-            e.end_step(skipped=True)
-            return
-        if not early:  # else: read at an optimizer step of this step, still current
-            e.read_grads(None, merge=False)
-        e.end_step()
+        self._stepping.step_by_hand(self._engine)
 
     def flush(self) -> Snapshot | None:
         """Aggregate the current window now, run the rules, write; return the Snapshot.
@@ -205,8 +194,8 @@ class Watcher:
         if e.closed:
             return
         raised: A.GradientAlertError | None = None
-        try:
-            self._commit_unstepped()
+        try:  # the model ran forward but no step ever ended: written as one step
+            self._stepping.commit_unstepped(e)
         except A.GradientAlertError as exc:  # on_alert="raise": close first, then raise
             raised = exc
         e.closed = True
@@ -229,16 +218,6 @@ class Watcher:
         if raised is not None:
             raise raised
         e.deliver()
-
-    def _commit_unstepped(self) -> None:
-        """At close: the model ran forward but no step ever ended. Commit what was
-        collected as one step (it is written as one window) and say how to step."""
-        if self._engine.step or not self._collector.order:
-            return
-        self._engine.read_grads(None, merge=False)
-        self._engine.end_step()
-        warn_usage(self._stepping.no_step_message(self._stepping.forwards)
-                   + "; what was collected is written as one step", stacklevel=5)
 
     def _types(self) -> dict[str, str]:
         """Module type per watched layer (read now: lazy modules change theirs)."""
@@ -296,26 +275,12 @@ class Watcher:
         return (f"Watcher({len(self._infos)} layers, step={self._step}, every={self.every}, "
                 f"{'closed' if self._closed else 'open'})")
 
-    # -- the parts' state, read by name -----------------------------------------------------
-    @property
-    def _closed(self) -> bool:
-        return self._engine.closed
-
-    @property
-    def _step(self) -> int:
-        return self._engine.step
-
-    @property
-    def _window_steps(self) -> int:
-        return self._engine.window_steps
-
-    @property
-    def _amp_skipped(self) -> int:
-        return self._engine.amp_skipped
-
-    @property
-    def _map(self) -> ModelMap:
-        return self._parts.map
+    # -- the parts' state, read by name ---------------------------------------------------------
+    _closed = property(lambda self: self._engine.closed)
+    _step = property(lambda self: self._engine.step)
+    _window_steps = property(lambda self: self._engine.window_steps)
+    _amp_skipped = property(lambda self: self._engine.amp_skipped)
+    _map = property(lambda self: self._parts.map)
 
 def watch(model: nn.Module, **kwargs: Any) -> Watcher:
     """Attach gradwatch to ``model``; see ``Watcher`` and the README for the arguments.
