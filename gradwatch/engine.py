@@ -108,11 +108,11 @@ class StepEngine:
                                 self.collector.full, self.step + 1, before_update=True)
 
     def end_step(self, skipped: bool = False) -> None:
-        full = self.collector.full and not skipped
+        sampled = self.collector.full and not skipped
         grads, self.pending_grads = self.pending_grads, None
-        weights = self._params("weight", self.params.weight_norms) if full else None
+        weights = self._params("weight", self.params.weight_norms) if sampled else None
         updates = (self._params("update", self.params.update_ratios)
-                   if full and self.optimizer() is not None else None)
+                   if sampled and self.optimizer() is not None else None)
         if skipped:  # its staged stats see the inf/NaN that made the scaler skip: drop them
             self.collector.discard_batches()
             self.buffers.discard_step()
@@ -130,7 +130,7 @@ class StepEngine:
         if self.window_steps >= self.every:
             self.launch_flush()
         # sampled steps are aligned on the window: its first step, then one in k
-        self.collector.full = self.sampler.full(self.window_steps)
+        self.collector.full = self.sampler.sampled(self.window_steps)
         self.deliver()
 
     def _commit(self, grads: Any, weights: Any, updates: Any) -> None:
@@ -138,11 +138,12 @@ class StepEngine:
             if "commit" in self.guard.off:  # switched off: drop the staged step
                 self.buffers.discard_step()
                 return
-            full = self.collector.full
-            if full:
+            sampled = self.collector.full
+            if sampled:
                 self.collector.flush_batches()
-            self.monitor.send(self.buffers.step_flags(grads, full), grads, full, self.step + 1)
-            self.buffers.commit_step(grads, weights, updates, full)
+            self.monitor.send(self.buffers.step_flags(grads, sampled), grads, sampled,
+                              self.step + 1)
+            self.buffers.commit_step(grads, weights, updates, sampled)
         except Exception as e:
             self.guard.fail("commit", "step commit", "*", e)
 

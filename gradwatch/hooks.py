@@ -104,7 +104,8 @@ class Collector:
         self.buffers = buffers
         self.layers = layers
         self.margin = margin
-        self.full = True  # this step collects the full stat set (a sampled step)
+        # this step is sampled (collects the full stat set); else a light step
+        self.full = True
         # elements read for the counts of a large output (None: every element)
         self.sample: int | None = S.SAMPLE_SIZE
         self.phase = 0  # start offset of the element sample, rotated every step
@@ -251,7 +252,7 @@ class Collector:
 
     # -- backward ---------------------------------------------------------------------------
     def on_out_grad(self, slot: int, grad: Tensor) -> None:
-        # registered on full steps only (a light step checks outputs and parameter gradients)
+        # registered on sampled steps only (a light step checks outputs and parameter gradients)
         try:
             if torch.compiler.is_compiling():
                 self.buffers.add_out_grad(slot, S.grad_sq_sum(grad), grad.numel())

@@ -58,7 +58,7 @@ class StepMonitor:
         self.rules.per_step_nonfinite = False  # the window names it from now on
         self.guard.fail("flags", "non-finite flags", "*", e)
 
-    def send(self, flags: torch.Tensor, grads: Any, full: bool, step: int,
+    def send(self, flags: torch.Tensor, grads: Any, sampled: bool, step: int,
              before_update: bool = False) -> None:
         """The step's flags, with its non-finite trace unless taken already, to the host:
         on CUDA device ops and a non-blocking copy (``flags.FlagsToHost``), read a step or
@@ -88,7 +88,7 @@ class StepMonitor:
         # push that took this step's trace at the optimizer's pre-step has counted already
         if rec is not None or (not cpu and self.trace_step != step):
             parts, (present, shadow) = self.tracker.payload(rows, grads, param_sums=sums)
-        meta = (PayloadRecord(rec, present, shadow, full, before_update, sums, order)
+        meta = (PayloadRecord(rec, present, shadow, sampled, before_update, sums, order)
                 if rec is not None else None)
         if cpu:
             item = self.to_host.read_now(flags, parts, step, meta)
@@ -104,7 +104,7 @@ class StepMonitor:
         head = torch.cat([flags, extra.unsqueeze(0)])
         self.to_host.push(head, step, payload if meta is not None else None, meta)
 
-    def take_trace(self, no_flags: torch.Tensor, grads: Any, full: bool, step: int,
+    def take_trace(self, no_flags: torch.Tensor, grads: Any, sampled: bool, step: int,
                    before_update: bool) -> None:
         """The step's trace to the host now (at the optimizer's pre-step), and on CPU read
         at once: the weights a NaN may come from are still those the forward used."""
@@ -114,7 +114,7 @@ class StepMonitor:
         if tr.empty() and not (mf is not None and mf.ran):
             return  # no forward since the last take (an optimizer stepping after the driver)
         try:
-            self.send(no_flags, grads, full, step, before_update=before_update)
+            self.send(no_flags, grads, sampled, step, before_update=before_update)
         except Exception as e:
             self.guard.fail("commit", "step commit", "*", e)
             return

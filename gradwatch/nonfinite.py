@@ -40,7 +40,7 @@ class PayloadRecord:
     rec: Record
     present: tuple[int, ...]  # tracker-trainable indices with a gradient
     shadow: tuple[int, ...]  # shadow-parameter indices with a gradient
-    full: bool  # a sampled step: watched outputs were counted on the device
+    sampled: bool  # watched outputs were counted on the device
     # when the record was taken: before the optimizer updated the parameters (they are
     # still those the forward used), or after
     before_update: bool = True
@@ -136,7 +136,7 @@ class NonFiniteTracker:
         meta = item.meta
         if item.trace is None or meta is None:
             return out
-        rec, present, shadow, full = meta.rec, meta.present, meta.shadow, meta.full
+        rec, present, shadow, sampled = meta.rec, meta.present, meta.shadow, meta.sampled
         n_rows, n_g = rec.n_rows, rec.n_grads
         tr = item.trace
         fv, gv = tr[:n_rows], tr[n_rows: n_rows + n_g]
@@ -156,7 +156,7 @@ class NonFiniteTracker:
             self.armed = True
         self.last_bad = item.step
         st = O.entry_status(rec, fv)
-        if not full:
+        if not sampled:
             self._count(rec, st)
         if not self.armed:
             return out

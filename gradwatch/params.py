@@ -76,13 +76,13 @@ class ParamTracker:
             self._cache[present] = hit
         return hit
 
-    def grad_stats(self, full: bool = True,
+    def grad_stats(self, sampled: bool = True,
                    only: frozenset[int] | None = None) -> ParamStepStats | None:
         """Per-layer gradient norms, RMS and non-finite flags; the max-abs only when
-        ``full`` (a second pass over every gradient: sampled steps only). ``only``: the
+        ``sampled`` (a second pass over every gradient: sampled steps only). ``only``: the
         indices into ``trainable`` to read (one optimizer's parameters), None: all.
 
-        Non-finite: on full steps from the max-abs, exact (an L2 norm of finite values can
+        Non-finite: on sampled steps from the max-abs, exact (an L2 norm of finite values can
         overflow, |g| ~ 1e19); on light steps from the norm, NaN only: an Inf gradient
         there shows as an infinite ``grad_rms`` (the rules report it as exploding at once).
         """
@@ -98,11 +98,11 @@ class ParamTracker:
             grads = [local(train[k][0].grad) for k in present]  # type: ignore[arg-type]
         idx, numel, has, plan = self._layout(present, grads)  # type: ignore[arg-type]
         # a sampled step also takes the max: one packing serves both
-        packed = plan.pack(grads) if full and plan.groups else grads  # type: ignore[arg-type]
+        packed = plan.pack(grads) if sampled and plan.groups else grads  # type: ignore[arg-type]
         norms = plan.norms(packed)  # type: ignore[arg-type]
         L = self.n_layers
         sq = torch.zeros(L, device=self.device).index_add_(0, idx, norms * norms)
-        if full:
+        if sampled:
             maxes = plan.absmax(packed)  # type: ignore[arg-type]
             gmax: Tensor | None = torch.zeros(L, device=self.device).scatter_reduce_(
                 0, idx, maxes, "amax")

@@ -33,7 +33,7 @@ class Publisher:
         self._rules = rules
         self._sink: Any = sink if is_writer_rank() else None
         self._pictures: Any = pictures if is_writer_rank() else None
-        self._guard_ = guard
+        self._faults = guard
         self.off = guard.off  # "rules", "sink", "pictures": switched off after a failure
         self.inbox = inbox
         self.latest: Snapshot | None = None
@@ -83,7 +83,7 @@ class Publisher:
     def _guard(self, part: str, stage: str, fn: Callable[[], Any]) -> Any:
         """``fn()`` unless ``part`` is off; a failure (e.g. the disk is full) switches it
         off, reported from the training thread."""
-        return self._guard_.run(part, stage, fn, defer=True)
+        return self._faults.run(part, stage, fn, defer=True)
 
     def _process(self, step: int, copy: HostCopy, order: list[int], amp: int,
                  hist: Any, force: bool, host_nf: Any = None) -> None:
@@ -117,4 +117,4 @@ class Publisher:
             self._sink.close()
         except Exception as e:
             if "sink" not in self.off:
-                self._guard_.fail("sink", "TensorBoard sink", "*", e, defer=True)
+                self._faults.fail("sink", "TensorBoard sink", "*", e, defer=True)
