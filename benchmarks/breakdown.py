@@ -18,7 +18,7 @@ D. **Cross-check**: cProfile's functions of gradwatch, and the torch calls made 
    by own time.
 
 The flush is measured apart: one public ``flush()`` every 10 steps, its training-thread part
-(``Watcher._launch_flush``) and the whole call (which waits for the background thread),
+(``StepEngine.launch_flush``) and the whole call (which waits for the background thread),
 per module per step at the default ``every=100``.
 
 ``PARTS`` and ``SWITCHES`` name gradwatch internals: when the hot path changes, adapt those
@@ -58,14 +58,14 @@ PARTS: tuple[tuple[str, str], ...] = (
     ("output-gradient hook", "gradwatch.hooks:OutGradHook.__call__"),
     ("batched statistics", "gradwatch.hooks:Collector.flush_batches"),
     ("batched statistics", "gradwatch.hooks:Collector.flush_outputs"),
-    ("parameter statistics", "gradwatch.watcher:Watcher._params_safe"),
+    ("parameter statistics", "gradwatch.engine:StepEngine._params"),
     ("fold", "gradwatch.buffers:WindowBuffers.fold"),
     ("commit", "gradwatch.buffers:WindowBuffers.commit_step"),
     ("non-finite flags", "gradwatch.buffers:WindowBuffers.step_flags"),
-    ("non-finite flags", "gradwatch.watcher:Watcher._push_flags"),
-    ("non-finite flags", "gradwatch.watcher:Watcher._check_flags"),
+    ("non-finite flags", "gradwatch.monitor:StepMonitor.send"),
+    ("non-finite flags", "gradwatch.monitor:StepMonitor.poll"),
     ("step end, rest", "gradwatch.stepping:_GlobalStepHook.__call__"),
-    ("flush, training thread", "gradwatch.watcher:Watcher._launch_flush"),
+    ("flush, training thread", "gradwatch.engine:StepEngine.launch_flush"),
 )
 ORDER = ("hook call", "forward hook", "non-finite trace", "output-gradient hook",
          "batched statistics", "parameter statistics", "fold", "commit", "non-finite flags",

@@ -86,7 +86,7 @@ class Parts:
                             self.guard)
         self.handles.adopt("trace", c.trace.handles)
         c.mflags = ModuleFlags(len(mods), device, hooked, self.map.children_first())
-        self.inbox = AlertInbox(cfg.on_alert, max_alerts, is_writer_rank())
+        self.inbox = AlertInbox(cfg.on_alert, max_alerts, is_writer_rank)
         self.sink: Any = None
         # distributed: only rank 0 opens a writer, so a run has one event file
         if cfg.tensorboard and is_writer_rank():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 from gradwatch import alerts as A
 
@@ -20,10 +20,10 @@ class AlertInbox:
 
     ``on_alert``: what issuing does (``close`` at exit swaps "raise" for "log")."""
 
-    def __init__(self, on_alert: A.OnAlert, limit: int, writer: bool) -> None:
+    def __init__(self, on_alert: A.OnAlert, limit: int, writer: Callable[[], bool]) -> None:
         self.on_alert = on_alert
         self.limit = limit
-        self._writer = writer  # this rank issues alerts (distributed: rank 0 only)
+        self._writer = writer  # whether this rank issues alerts (distributed: rank 0 only)
         self.pending: collections.deque[A.Alert] = collections.deque()
         self.issued: collections.deque[A.Alert] = collections.deque(maxlen=limit)
         # re-entrant: the SIGTERM handler closes on the training thread, maybe inside it
@@ -37,7 +37,7 @@ class AlertInbox:
     def all(self) -> list[A.Alert]:
         """Every alert so far (the newest ``limit``), the pending ones included."""
         found = list(self.issued)
-        if self._writer:
+        if self._writer():
             with self.lock:
                 found.extend(self.pending)
         return found[-self.limit:]
@@ -59,7 +59,7 @@ class AlertInbox:
         if not self.pending:
             return
         found = self._take()
-        if not self._writer:
+        if not self._writer():
             return
         if not A.one_by_one(self.on_alert):
             self.issued.extend(found)

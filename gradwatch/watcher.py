@@ -200,8 +200,8 @@ class Watcher:
             raised = exc
         e.closed = True
         shutdown.unregister(self)
-        self._collector.close()
         self._handles.remove_all()  # no gradwatch hook is left on the model or in torch
+        self._collector.close()
         lifetime.detach(self._root, self)
         end = None if budget is None else time.monotonic() + budget
 
