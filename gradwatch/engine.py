@@ -96,11 +96,6 @@ class StepEngine:
         if self.amp is not None:
             self.amp.optimizer = opt
 
-    @property
-    def sampled(self) -> bool:
-        """This step collects the full stat set."""
-        return self.collector.full
-
     # -- the step's end ---------------------------------------------------------------------
     def take_trace(self) -> None:
         """At the first optimizer's pre-step: the step's non-finite trace to the host."""
@@ -195,5 +190,6 @@ class StepEngine:
 
     def deliver(self) -> None:
         """Faults and alerts reach the user here, on the training thread."""
-        self.guard.deliver()
+        if self.guard.deferred:
+            self.guard.deliver()
         self.inbox.deliver()

@@ -38,7 +38,7 @@ class _Hook(WeakHook):
     __slots__ = ("slot",)
 
     def __init__(self, collector: Collector, slot: int) -> None:
-        super().__init__(collector)
+        self._ref = weakref.ref(collector)  # made per output tensor: no super() call
         self.slot = slot
 
 

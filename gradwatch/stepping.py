@@ -277,7 +277,7 @@ class Stepping:
                 # the step's forward and backward are done, no weight updated yet: the
                 # moment to read its non-finite trace (the first optimizer of the step)
                 w.take_trace()
-        if w.sampled:  # the weights before the first update of the step
+        if w.collector.full:  # a sampled step: the weights before the first update
             w.copy_before_update(only)
 
     def post(self, opt: Any, args: Any, kwargs: Any) -> None:
