@@ -21,13 +21,13 @@ from gradwatch.alerts import (
 )
 
 if TYPE_CHECKING:
-    from gradwatch.rules import Thresholds
     from gradwatch.snapshot import Snapshot
+    from gradwatch.thresholds import Thresholds
     from gradwatch.watcher import Watcher, unwatch, watch
 
 #: public name -> the module that defines it (imported on first access)
 _LAZY = {
-    "Thresholds": "gradwatch.rules",
+    "Thresholds": "gradwatch.thresholds",
     "Snapshot": "gradwatch.snapshot",
     "Watcher": "gradwatch.watcher",
     "unwatch": "gradwatch.watcher",
