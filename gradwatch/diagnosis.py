@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from gradwatch.alerts import Alert, fmt
 from gradwatch.audit import InitAudit
-from gradwatch.paths import Paths
+from gradwatch.paths import Paths, place_on_graph
 from gradwatch.selection import LayerInfo
 
 Stats = Mapping[str, Mapping[str, float]]
@@ -129,10 +129,14 @@ class Diagnosis:
     def see_order(self, order: Sequence[str]) -> None:
         """The forward order of the watched layers, from a window (background thread)."""
         p = self._paths
-        if self.off or not order or (p.confirmed and list(order) == p.order):
+        graph = self.audit.graph
+        if self.off or not order or (p.confirmed and list(order) == p.order
+                                     and (graph is None or p.on_graph)):
             return
         try:
-            placed = Paths.place(list(order), self.audit, self.info, confirmed=True)
+            placed = place_on_graph(list(order), self.audit, self.info, graph) \
+                if graph is not None else \
+                Paths.place(list(order), self.audit, self.info, confirmed=True)
             with self._lock:
                 self._paths = placed
         except Exception as e:  # noqa: BLE001 - reported, never propagated
@@ -242,17 +246,28 @@ class Diagnosis:
 
     def _vanishing(self, layer: str, stats: Stats, streak: int) -> tuple[str, str] | None:
         s = self._paths.scales.get(layer)
-        if s is None:
-            return None
-        seg = self._paths.segment(s)
-        path = self._paths.path_product(s)
-        if path <= self.limits.init_shrink:
+        seg = self._paths.segment(s) if s is not None else []
+        path = self._paths.path_product(s) if s is not None else 1.0
+        if s is not None and path <= self.limits.init_shrink:
             small = [x for x in seg if x.excess < 1]
             worst = min(small, key=lambda x: x.excess)
             return "init_scale", (
                 f"{worst.describe()}; the {len(small)} weight layers '{small[0].name}' .. "
                 f"'{small[-1].name}' of its path scale the signal by about {fmt(path)}, "
                 f"forward and back: try {worst.remedy()} or a normalization layer")
+        # a normalization downstream divides the gradient by the scale of a signal that
+        # weights too large upstream grew
+        grown = [(n, g) for n, g in self._paths.norms_after(layer)
+                 if g >= self.limits.init_grow]
+        if grown:
+            norm, g = max(grown, key=lambda x: x[1])
+            big = [x for x in self._paths.scales.values() if x.excess > 1]
+            if big:
+                worst = max(big, key=lambda x: x.excess)
+                return "init_scale", (
+                    f"{worst.describe()}; weights too large upstream grow the signal "
+                    f"entering '{norm}' about {fmt(g)}x, and a normalization divides the "
+                    f"gradient it passes back by that scale: try {worst.remedy()}")
         # the gradient dies in a saturated activation above it, saturated by large weights
         at = self._paths.index.get(layer, 0)
         for name in self._paths.order[at + 1:]:

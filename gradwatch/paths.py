@@ -10,12 +10,16 @@ docs/diagnosis.md, "The scale of a path".
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
 
 from gradwatch.alerts import fmt
 from gradwatch.audit import InitAudit, WeightScale
-from gradwatch.selection import LayerInfo
+from gradwatch.selection import ROOT_NAME, LayerInfo
 
 #: The gain range assumed when the activation after a layer is not known (a function call
 #: in ``forward``, an activation without a ``calculate_gain`` entry, or the forward order
@@ -86,6 +90,11 @@ class Paths:
     scales: dict[str, Scale] = field(default_factory=dict)
     index: dict[str, int] = field(default_factory=dict)
     confirmed: bool = False
+    #: from the model's real dataflow (``place_on_graph``): the transforms feeding each
+    #: transform's input, and the scale of the signal entering each normalization layer
+    producers: dict[str, frozenset[str]] = field(default_factory=dict)
+    norm_in: dict[str, float] = field(default_factory=dict)
+    on_graph: bool = False
 
     @classmethod
     def place(cls, order: Sequence[str], audit: InitAudit, info: Mapping[str, LayerInfo],
@@ -120,9 +129,362 @@ class Paths:
         return [x for x in self.scales.values() if x.segment == s.segment]
 
     def before(self, name: str) -> str | None:
-        """The module called just before ``name`` (the one feeding it, in a chain)."""
+        """The module feeding ``name``: from the dataflow where known and unambiguous,
+        else the module called just before it (in a chain, the same)."""
+        fed = self.producers.get(name)
+        if fed is not None and len(fed) == 1:
+            return next(iter(fed))
         i = self.index.get(name)
         return self.order[i - 1] if i else None
 
     def path_product(self, s: Scale) -> float:
+        """The scale of the signal along ``s``'s path: the product of the excesses of its
+        segment in a chain; on the dataflow, the smallest scale reached in the segment
+        (parallel branches are not multiplied, a residual sum keeps the larger term)."""
+        if self.on_graph:
+            return min(x.growth for x in self.segment(s))
         return math.prod(x.excess for x in self.segment(s))
+
+    def norms_after(self, name: str) -> list[tuple[str, float]]:
+        """The normalization layers that the output of ``name`` reaches (through other
+        transforms, not through a normalization), with the scale of the signal entering
+        each: a normalization divides the gradient that it passes back by that scale."""
+        if not self.on_graph:
+            return []
+        users: dict[str, set[str]] = {}
+        for t, fed in self.producers.items():
+            for p in fed:
+                users.setdefault(p, set()).add(t)
+        seen, todo, out = {name}, [name], []
+        while todo:
+            for u in users.get(todo.pop(), ()):
+                if u in seen:
+                    continue
+                seen.add(u)
+                if u in self.norm_in:
+                    out.append((u, self.norm_in[u]))
+                else:
+                    todo.append(u)
+        return out
+
+
+# -- the model's real dataflow ------------------------------------------------------------------
+@dataclass
+class Graph:
+    """The dataflow of one training forward, from its autograd graph: one row per autograd
+    node reached from the modules' outputs (children first): its op name, the rows it reads
+    (only those that carry the signal: parameters and data without a gradient are left
+    out), and, where the node is a module's output, that module (the innermost one) and the
+    rows of that call's inputs. Host data only, read once."""
+
+    ops: list[str] = field(default_factory=list)
+    kids: list[tuple[int, ...]] = field(default_factory=list)
+    owner: dict[int, str] = field(default_factory=dict)
+    inputs: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+
+class _Inert:
+    """What a probe hook becomes in a copy or a pickle of the model: it does nothing."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+class _ProbeHook:
+    """A hook that calls ``StructureProbe.<method>`` through a weak reference (the model
+    does not keep the probe alive) and is inert in a copy or a pickle of the model."""
+
+    __slots__ = ("_probe", "_method", "_name")
+
+    def __init__(self, probe: StructureProbe, method: str, name: str = "") -> None:
+        self._probe = weakref.ref(probe)
+        self._method = method
+        self._name = name
+
+    def __call__(self, *args: Any) -> None:
+        p = self._probe()
+        if p is not None:
+            getattr(p, self._method)(self._name, *args)
+        return None
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return (_Inert, ())
+
+
+class StructureProbe:
+    """Learns ``Graph`` from the first forward of the root run with gradients. The root
+    holds one forward pre-hook and one forward hook while the model is watched (removed
+    with the watcher's hooks, so the model's hooks are the same before and after the first
+    step; after that forward each returns at once); the first forward with gradients puts
+    a forward hook on every module for that one call (each records its call's input and
+    output autograd nodes) and, at its end, the graph is walked back from them once (host
+    only: no tensor is read) and those hooks are removed. ``done(graph)`` receives the
+    result; an internal error goes to ``fault`` and the probe stops (the diagnosis then
+    reads the forward order, as before)."""
+
+    def __init__(self, root: nn.Module, done: Callable[[Graph], None],
+                 fault: Callable[[str, str, BaseException], None] | None = None) -> None:
+        self._done = done
+        self._fault = fault
+        self._root = weakref.ref(root)
+        self._calls: list[tuple[str, tuple[Any, ...], Any]] = []
+        self._inner: list[Any] = []
+        self.finished = False
+        self.handles: list[Any] = [
+            root.register_forward_pre_hook(_ProbeHook(self, "_start")),
+            root.register_forward_hook(_ProbeHook(self, "_end"))]
+
+    def _start(self, _: str, root: nn.Module, args: Any) -> None:
+        if self.finished or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return
+        try:
+            self._clear()
+            for name, m in root.named_modules():
+                if m is root:  # its own hooks were taken for this call already
+                    continue
+                self._inner.append(m.register_forward_hook(
+                    _ProbeHook(self, "_record", name or ROOT_NAME), with_kwargs=True))
+        except Exception as e:  # noqa: BLE001 - reported, never propagated
+            self._failed(e)
+
+    def _record(self, name: str, m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        try:
+            outs = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None]
+            ins = tuple(t.grad_fn for t in _tensors((args, kwargs)) if t.grad_fn is not None)
+            self._calls.extend((name, ins, o) for o in outs)
+        except Exception as e:  # noqa: BLE001 - reported, never propagated
+            self._failed(e)
+
+    def _end(self, _: str, root: nn.Module, args: Any, out: Any) -> None:
+        if not self._inner:
+            return
+        try:
+            calls = self._calls
+            self._stop()
+            self._done(_walk(calls))
+        except Exception as e:  # noqa: BLE001 - reported, never propagated
+            self._failed(e)
+
+    def _failed(self, e: BaseException) -> None:
+        self._stop()
+        if self._fault is not None:
+            self._fault("model structure (alert causes)", "*", e)
+
+    def _clear(self) -> None:
+        for h in self._inner:
+            h.remove()
+        self._inner, self._calls = [], []
+
+    def _stop(self) -> None:
+        self.finished = True
+        self._clear()
+
+    def remove(self) -> None:
+        """Remove every hook of the probe (idempotent)."""
+        self._stop()
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _tensors(x: Any, depth: int = 0) -> list[torch.Tensor]:
+    """The floating-point tensors in a module's arguments or output (nested containers,
+    a few levels deep; a Hugging Face ``ModelOutput`` is a dict)."""
+    if isinstance(x, torch.Tensor):
+        return [x] if x.is_floating_point() else []
+    if depth > 3:
+        return []
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in _tensors(v, depth + 1)]
+    if isinstance(x, dict):
+        return [t for v in x.values() for t in _tensors(v, depth + 1)]
+    return []
+
+
+def _walk(calls: Sequence[tuple[str, tuple[Any, ...], Any]]) -> Graph:
+    """The rows of ``Graph`` from the recorded calls: an iterative walk of the autograd
+    graph back from every call's output and inputs (children first)."""
+    g = Graph()
+    row: dict[Any, int | None] = {}
+    owner: dict[Any, tuple[str, tuple[Any, ...]]] = {}
+    for name, ins, out in calls:
+        if out in ins:  # an in-place module (ReLU(inplace=True)): its input was overwritten
+            ins = tuple(n for n, _ in getattr(out, "next_functions", ()) if n is not None)
+        owner.setdefault(out, (name, ins))  # children finish first: the innermost wins
+    starts = [o for _, _, o in calls] + [n for _, ins, _ in calls for n in ins]
+    for start in starts:
+        stack: list[tuple[Any, bool]] = [(start, False)]
+        while stack:
+            node, ready = stack.pop()
+            if node in row and not ready:
+                continue
+            nexts = [n for n, _ in getattr(node, "next_functions", ()) if n is not None]
+            if not ready:
+                row[node] = None  # in progress (an autograd graph has no cycle)
+                stack.append((node, True))
+                stack.extend((n, False) for n in nexts if n not in row)
+                continue
+            op = type(node).__name__
+            if op == "AccumulateGrad":
+                continue  # a parameter or a leaf that requires grad: not the signal
+            kids = tuple(dict.fromkeys(r for n in nexts if (r := row.get(n)) is not None))
+            row[node] = len(g.ops)
+            g.ops.append(op)
+            g.kids.append(kids)
+    for node, (name, ins) in owner.items():
+        r = row.get(node)
+        if r is not None:
+            g.owner[r] = name
+            g.inputs[r] = tuple(i for n in ins if (i := row.get(n)) is not None)
+    return g
+
+
+_ADD = ("AddBackward", "SubBackward")
+#: ops whose output is bounded whatever their input's scale (``tanh`` inside a GELU, the
+#: gate of a GLU): they cap the scale at 1
+_BOUNDED = ("Tanh", "Sigmoid", "Erf", "Clamp", "Hardtanh", "Hardsigmoid")
+_MUL = ("MulBackward", "BmmBackward", "MmBackward", "MatmulBackward", "BaddbmmBackward",
+        "AddmmBackward", "UnsafeViewBackward_mm")
+
+
+def _combine(op: str, vals: Sequence[float]) -> float:
+    """The scale of an autograd node's output from its signal inputs' scales."""
+    if any(b in op for b in _BOUNDED):
+        return min(max(vals), 1.0)
+    if op.startswith(_MUL) and len(vals) >= 2:
+        return math.prod(vals)
+    return max(vals)  # a sum, a concatenation, a view, an elementwise function
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.up: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.up.setdefault(x, x)
+        while self.up[x] != x:
+            self.up[x] = self.up[self.up[x]]
+            x = self.up[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        self.up[self.find(a)] = self.find(b)
+
+
+def place_on_graph(order: Sequence[str], audit: InitAudit, info: Mapping[str, LayerInfo],
+                   graph: Graph) -> Paths:
+    """``Paths`` from the model's real dataflow: the scale of the signal is followed
+    through the autograd graph of one forward. A weight layer multiplies it by its excess;
+    a normalization sets it to its own scale; a softmax, a recurrent layer or any other
+    layer with parameters starts it over at 1; a bounded activation caps it at 1; a
+    residual sum takes the larger of its terms (the sum carries the signal around a
+    branch that shrinks it); a product of two signals multiplies them; parallel branches
+    (q, k, v) each start from their common input, never from each other. Layers belong to
+    one segment when one feeds the other without a reset between them."""
+    transform = set(audit.scales) | set(audit.embeddings) | set(audit.norms) | \
+        set(audit.gains) | set(audit.gains_of) | \
+        {n for n, li in info.items() if li.bounds is not None or li.has_params}
+    n = len(graph.ops)
+    val: list[float] = [1.0] * n
+    feeds: list[frozenset[str]] = [frozenset()] * n  # the transforms each row comes from
+    seg_of: list[frozenset[str]] = [frozenset()] * n  # audited layers joined to each row
+    uf = _UnionFind()
+    producers: dict[str, set[str]] = {}
+    norm_in: dict[str, float] = {}
+    pending: list[tuple[str, int]] = []  # (audited layer, its row): excess needs its gain
+    for r in range(n):
+        name = graph.owner.get(r)
+        kids = graph.kids[r]
+        if name is not None and name in transform:
+            ins = graph.inputs.get(r, ())
+            g_in = max((val[i] for i in ins), default=1.0)
+            producers.setdefault(name, set()).update(*(feeds[i] for i in ins))
+            joined = frozenset().union(*(seg_of[i] for i in ins))
+            li = info.get(name)
+            if name in audit.scales:
+                pending.append((name, r))
+                val[r] = g_in  # times its excess, once its activation is known
+                for other in joined:
+                    uf.union(name, other)
+                seg_of[r] = frozenset({name})
+            elif name in audit.norms:
+                norm_in[name] = max(norm_in.get(name, 0.0), g_in)
+                val[r] = audit.norm_scales.get(name, 1.0)
+            elif name in audit.embeddings:
+                val[r] = max(audit.embeddings[name], 1.0)
+            elif li is not None and li.bounds is not None:
+                val[r], seg_of[r] = min(g_in, 1.0), joined
+            elif name in audit.gains_of:
+                val[r], seg_of[r] = g_in, joined
+            else:  # recurrent or any other layer with parameters: starts over
+                val[r] = 1.0
+            feeds[r] = frozenset({name})
+            continue
+        op = graph.ops[r]
+        if not kids:
+            continue
+        feeds[r] = frozenset().union(*(feeds[k] for k in kids))
+        if "Softmax" in op or "Norm" in op:
+            val[r] = 1.0
+            continue
+        seg_of[r] = frozenset().union(*(seg_of[k] for k in kids))
+        val[r] = _combine(op, [val[k] for k in kids])
+    # the activation after each audited layer: an activation module it feeds
+    after: dict[str, str] = {}
+    for act in audit.gains_of:
+        for p in producers.get(act, ()):
+            after.setdefault(p, act)
+    # second pass with the excesses known: a layer's own excess scales its output and
+    # everything computed from it; one evaluation again, now with the excesses in place
+    excess_of: dict[str, tuple[float, str | None]] = {}
+    for name, _ in pending:
+        act_name = after.get(name)
+        gain = audit.gains_of.get(act_name) if act_name is not None else None
+        excess_of[name] = (excess(audit.scales[name], gain[1] if gain else None), act_name)
+    val = [1.0] * n
+    norm_in = {}
+    growth: dict[str, float] = {}
+    for r in range(n):
+        name = graph.owner.get(r)
+        kids = graph.kids[r]
+        if name is not None and name in transform:
+            ins = graph.inputs.get(r, ())
+            g_in = max((val[i] for i in ins), default=1.0)
+            li = info.get(name)
+            if name in excess_of:
+                val[r] = g_in * excess_of[name][0]
+                growth[name] = max(growth.get(name, 0.0), val[r])
+            elif name in audit.norms:
+                norm_in[name] = max(norm_in.get(name, 0.0), g_in)
+                val[r] = audit.norm_scales.get(name, 1.0)
+            elif name in audit.embeddings:
+                val[r] = max(audit.embeddings[name], 1.0)
+            elif li is not None and li.bounds is not None:
+                val[r] = min(g_in, 1.0)
+            elif name in audit.gains_of:
+                val[r] = g_in
+            else:
+                val[r] = 1.0
+            continue
+        op = graph.ops[r]
+        if not kids:
+            continue
+        if "Softmax" in op or "Norm" in op:
+            val[r] = 1.0
+        else:
+            val[r] = _combine(op, [val[k] for k in kids])
+    roots = {name: uf.find(name) for name in excess_of}
+    seg_ids = {root: i for i, root in enumerate(dict.fromkeys(roots.values()))}
+    scales: dict[str, Scale] = {}
+    for name in [x for x in order if x in excess_of] + [x for x in excess_of if x not in order]:
+        ex, act_name = excess_of[name]
+        gain = audit.gains_of.get(act_name) if act_name is not None else None
+        li = info.get(act_name) if act_name is not None else None
+        scales[name] = Scale(name, audit.scales[name], li.type_name if gain and li else None,
+                             gain[0] if gain else None, gain[1] if gain else None, ex,
+                             seg_ids[roots[name]], growth.get(name, ex))
+    out = Paths(list(order), scales, {x: i for i, x in enumerate(order)}, True)
+    out.producers = {k: frozenset(v) for k, v in producers.items()}
+    out.norm_in = norm_in
+    out.on_graph = True
+    return out

@@ -30,7 +30,13 @@ class Thresholds:
     """A layer's ``grad_rms`` below this is vanishing (absolute floor)."""
     vanishing_ratio: float = 1e-3
     """... or below this fraction of the largest non-exploding layer's ``grad_rms`` in the
-    same window (scale-free; after warm-up)."""
+    same window (scale-free; after warm-up). Under an adaptive optimizer (Adam family,
+    Adagrad, RMSprop...): a layer's ``update_ratio`` below this fraction of the median
+    layer's (after warm-up)."""
+    vanishing_eps: float = 1.0
+    """Under an adaptive optimizer, a layer whose ``update_ratio`` was not measured is
+    vanishing when its ``grad_rms`` is below this multiple of the optimizer's ``eps`` (there
+    the update shrinks with the gradient again)."""
     exploding_rms: float = 10.0
     """A layer's ``grad_rms`` above this is exploding (absolute ceiling)."""
     exploding_ratio: float = 100.0
@@ -153,6 +159,62 @@ def classify_grads(rms: Mapping[str, float], ema: Mapping[str, float], warm: boo
     return vanishing, exploding
 
 
+#: Optimizers whose update does not shrink with the gradient (it is divided by a running
+#: measure of the gradient's own size, or is its sign): torch's classes by name, and any
+#: optimizer whose parameter groups carry an ``eps`` or ``betas`` (Adam-like ones from other
+#: libraries: Adafactor, 8-bit Adam, fused Adam, Lion...).
+ADAPTIVE = frozenset({"Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SparseAdam", "Adagrad",
+                      "Adadelta", "RMSprop", "Rprop", "Adafactor", "Lion"})
+SGD_LIKE, ADAPTIVE_FAMILY = "sgd", "adaptive"
+
+
+def optimizer_family(opt: Any) -> tuple[str, float]:
+    """(``"adaptive"`` or ``"sgd"``, the optimizer's ``eps``) of an optimizer; an optimizer
+    that is not known (None: no optimizer seen yet, or stepped by hand) is SGD-like, the
+    setting in which a small gradient is a small update. ``eps``: the smallest over the
+    parameter groups (1e-8 where the optimizer has none)."""
+    if opt is None:
+        return SGD_LIKE, math.nan
+    groups = getattr(opt, "param_groups", None) or []
+    eps: list[float] = []
+    keys: set[str] = set()
+    for g in groups:
+        if isinstance(g, Mapping):
+            keys |= set(g)
+            e = g.get("eps")
+            e = e[0] if isinstance(e, (tuple, list)) and e else e
+            if isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0:
+                eps.append(float(e))
+    names = {k.__name__ for k in type(opt).__mro__}
+    if names & ADAPTIVE or "eps" in keys or "betas" in keys:
+        return ADAPTIVE_FAMILY, min(eps) if eps else 1e-8
+    return SGD_LIKE, math.nan
+
+
+def classify_updates(rms: Mapping[str, float], updates: Mapping[str, float],
+                     exploding: Mapping[str, Verdict], warm: bool, eps: float,
+                     t: Thresholds) -> dict[str, Verdict]:
+    """Vanishing layers under an adaptive optimizer: the step no longer moves a layer's
+    weights (its ``update_ratio`` below ``vanishing_ratio`` of the median layer's, after
+    warm-up), or, where no update ratio was measured, its gradient is down at the optimizer's
+    ``eps`` (``update ~ lr * g / eps``). A gradient small by design (a branch behind a
+    LayerScale of 1e-6, query/key projections at a 0.02 init) still makes a normal step:
+    Adam's update is about ``lr`` per element whatever the gradient's scale."""
+    ups = {n: u for n, u in updates.items() if n in rms and math.isfinite(u) and u > 0}
+    med = statistics.median(ups.values()) if len(ups) >= 3 else math.nan
+    out: dict[str, Verdict] = {}
+    for n, v in rms.items():
+        if n in exploding:
+            continue
+        u = ups.get(n)
+        if u is not None:
+            if warm and u < t.vanishing_ratio * med:
+                out[n] = (u, t.vanishing_ratio * med, False)
+        elif v < t.vanishing_eps * eps:
+            out[n] = (v, t.vanishing_eps * eps, False)
+    return out
+
+
 NONFINITE_KEY = ("*", "nonfinite")
 """Non-finite values are one event for the whole model: once reported at the layer where
 they started, the layers they spread to are not reported again until it clears."""
@@ -181,6 +243,9 @@ class Rules:
         # non-finite origins are named per step from the flags (``nonfinite_now``); the
         # window's own naming is the fallback when that part is switched off
         self.per_step_nonfinite = True
+        # the optimizer in use, read at each window: an object with an ``optimizer``
+        # attribute (the watcher's ``stepping.Stepping``); None: SGD-like
+        self.optimizer_source: Any = None
 
     # -- rate limiting ------------------------------------------------------------------------
     def _emit(self, step: int, layer: str, kind: str, stat: str, value: float,
@@ -266,6 +331,10 @@ class Rules:
         rms = {n: s["grad_rms"] for n, s in stats.items()
                if "grad_rms" in s and not math.isnan(s["grad_rms"]) and s["grad_rms"] > 0}
         vanishing, exploding = classify_grads(rms, self._ema, warm, t)
+        family, eps = self.optimizer_family()
+        if family == ADAPTIVE_FAMILY:  # a small gradient is not a small update there
+            updates = {n: s["update_ratio"] for n, s in stats.items() if "update_ratio" in s}
+            vanishing = classify_updates(rms, updates, exploding, warm, eps, t)
         for name, v in rms.items():  # the running average learns only from normal windows
             if name not in exploding:
                 ema = self._ema.get(name)
@@ -274,7 +343,9 @@ class Rules:
             info = self.layers.get(name)
             van = vanishing.get(name)
             if self._condition((name, "vanishing"), van is not None) and van:
-                add_why(self._emit(step, name, "vanishing", "grad_rms", van[0], van[1], "<"))
+                stat = "update_ratio" if family == ADAPTIVE_FAMILY and \
+                    van[0] == stats[name].get("update_ratio") else "grad_rms"
+                add_why(self._emit(step, name, "vanishing", stat, van[0], van[1], "<"))
             exp = exploding.get(name)
             if self._condition((name, "exploding"), exp is not None,
                                exp is not None and exp[2]) and exp:
@@ -291,6 +362,12 @@ class Rules:
                 add_why(self._emit(step, name, "saturated", "act_sat_frac", f, t.saturated_frac,
                                ">=", note=f"{units:.0%} of its units at a bound for every "
                                "sample" if act_stuck is not None else ""))
+
+    def optimizer_family(self) -> tuple[str, float]:
+        """The family of the optimizer in use (``optimizer_family``), SGD-like when none is
+        known."""
+        src = self.optimizer_source
+        return optimizer_family(getattr(src, "optimizer", None) if src is not None else None)
 
     @staticmethod
     def _origin(stats: Mapping[str, Mapping[str, float]], order: Sequence[str],

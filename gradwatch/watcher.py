@@ -215,7 +215,7 @@ class Watcher:
                 stacklevel=3,
             )
             prev.close()
-        self._handles: list[Any] = []
+        self._handles: list[Any] = [p for p in (self._rules.diagnosis.audit.probe,) if p]
         forget_compiled_code(model)  # else a compiled model that already ran ignores hooks
         slot_of = {id(m): slot for slot, (_, m) in enumerate(chosen)}
         for i, (_, m) in enumerate(self._mods):
@@ -227,6 +227,7 @@ class Watcher:
                            if lazy else None)
         # torch's global optimizer step hooks and a forward counter on the root
         self._stepping = Stepping(self, root, root.parameters(), optimizer)
+        self._rules.optimizer_source = self._stepping  # vanishing is judged for its optimizer
         self._amp: ScalerTap | None = None
         if scaler is not None:
             self._amp = ScalerTap(scaler, optimizer, self._amp_unscale, self._amp_skip,
