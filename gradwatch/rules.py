@@ -34,9 +34,8 @@ class Thresholds:
     Adagrad, RMSprop...): a layer's ``update_ratio`` below this fraction of the median
     layer's (after warm-up)."""
     vanishing_eps: float = 1.0
-    """Under an adaptive optimizer, a layer whose ``update_ratio`` was not measured is
-    vanishing when its ``grad_rms`` is below this multiple of the optimizer's ``eps`` (there
-    the update shrinks with the gradient again)."""
+    """Under an adaptive optimizer, a layer whose ``grad_rms`` is below this multiple of the
+    optimizer's ``eps`` is vanishing (there the update shrinks with the gradient again)."""
     exploding_rms: float = 10.0
     """A layer's ``grad_rms`` above this is exploding (absolute ceiling)."""
     exploding_ratio: float = 100.0
@@ -194,12 +193,13 @@ def optimizer_family(opt: Any) -> tuple[str, float]:
 def classify_updates(rms: Mapping[str, float], updates: Mapping[str, float],
                      exploding: Mapping[str, Verdict], warm: bool, eps: float,
                      t: Thresholds) -> dict[str, Verdict]:
-    """Vanishing layers under an adaptive optimizer: the step no longer moves a layer's
-    weights (its ``update_ratio`` below ``vanishing_ratio`` of the median layer's, after
-    warm-up), or, where no update ratio was measured, its gradient is down at the optimizer's
-    ``eps`` (``update ~ lr * g / eps``). A gradient small by design (a branch behind a
-    LayerScale of 1e-6, query/key projections at a 0.02 init) still makes a normal step:
-    Adam's update is about ``lr`` per element whatever the gradient's scale."""
+    """Vanishing layers under an adaptive optimizer: its gradient is down at the optimizer's
+    ``eps`` (there ``update ~ lr * g / eps`` shrinks with the gradient again, and decoupled
+    weight decay is all that moves the weights), or the step no longer moves its weights
+    (its ``update_ratio`` below ``vanishing_ratio`` of the median layer's, after warm-up).
+    A gradient small by design (a branch behind a LayerScale of 1e-6, query/key projections
+    at a 0.02 init) still makes a normal step: Adam's update is about ``lr`` per element
+    whatever the gradient's scale."""
     ups = {n: u for n, u in updates.items() if n in rms and math.isfinite(u) and u > 0}
     med = statistics.median(ups.values()) if len(ups) >= 3 else math.nan
     out: dict[str, Verdict] = {}
@@ -207,11 +207,10 @@ def classify_updates(rms: Mapping[str, float], updates: Mapping[str, float],
         if n in exploding:
             continue
         u = ups.get(n)
-        if u is not None:
-            if warm and u < t.vanishing_ratio * med:
-                out[n] = (u, t.vanishing_ratio * med, False)
-        elif v < t.vanishing_eps * eps:
+        if v < t.vanishing_eps * eps:
             out[n] = (v, t.vanishing_eps * eps, False)
+        elif u is not None and warm and u < t.vanishing_ratio * med:
+            out[n] = (u, t.vanishing_ratio * med, False)
     return out
 
 

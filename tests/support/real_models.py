@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import gradwatch
+from gradwatch.rules import optimizer_family
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -417,6 +418,8 @@ class Outcome:
     alerts: list[gradwatch.Alert]
     losses: list[float]
     internal: list[str]  # GradwatchWarnings that are not alerts
+    snapshots: list[gradwatch.Snapshot] = field(default_factory=list)  # train(keep=True)
+    family: tuple[str, float] = ("sgd", math.nan)  # the optimizer's, as the rules read it
 
     @property
     def first(self) -> gradwatch.Alert | None:
@@ -461,12 +464,14 @@ class Outcome:
         return f"| {self.case.name} | {said} | {self.case.expected} | {ok} |"
 
 
-def train(case: Case, seed: int = 0) -> Outcome:
+def train(case: Case, seed: int = 0, keep: bool = False) -> Outcome:
     """Train ``case`` under gradwatch as its users train it (the README's idiom:
-    ``watch(model, optimizer=opt)``, the loop unchanged) and return what the run said."""
+    ``watch(model, optimizer=opt)``, the loop unchanged) and return what the run said.
+    ``keep``: also keep every window's ``watcher.latest`` (for the measurements)."""
     torch.manual_seed(seed)
     tr = case.build()
     losses: list[float] = []
+    snaps: list[gradwatch.Snapshot] = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with gradwatch.watch(tr.model, optimizer=tr.optimizer, scaler=tr.scaler,
@@ -489,11 +494,14 @@ def train(case: Case, seed: int = 0) -> Outcome:
                     tr.model.eval()
                     with torch.no_grad():
                         tr.evaluate()
+                if keep and (i + 1) % EVERY == 0 and w.latest is not None:
+                    snaps.append(w.latest)
         alerts = list(w.alerts)
+        family = optimizer_family(tr.optimizer)
     internal = [f"{type(x.message).__name__}: {str(x.message)[:200]}" for x in caught
                 if isinstance(x.message, gradwatch.GradwatchWarning)
                 and not any(isinstance(x.message, k) for k in _ALERT_WARNINGS)]
-    return Outcome(case, alerts, losses, internal)
+    return Outcome(case, alerts, losses, internal, snaps, family)
 
 
 _ALERT_WARNINGS = (gradwatch.VanishingGradientWarning, gradwatch.ExplodingGradientWarning,
