@@ -33,9 +33,10 @@ class Thresholds:
     same window (scale-free; after warm-up). Under an adaptive optimizer (Adam family,
     Adagrad, RMSprop...): a layer's ``update_ratio`` below this fraction of the median
     layer's (after warm-up)."""
-    vanishing_eps: float = 1.0
+    vanishing_eps: float = 0.01
     """Under an adaptive optimizer, a layer whose ``grad_rms`` is below this multiple of the
-    optimizer's ``eps`` is vanishing (there the update shrinks with the gradient again)."""
+    optimizer's ``eps`` is vanishing: below ``eps`` the update shrinks with the gradient
+    again (``lr * g / eps``), and at 1/100 of it the step is 1/100 of the usual one."""
     exploding_rms: float = 10.0
     """A layer's ``grad_rms`` above this is exploding (absolute ceiling)."""
     exploding_ratio: float = 100.0
