@@ -20,8 +20,8 @@ import torch
 
 from tests.support.real_models import CASES, train
 
-HEADER = ("| case | first alert | layer | cause | step | expected | verdict |\n"
-          "| --- | --- | --- | --- | --- | --- | --- |")
+HEADER = ("| case | model | what is broken | first alert | layer | cause | step | expected "
+          "| verdict |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def main(prefixes: list[str]) -> int:
@@ -41,7 +41,8 @@ def main(prefixes: list[str]) -> int:
         verdict = "right" if not problems else "wrong: " + "; ".join(problems)
         if case.part_b:
             verdict += f" (waits for: {case.part_b})"
-        print(f"| {case.name} | {said} | {case.expected} | {verdict} |", flush=True)
+        print(f"| {case.name} | {case.family} | {case.fault or 'nothing (healthy)'} | {said} "
+              f"| {case.expected} | {verdict} |", flush=True)
         print(f"  [{time.perf_counter() - t0:.1f} s]", file=sys.stderr, flush=True)
     return 0
 

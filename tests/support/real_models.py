@@ -429,7 +429,7 @@ class Outcome:
         """What is wrong with this run against its case; [] when right."""
         c, out = self.case, []
         if self.internal:
-            out.append(f"internal warnings: {self.internal}")
+            out.append("internal warnings: " + "; ".join(w[:120] for w in self.internal))
         if c.kind is None:
             if self.alerts:
                 out.append("alerts on a healthy run: " + "; ".join(
@@ -846,11 +846,11 @@ CASES: list[Case] = [
          hint=("std 1", "normalization divides the gradient"),
          fault="every weight N(0, 1), 4 blocks of width 128, SGD"),
     Case("gpt2-lr-fast", "GPT-2 (HF)", gpt2(lr=50.0, sgd=True), steps=10,
-         kind="exploding", layers=("*",), cause="learning_rate", at=(1, 5),
+         kind="exploding", layers=("*",), cause="learning_rate", at=(1, 10),
          hint=("learning rate",), not_hint=("sqrt", "where"), fault="SGD lr=50",
          part_b="per-step learning-rate evidence within the first window (class 3)"),
     Case("resnet-lr-fast", "ResNet", resnet(lr=50.0), steps=10,
-         kind="exploding", layers=("*",), cause="learning_rate", at=(1, 5),
+         kind="exploding", layers=("*",), cause="learning_rate", at=(1, 10),
          hint=("learning rate",), not_hint=("sqrt", "where"), fault="SGD lr=50",
          part_b="per-step learning-rate evidence within the first window (class 3)"),
     Case("gpt2-lr-slow", "GPT-2 (HF)", gpt2(lr=2.0, sgd=True), steps=20,
