@@ -206,8 +206,8 @@ class Diagnosis:
 
     def _too_large(self, layer: str) -> tuple[str, str] | None:
         s = self._paths.scales.get(layer)
-        if s is None:
-            return None
+        if s is None:  # a layer without a weight matrix (a normalization's scale...)
+            return self._too_large_after(layer)
         seg = self._paths.segment(s)
         top = max(seg, key=lambda x: x.growth)
         if top.growth < self.limits.init_grow:
@@ -220,6 +220,24 @@ class Diagnosis:
             f"{worst.describe()}; {names} scale the signal up by about {fmt(top.growth)}x "
             f"along the path to '{top.name}', so activations and gradients grow layer after "
             f"layer: try {worst.remedy()} or a normalization layer")
+
+    def _too_large_after(self, layer: str) -> tuple[str, str] | None:
+        """The gradient reaching ``layer`` comes back through weight layers it feeds whose
+        path grows a signal ``init_grow``-fold (on the dataflow: backward, a weight layer
+        scales the gradient by about its excess too)."""
+        after = self._paths.weights_after(layer)
+        segs = {x.segment for x in after}
+        seg = [x for x in self._paths.scales.values() if x.segment in segs]
+        if not seg:
+            return None
+        top = max(seg, key=lambda x: x.growth)
+        if top.growth < self.limits.init_grow:
+            return None
+        worst = max(seg, key=lambda x: x.excess)
+        return "init_scale", (
+            f"the gradient reaching '{layer}' comes back through weight layers that scale the "
+            f"signal up by about {fmt(top.growth)}x along the path to '{top.name}': "
+            f"{worst.describe()}: try {worst.remedy()}")
 
     def _lr_before(self, streak: int) -> tuple[float, int] | None:
         past = list(self._history)[:len(self._history) - streak] if streak else \
@@ -261,7 +279,7 @@ class Diagnosis:
                  if g >= self.limits.init_grow]
         if grown:
             norm, g = max(grown, key=lambda x: x[1])
-            big = [x for x in self._paths.scales.values() if x.excess > 1]
+            big = [x for x in self._paths.weights_before(norm) if x.excess > 1]
             if big:
                 worst = max(big, key=lambda x: x.excess)
                 return "init_scale", (

@@ -145,16 +145,52 @@ class Paths:
             return min(x.growth for x in self.segment(s))
         return math.prod(x.excess for x in self.segment(s))
 
+    def weights_before(self, name: str) -> list[Scale]:
+        """The audited layers whose output reaches ``name`` without passing a normalization
+        layer (on the dataflow; [] without it)."""
+        seen, todo, out = {name}, [name], []
+        while todo:
+            for p in self.producers.get(todo.pop(), ()):
+                if p in seen:
+                    continue
+                seen.add(p)
+                if p in self.scales:
+                    out.append(self.scales[p])
+                if p not in self.norm_in:
+                    todo.append(p)
+        return out
+
+    def weights_after(self, name: str) -> list[Scale]:
+        """The audited layers that the output of ``name`` reaches without passing a
+        normalization layer (on the dataflow; [] without it): the gradient reaching
+        ``name`` comes back through them."""
+        users = self._users()
+        seen, todo, out = {name}, [name], []
+        while todo:
+            for u in users.get(todo.pop(), ()):
+                if u in seen:
+                    continue
+                seen.add(u)
+                if u in self.scales:
+                    out.append(self.scales[u])
+                if u not in self.norm_in:
+                    todo.append(u)
+        return out
+
+    def _users(self) -> dict[str, set[str]]:
+        users: dict[str, set[str]] = {}
+        for t, fed in self.producers.items():
+            for p in fed:
+                users.setdefault(p, set()).add(t)
+        return users
+
     def norms_after(self, name: str) -> list[tuple[str, float]]:
         """The normalization layers that the output of ``name`` reaches (through other
         transforms, not through a normalization), with the scale of the signal entering
         each: a normalization divides the gradient that it passes back by that scale."""
         if not self.on_graph:
             return []
-        users: dict[str, set[str]] = {}
-        for t, fed in self.producers.items():
-            for p in fed:
-                users.setdefault(p, set()).add(t)
+        users = self._users()
         seen, todo, out = {name}, [name], []
         while todo:
             for u in users.get(todo.pop(), ()):

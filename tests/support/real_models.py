@@ -566,7 +566,11 @@ def gpt2(init: str = "", lr: float = 3e-3, sgd: bool = False, nan_kw_at: int | N
     return build
 
 
-def bert() -> Trial:
+def bert(nan_kw_at: int | None = None) -> Callable[[], Trial]:
+    return lambda: _bert(nan_kw_at)
+
+
+def _bert(nan_kw_at: int | None) -> Trial:
     from transformers import BertConfig, BertForSequenceClassification
 
     cfg = BertConfig(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -582,7 +586,12 @@ def bert() -> Trial:
 
     def step(i: int) -> float:
         ids, mask, y = batch()
-        loss = net(input_ids=ids, attention_mask=mask, labels=y).loss
+        if nan_kw_at == i:  # a NaN batch passed by keyword
+            emb = net.bert.embeddings.word_embeddings(ids).detach()
+            emb[1, 2, :] = float("nan")
+            loss = net(inputs_embeds=emb, attention_mask=mask, labels=y).loss
+        else:
+            loss = net(input_ids=ids, attention_mask=mask, labels=y).loss
         loss.backward()
         return loss.item()
 
@@ -616,23 +625,35 @@ def bart() -> Trial:
     return Trial(net, opt, step)
 
 
-def llama() -> Trial:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama(init: str = "") -> Callable[[], Trial]:
+    """``init="normal"``: every matrix N(0, 1), 4 blocks of width 128, SGD."""
+    def build() -> Trial:
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    net = LlamaForCausalLM(cfg)
-    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.01)
-    g = _gen()
+        big = init == "normal"
+        cfg = LlamaConfig(vocab_size=V, hidden_size=128 if big else 64,
+                          intermediate_size=256 if big else 128,
+                          num_hidden_layers=4 if big else 2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=T, bos_token_id=0,
+                          eos_token_id=0, pad_token_id=0)
+        net = LlamaForCausalLM(cfg)
+        if big:
+            with torch.no_grad():
+                for p in net.parameters():
+                    if p.dim() == 2:
+                        p.normal_(0.0, 1.0)
+        opt = (torch.optim.SGD(net.parameters(), lr=0.01) if big
+               else torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=0.01))
+        g = _gen()
 
-    def step(i: int) -> float:
-        ids = counting(g)
-        loss = net(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.item()
+        def step(i: int) -> float:
+            ids = counting(g)
+            loss = net(input_ids=ids, labels=ids).loss
+            loss.backward()
+            return loss.item()
 
-    return Trial(net, opt, step)
+        return Trial(net, opt, step)
+    return build
 
 
 # written here -----------------------------------------------------------------------------
@@ -676,10 +697,12 @@ def convnext() -> Trial:
     return Trial(net, opt, step, evaluate=lambda: net(images(g)[0]))
 
 
-def vit(nan_at: int | None = None, keyword: bool = False) -> Callable[[], Trial]:
+def vit(nan_at: int | None = None, keyword: bool = False,
+        sgd_lr: float | None = None) -> Callable[[], Trial]:
     def build() -> Trial:
         net = ViT()
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05)
+        opt = (torch.optim.SGD(net.parameters(), lr=sgd_lr, momentum=0.9) if sgd_lr
+               else torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.05))
         g = _gen()
 
         def step(i: int) -> float:
@@ -822,9 +845,9 @@ CASES: list[Case] = [
     # healthy: every one must train and stay quiet
     Case("gpt2", "GPT-2 (HF)", gpt2()),
     Case("gpt2-accum-clip", "GPT-2 (HF)", gpt2(accum=4, clip=1.0), steps=30),
-    Case("bert-padding", "BERT (HF)", bert),
+    Case("bert-padding", "BERT (HF)", bert()),
     Case("bart-padding", "BART (HF)", bart),
-    Case("llama", "Llama (HF)", llama),
+    Case("llama", "Llama (HF)", llama()),
     Case("resnet-sgd", "ResNet", resnet()),
     Case("convnext-layerscale", "ConvNeXt", convnext),
     Case("vit", "ViT", vit()),
@@ -845,6 +868,10 @@ CASES: list[Case] = [
          kind="vanishing", layers=("transformer.h.*",), cause="init_scale", at=(20, 30),
          hint=("std 1", "normalization divides the gradient"),
          fault="every weight N(0, 1), 4 blocks of width 128, SGD"),
+    Case("llama-init-normal", "Llama (HF)", llama(init="normal"), steps=30,
+         kind="exploding", layers=("model.layers.*",), cause="init_scale", at=(20, 30),
+         hint=("std 1", "comes back through weight layers"),
+         fault="every matrix N(0, 1), 4 blocks of width 128, SGD"),
     Case("gpt2-lr-fast", "GPT-2 (HF)", gpt2(lr=50.0, sgd=True), steps=10,
          kind="exploding", layers=("*",), cause="learning_rate", at=(1, 10),
          hint=("learning rate",), not_hint=("sqrt", "where"), fault="SGD lr=50",
@@ -856,6 +883,9 @@ CASES: list[Case] = [
     Case("gpt2-lr-slow", "GPT-2 (HF)", gpt2(lr=2.0, sgd=True), steps=20,
          kind="exploding", layers=("*",), cause="learning_rate", at=(11, 15),
          hint=("update_ratio", "learning rate"), fault="SGD lr=2: blows up after step 10"),
+    Case("vit-lr-slow", "ViT", vit(sgd_lr=1.0), steps=30,
+         kind="exploding", layers=("*",), cause="learning_rate", at=(11, 20),
+         hint=("update_ratio", "learning rate"), fault="SGD lr=1 (momentum 0.9)"),
     Case("vit-nan-batch", "ViT", vit(nan_at=14), steps=20,
          kind="nonfinite", layers=("patch",), cause="input", at=(15, 15),
          fault="a NaN pixel in the batch of step 15, passed positionally"),
@@ -865,6 +895,10 @@ CASES: list[Case] = [
     Case("gpt2-nan-inputs-embeds", "GPT-2 (HF)", gpt2(nan_kw_at=14), steps=20,
          kind="nonfinite", layers=("transformer", "transformer.*", "(root)"), cause="input",
          at=(15, 15), fault="a NaN in inputs_embeds= at step 15",
+         part_b="keyword inputs are inputs (class 3)"),
+    Case("bert-nan-inputs-embeds", "BERT (HF)", bert(nan_kw_at=14), steps=20,
+         kind="nonfinite", layers=("bert", "bert.*", "(root)"), cause="input", at=(15, 15),
+         fault="a NaN in inputs_embeds= at step 15",
          part_b="keyword inputs are inputs (class 3)"),
     Case("vae-nan-batch", "VAE", vae(nan_at=14), steps=20,
          kind="nonfinite", layers=("enc.0", "enc"), cause="input", at=(15, 15),
