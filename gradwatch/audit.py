@@ -14,6 +14,7 @@ runs after ``watch()`` returns.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -35,6 +36,8 @@ NORMS: tuple[type[nn.Module], ...] = tuple(
                 nn.InstanceNorm3d, nn.LocalResponseNorm, getattr(nn, "RMSNorm", None))
     if t is not None)
 EMBEDDINGS: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+#: a library's own normalization layer, by its name: LlamaRMSNorm, T5LayerNorm, LayerNorm2d
+_NORM_NAME = re.compile(r"Norm(\d[dD])?$")
 _GATES = {nn.LSTM: ("input", "forget", "cell", "output"), nn.GRU: ("reset", "update", "new"),
           nn.RNN: ("",)}
 
@@ -64,15 +67,24 @@ def linear_fans(m: nn.Module, weight: torch.Tensor) -> tuple[int, int] | None:
     return cols, rows
 
 
+def declares_fans(m: nn.Module) -> bool:
+    """Whether a module names its fans (``in_features``/``out_features`` or ``nx``/``nf``):
+    a module that does not is taken as a linear map only once its use says so (an input
+    and an output whose last dimensions are the weight's two sides, ``paths.Graph.dims``)."""
+    return isinstance(m, AUDITED) or all(isinstance(getattr(m, a, None), int)
+                                         for a in ("in_features", "out_features")) or \
+        all(isinstance(getattr(m, a, None), int) for a in ("nx", "nf"))
+
+
 def is_norm(m: nn.Module) -> bool:
     """A normalization layer: torch's classes, or a library's own (``LlamaRMSNorm``,
     ``T5LayerNorm``...: a module named for it whose only own parameters are 1-D scales and
     shifts)."""
     if isinstance(m, NORMS):
         return True
-    name = type(m).__name__
     own = list(m.parameters(recurse=False))
-    return ("Norm" in name and not m._modules and bool(own) and all(p.dim() <= 1 for p in own))
+    return (_NORM_NAME.search(type(m).__name__) is not None and not m._modules and bool(own)
+            and all(p.dim() <= 1 for p in own))
 
 
 def activation_gain(m: nn.Module) -> tuple[str, float] | None:
@@ -130,6 +142,9 @@ class InitAudit:
     embeddings: dict[str, float] = field(default_factory=dict)
     #: normalization layers' scale (the root mean square of their weight; 1 without one)
     norm_scales: dict[str, float] = field(default_factory=dict)
+    #: audited by the shape of their weight alone (``declares_fans`` is False): linear maps
+    #: only if their use in the dataflow says so
+    by_shape: frozenset[str] = frozenset()
     gains: dict[str, RecurrentGain] = field(default_factory=dict)
     gains_of: dict[str, tuple[str, float]] = field(default_factory=dict)  # activations
     norms: frozenset[str] = frozenset()
@@ -214,6 +229,8 @@ def audit(root: nn.Module, watched: Sequence[tuple[str, nn.Module]]) -> InitAudi
                 fan_in, fan_out = fans
                 if fan_in == 0 or fan_out == 0:
                     continue
+                if not declares_fans(m):
+                    out.by_shape = out.by_shape | {name}
                 scale_rows.append((name, fan_in, fan_out, len(values), False))
                 values.append(_moments(weight.detach()))
                 b = getattr(m, "bias", None)

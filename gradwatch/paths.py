@@ -107,7 +107,8 @@ class Paths:
         seg, growth = 0, 1.0
         for i, name in enumerate(order):
             li = info.get(name)
-            w = audit.scales.get(name)
+            # a weight audited by its shape alone waits for its use (the dataflow)
+            w = audit.scales.get(name) if name not in audit.by_shape else None
             if w is not None:
                 nxt = order[i + 1] if i + 1 < len(order) else None
                 act = audit.gains_of.get(nxt) if nxt is not None and confirmed else None
@@ -217,6 +218,8 @@ class Graph:
     kids: list[tuple[int, ...]] = field(default_factory=list)
     owner: dict[int, str] = field(default_factory=dict)
     inputs: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    #: the last dimension of each module's first input and output (its use as a map)
+    dims: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class _Inert:
@@ -264,6 +267,7 @@ class StructureProbe:
         self._fault = fault
         self._root = weakref.ref(root)
         self._calls: list[tuple[str, tuple[Any, ...], Any]] = []
+        self._dims: dict[str, tuple[int, int]] = {}
         self._inner: list[Any] = []
         self.finished = False
         self.handles: list[Any] = [
@@ -285,9 +289,12 @@ class StructureProbe:
 
     def _record(self, name: str, m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         try:
-            outs = [t.grad_fn for t in _tensors(out) if t.grad_fn is not None]
-            ins = tuple(t.grad_fn for t in _tensors((args, kwargs)) if t.grad_fn is not None)
+            out_t, in_t = _tensors(out), _tensors((args, kwargs))
+            outs = [t.grad_fn for t in out_t if t.grad_fn is not None]
+            ins = tuple(t.grad_fn for t in in_t if t.grad_fn is not None)
             self._calls.extend((name, ins, o) for o in outs)
+            if in_t and out_t and in_t[0].dim() and out_t[0].dim():
+                self._dims.setdefault(name, (in_t[0].shape[-1], out_t[0].shape[-1]))
         except Exception as e:  # noqa: BLE001 - reported, never propagated
             self._failed(e)
 
@@ -295,9 +302,11 @@ class StructureProbe:
         if not self._inner:
             return
         try:
-            calls = self._calls
+            calls, dims = self._calls, self._dims
             self._stop()
-            self._done(_walk(calls))
+            graph = _walk(calls)
+            graph.dims = dims
+            self._done(graph)
         except Exception as e:  # noqa: BLE001 - reported, never propagated
             self._failed(e)
 
@@ -309,7 +318,7 @@ class StructureProbe:
     def _clear(self) -> None:
         for h in self._inner:
             h.remove()
-        self._inner, self._calls = [], []
+        self._inner, self._calls, self._dims = [], [], {}
 
     def _stop(self) -> None:
         self.finished = True
@@ -417,8 +426,14 @@ def place_on_graph(order: Sequence[str], audit: InitAudit, info: Mapping[str, La
     branch that shrinks it); a product of two signals multiplies them; parallel branches
     (q, k, v) each start from their common input, never from each other. Layers belong to
     one segment when one feeds the other without a reset between them."""
-    transform = set(audit.scales) | set(audit.embeddings) | set(audit.norms) | \
-        set(audit.gains) | set(audit.gains_of) | \
+    def used_as_map(name: str) -> bool:  # a weight audited by its shape alone
+        if name not in audit.by_shape:
+            return True
+        w, d = audit.scales[name], graph.dims.get(name)
+        return d is not None and sorted(d) == sorted((w.fan_in, w.fan_out))
+
+    transform = {n for n in audit.scales if used_as_map(n)} | set(audit.embeddings) | \
+        set(audit.norms) | set(audit.gains) | set(audit.gains_of) | \
         {n for n, li in info.items() if li.bounds is not None or li.has_params}
     n = len(graph.ops)
     val: list[float] = [1.0] * n
@@ -437,7 +452,7 @@ def place_on_graph(order: Sequence[str], audit: InitAudit, info: Mapping[str, La
             producers.setdefault(name, set()).update(*(feeds[i] for i in ins))
             joined = frozenset().union(*(seg_of[i] for i in ins))
             li = info.get(name)
-            if name in audit.scales:
+            if name in audit.scales and used_as_map(name):
                 pending.append((name, r))
                 val[r] = g_in  # times its excess, once its activation is known
                 for other in joined:

@@ -367,7 +367,11 @@ class Rules:
         """The family of the optimizer in use (``optimizer_family``), SGD-like when none is
         known."""
         src = self.optimizer_source
-        return optimizer_family(getattr(src, "optimizer", None) if src is not None else None)
+        try:
+            return optimizer_family(getattr(src, "optimizer", None) if src is not None
+                                    else None)
+        except Exception:  # noqa: BLE001 - an exotic optimizer: read as SGD-like
+            return SGD_LIKE, math.nan
 
     @staticmethod
     def _origin(stats: Mapping[str, Mapping[str, float]], order: Sequence[str],

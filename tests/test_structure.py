@@ -258,3 +258,44 @@ def test_the_probe_runs_once_on_a_training_forward_and_leaves_no_hook_behind() -
     w.close()
     assert [len(m._forward_hooks) for m in model] == before
     assert len(model._forward_hooks) == len(model._forward_pre_hooks) == 0
+
+
+class Table(nn.Module):
+    """A 2-D weight that is not a map: a learned table added to its input."""
+
+    def __init__(self, t: int, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(t, d) * 5.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.weight
+
+
+class Matrix(nn.Module):
+    """A linear map that names no fans: ``x @ weight.T``."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) * 5.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+
+def test_a_weight_known_by_its_shape_alone_is_a_map_only_when_used_as_one() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), Table(5, 12), Matrix(12, 24), nn.Linear(24, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with gradwatch.watch(model, optimizer=opt, tensorboard=False, every=2,
+                         on_alert="ignore") as w:
+        for _ in range(2):
+            loss = model(torch.randn(3, 5, 6)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    a = w._rules.diagnosis.audit
+    assert a.by_shape == {"1", "2"} and {"1", "2"} <= set(a.scales)
+    assert a.graph.dims["1"] == (12, 12) and a.graph.dims["2"] == (12, 24)
+    paths = w._rules.diagnosis._paths
+    assert paths.on_graph and set(paths.scales) == {"0", "2", "3"}  # the table is no map
+    assert paths.scales["2"].excess > 8  # std 5 against at most 5/3 x 1/sqrt(12)
