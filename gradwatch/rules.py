@@ -41,7 +41,8 @@ class Thresholds:
     """A layer's ``grad_rms`` above this is exploding (absolute ceiling)."""
     exploding_ratio: float = 100.0
     """... or above this multiple of the median layer's ``grad_rms`` (after warm-up; needs
-    at least 3 layers with gradients)."""
+    at least 3 layers with gradients; SGD-like optimizers only: under an adaptive one a
+    larger gradient does not make a larger step)."""
     spike_factor: float = 100.0
     """... or above this multiple of its own running average (after warm-up)."""
     extreme_rms: float = 1e3
@@ -113,14 +114,17 @@ Verdict = Tuple[float, float, bool]  # value, threshold, extreme
 
 
 def classify_grads(rms: Mapping[str, float], ema: Mapping[str, float], warm: bool,
-                   t: Thresholds) -> tuple[dict[str, Verdict], dict[str, Verdict]]:
+                   t: Thresholds, versus_median: bool = True
+                   ) -> tuple[dict[str, Verdict], dict[str, Verdict]]:
     """Vanishing and exploding layers of one window from their (finite, > 0) ``grad_rms``.
 
     Each relative rule uses a reference that the other condition cannot distort: vanishing
     is measured against the largest layer that is not exploding, and the ratio-to-median
     rule against the median of the layers that are neither vanishing nor exploding (in a
     net whose lower half vanishes, the healthy top is not "exploding"). ``ema``: each
-    layer's running average of normal windows, for the spike rule.
+    layer's running average of normal windows, for the spike rule. ``versus_median``
+    False (an adaptive optimizer: a gradient 100x the median layer's still makes a step of
+    about ``lr``): the ratio-to-median rule is left out; the absolute and spike rules stay.
     """
     exploding: dict[str, Verdict] = {}
     for n, v in rms.items():  # absolute: from the first window
@@ -151,7 +155,7 @@ def classify_grads(rms: Mapping[str, float], ema: Mapping[str, float], warm: boo
             if n in exploding or n in vanishing:
                 continue
             avg = ema.get(n)
-            if v > t.exploding_ratio * med:
+            if versus_median and v > t.exploding_ratio * med:
                 exploding[n] = (v, t.exploding_ratio * med, False)
             elif avg is not None and v > t.spike_factor * avg:
                 exploding[n] = (v, t.spike_factor * avg, False)
@@ -330,8 +334,9 @@ class Rules:
         # inf stays: finite gradients whose norm overflowed fp32 (|g| ~ 1e19) are exploding.
         rms = {n: s["grad_rms"] for n, s in stats.items()
                if "grad_rms" in s and not math.isnan(s["grad_rms"]) and s["grad_rms"] > 0}
-        vanishing, exploding = classify_grads(rms, self._ema, warm, t)
         family, eps = self.optimizer_family()
+        vanishing, exploding = classify_grads(rms, self._ema, warm, t,
+                                              versus_median=family != ADAPTIVE_FAMILY)
         if family == ADAPTIVE_FAMILY:  # a small gradient is not a small update there
             updates = {n: s["update_ratio"] for n, s in stats.items() if "update_ratio" in s}
             vanishing = classify_updates(rms, updates, exploding, warm, eps, t)

@@ -299,3 +299,29 @@ def test_a_weight_known_by_its_shape_alone_is_a_map_only_when_used_as_one() -> N
     paths = w._rules.diagnosis._paths
     assert paths.on_graph and set(paths.scales) == {"0", "2", "3"}  # the table is no map
     assert paths.scales["2"].excess > 8  # std 5 against at most 5/3 x 1/sqrt(12)
+
+
+def test_a_gradient_100x_the_median_is_exploding_under_sgd_not_under_adam() -> None:
+    """The ratio-to-median rule is Glorot & Bengio's SGD reading too: under Adam a head
+    whose gradient is 200x the median layer's still steps about ``lr``."""
+    from gradwatch.rules import Rules, Thresholds
+    from gradwatch.selection import describe
+
+    model = nn.Sequential(*(nn.Linear(8, 8) for _ in range(5)))
+    chosen = select(model, None, None)
+    infos = [describe(n, m, list(m.parameters(recurse=False))) for n, m in chosen]
+
+    class Driver:  # what the watcher's stepping hands the rules: the optimizer in use
+        def __init__(self, opt: torch.optim.Optimizer) -> None:
+            self.optimizer = opt
+
+    stats = {str(i): {"grad_rms": 1e-3, "update_ratio": 1e-2} for i in range(4)}
+    stats["4"] = {"grad_rms": 0.2, "update_ratio": 1e-2}
+    found = {}
+    for name, opt in (("sgd", torch.optim.SGD(model.parameters(), lr=0.1)),
+                      ("adam", torch.optim.Adam(model.parameters()))):
+        r = Rules(Thresholds(patience=1), infos, audit(model, chosen))
+        r.optimizer_source = Driver(opt)
+        alerts = [a for step in (10, 20) for a in r.evaluate(step, stats, list(stats), {})]
+        found[name] = [(a.layer, a.kind, a.step) for a in alerts]
+    assert found == {"sgd": [("4", "exploding", 20)], "adam": []}
