@@ -1,5 +1,5 @@
 """What learning the model's dataflow costs, once: the walk of the first training forward's
-autograd graph (``paths.StructureProbe``) and placing the audit on it
+autograd graph (``structure.StructureProbe``) and placing the audit on it
 (``paths.place_on_graph``, on the background thread), on Hugging Face GPT-2 configs.
 
     python benchmarks/probe_cost.py
@@ -14,6 +14,7 @@ import torch
 
 import gradwatch
 import gradwatch.paths as paths
+import gradwatch.structure as structure
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -28,7 +29,7 @@ def main() -> None:
                                          n_positions=64, vocab_size=512))
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         walks: list[tuple[float, int]] = []
-        walk = paths._walk
+        walk = structure._walk
 
         def timed(calls, walk=walk, walks=walks):  # type: ignore[no-untyped-def]
             t0 = time.perf_counter()
@@ -36,7 +37,7 @@ def main() -> None:
             walks.append((time.perf_counter() - t0, len(g.ops)))
             return g
 
-        paths._walk = timed
+        structure._walk = timed
         x = torch.randint(0, 512, (4, 32))
         try:
             with gradwatch.watch(net, optimizer=opt, tensorboard=False, every=100) as w:
@@ -48,12 +49,12 @@ def main() -> None:
                     loss.backward()
                     opt.step()
                     opt.zero_grad()
-                d = w._rules.diagnosis
+                d = w._parts.rules.diagnosis
                 t0 = time.perf_counter()
                 paths.place_on_graph(w.layers, d.audit, d.info, d.audit.graph)
                 place = time.perf_counter() - t0
         finally:
-            paths._walk = walk
+            structure._walk = walk
         print(f"GPT-2 {layers} blocks x {width}: forward {fwd[0] * 1e3:.0f} ms (first, with "
               f"the probe) vs {min(fwd[1:]) * 1e3:.0f} ms after; graph walk "
               f"{walks[0][0] * 1e3:.1f} ms over {walks[0][1]} autograd nodes; "

@@ -151,10 +151,10 @@ class InitAudit:
     unseen_norms: bool = False
     order: tuple[str, ...] = ()
     seconds: float = 0.0
-    #: the model's dataflow between its modules, from one training forward (``structure``);
-    #: None until that forward ran
+    #: the model's dataflow between its modules, from one training forward
+    #: (``structure.Graph``); None until that forward ran
     graph: Any = None
-    #: the hooks that learn ``graph`` (``paths.StructureProbe``); removed at close
+    #: the hooks that learn ``graph`` (``structure.StructureProbe``); removed at close
     probe: Any = None
 
 
@@ -279,17 +279,7 @@ def measure(root: nn.Module, watched: Sequence[tuple[str, nn.Module]],
     once as a ``GradwatchWarning``) and the diagnosis goes on without the audit: the causes
     that need it become "unknown"."""
     try:
-        out = audit(root, watched)
+        return audit(root, watched)
     except Exception as e:  # noqa: BLE001 - reported, never propagated
         fault("initialization audit", "*", e)
         return InitAudit()
-    try:  # the model's dataflow, from its first training forward
-        from gradwatch.paths import StructureProbe
-
-        def done(graph: Any) -> None:
-            out.graph = graph
-
-        out.probe = StructureProbe(root, done, fault)
-    except Exception as e:  # noqa: BLE001 - reported, never propagated
-        fault("model structure (alert causes)", "*", e)
-    return out

@@ -218,9 +218,9 @@ def watched_attention(std: float) -> tuple[nn.Module, gradwatch.Watcher]:
 def test_parallel_projections_are_not_a_chain_and_a_residual_sum_keeps_the_signal() -> None:
     model, w = watched_attention(0.02)
     w.close()
-    paths = w._rules.diagnosis._paths
+    paths = w._parts.rules.diagnosis._paths
     assert paths.on_graph
-    a = w._rules.diagnosis.audit
+    a = w._parts.rules.diagnosis.audit
     ex = {n: excess(a.scales[n], None) for n in ("2.q", "2.k", "2.v", "2.o")}
     assert all(e < 0.2 for e in ex.values())  # each of them well below the Glorot range
     s = paths.scales
@@ -242,7 +242,7 @@ def test_the_probe_runs_once_on_a_training_forward_and_leaves_no_hook_behind() -
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     before = [len(m._forward_hooks) for m in model]
     w = gradwatch.watch(model, optimizer=opt, tensorboard=False)
-    a = w._rules.diagnosis.audit
+    a = w._parts.rules.diagnosis.audit
     with torch.no_grad():
         model(torch.randn(2, 4))  # an eval pass teaches nothing
     assert a.graph is None
@@ -293,10 +293,10 @@ def test_a_weight_known_by_its_shape_alone_is_a_map_only_when_used_as_one() -> N
             opt.zero_grad()
             loss.backward()
             opt.step()
-    a = w._rules.diagnosis.audit
+    a = w._parts.rules.diagnosis.audit
     assert a.by_shape == {"1", "2"} and {"1", "2"} <= set(a.scales)
     assert a.graph.dims["1"] == (12, 12) and a.graph.dims["2"] == (12, 24)
-    paths = w._rules.diagnosis._paths
+    paths = w._parts.rules.diagnosis._paths
     assert paths.on_graph and set(paths.scales) == {"0", "2", "3"}  # the table is no map
     assert paths.scales["2"].excess > 8  # std 5 against at most 5/3 x 1/sqrt(12)
 
