@@ -178,10 +178,11 @@ class Collector:
             return
         if leaves and self.act_on:
             try:
+                t = S.dense(leaves[0])  # a nested tensor: the statistics of its elements
                 if torch.compiler.is_compiling():
-                    self._traced_stats(slot, leaves[0])
+                    self._traced_stats(slot, t)
                 else:
-                    self._stats(slot, leaves[0])
+                    self._stats(slot, t)
             except Exception as e:
                 self.act_on = False
                 self.fault("activation statistics", self.layers[slot].name, e)
@@ -268,6 +269,7 @@ class Collector:
     def on_out_grad(self, slot: int, grad: Tensor) -> None:
         # registered on full steps only (a light step checks outputs and parameter gradients)
         try:
+            grad = S.dense(grad)
             if torch.compiler.is_compiling():
                 self.buffers.add_out_grad(slot, S.grad_sq_sum(grad), grad.numel())
             elif not self.grad_batch.add(slot, grad):

@@ -9,6 +9,7 @@ Patience, warm-up, hysteresis and rate limiting live here and nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import threading
@@ -19,6 +20,7 @@ from gradwatch.alerts import Alert
 from gradwatch.audit import InitAudit
 from gradwatch.diagnosis import Diagnosis, Fault
 from gradwatch.selection import LayerInfo
+from gradwatch.steplr import StepUpdates
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,12 @@ def classify_grads(rms: Mapping[str, float], ema: Mapping[str, float], warm: boo
     return vanishing, exploding
 
 
+def absorbed_inf(s: Mapping[str, float]) -> bool:
+    """A layer's window stats show infinities of one sign in its outputs and no NaN (the
+    fp32 sum of a tensor is NaN when it holds a NaN or infinities of both signs)."""
+    return math.isinf(s.get("act_mean", math.nan))
+
+
 NONFINITE_KEY = ("*", "nonfinite")
 """Non-finite values are one event for the whole model: once reported at the layer where
 they started, the layers they spread to are not reported again until it clears."""
@@ -181,6 +189,8 @@ class Rules:
         # non-finite origins are named per step from the flags (``nonfinite_now``); the
         # window's own naming is the fallback when that part is switched off
         self.per_step_nonfinite = True
+        # per-step learning-rate evidence (training thread): the updates of the last steps
+        self.step_lr = StepUpdates()
 
     # -- rate limiting ------------------------------------------------------------------------
     def _emit(self, step: int, layer: str, kind: str, stat: str, value: float,
@@ -295,16 +305,25 @@ class Rules:
     @staticmethod
     def _origin(stats: Mapping[str, Mapping[str, float]], order: Sequence[str],
                 act_nonfinite: Mapping[str, float]) -> str | None:
-        """First layer in forward order whose *output* went non-finite, else the last one
-        (closest to the loss) whose gradients did."""
+        """Where the window's non-finite *fault* started: the first layer in forward order
+        whose output held a NaN, else the last one (closest to the loss) whose gradients
+        went non-finite; None when there is no fault. An infinity that a layer's outputs
+        held without a NaN (its ``act_mean`` is +-Inf: one sign, no NaN) and that reached
+        no gradient was absorbed downstream (a ``-inf`` mask before a softmax, the
+        log-probability of an impossible class): counted in ``nonfinite``, no origin."""
         for n in order:
-            if act_nonfinite.get(n, 0) > 0:
+            if act_nonfinite.get(n, 0) > 0 and not absorbed_inf(stats.get(n, {})):
                 return n
+
+        def grads_bad(n: str) -> bool:  # non-finite beyond what its outputs held
+            s = stats.get(n, {})
+            return s.get("nonfinite", 0) > act_nonfinite.get(n, 0)
+
         for n in reversed(order):
-            if stats.get(n, {}).get("nonfinite", 0) > 0:
+            if grads_bad(n):
                 return n
-        for n, s in stats.items():  # a layer never called in forward order
-            if s.get("nonfinite", 0) > 0:
+        for n in stats:  # a layer never called in forward order
+            if grads_bad(n):
                 return n
         return None
 
@@ -314,7 +333,14 @@ class Rules:
         if not rms > self.t.extreme_rms:
             return None
         a = self._emit(step, layer, "exploding", "grad_rms", rms, self.t.extreme_rms, ">")
-        return self.diagnosis.explain(a) if a is not None else None
+        if a is None:
+            return None
+        a = self.diagnosis.explain(a)
+        if a.cause == "unknown":  # too early for the windows' history: this run's steps
+            hint = self.step_lr.hint(step, f"'{layer}' blew up")
+            if hint is not None:
+                a = dataclasses.replace(a, cause="learning_rate", hint=hint)
+        return a
 
     def nonfinite_now(self, step: int, layer: str, count: float,
                       note: str = "") -> Alert | None:

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
+from gradwatch.stats import dense
+
 #: ``torch.sum(x, DIMS[x.ndim], ..., out=row)`` reduces every dim into a 0-d row
 DIMS: tuple[tuple[int, ...], ...] = tuple(tuple(range(n)) for n in range(33))
 #: Entries kept per record before a long stretch of forward calls without a step (an
@@ -159,7 +161,8 @@ class StepTrace:
         rec = self.rec
         k = len(rec.by)
         r = rec.n_rows
-        torch.sum(x.detach(), DIMS[x.ndim], dtype=torch.float32, out=self.fwd.row(r))
+        v = dense(x.detach())
+        torch.sum(v, DIMS[v.ndim], dtype=torch.float32, out=self.fwd.row(r))
         rec.n_rows = r + 1
         if x.dtype is torch.float16:
             rec.half.append(r)
@@ -265,7 +268,8 @@ class StepTrace:
     # -- backward -----------------------------------------------------------------------------
     def grad(self, j: int, g: Tensor) -> None:
         try:
-            torch.sum(g.detach(), DIMS[g.ndim], dtype=torch.float32, out=self.grads.row(j))
+            v = dense(g.detach())
+            torch.sum(v, DIMS[v.ndim], dtype=torch.float32, out=self.grads.row(j))
             self.rec.fired.append(j)
         except Exception as e:
             self.on = False
@@ -322,7 +326,8 @@ class _ModuleGradHook:
     def __call__(self, g: Tensor) -> None:
         f = self._flags()
         if f is not None and f.on:
-            s = torch.sum(g.detach(), DIMS[g.ndim], dtype=torch.float32)
+            v = dense(g.detach())
+            s = torch.sum(v, DIMS[v.ndim], dtype=torch.float32)
             f.t[self.m, self.col] += torch.isnan(s).to(torch.float32)
         return None
 
@@ -354,8 +359,8 @@ class ModuleFlags:
         row = self.t[m]
         for ts, col in ((outs, M_OUT_NAN), (ins, M_IN_NAN)):
             if ts:
-                s = torch.stack([torch.sum(t.detach(), DIMS[t.ndim], dtype=torch.float32)
-                                 for t in ts]).sum()
+                s = torch.stack([torch.sum(v, DIMS[v.ndim], dtype=torch.float32)
+                                 for v in (dense(t.detach()) for t in ts)]).sum()
                 row[col] += torch.isnan(s).to(torch.float32)
                 row[col + 1] += torch.isinf(s).to(torch.float32)
         if self.unsafe[m] and torch.is_grad_enabled():

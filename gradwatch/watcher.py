@@ -25,7 +25,7 @@ from gradwatch import alerts as A
 from gradwatch import lifetime, shutdown
 from gradwatch.amp import ScalerTap
 from gradwatch.audit import measure
-from gradwatch.buffers import WindowBuffers
+from gradwatch.buffers import FLAG_COLS, WindowBuffers
 from gradwatch.compiled import forget_compiled_code
 from gradwatch.distributed import is_writer_rank, world_size
 from gradwatch.flags import Flags, StepFlags
@@ -203,7 +203,7 @@ class Watcher:
                                   self._pictures, self._collector.fault)
         self._lock = self._publish.lock
         # per-step non-finite flags, read on the host without a stall (flags.py)
-        self._flags = StepFlags(L, self._device)
+        self._flags = StepFlags(L, self._device, cols=FLAG_COLS)
 
         # -- attach: replace an open watcher of the same model first -----------------------------
         prev = lifetime.attached(root)
@@ -523,7 +523,7 @@ class Watcher:
             full = self._collector.full
             if full:
                 self._collector.flush_batches()
-            self._push_flags(self._buffers.step_flags(grads, full), grads, full)
+            self._push_flags(self._buffers.step_flags(grads, full, updates), grads, full)
             self._buffers.commit_step(grads, weights, updates, full)
         except Exception as e:
             self._off.add("commit")
@@ -570,7 +570,7 @@ class Watcher:
         if rec is not None:
             tr.clear(rec)  # type: ignore[union-attr]  # after the copy, in stream order
         nan = torch.isnan(payload).sum(dtype=torch.float32)
-        extra = torch.stack([nan, torch.zeros_like(nan), torch.zeros_like(nan)])
+        extra = torch.stack([nan] + [torch.zeros_like(nan)] * (FLAG_COLS - 1))
         head = torch.cat([flags, extra.unsqueeze(0)])
         self._flags.push(head, step, payload if meta is not None else None, meta)
 
@@ -629,25 +629,51 @@ class Watcher:
             return
         try:
             nf = self._nonfinite
-            bad = item.layers[:, :2].any() or item.trace_nan
-            if not bad:
-                self._extreme(item.step, item.layers)
-                return
-            for f in nf.read(item):
-                self._nonfinite_alert(f)
-            if item.meta is None and nf.armed and nf.last_bad != item.step:
-                # nothing named from a trace for this step (none came along, or it held
-                # Inf without NaN, e.g. an Inf parameter gradient): name a layer
-                self._flag_alert(item.step, item.layers)
+            if item.layers.shape[1] > 3:  # the step's update ratios: learning-rate evidence
+                self._rules.step_lr.see(item.step, item.layers[:, 3])
+            if self._fault(item):
+                for f in nf.read(item):
+                    self._nonfinite_alert(f)
+                if nf.last_bad == item.step or not nf.armed:
+                    return  # named from its trace, or a fault still going on
+                if item.meta is None:
+                    # nothing named from a trace for this step (none came along, or it
+                    # was switched off): name a layer from the flags
+                    self._flag_alert(item.step, item.layers)
+                    return
+            self._extreme(item.step, item.layers)
         except Exception as e:
             self._off.add("flags")
             self._rules.per_step_nonfinite = False  # the window names it from now on
             self._collector.fault("non-finite flags", "*", e)
 
+    def _traced(self) -> bool:
+        """The non-finite trace runs: every module's outputs are checked each step, so a
+        NaN anywhere in the forward shows in the trace itself."""
+        tr = self._collector.trace
+        return tr is not None and tr.on
+
+    def _fault(self, item: Flags) -> bool:
+        """A step's flags show a non-finite *fault*: a NaN in the forward (the trace), or a
+        NaN/Inf in a gradient. Non-finite outputs alone are infinities made on purpose and
+        absorbed downstream (a ``-inf`` mask before a softmax) while the trace, which sees
+        every NaN of the forward, shows none; without a trace they count as a fault."""
+        if item.layers[:, 1].any() or item.trace_nan:
+            return True
+        if item.trace is not None and not np.isfinite(item.trace).all():
+            return True  # the tracker tells an absorbed Inf from a fault (fault_in)
+        return bool(item.layers[:, 0].any()) and not self._traced()
+
     def _nonfinite_alert(self, f: Any) -> None:
         a = self._rules.nonfinite_now(f.step, f.layer, f.count, note=f.message)
-        if a is not None:
-            self._pend(dataclasses.replace(a, cause=f.cause, hint=f.hint), f.step)
+        if a is None:
+            return
+        cause, hint = f.cause, f.hint
+        if f.overflow:  # values grew past the float range: were the updates too large?
+            lr = self._rules.step_lr.hint(f.step, f"'{f.layer}' went non-finite")
+            if lr is not None:
+                cause, hint = "learning_rate", lr
+        self._pend(dataclasses.replace(a, cause=cause, hint=hint), f.step)
 
     def _extreme(self, step: int, view: np.ndarray) -> None:
         """A finite step: only a gradient above ``extreme_rms`` is reported at once."""
@@ -662,7 +688,8 @@ class Watcher:
         whose gradients did."""
         order = self._collector.order
         acts = view[:, 0]
-        origin = next((i for i in order if acts[i] > 0), None)
+        # with the trace on, non-finite outputs without a NaN in it were absorbed infinities
+        origin = None if self._traced() else next((i for i in order if acts[i] > 0), None)
         if origin is None:
             grads = view[:, 1]
             origin = next((i for i in reversed(order) if grads[i] > 0), None)
