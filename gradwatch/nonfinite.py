@@ -290,7 +290,9 @@ class NonFiniteTracker:
                     "its output holds +Inf from finite float32 inputs (a result past the "
                     "float32 range, e.g. exp of a large value, or a division by 0)"))
         msg = f"{o.stage}: NaN/Inf {where}; {o.detail}"
-        inf = o.cause == "backward_op" and "Inf" in o.detail
+        # a gradient gone Inf, or NaN in a module of torch's whose backward keeps finite
+        # values finite short of an overflow (``selection.grad_safe``: not hooked)
+        inf = o.cause == "backward_op" and ("Inf" in o.detail or not mm.hooked[o.module])
         overflow = (o.cause in ("parameters", "unknown") or inf
                     or (o.cause == "forward_op" and o.entry >= 0
                         and "float16" not in o.detail))
