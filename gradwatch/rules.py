@@ -268,7 +268,8 @@ class Rules:
 
         def add_why(a: Alert | None) -> None:  # cause and hint, from this window on
             if a is not None:
-                add(self.diagnosis.explain(a, stats, self._streak.get((a.layer, a.kind), 1)))
+                a = self.diagnosis.explain(a, stats, self._streak.get((a.layer, a.kind), 1))
+                add(self._step_lr(a) if a.kind == "exploding" else a)
 
         # A parameter without a gradient (None: unused branch, frozen; or exactly zero:
         # behind a dead ReLU, set_to_none=False) has no grad_rms here: never vanishing.
@@ -327,6 +328,14 @@ class Rules:
                 return n
         return None
 
+    def _step_lr(self, a: Alert) -> Alert:
+        """An exploding alert the windows' history does not explain (too early: the first
+        window) gets ``learning_rate`` from the updates of the steps before it."""
+        if a.cause != "unknown":
+            return a
+        hint = self.step_lr.hint(a.step, f"'{a.layer}' blew up")
+        return a if hint is None else dataclasses.replace(a, cause="learning_rate", hint=hint)
+
     def exploding_now(self, step: int, layer: str, rms: float) -> Alert | None:
         """A per-step ``grad_rms`` above ``extreme_rms``, reported from the training thread
         within the step (the window's evaluation shares its rate limit)."""
@@ -335,12 +344,7 @@ class Rules:
         a = self._emit(step, layer, "exploding", "grad_rms", rms, self.t.extreme_rms, ">")
         if a is None:
             return None
-        a = self.diagnosis.explain(a)
-        if a.cause == "unknown":  # too early for the windows' history: this run's steps
-            hint = self.step_lr.hint(step, f"'{layer}' blew up")
-            if hint is not None:
-                a = dataclasses.replace(a, cause="learning_rate", hint=hint)
-        return a
+        return self._step_lr(self.diagnosis.explain(a))
 
     def nonfinite_now(self, step: int, layer: str, count: float,
                       note: str = "") -> Alert | None:
