@@ -65,6 +65,13 @@ class Found:
     # values may have grown past the float range (an Inf born from finite values, weights
     # gone non-finite in an update): the learning rate is a candidate cause
     overflow: bool = False
+    alt: Found | None = None  # what it is when the parameters check finite (Origin.alt)
+
+    def take(self, other: Found) -> None:
+        """Become ``other`` (the same step and count)."""
+        self.layer, self.cause, self.stage = other.layer, other.cause, other.stage
+        self.message, self.hint, self.overflow = other.message, other.hint, other.overflow
+        self.alt = None
 
 
 class NonFiniteTracker:
@@ -190,8 +197,12 @@ class NonFiniteTracker:
         self.armed = False
         count = float(np.count_nonzero(~np.isfinite(tr)))
         found = self._found(item.step, origin, count, rec, st, fv)
+        if origin.alt is not None:
+            found.alt = self._found(item.step, origin.alt, count, rec, st, fv)
         own = self.params_of[origin.module]
         if not (origin.check_params and own):
+            if found.alt is not None:
+                found.take(found.alt)
             return out + [found]
         if meta.param_sums:  # the parameters' sums as the forward used them came along
             sums = tr[len(tr) - len(self.all_params):]
@@ -207,7 +218,9 @@ class NonFiniteTracker:
         """forward_op or parameters, from the sums of module ``m``'s own parameters.
         ``exact``: those are the values the forward used; else they are read after the
         optimizer's update, which a NaN gradient of this very step makes NaN too."""
-        if np.isfinite(sums).all():
+        if np.isfinite(sums).all() or (found.alt is not None and not exact):
+            if found.alt is not None:
+                found.take(found.alt)
             return
         head = found.message.split("; ", 1)[0]
         if exact:

@@ -123,6 +123,9 @@ class Origin:
     check_params: bool = False
     weak: bool = False  # named without a hooked gradient that shows where it turned
     entry: int = -1  # the forward entry holding the Inf born there (-1: none)
+    # with ``check_params``: the origin when the module's parameters are finite (its NaN
+    # was made from an Inf input, e.g. an additive -inf attention mask passed in)
+    alt: Origin | None = None
 
 
 def status(v: np.ndarray) -> np.ndarray:
@@ -259,11 +262,15 @@ def forward_origin(rec: Record, st: np.ndarray, mm: ModelMap) -> Origin | None:
             what = "its inputs were finite" if ins else "it has no tensor inputs"
             return Origin(m, "forward_op", "forward", f"its output holds NaN; {what}",
                           check_params=mm.owns_params[m])
-        # NaN from an input holding Inf: name where the Inf came from
+        # NaN from an input holding Inf: name where the Inf came from, unless the module's
+        # own weights were NaN (an Inf mask passed to a module whose weights went bad)
         e = next(k for k in ins if st[k] == INF)
         o = calls.follow_inf(e)
         if o.cause != "input" and o.module != m:
             o.detail += f"; the Inf turned into NaN in {_q(mm.names[m])}"
+        if mm.owns_params[m] and o.module != m:
+            return Origin(m, "forward_op", "forward", "its output holds NaN; an input held "
+                          "Inf", check_params=True, alt=o)
         return o
     # every NaN output had a NaN input: a NaN entry first seen as an input
     for k, (kind, s) in enumerate(zip(rec.kind, st)):

@@ -290,6 +290,49 @@ def test_a_masked_head_keeps_the_saturation_alerts_of_a_deep_sigmoid_net(masked:
     assert "Sigmoid" in first.hint
 
 
+class CausalEncoder(nn.Module):
+    """Tokens -> ``nn.TransformerEncoder`` under a float causal mask (``-inf`` above the
+    diagonal, ``nn.Transformer.generate_square_subsequent_mask``) passed to every layer."""
+
+    def __init__(self, vocab: int = 48, d: int = 32, t: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, 2, 64, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(d, vocab)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(t))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        t = idx.size(1)
+        return self.head(self.encoder(self.emb(idx), mask=self.causal[:t, :t]))
+
+
+def test_an_inf_mask_passed_in_is_no_fault_and_does_not_hide_weights_gone_nan() -> None:
+    """The ``-inf`` mask is an input of every attention module: quiet while healthy; when
+    an attention module's own weights are NaN (a corrupted checkpoint), its NaN output is
+    its parameters, not the mask it was given."""
+    torch.manual_seed(0)
+    m = CausalEncoder()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    data = copy_task(48, 8, 16)
+    poison = 30  # 0-based: the forward of step 31 runs with the NaN weight
+
+    def loss(i: int) -> torch.Tensor:
+        if i == poison:
+            with torch.no_grad():
+                m.encoder.layers[0].self_attn.in_proj_weight[3, 5] = float("nan")
+        seq = data(i)
+        return F.cross_entropy(m(seq[:, :-1]).flatten(0, 1), seq[:, 1:].flatten())
+
+    run = train(m, opt, loss, 32, every=10)
+    assert run.faults == []
+    assert run.losses[poison - 1] < 0.9 * run.losses[0]
+    a = run.first
+    assert (a.kind, a.layer, a.cause, a.step) == (
+        "nonfinite", "encoder.layers.0.self_attn", "parameters", poison + 1)
+    assert f"since the update of step {poison}" in a.message
+
+
 # -- class 4: nested tensors -------------------------------------------------------------------
 class Encoder(nn.Module):
     """Features -> ``nn.TransformerEncoder`` with a key padding mask -> per-token classes."""
