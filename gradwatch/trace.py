@@ -81,6 +81,7 @@ class Record:
     half: list[int] = field(default_factory=list)  # rows of float16 tensors (overflow hints)
     g_roles: list[list[tuple[int, int]]] = field(default_factory=list)
     fired: list[int] = field(default_factory=list)
+    cut: bool = False  # calls were left out (MAX_ENTRIES): not every output was checked
 
     @property
     def n(self) -> int:
@@ -186,6 +187,7 @@ class StepTrace:
         """Module ``m`` returned ``output`` from ``args``/``kwargs`` (its forward hook)."""
         rec = self.rec
         if len(rec.by) >= MAX_ENTRIES:
+            rec.cut = True
             return  # an evaluation loop without steps: cut at the root's next call
         if (not kwargs and type(output) is Tensor and len(args) == 1
                 and type(args[0]) is Tensor):

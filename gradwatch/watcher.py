@@ -186,6 +186,7 @@ class Watcher:
         self._off: set[str] = set()  # internal parts switched off after a failure
         self._pending_grads: Any = None
         self._trace_step = -1  # the step whose non-finite trace was taken already
+        self._trace_cut = False  # the last trace taken left calls out (trace.MAX_ENTRIES)
         self._only: frozenset[int] | None = None
         self._sink: Any = None
         # distributed: only rank 0 opens a writer, so a run has one event file
@@ -544,6 +545,7 @@ class Watcher:
         if tr is not None and tr.on and self._trace_step != step:
             self._trace_step = step
             rec, fv, gv = tr.take()
+            self._trace_cut = rec.cut
             rows = [fv, gv]
             if mf is not None and mf.ran:  # compiled code ran: its per-module counts
                 rows.append(mf.take())
@@ -648,10 +650,10 @@ class Watcher:
             self._collector.fault("non-finite flags", "*", e)
 
     def _traced(self) -> bool:
-        """The non-finite trace runs: every module's outputs are checked each step, so a
-        NaN anywhere in the forward shows in the trace itself."""
+        """The non-finite trace runs and its last record was whole: every module's outputs
+        were checked, so a NaN anywhere in the forward shows in the trace itself."""
         tr = self._collector.trace
-        return tr is not None and tr.on
+        return tr is not None and tr.on and not self._trace_cut
 
     def _fault(self, item: Flags) -> bool:
         """A step's flags show a non-finite *fault*: a NaN in the forward (the trace), or a
