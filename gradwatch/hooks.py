@@ -147,7 +147,7 @@ class Collector:
             try:
                 if torch.compiler.is_compiling():
                     if self.mflags is not None:
-                        self.mflags.call(m, args, output)
+                        self.mflags.call(m, args, output, kwargs)
                 else:
                     tr.call(m, args, kwargs, output)
                     if m == 0 and not torch.is_grad_enabled() and self.on_eval_done:

@@ -354,10 +354,12 @@ class ModuleFlags:
         self.on = True
         self.ran = False
 
-    def call(self, m: int, args: Any, output: Any) -> None:
+    def call(self, m: int, args: Any, output: Any, kwargs: Any = None) -> None:
         self.ran = True
         outs = [t for t in tree_leaves(output) if _float(t)]
         ins = [t for t in tree_leaves(args) if _float(t)]
+        if kwargs:  # a batch passed by keyword is an input too
+            ins += [t for t in tree_leaves(kwargs) if _float(t)]
         row = self.t[m]
         for ts, col in ((outs, M_OUT_NAN), (ins, M_IN_NAN)):
             if ts:
