@@ -236,11 +236,11 @@ def test_nanogpt_with_its_causal_mask_in_a_module_of_its_own_is_quiet() -> None:
 
     run = train(m, opt, loss, 60, every=20)
     healthy(run)
-    w = gradwatch.watch(m, tensorboard=False)  # the mask is counted in `nonfinite`
-    loss(0).backward()
-    opt.step()
-    snap = w.flush()
-    w.close()
+    with gradwatch.watch(m, tensorboard=False) as w:  # the mask counts in `nonfinite`
+        opt.zero_grad()
+        loss(0).backward()
+        opt.step()
+    snap = w.latest  # the window close() flushed
     assert snap is not None and snap.stats["h.0.attn.mask"]["nonfinite"] > 0
     assert math.isinf(snap.stats["h.0.attn.mask"]["act_mean"])
 
