@@ -11,6 +11,7 @@ Patience, warm-up, hysteresis and rate limiting live here and nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import threading
@@ -21,6 +22,7 @@ from gradwatch.audit import InitAudit
 from gradwatch.blame import nonfinite_origin
 from gradwatch.diagnosis import Diagnosis, Fault
 from gradwatch.selection import LayerInfo
+from gradwatch.steplr import StepUpdates
 from gradwatch.thresholds import Thresholds
 
 __all__ = ["NONFINITE_KEY", "Rules", "Thresholds", "classify_grads", "classify_updates",
@@ -140,6 +142,12 @@ def classify_updates(rms: Mapping[str, float], updates: Mapping[str, float],
     return out
 
 
+def absorbed_inf(s: Mapping[str, float]) -> bool:
+    """A layer's window stats show infinities of one sign in its outputs and no NaN (the
+    fp32 sum of a tensor is NaN when it holds a NaN or infinities of both signs)."""
+    return math.isinf(s.get("act_mean", math.nan))
+
+
 NONFINITE_KEY = ("*", "nonfinite")
 """Non-finite values are one event for the whole model: once reported at the layer where
 they started, the layers they spread to are not reported again until it clears."""
@@ -171,6 +179,10 @@ class Rules:
         # the optimizer in use, read at each window: an object with an ``optimizer``
         # attribute (the watcher's ``stepping.Stepping``); None: SGD-like
         self.optimizer_source: Any = None
+
+
+        # per-step learning-rate evidence (training thread): the updates of the last steps
+        self.step_lr = StepUpdates()
 
     # -- rate limiting ------------------------------------------------------------------------
     def _emit(self, step: int, layer: str, kind: str, stat: str, value: float,
@@ -248,7 +260,8 @@ class Rules:
 
         def add_why(a: Alert | None) -> None:  # cause and hint, from this window on
             if a is not None:
-                add(self.diagnosis.explain(a, stats, self._streak.get((a.layer, a.kind), 1)))
+                a = self.diagnosis.explain(a, stats, self._streak.get((a.layer, a.kind), 1))
+                add(self._step_lr(a) if a.kind == "exploding" else a)
 
         # A parameter without a gradient (None: unused branch, frozen; or exactly zero:
         # behind a dead ReLU, set_to_none=False) has no grad_rms here: never vanishing.
@@ -302,16 +315,36 @@ class Rules:
     @staticmethod
     def _origin(stats: Mapping[str, Mapping[str, float]], order: Sequence[str],
                 act_nonfinite: Mapping[str, float]) -> str | None:
-        """First layer in forward order whose *output* went non-finite, else the last one
-        (closest to the loss) whose gradients did (``blame.nonfinite_origin``)."""
-        origin = nonfinite_origin(order, lambda n: act_nonfinite.get(n, 0),
-                                  lambda n: stats.get(n, {}).get("nonfinite", 0))
+        """Where the window's non-finite *fault* started (``blame.nonfinite_origin``): the
+        first layer in forward order whose output held a NaN, else the last one (closest to
+        the loss) whose gradients went non-finite; None when there is no fault. An infinity
+        that a layer's outputs held without a NaN (its ``act_mean`` is +-Inf: one sign, no
+        NaN) and that reached no gradient was absorbed downstream (a ``-inf`` mask before a
+        softmax, the log-probability of an impossible class): counted in ``nonfinite``, no
+        origin."""
+
+        def out_bad(n: str) -> float:
+            nf = act_nonfinite.get(n, 0)
+            return nf if nf > 0 and not absorbed_inf(stats.get(n, {})) else 0.0
+
+        def grad_bad(n: str) -> float:  # non-finite beyond what its outputs held
+            return stats.get(n, {}).get("nonfinite", 0) - act_nonfinite.get(n, 0)
+
+        origin = nonfinite_origin(order, out_bad, grad_bad)
         if origin is not None:
             return origin
-        for n, s in stats.items():  # a layer never called in forward order
-            if s.get("nonfinite", 0) > 0:
+        for n in stats:  # a layer never called in forward order
+            if grad_bad(n) > 0:
                 return n
         return None
+
+    def _step_lr(self, a: Alert) -> Alert:
+        """An exploding alert the windows' history does not explain (too early: the first
+        window) gets ``learning_rate`` from the updates of the steps before it."""
+        if a.cause != "unknown":
+            return a
+        hint = self.step_lr.hint(a.step, f"'{a.layer}' blew up")
+        return a if hint is None else dataclasses.replace(a, cause="learning_rate", hint=hint)
 
     def exploding_now(self, step: int, layer: str, rms: float) -> Alert | None:
         """A per-step ``grad_rms`` above ``extreme_rms``, reported from the training thread
@@ -319,7 +352,9 @@ class Rules:
         if not rms > self.t.extreme_rms:
             return None
         a = self._emit(step, layer, "exploding", "grad_rms", rms, self.t.extreme_rms, ">")
-        return self.diagnosis.explain(a) if a is not None else None
+        if a is None:
+            return None
+        return self._step_lr(self.diagnosis.explain(a))
 
     def nonfinite_now(self, step: int, layer: str, count: float,
                       note: str = "") -> Alert | None:

@@ -36,7 +36,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "engine", "monitor", "stepping", "shutdown", "lifetime")),
     ("snapshot: a window on the host", ("snapshot",)),
     ("publish, rules, diagnosis (background thread)", (
-        "publish", "rules", "diagnosis", "paths")),
+        "publish", "rules", "diagnosis", "paths", "steplr")),
     ("sinks: what a window is written as", (
         "sinks", "sinks.console", "sinks.notebook", "sinks.tensorboard")),
     ("offline reading: logs, plots, the TensorBoard plugin", (
