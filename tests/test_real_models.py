@@ -17,14 +17,8 @@ import pytest
 from tests.support.real_models import CASES, Case, train
 
 
-def _param(case: Case) -> object:
-    marks = [pytest.mark.xfail(strict=True, reason=f"part B: {case.part_b}")] \
-        if case.part_b else []
-    return pytest.param(case, id=case.name, marks=marks)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.name) for c in CASES])
 def test_real_model(case: Case) -> None:
     out = train(case)
     assert out.problems() == [], out.row()
