@@ -46,6 +46,7 @@ from gradwatch.selection import (
 from gradwatch.sinks.pictures import Pictures
 from gradwatch.snapshot import applicable
 from gradwatch.stepping import Stepping
+from gradwatch.structure import start_probe
 from gradwatch.trace import ModuleFlags, StepTrace
 
 
@@ -74,6 +75,10 @@ class Parts:
         c = self.collector = Collector(self.buffers, infos, cfg.thresholds.saturation_margin,
                                        self.guard, self.handles.group("tensor"))
         self.rules = Rules(cfg.thresholds, infos, measure(root, chosen, c.fault), c.fault)
+        # the model's dataflow, learned once at the first training forward (the path audit)
+        probe = start_probe(root, self.rules.diagnosis.audit, c.fault)
+        if probe is not None:
+            self.handles.add("probe", probe)
         # lazy modules: parameters are tracked once materialized, at the first forward
         self.lazy = any_lazy(p for p, _ in owners)
         params = ParamTracker([] if self.lazy else owners, L, device)
@@ -121,6 +126,7 @@ class Parts:
         # torch's global optimizer step hooks and a forward counter on the root
         s = self.stepping = Stepping(e, root, root.parameters(), optimizer, self.guard, handles)
         e.optimizer = lambda: s.optimizer
+        self.rules.optimizer_source = s  # vanishing is judged for the optimizer in use
         e.ended_by_driver = s.ended_by_driver
         infos, applies = self.infos, self.applies
 

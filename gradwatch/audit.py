@@ -14,9 +14,10 @@ runs after ``watch()`` returns.
 from __future__ import annotations
 
 import math
+import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -34,8 +35,56 @@ NORMS: tuple[type[nn.Module], ...] = tuple(
                 nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
                 nn.InstanceNorm3d, nn.LocalResponseNorm, getattr(nn, "RMSNorm", None))
     if t is not None)
+EMBEDDINGS: tuple[type[nn.Module], ...] = (nn.Embedding, nn.EmbeddingBag)
+#: a library's own normalization layer, by its name: LlamaRMSNorm, T5LayerNorm, LayerNorm2d
+_NORM_NAME = re.compile(r"Norm(\d[dD])?$")
 _GATES = {nn.LSTM: ("input", "forget", "cell", "output"), nn.GRU: ("reset", "update", "new"),
           nn.RNN: ("",)}
+
+
+def linear_fans(m: nn.Module, weight: torch.Tensor) -> tuple[int, int] | None:
+    """(fan-in, fan-out) of a module that is a linear map by what it is, not by its class:
+    torch's Linear and convolutions, and any other module whose one own weight is a 2-D
+    matrix applied to the last dimension (Hugging Face's ``Conv1D``, whose weight is
+    ``in x out``; a library's own ``Linear``). The orientation comes from the module's
+    ``in_features``/``out_features`` or ``nx``/``nf`` where it has them, else torch's
+    ``out x in``; the excess over the Glorot/He range does not depend on it."""
+    if isinstance(m, AUDITED):
+        if weight.dim() < 2:
+            return None
+        return nn.init._calculate_fan_in_and_fan_out(weight)
+    if isinstance(m, (*RECURRENT, *EMBEDDINGS, *NORMS)) or type(m).__module__.startswith("torch.") \
+            or weight.dim() != 2:
+        return None
+    if any(p.dim() >= 2 for n, p in m.named_parameters(recurse=False) if n != "weight"):
+        return None  # more than one matrix: not a plain linear map
+    rows, cols = weight.shape
+    fin, fout = getattr(m, "in_features", None), getattr(m, "out_features", None)
+    if fin is None:
+        fin, fout = getattr(m, "nx", None), getattr(m, "nf", None)
+    if (fin, fout) == (rows, cols):
+        return rows, cols
+    return cols, rows
+
+
+def declares_fans(m: nn.Module) -> bool:
+    """Whether a module names its fans (``in_features``/``out_features`` or ``nx``/``nf``):
+    a module that does not is taken as a linear map only once its use says so (an input
+    and an output whose last dimensions are the weight's two sides, ``paths.Graph.dims``)."""
+    return isinstance(m, AUDITED) or all(isinstance(getattr(m, a, None), int)
+                                         for a in ("in_features", "out_features")) or \
+        all(isinstance(getattr(m, a, None), int) for a in ("nx", "nf"))
+
+
+def is_norm(m: nn.Module) -> bool:
+    """A normalization layer: torch's classes, or a library's own (``LlamaRMSNorm``,
+    ``T5LayerNorm``...: a module named for it whose only own parameters are 1-D scales and
+    shifts)."""
+    if isinstance(m, NORMS):
+        return True
+    own = list(m.parameters(recurse=False))
+    return (_NORM_NAME.search(type(m).__name__) is not None and not m._modules and bool(own)
+            and all(p.dim() <= 1 for p in own))
 
 
 def activation_gain(m: nn.Module) -> tuple[str, float] | None:
@@ -89,12 +138,24 @@ class InitAudit:
     normalization layers that are not watched, so the forward order cannot place them."""
 
     scales: dict[str, WeightScale] = field(default_factory=dict)
+    #: embedding tables: the std of their entries (a lookup: no fan-in)
+    embeddings: dict[str, float] = field(default_factory=dict)
+    #: normalization layers' scale (the root mean square of their weight; 1 without one)
+    norm_scales: dict[str, float] = field(default_factory=dict)
+    #: audited by the shape of their weight alone (``declares_fans`` is False): linear maps
+    #: only if their use in the dataflow says so
+    by_shape: frozenset[str] = frozenset()
     gains: dict[str, RecurrentGain] = field(default_factory=dict)
     gains_of: dict[str, tuple[str, float]] = field(default_factory=dict)  # activations
     norms: frozenset[str] = frozenset()
     unseen_norms: bool = False
     order: tuple[str, ...] = ()
     seconds: float = 0.0
+    #: the model's dataflow between its modules, from one training forward
+    #: (``structure.Graph``); None until that forward ran
+    graph: Any = None
+    #: the hooks that learn ``graph`` (``structure.StructureProbe``); removed at close
+    probe: Any = None
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -140,7 +201,7 @@ def audit(root: nn.Module, watched: Sequence[tuple[str, nn.Module]]) -> InitAudi
     t0 = time.perf_counter()
     out = InitAudit()
     out.order = tuple(n or ROOT_NAME for n, _ in root.named_modules())
-    norms = {n for n, m in root.named_modules() if isinstance(m, NORMS)}
+    norms = {n or ROOT_NAME for n, m in root.named_modules() if is_norm(m)}
     chosen = {n for n, _ in watched}
     out.norms = frozenset(norms & chosen)
     out.unseen_norms = bool(norms - chosen)
@@ -148,17 +209,28 @@ def audit(root: nn.Module, watched: Sequence[tuple[str, nn.Module]]) -> InitAudi
     values: list[torch.Tensor] = []  # every measurement, read back to the host at once
     scale_rows: list[tuple[str, int, int, int, bool]] = []  # name, fans, first value, bias?
     gain_rows: list[tuple[str, str, tuple[str, ...], int]] = []
+    other_rows: list[tuple[str, bool, int]] = []  # name, norm (else embedding), value
     with torch.no_grad():
         for name, m in watched:
             act = activation_gain(m)
             if act is not None:
                 out.gains_of[name] = act
-            weight = getattr(m, "weight", None)
-            if isinstance(m, AUDITED) and isinstance(weight, torch.Tensor) and _plain(weight) \
-                    and weight.dim() >= 2:
-                fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)
+            w = getattr(m, "weight", None)
+            weight = w if isinstance(w, torch.Tensor) and _plain(w) else None
+            fans = linear_fans(m, weight) if weight is not None else None
+            if is_norm(m) and name in out.norms:
+                other_rows.append((name, True, len(values)))
+                values.append(weight.detach().float().square().mean().sqrt().reshape(1)
+                              if weight is not None else torch.ones(1))
+            elif isinstance(m, EMBEDDINGS) and weight is not None:
+                other_rows.append((name, False, len(values)))
+                values.append(_moments(weight.detach()))
+            elif fans is not None and weight is not None:
+                fan_in, fan_out = fans
                 if fan_in == 0 or fan_out == 0:
                     continue
+                if not declares_fans(m):
+                    out.by_shape = out.by_shape | {name}
                 scale_rows.append((name, fan_in, fan_out, len(values), False))
                 values.append(_moments(weight.detach()))
                 b = getattr(m, "bias", None)
@@ -185,6 +257,12 @@ def audit(root: nn.Module, watched: Sequence[tuple[str, nn.Module]]) -> InitAudi
         bias = flat[starts[i + 1]] if has_bias else None
         std = math.sqrt(max(square - mean * mean, 0.0))
         out.scales[name] = WeightScale(fan_in, fan_out, std, bias)
+    for name, norm, i in other_rows:
+        if norm:
+            out.norm_scales[name] = flat[starts[i]]
+        else:
+            mean, square = flat[starts[i]], flat[starts[i] + 1]
+            out.embeddings[name] = math.sqrt(max(square - mean * mean, 0.0))
     for name, pname, gates, i in gain_rows:
         per_gate = flat[starts[i]:starts[i + 1]]
         k = max(range(len(gates)), key=per_gate.__getitem__)

@@ -2,7 +2,10 @@
 window (``rules.Rules``) and for a step's flags (``monitor.StepMonitor``).
 
 The first layer in forward order whose *output* went non-finite; else the last one (closest
-to the loss) whose gradients did; None when neither.
+to the loss) whose gradients did; None when neither. The callers count faults only: an
+infinity a layer's outputs held and the model absorbed (a ``-inf`` mask before a softmax)
+is no fault, so they pass 0 for it (the window: its ``act_mean`` is +-Inf without a NaN;
+a step: its trace, which checks every output, holds no NaN).
 """
 
 from __future__ import annotations

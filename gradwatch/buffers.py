@@ -62,6 +62,9 @@ WINDOW: tuple[tuple[str, str], ...] = (
     ("stuck_cnt", "sum"),
 )
 W = {name: i for i, (name, _) in enumerate(WINDOW)}
+#: Columns of ``step_flags``: non-finite outputs, non-finite gradients, gradient RMS,
+#: update ratio.
+FLAG_COLS = 4
 SUM_COLS = [i for i, (_, r) in enumerate(WINDOW) if r == "sum"]
 MAX_COLS = [i for i, (_, r) in enumerate(WINDOW) if r == "max"]
 # commit_step: the window columns of each part's per-step values, in stacking order
@@ -135,7 +138,8 @@ class WindowBuffers:
         self._g_slots: list[int] = []
         self._idx: dict[tuple[int, ...], Tensor] = {}
         self._zero = torch.zeros(n_layers, dtype=torch.float32, device=device)
-        self._zero3 = torch.zeros(n_layers, 3, dtype=torch.float32, device=device)
+        self._zero_flags = torch.zeros(n_layers, FLAG_COLS, dtype=torch.float32,
+                                       device=device)
         self._act_cols = torch.tensor([W[c] for c in _ACT_COLS], dtype=torch.long,
                                       device=device)
         self._col_idx: dict[tuple[bool, bool, bool], Tensor] = {}
@@ -297,11 +301,12 @@ class WindowBuffers:
         c = W["act_max"]
         torch.maximum(self.window[:, c], st[:, ST_MAX], out=self.window[:, c])
 
-    def step_flags(self, params: ParamStepStats | None, sampled: bool = True) -> Tensor:
-        """``[layers, 3]`` of this step: non-finite counts in the outputs and in the
-        gradients, and the parameter-gradient RMS (0 without one), for the rules that fire
-        within a step. Call before ``commit_step``; the watcher copies it to the host without
-        waiting (``flags.StepFlags``)."""
+    def step_flags(self, params: ParamStepStats | None, sampled: bool = True,
+                   updates: Tensor | None = None) -> Tensor:
+        """``[layers, FLAG_COLS]`` of this step: non-finite counts in the outputs and in the
+        gradients, the parameter-gradient RMS (0 without one) and the update ratio (0 where
+        not measured), for the rules that fire within a step. Call before ``commit_step``;
+        the step monitor copies it to the host without waiting (``flags.FlagsToHost``)."""
         self.fold()
         st = self.stage
         if sampled:
@@ -310,15 +315,16 @@ class WindowBuffers:
             nf = st[:, ST_NF]
             bad = torch.isfinite(st[:, ST_S1]).logical_not_() & (st[:, ST_N] > 0)
             torch.where(bad, torch.clamp(nf, min=1.0), nf, out=nf)
+        upd = self._zero if updates is None else torch.nan_to_num(updates, nan=0.0)
         if params is None:
-            return torch.stack([st[:, ST_NF], st[:, ST_GNF], self._zero], dim=1)
+            return torch.stack([st[:, ST_NF], st[:, ST_GNF], self._zero, upd], dim=1)
         # a layer without gradients has grad_rms 0 and no non-finite count
         return torch.stack([st[:, ST_NF], st[:, ST_GNF] + params.grad_nonfinite,
-                            params.grad_rms], dim=1)
+                            params.grad_rms, upd], dim=1)
 
     def no_flags(self) -> Tensor:
         """``step_flags`` of a step with nothing to flag (a trace sent on its own)."""
-        return self._zero3
+        return self._zero_flags
 
     def scale_out_grads(self, factor: Tensor) -> None:
         """Multiply the staged output-gradient Σg² by ``factor`` (AMP: 1/scale²)."""

@@ -35,7 +35,7 @@ from typing import Callable, Mapping, Sequence
 
 from gradwatch.alerts import Alert, fmt
 from gradwatch.audit import InitAudit
-from gradwatch.paths import Paths
+from gradwatch.paths import Paths, place_on_graph
 from gradwatch.selection import LayerInfo
 from gradwatch.thresholds import Thresholds
 
@@ -130,10 +130,14 @@ class Diagnosis:
     def see_order(self, order: Sequence[str]) -> None:
         """The forward order of the watched layers, from a window (background thread)."""
         p = self._paths
-        if self.off or not order or (p.confirmed and list(order) == p.order):
+        graph = self.audit.graph
+        if self.off or not order or (p.confirmed and list(order) == p.order
+                                     and (graph is None or p.on_graph)):
             return
         try:
-            placed = Paths.place(list(order), self.audit, self.info, confirmed=True)
+            placed = place_on_graph(list(order), self.audit, self.info, graph) \
+                if graph is not None else \
+                Paths.place(list(order), self.audit, self.info, confirmed=True)
             with self._lock:
                 self._paths = placed
         except Exception as e:  # noqa: BLE001 - reported, never propagated
@@ -203,8 +207,8 @@ class Diagnosis:
 
     def _too_large(self, layer: str) -> tuple[str, str] | None:
         s = self._paths.scales.get(layer)
-        if s is None:
-            return None
+        if s is None:  # a layer without a weight matrix (a normalization's scale...)
+            return self._too_large_after(layer)
         seg = self._paths.segment(s)
         top = max(seg, key=lambda x: x.growth)
         if top.growth < self.limits.init_grow:
@@ -217,6 +221,24 @@ class Diagnosis:
             f"{worst.describe()}; {names} scale the signal up by about {fmt(top.growth)}x "
             f"along the path to '{top.name}', so activations and gradients grow layer after "
             f"layer: try {worst.remedy()} or a normalization layer")
+
+    def _too_large_after(self, layer: str) -> tuple[str, str] | None:
+        """The gradient reaching ``layer`` comes back through weight layers it feeds whose
+        path grows a signal ``init_grow``-fold (on the dataflow: backward, a weight layer
+        scales the gradient by about its excess too)."""
+        after = self._paths.weights_after(layer)
+        segs = {x.segment for x in after}
+        seg = [x for x in self._paths.scales.values() if x.segment in segs]
+        if not seg:
+            return None
+        top = max(seg, key=lambda x: x.growth)
+        if top.growth < self.limits.init_grow:
+            return None
+        worst = max(seg, key=lambda x: x.excess)
+        return "init_scale", (
+            f"the gradient reaching '{layer}' comes back through weight layers that scale the "
+            f"signal up by about {fmt(top.growth)}x along the path to '{top.name}': "
+            f"{worst.describe()}: try {worst.remedy()}")
 
     def _lr_before(self, streak: int) -> tuple[float, int] | None:
         past = list(self._history)[:len(self._history) - streak] if streak else \
@@ -243,17 +265,28 @@ class Diagnosis:
 
     def _vanishing(self, layer: str, stats: Stats, streak: int) -> tuple[str, str] | None:
         s = self._paths.scales.get(layer)
-        if s is None:
-            return None
-        seg = self._paths.segment(s)
-        path = self._paths.path_product(s)
-        if path <= self.limits.init_shrink:
+        seg = self._paths.segment(s) if s is not None else []
+        path = self._paths.path_product(s) if s is not None else 1.0
+        if s is not None and path <= self.limits.init_shrink:
             small = [x for x in seg if x.excess < 1]
             worst = min(small, key=lambda x: x.excess)
             return "init_scale", (
                 f"{worst.describe()}; the {len(small)} weight layers '{small[0].name}' .. "
                 f"'{small[-1].name}' of its path scale the signal by about {fmt(path)}, "
                 f"forward and back: try {worst.remedy()} or a normalization layer")
+        # a normalization downstream divides the gradient by the scale of a signal that
+        # weights too large upstream grew
+        grown = [(n, g) for n, g in self._paths.norms_after(layer)
+                 if g >= self.limits.init_grow]
+        if grown:
+            norm, g = max(grown, key=lambda x: x[1])
+            big = [x for x in self._paths.weights_before(norm) if x.excess > 1]
+            if big:
+                worst = max(big, key=lambda x: x.excess)
+                return "init_scale", (
+                    f"{worst.describe()}; weights too large upstream grow the signal "
+                    f"entering '{norm}' about {fmt(g)}x, and a normalization divides the "
+                    f"gradient it passes back by that scale: try {worst.remedy()}")
         # the gradient dies in a saturated activation above it, saturated by large weights
         at = self._paths.index.get(layer, 0)
         for name in self._paths.order[at + 1:]:

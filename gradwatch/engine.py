@@ -136,7 +136,7 @@ class StepEngine:
             sampled = self.collector.full
             if sampled:
                 self.collector.flush_batches()
-            self.monitor.send(self.buffers.step_flags(grads, sampled), grads, sampled,
+            self.monitor.send(self.buffers.step_flags(grads, sampled, updates), grads, sampled,
                               self.step + 1)
             self.buffers.commit_step(grads, weights, updates, sampled)
         except Exception as e:

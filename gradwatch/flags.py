@@ -1,13 +1,14 @@
 """Per-step flags, device -> host without a stall and without a torch read op.
 
-Names: the *step flags* are the ``[layers + 1, 3]`` device tensor a step makes
+Names: the *step flags* are the ``[layers + 1, cols]`` device tensor a step makes
 (``buffers.WindowBuffers.step_flags``); ``FlagsToHost`` carries them to the host;
 ``HostFlags`` is what arrived for one step; ``monitor.StepMonitor`` sends and examines them.
 (``trace.ModuleFlags`` are per-module counts of compiled code, part of the trace payload.)
 
-Each step the step engine pushes a ``[layers + 1, 3]`` device tensor (non-finite counts in the
-outputs and in the gradients, summed over steps, and the parameter-gradient RMS, max over
-steps; the extra last row counts the NaN sums of the step's non-finite trace) and, when the
+Each step the step engine pushes a ``[layers + 1, cols]`` device tensor (non-finite counts
+in the outputs and in the gradients, summed over steps, then the parameter-gradient RMS and
+any further per-layer values, e.g. the update ratio, max over steps; the extra last row
+counts the NaN sums of the step's non-finite trace) and, when the
 step has one, the trace's rows (``trace.py``) with the host record they belong to.
 
 On CPU the copy is a plain memcpy into host buffers made once, read in the same step. On
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from gradwatch.hostcopy import host_buffer, landed, mark
 
-COLS = 3  # non-finite in outputs, non-finite in gradients, gradient RMS
+COLS = 3  # non-finite in outputs, non-finite in gradients, gradient RMS (the least)
 
 
 @dataclass
@@ -38,7 +39,7 @@ class HostFlags:
     """What reached the host for one step (or a span of steps the device ran behind)."""
 
     step: int
-    layers: np.ndarray  # [layers, 3]
+    layers: np.ndarray  # [layers, cols]
     trace_nan: float  # NaN sums in the step's trace (all steps of the span)
     trace: np.ndarray | None  # the step's trace rows, None when none came along
     meta: Any
@@ -72,17 +73,18 @@ class FlagsToHost:
     """
 
     def __init__(self, n_layers: int, device: torch.device, slots: int = 4,
-                 event: Callable[[], Any] | None = None) -> None:
+                 event: Callable[[], Any] | None = None, cols: int = COLS) -> None:
         if event is None and device.type == "cuda":
             event = torch.cuda.Event
         self._event = event
         self.n_layers = n_layers
         self._rows = n_layers + 1
-        self._head = self._rows * COLS
+        self.cols = cols
+        self._head = self._rows * cols
         pin = device.type == "cuda"
         self._slots = [_Slot(self._head + 256, pin)
                        for _ in range(slots if event is not None else 1)]
-        self._acc = (torch.zeros(self._rows, COLS, dtype=torch.float32, device=device)
+        self._acc = (torch.zeros(self._rows, cols, dtype=torch.float32, device=device)
                      if event is not None else None)
         self._first: int | None = None
         self._dropped = False
@@ -90,7 +92,7 @@ class FlagsToHost:
 
     def push(self, flags: Tensor, step: int, trace: Tensor | None = None,
              meta: Any = None) -> None:
-        """Once per step (training thread): the ``[layers + 1, 3]`` flags of training step
+        """Once per step (training thread): the ``[layers + 1, cols]`` flags of training step
         ``step``, and optionally the step's trace rows and their host record."""
         n_trace = -1 if trace is None else trace.numel()
         if self._acc is None:  # CPU: read in this step
@@ -104,7 +106,7 @@ class FlagsToHost:
             return
         acc = self._acc
         acc[:, :2] += flags[:, :2]
-        acc[:, 2].copy_(torch.maximum(acc[:, 2], flags[:, 2]))
+        acc[:, 2:].copy_(torch.maximum(acc[:, 2:], flags[:, 2:]))
         if self._first is None:
             self._first = step
         free = next((s for s in self._slots if s.event is None), None)
@@ -128,19 +130,19 @@ class FlagsToHost:
         self._dropped = False
 
     def read_now(self, flags: Tensor, parts: list[Tensor], step: int, meta: Any) -> HostFlags:
-        """CPU: the ``[layers, 3]`` flags of step ``step`` and its payload ``parts`` read at
+        """CPU: the ``[layers, cols]`` flags of step ``step`` and its payload ``parts`` read at
         once: two copies into host buffers made once, read through their numpy view."""
         assert self._acc is None, "read_now is for a device that is host memory"
         slot = self._slots[0]
         n = sum(t.numel() for t in parts)
         slot.fit(self._head + n)
-        slot.host[: self.n_layers * COLS].copy_(flags.reshape(-1))
+        slot.host[: self.n_layers * self.cols].copy_(flags.reshape(-1))
         trace = None
         if meta is not None:
             if parts:
                 torch.cat(parts, out=slot.host[self._head: self._head + n])
             trace = slot.view[self._head: self._head + n]
-        layers = slot.view[: self.n_layers * COLS].reshape(self.n_layers, COLS)
+        layers = slot.view[: self.n_layers * self.cols].reshape(self.n_layers, self.cols)
         nan = float(np.isnan(trace).sum()) if trace is not None else 0.0
         return HostFlags(step, layers, nan, trace, meta)
 
@@ -151,7 +153,7 @@ class FlagsToHost:
                 if s.event is not None and landed(s.event)]
         out = []
         for s in sorted(done, key=lambda x: x.seq):
-            head = s.view[: self._head].reshape(self._rows, COLS)
+            head = s.view[: self._head].reshape(self._rows, self.cols)
             trace = (s.view[self._head: self._head + s.n_trace].copy()
                      if s.n_trace >= 0 else None)
             if head.any() or (trace is not None and not np.isfinite(trace).all()):

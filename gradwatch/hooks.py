@@ -136,7 +136,7 @@ class Collector:
             try:
                 if torch.compiler.is_compiling():
                     if self.mflags is not None:
-                        self.mflags.call(m, args, output)
+                        self.mflags.call(m, args, output, kwargs)
                 else:
                     tr.call(m, args, kwargs, output)
                     if m == 0 and not torch.is_grad_enabled() and self.on_eval_done:
@@ -166,10 +166,11 @@ class Collector:
             return
         if leaves and "act" not in self.off:
             try:
+                t = S.dense(leaves[0])  # a nested tensor: the statistics of its elements
                 if torch.compiler.is_compiling():
-                    self._traced_stats(slot, leaves[0])
+                    self._traced_stats(slot, t)
                 else:
-                    self._stats(slot, leaves[0])
+                    self._stats(slot, t)
             except Exception as e:
                 self.guard.fail("act", "activation statistics", self.layers[slot].name, e)
         if "out_grad" not in self.off:
@@ -254,6 +255,7 @@ class Collector:
     def on_out_grad(self, slot: int, grad: Tensor) -> None:
         # registered on sampled steps only (a light step checks outputs and parameter gradients)
         try:
+            grad = S.dense(grad)
             if torch.compiler.is_compiling():
                 self.buffers.add_out_grad(slot, S.grad_sq_sum(grad), grad.numel())
             elif not self.grad_batch.add(slot, grad):

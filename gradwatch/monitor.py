@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from gradwatch.blame import nonfinite_origin
+from gradwatch.buffers import FLAG_COLS
 from gradwatch.faults import FaultGuard
 from gradwatch.flags import FlagsToHost, HostFlags
 from gradwatch.inbox import AlertInbox
@@ -51,8 +52,9 @@ class StepMonitor:
         self.inbox = inbox
         self.publisher = publisher
         # per-step non-finite flags, read on the host without a stall (flags.py)
-        self.to_host = FlagsToHost(n_layers, device)
+        self.to_host = FlagsToHost(n_layers, device, cols=FLAG_COLS)
         self.trace_step = -1  # the step whose non-finite trace was taken already
+        self.trace_cut = False  # the last trace taken left calls out (trace.MAX_ENTRIES)
 
     def _failed(self, e: Exception) -> None:
         self.rules.per_step_nonfinite = False  # the window names it from now on
@@ -73,6 +75,7 @@ class StepMonitor:
         if tr is not None and "trace" not in self.guard.off and self.trace_step != step:
             self.trace_step = step
             rec, fv, gv = tr.take()
+            self.trace_cut = rec.cut
             rows = [fv, gv]
             if mf is not None and mf.ran:  # compiled code ran: its per-module counts
                 rows.append(mf.take())
@@ -100,7 +103,7 @@ class StepMonitor:
         if rec is not None:
             tr.clear(rec)  # type: ignore[union-attr]  # after the copy, in stream order
         nan = torch.isnan(payload).sum(dtype=torch.float32)
-        extra = torch.stack([nan, torch.zeros_like(nan), torch.zeros_like(nan)])
+        extra = torch.stack([nan] + [torch.zeros_like(nan)] * (FLAG_COLS - 1))
         head = torch.cat([flags, extra.unsqueeze(0)])
         self.to_host.push(head, step, payload if meta is not None else None, meta)
 
@@ -152,23 +155,49 @@ class StepMonitor:
             return
         try:
             nf = self.tracker
-            bad = item.layers[:, :2].any() or item.trace_nan
-            if not bad:
-                self._extreme(item.step, item.layers)
-                return
-            for f in nf.read(item):
-                self._nonfinite_alert(f)
-            if item.meta is None and nf.armed and nf.last_bad != item.step:
-                # nothing named from a trace for this step (none came along, or it held
-                # Inf without NaN, e.g. an Inf parameter gradient): name a layer
-                self._flag_alert(item.step, item.layers)
+            if item.layers.shape[1] > 3:  # the step's update ratios: learning-rate evidence
+                self.rules.step_lr.see(item.step, item.layers[:, 3])
+            if self._fault(item):
+                for f in nf.read(item):
+                    self._nonfinite_alert(f)
+                if nf.last_bad == item.step or not nf.armed:
+                    return  # named from its trace, or a fault still going on
+                if item.meta is None:
+                    # nothing named from a trace for this step (none came along, or it
+                    # was switched off): name a layer from the flags
+                    self._flag_alert(item.step, item.layers)
+                    return
+            self._extreme(item.step, item.layers)
         except Exception as e:
             self._failed(e)
 
+    def _traced(self) -> bool:
+        """The non-finite trace runs and its last record was whole: every module's outputs
+        were checked, so a NaN anywhere in the forward shows in the trace itself."""
+        return (self.collector.trace is not None and "trace" not in self.guard.off
+                and not self.trace_cut)
+
+    def _fault(self, item: HostFlags) -> bool:
+        """A step's flags show a non-finite *fault*: a NaN in the forward (the trace), or a
+        NaN/Inf in a gradient. Non-finite outputs alone are infinities made on purpose and
+        absorbed downstream (a ``-inf`` mask before a softmax) while the trace, which sees
+        every NaN of the forward, shows none; without a trace they count as a fault."""
+        if item.layers[:, 1].any() or item.trace_nan:
+            return True
+        if item.trace is not None and not np.isfinite(item.trace).all():
+            return True  # the tracker tells an absorbed Inf from a fault (fault_in)
+        return bool(item.layers[:, 0].any()) and not self._traced()
+
     def _nonfinite_alert(self, f: Any) -> None:
         a = self.rules.nonfinite_now(f.step, f.layer, f.count, note=f.message)
-        if a is not None:
-            self._put(dataclasses.replace(a, cause=f.cause, hint=f.hint), f.step)
+        if a is None:
+            return
+        cause, hint = f.cause, f.hint
+        if f.overflow:  # values grew past the float range: were the updates too large?
+            lr = self.rules.step_lr.hint(f.step, f"'{f.layer}' went non-finite")
+            if lr is not None:
+                cause, hint = "learning_rate", lr
+        self._put(dataclasses.replace(a, cause=cause, hint=hint), f.step)
 
     def _extreme(self, step: int, view: np.ndarray) -> None:
         """A finite step: only a gradient above ``extreme_rms`` is reported at once."""
@@ -181,6 +210,8 @@ class StepMonitor:
         window rule would blame (``blame.nonfinite_origin``), else the layer with the most
         non-finite gradients."""
         acts, grads = view[:, 0], view[:, 1]
+        if self._traced():  # non-finite outputs without a NaN in the trace were absorbed
+            acts = np.zeros_like(acts)
         origin = nonfinite_origin(self.collector.order, acts.__getitem__, grads.__getitem__)
         if origin is None:
             origin = int(np.argmax(grads))

@@ -48,6 +48,14 @@ class PayloadRecord:
     modules: tuple[int, ...] | None = None  # compiled code: per-module counts, this order
 
 
+def fault_in(tr: np.ndarray, n_rows: int, n_grads: int) -> bool:
+    """A step's payload shows a non-finite fault: a NaN anywhere, or an Inf in a gradient
+    row. An Inf in the forward rows alone is absorbed (a ``-inf`` mask; one that reaches
+    the loss makes its gradients non-finite); the norms that follow the rows overflow to
+    Inf for finite gradients of ~1e19 (an exploding gradient, not a non-finite one)."""
+    return bool(np.isnan(tr).any()) or not np.isfinite(tr[n_rows: n_rows + n_grads]).all()
+
+
 @dataclass
 class Found:
     """A named origin, ready to be alerted: ``count`` non-finite tensors in the step."""
@@ -59,6 +67,16 @@ class Found:
     message: str
     hint: str
     count: float
+    # values may have grown past the float range (an Inf born from finite values, weights
+    # gone non-finite in an update): the learning rate is a candidate cause
+    overflow: bool = False
+    alt: Found | None = None  # what it is when the parameters check finite (Origin.alt)
+
+    def take(self, other: Found) -> None:
+        """Become ``other`` (the same step and count)."""
+        self.layer, self.cause, self.stage = other.layer, other.cause, other.stage
+        self.message, self.hint, self.overflow = other.message, other.hint, other.overflow
+        self.alt = None
 
 
 class NonFiniteTracker:
@@ -147,7 +165,7 @@ class NonFiniteTracker:
             mflags = tr[at: at + 6 * n_m].reshape(n_m, 6)
             at += 6 * n_m
         pn = tr[at:]
-        if not np.isnan(tr).any():
+        if not fault_in(tr, n_rows, n_g):
             return out
         # steps without a NaN are not polled: a gap since the last NaN step means the model
         # was finite in between (re-armed), and ``since`` is the last finite step
@@ -175,13 +193,20 @@ class NonFiniteTracker:
         if origin is None:
             gst = {j: int(s) for j, s in zip(rec.fired, O.status(gv[rec.fired]))}
             origin = O.backward_origin(rec, gst, pg_own, self.mm)
+            if origin is None or origin.weak:
+                # an Inf the model returned, not absorbed by the loss: born in the forward
+                origin = O.loss_origin(rec, st, gst, self.mm) or origin
         if origin is None:
             return out
         self.armed = False
         count = float(np.count_nonzero(~np.isfinite(tr)))
-        found = self._found(item.step, origin, count, rec)
+        found = self._found(item.step, origin, count, rec, st, fv)
+        if origin.alt is not None:
+            found.alt = self._found(item.step, origin.alt, count, rec, st, fv)
         own = self.params_of[origin.module]
         if not (origin.check_params and own):
+            if found.alt is not None:
+                found.take(found.alt)
             return out + [found]
         if meta.param_sums:  # the parameters' sums as the forward used them came along
             sums = tr[len(tr) - len(self.all_params):]
@@ -197,7 +222,9 @@ class NonFiniteTracker:
         """forward_op or parameters, from the sums of module ``m``'s own parameters.
         ``exact``: those are the values the forward used; else they are read after the
         optimizer's update, which a NaN gradient of this very step makes NaN too."""
-        if np.isfinite(sums).all():
+        if np.isfinite(sums).all() or (found.alt is not None and not exact):
+            if found.alt is not None:
+                found.take(found.alt)
             return
         head = found.message.split("; ", 1)[0]
         if exact:
@@ -206,6 +233,7 @@ class NonFiniteTracker:
             found.message = head + (f"; its own parameters held NaN/Inf (since the update "
                                     f"of step {since})")
             found.hint = hint("parameters", self.mm.names[m], self.mm.types[m], since=since)
+            found.overflow = True
         else:
             found.cause = "unknown"
             found.message = head + ("; its parameters are NaN/Inf after this step's "
@@ -238,12 +266,24 @@ class NonFiniteTracker:
         out, self.host_nf = self.host_nf, np.zeros_like(self.host_nf)
         return out
 
-    @staticmethod
-    def _half_modules(rec: Record) -> set[int]:
+    def _half(self, rec: Record, st: np.ndarray, o: O.Origin) -> bool:
+        """Float16 is involved in a forward origin: a non-finite float16 value among the
+        Inf born there, the outputs of the origin's call, or what its code handed to its
+        submodules (an output entry that came from a child counts too)."""
         half = set(rec.half)
-        return {rec.by[k] for k in range(rec.n) if rec.row[k] in half and rec.src[k] == k}
+        if not half:
+            return False
+        m, anc = o.module, self.mm.ancestors
+        cand = [o.entry] if o.entry >= 0 else []
+        for c, ins, outs in rec.calls:
+            if c == m:
+                cand += outs
+            elif m in anc[c]:
+                cand += ins
+        return any(rec.row[k] in half and st[k] != O.FINITE for k in cand)
 
-    def _found(self, step: int, o: O.Origin, count: float, rec: Record) -> Found:
+    def _found(self, step: int, o: O.Origin, count: float, rec: Record,
+               st: np.ndarray | None = None, fv: np.ndarray | None = None) -> Found:
         mm = self.mm
         name, typ = mm.names[o.module], mm.types[o.module]
         where = {"forward_op": f"born in the forward of '{name}' ({typ})",
@@ -251,19 +291,38 @@ class NonFiniteTracker:
                  "parameters": f"the parameters of '{name}' ({typ})",
                  "input": f"in the model's input, first received by '{name}' ({typ})",
                  "unknown": f"first seen at '{name}' ({typ})"}[o.cause]
-        detail = o.detail
-        if o.cause == "forward_op" and o.module in self._half_modules(rec):
-            detail += " (its output is float16, whose range ends at 65504)"
-            o.detail = detail
-        msg = f"{o.stage}: NaN/Inf {where}; {detail}"
+        if o.cause == "forward_op" and st is not None:
+            half = self._half(rec, st, o)
+            if half and O.INF_BORN in o.detail:
+                o.detail = o.detail.replace(O.INF_BORN, "its output holds Inf from finite "
+                                            "inputs: a float16 overflow (float16 ends at "
+                                            "65504)")
+            elif half:
+                o.detail += " (float16 values are involved, whose range ends at 65504)"
+            elif O.INF_BORN in o.detail and fv is not None and o.entry >= 0:
+                neg = fv[rec.row[o.entry]] < 0
+                o.detail = o.detail.replace(O.INF_BORN, (
+                    "its output holds -Inf from finite float32 inputs (log of 0, or a "
+                    "result below the float32 range)" if neg else
+                    "its output holds +Inf from finite float32 inputs (a result past the "
+                    "float32 range, e.g. exp of a large value, or a division by 0)"))
+        msg = f"{o.stage}: NaN/Inf {where}; {o.detail}"
+        # a gradient gone Inf, or NaN in a module of torch's whose backward keeps finite
+        # values finite short of an overflow (``selection.grad_safe``: not hooked)
+        inf = o.cause == "backward_op" and ("Inf" in o.detail or not mm.hooked[o.module])
+        overflow = (o.cause in ("parameters", "unknown") or inf
+                    or (o.cause == "forward_op" and o.entry >= 0
+                        and "float16" not in o.detail))
         return Found(step, name, o.cause, o.stage, msg,
                      hint(o.cause, name, typ, stage=o.stage, detail=o.detail,
-                          loss=o.module == 0 and "loss" in o.detail), count)
+                          loss=o.module == 0 and "loss" in o.detail, overflow=inf),
+                     count, overflow)
 
 
 def hint(cause: str, name: str, typ: str, since: int | None = None, stage: str = "",
-         detail: str = "", loss: bool = False) -> str:
-    """What to try, for a non-finite origin."""
+         detail: str = "", loss: bool = False, overflow: bool = False) -> str:
+    """What to try, for a non-finite origin. ``overflow``: a gradient went Inf (values
+    grew past the float range), not NaN from finite values."""
     q = f"'{name}'"
     if cause == "parameters":
         return (f"the weights of {q} became NaN/Inf in the optimizer update after step "
@@ -275,6 +334,11 @@ def hint(cause: str, name: str, typ: str, since: int | None = None, stage: str =
                 "(missing values, a division by a zero std when normalising); filter or "
                 "torch.nan_to_num the inputs")
     if cause == "backward_op":
+        if overflow:
+            return (f"the gradient overflowed to Inf in the backward of {q} ({typ}): values "
+                    "or gradients grew past the float range (weights grown by updates too "
+                    "large, activations or a loss too large): lower the learning rate, clip "
+                    "gradients (torch.nn.utils.clip_grad_norm_), check the weights' scale")
         if loss:
             return ("the loss is finite but its gradient is not: look at the loss code for "
                     "sqrt, pow, log or a norm evaluated at 0 (their derivative is infinite "
@@ -285,7 +349,7 @@ def hint(cause: str, name: str, typ: str, since: int | None = None, stage: str =
                 "it is not selected); compute the unsafe branch on safe values, e.g. "
                 "torch.where(x > 0, x, 1).sqrt(), or add an epsilon (x.norm() + 1e-12)")
     if cause == "forward_op":
-        if "overflow" in detail or "float16" in detail:
+        if "float16" in detail:
             return (f"values overflowed to Inf in {q} ({typ}): its inputs or weights are too "
                     "large for the dtype (float16 ends at 65504: use bfloat16 autocast or a "
                     "GradScaler, keep this layer in float32, or normalise its input)")

@@ -121,6 +121,11 @@ class Origin:
     stage: str
     detail: str
     check_params: bool = False
+    weak: bool = False  # named without a hooked gradient that shows where it turned
+    entry: int = -1  # the forward entry holding the Inf born there (-1: none)
+    # with ``check_params``: the origin when the module's parameters are finite (its NaN
+    # was made from an Inf input, e.g. an additive -inf attention mask passed in)
+    alt: Origin | None = None
 
 
 def status(v: np.ndarray) -> np.ndarray:
@@ -172,6 +177,21 @@ class _Calls:
                         return k
         return None
 
+    def bad_input(self, host: int, k0: int) -> int | None:
+        """A non-finite input entry of a call of ``host`` other than ``k0``'s own: the
+        value ``host``'s code handed to a submodule came from what ``host`` received
+        (keyword inputs included), not from code of its own."""
+        if host == self.rec.by[k0]:
+            return None
+        rec, st = self.rec, self.st
+        want = st[k0]
+        for m, ins, _ in rec.calls:
+            if m == host:
+                bad = [k for k in ins if rec.src[k] != k0 and st[k] != FINITE]
+                if bad:
+                    return next((k for k in bad if st[k] == want), bad[0])
+        return None
+
     def follow_inf(self, e: int) -> Origin:
         """Back from a non-finite input entry to where it was born."""
         rec, st, mm = self.rec, self.st, self.mm
@@ -188,6 +208,10 @@ class _Calls:
                                   f"the model's input holds {_word(st[e])}, first received by "
                                   f"{_q(mm.names[r])}")
                 host = self.enclosing(r)
+                fed = self.bad_input(host, k0)
+                if fed is not None:  # the host received it (a batch passed by keyword)
+                    e = fed
+                    continue
                 return Origin(host, "forward_op", "forward",
                               f"{_word(st[e])} made by code in the forward of "
                               f"{_q(mm.names[host])} outside its submodules, handed to "
@@ -198,11 +222,15 @@ class _Calls:
             m, ins, _ = rec.calls[ci]
             bad = [k for k in ins if st[k] != FINITE]
             if not bad:
-                return Origin(m, "forward_op", "forward",
-                              "its output holds Inf from finite inputs (an overflow)",
-                              check_params=mm.owns_params[m])
+                return Origin(m, "forward_op", "forward", INF_BORN,
+                              check_params=mm.owns_params[m], entry=k0)
             e = bad[0]
         return Origin(rec.by[rec.src[e]], "unknown", "forward", "origin not traced")
+
+
+#: How an Inf born in a module from finite inputs is described before its dtype and sign
+#: are known (``nonfinite.py`` says which: a float16 overflow, log of 0, ...).
+INF_BORN = "its output holds Inf from finite inputs (an overflow)"
 
 
 def _word(s: int) -> str:
@@ -234,11 +262,15 @@ def forward_origin(rec: Record, st: np.ndarray, mm: ModelMap) -> Origin | None:
             what = "its inputs were finite" if ins else "it has no tensor inputs"
             return Origin(m, "forward_op", "forward", f"its output holds NaN; {what}",
                           check_params=mm.owns_params[m])
-        # NaN from an input holding Inf: name where the Inf came from
+        # NaN from an input holding Inf: name where the Inf came from, unless the module's
+        # own weights were NaN (an Inf mask passed to a module whose weights went bad)
         e = next(k for k in ins if st[k] == INF)
         o = calls.follow_inf(e)
         if o.cause != "input" and o.module != m:
             o.detail += f"; the Inf turned into NaN in {_q(mm.names[m])}"
+        if mm.owns_params[m] and o.module != m:
+            return Origin(m, "forward_op", "forward", "its output holds NaN; an input held "
+                          "Inf", check_params=True, alt=o)
         return o
     # every NaN output had a NaN input: a NaN entry first seen as an input
     for k, (kind, s) in enumerate(zip(rec.kind, st)):
@@ -298,7 +330,7 @@ def backward_origin(rec: Record, gst: dict[int, int], pg_own: Sequence[int],
     if og[root] == NAN:
         return Origin(root, "backward_op", "backward",
                       "the gradient arriving at the model's output already holds NaN: it "
-                      "was made by the loss (code after the model)")
+                      "was made by the loss (code after the model)", weak=True)
     # no hooked module shows it: the module nearest the loss whose own parameter gradients
     # are not finite (an Inf there, an overflow, often turns into NaN just below it)
     bad = [m for m in order if pg_own[m] >= INF]
@@ -306,11 +338,38 @@ def backward_origin(rec: Record, gst: dict[int, int], pg_own: Sequence[int],
         m = bad[-1]
         what = "NaN" if pg_own[m] == NAN else "Inf (or overflowed)"
         return Origin(m, "backward_op", "backward",
-                      f"its parameter gradients hold {what}; no hooked gradient above it did")
+                      f"its parameter gradients hold {what}; no hooked gradient above it did",
+                      weak=True)
     bad_any = [m for m in range(n) if og[m] == NAN or ig[m] == NAN]
     if bad_any:
         return Origin(bad_any[0], "unknown", "backward", "a gradient holds NaN; origin "
-                      "not traced")
+                      "not traced", weak=True)
+    return None
+
+
+def loss_origin(rec: Record, st: np.ndarray, gst: dict[int, int],
+                mm: ModelMap) -> Origin | None:
+    """The gradients went non-finite and the model returned an Inf (no NaN in the
+    forward): the Inf reached the loss, unless the gradient arriving at that output was
+    seen finite (the loss ignored it: a masked log-probability). Named where the Inf was
+    born."""
+    calls = _Calls(rec, st, mm)
+    finite_at: set[int] = set()  # entries whose gradient arrived finite
+    for j, s in gst.items():
+        if s == FINITE:
+            for m, role in rec.g_roles[j]:
+                if role == OUT:
+                    finite_at.add(m)
+    for m, _, outs in rec.calls:
+        if mm.ancestors[m] & calls.called or m in finite_at:
+            continue  # not the model's output, or absorbed by the loss
+        e = next((k for k in outs if st[k] in (INF, UNKNOWN)), None)
+        if e is not None:
+            o = calls.follow_inf(e)
+            if o.cause == "unknown":
+                return None
+            o.detail += "; the Inf reached the loss"
+            return o
     return None
 
 
@@ -339,8 +398,8 @@ def module_origin(flags: np.ndarray, order: Sequence[int], pg_own: Sequence[int]
                     if inf:
                         a = inf[-1]
                         return Origin(a, "forward_op", "forward",
-                                      "its output holds Inf from finite inputs (an overflow)"
-                                      f"; the Inf turned into NaN in '{mm.names[m]}'",
+                                      INF_BORN + f"; the Inf turned into NaN in "
+                                      f"'{mm.names[m]}'",
                                       check_params=mm.owns_params[a])
                 return Origin(m, "forward_op", "forward", "its output holds NaN; its inputs "
                               "were finite", check_params=mm.owns_params[m])

@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 from gradwatch.alerts import fmt
 from gradwatch.audit import InitAudit, WeightScale
 from gradwatch.selection import LayerInfo
+from gradwatch.structure import Graph
 
 #: The gain range assumed when the activation after a layer is not known (a function call
 #: in ``forward``, an activation without a ``calculate_gain`` entry, or the forward order
@@ -86,6 +87,11 @@ class Paths:
     scales: dict[str, Scale] = field(default_factory=dict)
     index: dict[str, int] = field(default_factory=dict)
     confirmed: bool = False
+    #: from the model's real dataflow (``place_on_graph``): the transforms feeding each
+    #: transform's input, and the scale of the signal entering each normalization layer
+    producers: dict[str, frozenset[str]] = field(default_factory=dict)
+    norm_in: dict[str, float] = field(default_factory=dict)
+    on_graph: bool = False
 
     @classmethod
     def place(cls, order: Sequence[str], audit: InitAudit, info: Mapping[str, LayerInfo],
@@ -98,7 +104,8 @@ class Paths:
         seg, growth = 0, 1.0
         for i, name in enumerate(order):
             li = info.get(name)
-            w = audit.scales.get(name)
+            # a weight audited by its shape alone waits for its use (the dataflow)
+            w = audit.scales.get(name) if name not in audit.by_shape else None
             if w is not None:
                 nxt = order[i + 1] if i + 1 < len(order) else None
                 act = audit.gains_of.get(nxt) if nxt is not None and confirmed else None
@@ -120,9 +127,234 @@ class Paths:
         return [x for x in self.scales.values() if x.segment == s.segment]
 
     def before(self, name: str) -> str | None:
-        """The module called just before ``name`` (the one feeding it, in a chain)."""
+        """The module feeding ``name``: from the dataflow where known and unambiguous,
+        else the module called just before it (in a chain, the same)."""
+        fed = self.producers.get(name)
+        if fed is not None and len(fed) == 1:
+            return next(iter(fed))
         i = self.index.get(name)
         return self.order[i - 1] if i else None
 
     def path_product(self, s: Scale) -> float:
+        """The scale of the signal along ``s``'s path: the product of the excesses of its
+        segment in a chain; on the dataflow, the smallest scale reached in the segment
+        (parallel branches are not multiplied, a residual sum keeps the larger term)."""
+        if self.on_graph:
+            return min(x.growth for x in self.segment(s))
         return math.prod(x.excess for x in self.segment(s))
+
+    def weights_before(self, name: str) -> list[Scale]:
+        """The audited layers whose output reaches ``name`` without passing a normalization
+        layer (on the dataflow; [] without it)."""
+        seen, todo, out = {name}, [name], []
+        while todo:
+            for p in self.producers.get(todo.pop(), ()):
+                if p in seen:
+                    continue
+                seen.add(p)
+                if p in self.scales:
+                    out.append(self.scales[p])
+                if p not in self.norm_in:
+                    todo.append(p)
+        return out
+
+    def weights_after(self, name: str) -> list[Scale]:
+        """The audited layers that the output of ``name`` reaches without passing a
+        normalization layer (on the dataflow; [] without it): the gradient reaching
+        ``name`` comes back through them."""
+        users = self._users()
+        seen, todo, out = {name}, [name], []
+        while todo:
+            for u in users.get(todo.pop(), ()):
+                if u in seen:
+                    continue
+                seen.add(u)
+                if u in self.scales:
+                    out.append(self.scales[u])
+                if u not in self.norm_in:
+                    todo.append(u)
+        return out
+
+    def _users(self) -> dict[str, set[str]]:
+        users: dict[str, set[str]] = {}
+        for t, fed in self.producers.items():
+            for p in fed:
+                users.setdefault(p, set()).add(t)
+        return users
+
+    def norms_after(self, name: str) -> list[tuple[str, float]]:
+        """The normalization layers that the output of ``name`` reaches (through other
+        transforms, not through a normalization), with the scale of the signal entering
+        each: a normalization divides the gradient that it passes back by that scale."""
+        if not self.on_graph:
+            return []
+        users = self._users()
+        seen, todo, out = {name}, [name], []
+        while todo:
+            for u in users.get(todo.pop(), ()):
+                if u in seen:
+                    continue
+                seen.add(u)
+                if u in self.norm_in:
+                    out.append((u, self.norm_in[u]))
+                else:
+                    todo.append(u)
+        return out
+
+
+# -- the model's real dataflow ------------------------------------------------------------------
+_ADD = ("AddBackward", "SubBackward")
+#: ops whose output is bounded whatever their input's scale (``tanh`` inside a GELU, the
+#: gate of a GLU): they cap the scale at 1
+_BOUNDED = ("Tanh", "Sigmoid", "Erf", "Clamp", "Hardtanh", "Hardsigmoid")
+_MUL = ("MulBackward", "BmmBackward", "MmBackward", "MatmulBackward", "BaddbmmBackward",
+        "AddmmBackward", "UnsafeViewBackward_mm")
+
+
+def _combine(op: str, vals: Sequence[float]) -> float:
+    """The scale of an autograd node's output from its signal inputs' scales."""
+    if any(b in op for b in _BOUNDED):
+        return min(max(vals), 1.0)
+    if op.startswith(_MUL) and len(vals) >= 2:
+        return math.prod(vals)
+    return max(vals)  # a sum, a concatenation, a view, an elementwise function
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.up: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.up.setdefault(x, x)
+        while self.up[x] != x:
+            self.up[x] = self.up[self.up[x]]
+            x = self.up[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        self.up[self.find(a)] = self.find(b)
+
+
+def place_on_graph(order: Sequence[str], audit: InitAudit, info: Mapping[str, LayerInfo],
+                   graph: Graph) -> Paths:
+    """``Paths`` from the model's real dataflow: the scale of the signal is followed
+    through the autograd graph of one forward. A weight layer multiplies it by its excess;
+    a normalization sets it to its own scale; a softmax, a recurrent layer or any other
+    layer with parameters starts it over at 1; a bounded activation caps it at 1; a
+    residual sum takes the larger of its terms (the sum carries the signal around a
+    branch that shrinks it); a product of two signals multiplies them; parallel branches
+    (q, k, v) each start from their common input, never from each other. Layers belong to
+    one segment when one feeds the other without a reset between them."""
+    def used_as_map(name: str) -> bool:  # a weight audited by its shape alone
+        if name not in audit.by_shape:
+            return True
+        w, d = audit.scales[name], graph.dims.get(name)
+        return d is not None and sorted(d) == sorted((w.fan_in, w.fan_out))
+
+    transform = {n for n in audit.scales if used_as_map(n)} | set(audit.embeddings) | \
+        set(audit.norms) | set(audit.gains) | set(audit.gains_of) | \
+        {n for n, li in info.items() if li.bounds is not None or li.has_params}
+    n = len(graph.ops)
+    val: list[float] = [1.0] * n
+    feeds: list[frozenset[str]] = [frozenset()] * n  # the transforms each row comes from
+    seg_of: list[frozenset[str]] = [frozenset()] * n  # audited layers joined to each row
+    uf = _UnionFind()
+    producers: dict[str, set[str]] = {}
+    norm_in: dict[str, float] = {}
+    pending: list[tuple[str, int]] = []  # (audited layer, its row): excess needs its gain
+    for r in range(n):
+        name = graph.owner.get(r)
+        kids = graph.kids[r]
+        if name is not None and name in transform:
+            ins = graph.inputs.get(r, ())
+            g_in = max((val[i] for i in ins), default=1.0)
+            producers.setdefault(name, set()).update(*(feeds[i] for i in ins))
+            joined = frozenset().union(*(seg_of[i] for i in ins))
+            li = info.get(name)
+            if name in audit.scales and used_as_map(name):
+                pending.append((name, r))
+                val[r] = g_in  # times its excess, once its activation is known
+                for other in joined:
+                    uf.union(name, other)
+                seg_of[r] = frozenset({name})
+            elif name in audit.norms:
+                norm_in[name] = max(norm_in.get(name, 0.0), g_in)
+                val[r] = audit.norm_scales.get(name, 1.0)
+            elif name in audit.embeddings:
+                val[r] = max(audit.embeddings[name], 1.0)
+            elif li is not None and li.bounds is not None:
+                val[r], seg_of[r] = min(g_in, 1.0), joined
+            elif name in audit.gains_of:
+                val[r], seg_of[r] = g_in, joined
+            else:  # recurrent or any other layer with parameters: starts over
+                val[r] = 1.0
+            feeds[r] = frozenset({name})
+            continue
+        op = graph.ops[r]
+        if not kids:
+            continue
+        feeds[r] = frozenset().union(*(feeds[k] for k in kids))
+        if "Softmax" in op or "Norm" in op:
+            val[r] = 1.0
+            continue
+        seg_of[r] = frozenset().union(*(seg_of[k] for k in kids))
+        val[r] = _combine(op, [val[k] for k in kids])
+    # the activation after each audited layer: an activation module it feeds
+    after: dict[str, str] = {}
+    for act in audit.gains_of:
+        for p in producers.get(act, ()):
+            after.setdefault(p, act)
+    # second pass with the excesses known: a layer's own excess scales its output and
+    # everything computed from it; one evaluation again, now with the excesses in place
+    excess_of: dict[str, tuple[float, str | None]] = {}
+    for name, _ in pending:
+        act_name = after.get(name)
+        gain = audit.gains_of.get(act_name) if act_name is not None else None
+        excess_of[name] = (excess(audit.scales[name], gain[1] if gain else None), act_name)
+    val = [1.0] * n
+    norm_in = {}
+    growth: dict[str, float] = {}
+    for r in range(n):
+        name = graph.owner.get(r)
+        kids = graph.kids[r]
+        if name is not None and name in transform:
+            ins = graph.inputs.get(r, ())
+            g_in = max((val[i] for i in ins), default=1.0)
+            li = info.get(name)
+            if name in excess_of:
+                val[r] = g_in * excess_of[name][0]
+                growth[name] = max(growth.get(name, 0.0), val[r])
+            elif name in audit.norms:
+                norm_in[name] = max(norm_in.get(name, 0.0), g_in)
+                val[r] = audit.norm_scales.get(name, 1.0)
+            elif name in audit.embeddings:
+                val[r] = max(audit.embeddings[name], 1.0)
+            elif li is not None and li.bounds is not None:
+                val[r] = min(g_in, 1.0)
+            elif name in audit.gains_of:
+                val[r] = g_in
+            else:
+                val[r] = 1.0
+            continue
+        op = graph.ops[r]
+        if not kids:
+            continue
+        if "Softmax" in op or "Norm" in op:
+            val[r] = 1.0
+        else:
+            val[r] = _combine(op, [val[k] for k in kids])
+    roots = {name: uf.find(name) for name in excess_of}
+    seg_ids = {root: i for i, root in enumerate(dict.fromkeys(roots.values()))}
+    scales: dict[str, Scale] = {}
+    for name in [x for x in order if x in excess_of] + [x for x in excess_of if x not in order]:
+        ex, act_name = excess_of[name]
+        gain = audit.gains_of.get(act_name) if act_name is not None else None
+        li = info.get(act_name) if act_name is not None else None
+        scales[name] = Scale(name, audit.scales[name], li.type_name if gain and li else None,
+                             gain[0] if gain else None, gain[1] if gain else None, ex,
+                             seg_ids[roots[name]], growth.get(name, ex))
+    out = Paths(list(order), scales, {x: i for i, x in enumerate(order)}, True)
+    out.producers = {k: frozenset(v) for k, v in producers.items()}
+    out.norm_in = norm_in
+    out.on_graph = True
+    return out

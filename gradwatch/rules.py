@@ -11,10 +11,11 @@ Patience, warm-up, hysteresis and rate limiting live here and nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import threading
-from typing import Callable, Mapping, Sequence, Tuple
+from typing import Any, Callable, Mapping, Sequence, Tuple
 
 from gradwatch.alerts import Alert
 from gradwatch.audit import InitAudit
@@ -22,9 +23,11 @@ from gradwatch.blame import nonfinite_origin
 from gradwatch.diagnosis import Diagnosis, Fault
 from gradwatch.schema import fmt
 from gradwatch.selection import LayerInfo
+from gradwatch.steplr import StepUpdates
 from gradwatch.thresholds import Thresholds
 
-__all__ = ["NONFINITE_KEY", "Rules", "Thresholds", "classify_grads"]
+__all__ = ["NONFINITE_KEY", "Rules", "Thresholds", "classify_grads", "classify_updates",
+           "optimizer_family"]
 
 
 _fmt = fmt  # the one number format of every view (schema.fmt)
@@ -34,14 +37,17 @@ Verdict = Tuple[float, float, bool]  # value, threshold, extreme
 
 
 def classify_grads(rms: Mapping[str, float], ema: Mapping[str, float], warm: bool,
-                   t: Thresholds) -> tuple[dict[str, Verdict], dict[str, Verdict]]:
+                   t: Thresholds, versus_median: bool = True
+                   ) -> tuple[dict[str, Verdict], dict[str, Verdict]]:
     """Vanishing and exploding layers of one window from their (finite, > 0) ``grad_rms``.
 
     Each relative rule uses a reference that the other condition cannot distort: vanishing
     is measured against the largest layer that is not exploding, and the ratio-to-median
     rule against the median of the layers that are neither vanishing nor exploding (in a
     net whose lower half vanishes, the healthy top is not "exploding"). ``ema``: each
-    layer's running average of normal windows, for the spike rule.
+    layer's running average of normal windows, for the spike rule. ``versus_median``
+    False (an adaptive optimizer: a gradient 100x the median layer's still makes a step of
+    about ``lr``): the ratio-to-median rule is left out; the absolute and spike rules stay.
     """
     exploding: dict[str, Verdict] = {}
     for n, v in rms.items():  # absolute: from the first window
@@ -72,12 +78,74 @@ def classify_grads(rms: Mapping[str, float], ema: Mapping[str, float], warm: boo
             if n in exploding or n in vanishing:
                 continue
             avg = ema.get(n)
-            if v > t.exploding_ratio * med:
+            if versus_median and v > t.exploding_ratio * med:
                 exploding[n] = (v, t.exploding_ratio * med, False)
             elif avg is not None and v > t.spike_factor * avg:
                 exploding[n] = (v, t.spike_factor * avg, False)
         vanishing = vanishing_vs(top())
     return vanishing, exploding
+
+
+#: Optimizers whose update does not shrink with the gradient (it is divided by a running
+#: measure of the gradient's own size, or is its sign): torch's classes by name, and any
+#: optimizer whose parameter groups carry an ``eps`` or ``betas`` (Adam-like ones from other
+#: libraries: Adafactor, 8-bit Adam, fused Adam, Lion...).
+ADAPTIVE = frozenset({"Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SparseAdam", "Adagrad",
+                      "Adadelta", "RMSprop", "Rprop", "Adafactor", "Lion"})
+SGD_LIKE, ADAPTIVE_FAMILY = "sgd", "adaptive"
+
+
+def optimizer_family(opt: Any) -> tuple[str, float]:
+    """(``"adaptive"`` or ``"sgd"``, the optimizer's ``eps``) of an optimizer; an optimizer
+    that is not known (None: no optimizer seen yet, or stepped by hand) is SGD-like, the
+    setting in which a small gradient is a small update. ``eps``: the smallest over the
+    parameter groups (1e-8 where the optimizer has none)."""
+    if opt is None:
+        return SGD_LIKE, math.nan
+    groups = getattr(opt, "param_groups", None) or []
+    eps: list[float] = []
+    keys: set[str] = set()
+    for g in groups:
+        if isinstance(g, Mapping):
+            keys |= set(g)
+            e = g.get("eps")
+            e = e[0] if isinstance(e, (tuple, list)) and e else e
+            if isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0:
+                eps.append(float(e))
+    names = {k.__name__ for k in type(opt).__mro__}
+    if names & ADAPTIVE or "eps" in keys or "betas" in keys:
+        return ADAPTIVE_FAMILY, min(eps) if eps else 1e-8
+    return SGD_LIKE, math.nan
+
+
+def classify_updates(rms: Mapping[str, float], updates: Mapping[str, float],
+                     exploding: Mapping[str, Verdict], warm: bool, eps: float,
+                     t: Thresholds) -> dict[str, Verdict]:
+    """Vanishing layers under an adaptive optimizer: its gradient is down at the optimizer's
+    ``eps`` (there ``update ~ lr * g / eps`` shrinks with the gradient again, and decoupled
+    weight decay is all that moves the weights), or the step no longer moves its weights
+    (its ``update_ratio`` below ``vanishing_ratio`` of the median layer's, after warm-up).
+    A gradient small by design (a branch behind a LayerScale of 1e-6, query/key projections
+    at a 0.02 init) still makes a normal step: Adam's update is about ``lr`` per element
+    whatever the gradient's scale."""
+    ups = {n: u for n, u in updates.items() if n in rms and math.isfinite(u) and u > 0}
+    med = statistics.median(ups.values()) if len(ups) >= 3 else math.nan
+    out: dict[str, Verdict] = {}
+    for n, v in rms.items():
+        if n in exploding:
+            continue
+        u = ups.get(n)
+        if v < t.vanishing_eps * eps:
+            out[n] = (v, t.vanishing_eps * eps, False)
+        elif u is not None and warm and u < t.vanishing_ratio * med:
+            out[n] = (u, t.vanishing_ratio * med, False)
+    return out
+
+
+def absorbed_inf(s: Mapping[str, float]) -> bool:
+    """A layer's window stats show infinities of one sign in its outputs and no NaN (the
+    fp32 sum of a tensor is NaN when it holds a NaN or infinities of both signs)."""
+    return math.isinf(s.get("act_mean", math.nan))
 
 
 NONFINITE_KEY = ("*", "nonfinite")
@@ -108,6 +176,13 @@ class Rules:
         # non-finite origins are named per step from the flags (``nonfinite_now``); the
         # window's own naming is the fallback when that part is switched off
         self.per_step_nonfinite = True
+        # the optimizer in use, read at each window: an object with an ``optimizer``
+        # attribute (the watcher's ``stepping.Stepping``); None: SGD-like
+        self.optimizer_source: Any = None
+
+
+        # per-step learning-rate evidence (training thread): the updates of the last steps
+        self.step_lr = StepUpdates()
 
     # -- rate limiting ------------------------------------------------------------------------
     def _emit(self, step: int, layer: str, kind: str, stat: str, value: float,
@@ -185,14 +260,20 @@ class Rules:
 
         def add_why(a: Alert | None) -> None:  # cause and hint, from this window on
             if a is not None:
-                add(self.diagnosis.explain(a, stats, self._streak.get((a.layer, a.kind), 1)))
+                a = self.diagnosis.explain(a, stats, self._streak.get((a.layer, a.kind), 1))
+                add(self._step_lr(a) if a.kind == "exploding" else a)
 
         # A parameter without a gradient (None: unused branch, frozen; or exactly zero:
         # behind a dead ReLU, set_to_none=False) has no grad_rms here: never vanishing.
         # inf stays: finite gradients whose norm overflowed fp32 (|g| ~ 1e19) are exploding.
         rms = {n: s["grad_rms"] for n, s in stats.items()
                if "grad_rms" in s and not math.isnan(s["grad_rms"]) and s["grad_rms"] > 0}
-        vanishing, exploding = classify_grads(rms, self._ema, warm, t)
+        family, eps = self.optimizer_family()
+        vanishing, exploding = classify_grads(rms, self._ema, warm, t,
+                                              versus_median=family != ADAPTIVE_FAMILY)
+        if family == ADAPTIVE_FAMILY:  # a small gradient is not a small update there
+            updates = {n: s["update_ratio"] for n, s in stats.items() if "update_ratio" in s}
+            vanishing = classify_updates(rms, updates, exploding, warm, eps, t)
         for name, v in rms.items():  # the running average learns only from normal windows
             if name not in exploding:
                 ema = self._ema.get(name)
@@ -201,7 +282,9 @@ class Rules:
             info = self.layers.get(name)
             van = vanishing.get(name)
             if self._condition((name, "vanishing"), van is not None) and van:
-                add_why(self._emit(step, name, "vanishing", "grad_rms", van[0], van[1], "<"))
+                stat = "update_ratio" if family == ADAPTIVE_FAMILY and \
+                    van[0] == stats[name].get("update_ratio") else "grad_rms"
+                add_why(self._emit(step, name, "vanishing", stat, van[0], van[1], "<"))
             exp = exploding.get(name)
             if self._condition((name, "exploding"), exp is not None,
                                exp is not None and exp[2]) and exp:
@@ -219,19 +302,49 @@ class Rules:
                                ">=", note=f"{units:.0%} of its units at a bound for every "
                                "sample" if act_stuck is not None else ""))
 
+    def optimizer_family(self) -> tuple[str, float]:
+        """The family of the optimizer in use (``optimizer_family``), SGD-like when none is
+        known."""
+        src = self.optimizer_source
+        try:
+            return optimizer_family(getattr(src, "optimizer", None) if src is not None
+                                    else None)
+        except Exception:  # noqa: BLE001 - an exotic optimizer: read as SGD-like
+            return SGD_LIKE, math.nan
+
     @staticmethod
     def _origin(stats: Mapping[str, Mapping[str, float]], order: Sequence[str],
                 act_nonfinite: Mapping[str, float]) -> str | None:
-        """First layer in forward order whose *output* went non-finite, else the last one
-        (closest to the loss) whose gradients did (``blame.nonfinite_origin``)."""
-        origin = nonfinite_origin(order, lambda n: act_nonfinite.get(n, 0),
-                                  lambda n: stats.get(n, {}).get("nonfinite", 0))
+        """Where the window's non-finite *fault* started (``blame.nonfinite_origin``): the
+        first layer in forward order whose output held a NaN, else the last one (closest to
+        the loss) whose gradients went non-finite; None when there is no fault. An infinity
+        that a layer's outputs held without a NaN (its ``act_mean`` is +-Inf: one sign, no
+        NaN) and that reached no gradient was absorbed downstream (a ``-inf`` mask before a
+        softmax, the log-probability of an impossible class): counted in ``nonfinite``, no
+        origin."""
+
+        def out_bad(n: str) -> float:
+            nf = act_nonfinite.get(n, 0)
+            return nf if nf > 0 and not absorbed_inf(stats.get(n, {})) else 0.0
+
+        def grad_bad(n: str) -> float:  # non-finite beyond what its outputs held
+            return stats.get(n, {}).get("nonfinite", 0) - act_nonfinite.get(n, 0)
+
+        origin = nonfinite_origin(order, out_bad, grad_bad)
         if origin is not None:
             return origin
-        for n, s in stats.items():  # a layer never called in forward order
-            if s.get("nonfinite", 0) > 0:
+        for n in stats:  # a layer never called in forward order
+            if grad_bad(n) > 0:
                 return n
         return None
+
+    def _step_lr(self, a: Alert) -> Alert:
+        """An exploding alert the windows' history does not explain (too early: the first
+        window) gets ``learning_rate`` from the updates of the steps before it."""
+        if a.cause != "unknown":
+            return a
+        hint = self.step_lr.hint(a.step, f"'{a.layer}' blew up")
+        return a if hint is None else dataclasses.replace(a, cause="learning_rate", hint=hint)
 
     def exploding_now(self, step: int, layer: str, rms: float) -> Alert | None:
         """A per-step ``grad_rms`` above ``extreme_rms``, reported from the training thread
@@ -239,7 +352,9 @@ class Rules:
         if not rms > self.t.extreme_rms:
             return None
         a = self._emit(step, layer, "exploding", "grad_rms", rms, self.t.extreme_rms, ">")
-        return self.diagnosis.explain(a) if a is not None else None
+        if a is None:
+            return None
+        return self._step_lr(self.diagnosis.explain(a))
 
     def nonfinite_now(self, step: int, layer: str, count: float,
                       note: str = "") -> Alert | None:

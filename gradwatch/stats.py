@@ -36,6 +36,14 @@ SAMPLE_ABOVE = 16 * SAMPLE_SIZE
 FUSE_ABOVE = 65536
 
 
+def dense(x: Tensor) -> Tensor:
+    """``x``, or for a nested tensor (``nn.TransformerEncoder``'s fast path in evaluation
+    hands them to hooks) its elements as one dense view (``values()``: no copy, no padding),
+    on which sums and reductions work; the statistics of its elements are those of the
+    nested tensor."""
+    return x.values() if x.is_nested else x
+
+
 def sample_view(flat: Tensor, n: int, phase: int = 0) -> Tensor:
     """``n`` evenly strided elements of the 1-D tensor ``flat`` (a view, no copy).
 

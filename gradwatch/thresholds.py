@@ -17,12 +17,19 @@ class Thresholds:
     """A layer's ``grad_rms`` below this is vanishing (absolute floor)."""
     vanishing_ratio: float = 1e-3
     """... or below this fraction of the largest non-exploding layer's ``grad_rms`` in the
-    same window (scale-free; after warm-up)."""
+    same window (scale-free; after warm-up). Under an adaptive optimizer (Adam family,
+    Adagrad, RMSprop...): a layer's ``update_ratio`` below this fraction of the median
+    layer's (after warm-up)."""
+    vanishing_eps: float = 0.01
+    """Under an adaptive optimizer, a layer whose ``grad_rms`` is below this multiple of the
+    optimizer's ``eps`` is vanishing: below ``eps`` the update shrinks with the gradient
+    again (``lr * g / eps``), and at 1/100 of it the step is 1/100 of the usual one."""
     exploding_rms: float = 10.0
     """A layer's ``grad_rms`` above this is exploding (absolute ceiling)."""
     exploding_ratio: float = 100.0
     """... or above this multiple of the median layer's ``grad_rms`` (after warm-up; needs
-    at least 3 layers with gradients)."""
+    at least 3 layers with gradients; SGD-like optimizers only: under an adaptive one a
+    larger gradient does not make a larger step)."""
     spike_factor: float = 100.0
     """... or above this multiple of its own running average (after warm-up)."""
     extreme_rms: float = 1e3

@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_leaves
 
 from gradwatch.faults import FaultGuard
 from gradwatch.handles import WeakHook
+from gradwatch.stats import dense
 
 OFF = "trace"  # the fault guard's name for this part
 
@@ -84,6 +85,7 @@ class Record:
     half: list[int] = field(default_factory=list)  # rows of float16 tensors (overflow hints)
     g_roles: list[list[tuple[int, int]]] = field(default_factory=list)
     fired: list[int] = field(default_factory=list)
+    cut: bool = False  # calls were left out (MAX_ENTRIES): not every output was checked
 
     @property
     def n(self) -> int:
@@ -160,7 +162,8 @@ class StepTrace:
         rec = self.rec
         k = len(rec.by)
         r = rec.n_rows
-        torch.sum(x.detach(), DIMS[x.ndim], dtype=torch.float32, out=self.fwd.row(r))
+        v = dense(x.detach())
+        torch.sum(v, DIMS[v.ndim], dtype=torch.float32, out=self.fwd.row(r))
         rec.n_rows = r + 1
         if x.dtype is torch.float16:
             rec.half.append(r)
@@ -184,6 +187,7 @@ class StepTrace:
         """Module ``m`` returned ``output`` from ``args``/``kwargs`` (its forward hook)."""
         rec = self.rec
         if len(rec.by) >= MAX_ENTRIES:
+            rec.cut = True
             return  # an evaluation loop without steps: cut at the root's next call
         if (not kwargs and type(output) is Tensor and len(args) == 1
                 and type(args[0]) is Tensor):
@@ -266,7 +270,8 @@ class StepTrace:
     # -- backward -----------------------------------------------------------------------------
     def grad(self, j: int, g: Tensor) -> None:
         try:
-            torch.sum(g.detach(), DIMS[g.ndim], dtype=torch.float32, out=self.grads.row(j))
+            v = dense(g.detach())
+            torch.sum(v, DIMS[v.ndim], dtype=torch.float32, out=self.grads.row(j))
             self.rec.fired.append(j)
         except Exception as e:
             self.guard.fail(OFF, "non-finite trace (gradients)", "*", e)
@@ -322,7 +327,8 @@ class _ModuleGradHook(WeakHook):
     def __call__(self, g: Tensor) -> None:
         f = self._ref()
         if f is not None:
-            s = torch.sum(g.detach(), DIMS[g.ndim], dtype=torch.float32)
+            v = dense(g.detach())
+            s = torch.sum(v, DIMS[v.ndim], dtype=torch.float32)
             f.t[self.m, self.col] += torch.isnan(s).to(torch.float32)
         return None
 
@@ -341,15 +347,17 @@ class ModuleFlags:
         self.order = order
         self.ran = False
 
-    def call(self, m: int, args: Any, output: Any) -> None:
+    def call(self, m: int, args: Any, output: Any, kwargs: Any = None) -> None:
         self.ran = True
         outs = [t for t in tree_leaves(output) if _float(t)]
         ins = [t for t in tree_leaves(args) if _float(t)]
+        if kwargs:  # a batch passed by keyword is an input too
+            ins += [t for t in tree_leaves(kwargs) if _float(t)]
         row = self.t[m]
         for ts, col in ((outs, M_OUT_NAN), (ins, M_IN_NAN)):
             if ts:
-                s = torch.stack([torch.sum(t.detach(), DIMS[t.ndim], dtype=torch.float32)
-                                 for t in ts]).sum()
+                s = torch.stack([torch.sum(v, DIMS[v.ndim], dtype=torch.float32)
+                                 for v in (dense(t.detach()) for t in ts)]).sum()
                 row[col] += torch.isnan(s).to(torch.float32)
                 row[col + 1] += torch.isinf(s).to(torch.float32)
         if self.unsafe[m] and torch.is_grad_enabled():

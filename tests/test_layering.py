@@ -30,12 +30,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("stats and device buffers", (
         "stats", "buffers", "hostcopy", "flags", "histograms", "audit")),
     ("hooks and trace (inside forward/backward, and the parameter reads)", (
-        "trace", "batched", "hooks", "params", "lazy", "amp", "origin", "nonfinite")),
+        "trace", "batched", "hooks", "params", "lazy", "amp", "origin", "nonfinite",
+        "structure")),
     ("step path: the end of a step, its flags, the watcher's lifetime", (
         "engine", "monitor", "stepping", "shutdown", "lifetime")),
     ("snapshot: a window on the host", ("snapshot",)),
     ("publish, rules, diagnosis (background thread)", (
-        "publish", "rules", "diagnosis", "paths")),
+        "publish", "rules", "diagnosis", "paths", "steplr")),
     ("sinks: what a window is written as", (
         "sinks", "sinks.console", "sinks.notebook", "sinks.tensorboard")),
     ("offline reading: logs, plots, the TensorBoard plugin", (
