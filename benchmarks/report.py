@@ -12,7 +12,7 @@ LABELS = {
     "bare": "bare step",
     "gradwatch": "gradwatch default",
     "gradwatch_full": "gradwatch, every stat, every element, every step, flush every step",
-    "floor": "floor (norm + max-abs per activation and per gradient)",
+    "floor": "floor (per-step promise by hand: gradient norms, NaN sums)",
     "naive": "naive (.item() + add_scalar in hooks)",
     "add_histogram": "SummaryWriter.add_histogram of every gradient",
     "wandb_all_1": "wandb.watch(log='all', log_freq=1), offline",
@@ -33,15 +33,18 @@ NOTES = [
     "of 64 random tokens, next-token cross-entropy. SGD with momentum, fixed seeds.",
     "gradwatch default: `watch(model, optimizer=opt, logdir=...)` as a user writes it "
     "(every=100, sample_every='auto', TensorBoard on), timed in its steady state: after its "
-    "first window (100 steps, every one sampled), one sampled step in 10, each 20-step block "
+    "first 100 steps (one in 2 sampled), one sampled step in 10, each 20-step block "
     "holding two. No flush falls inside the timed steps of that row (one per 100 steps; "
     "`benchmarks/flush.py` measures it: 0.2-0.3 ms of the training thread). The every-stat "
     "row pays the first call of the fused kernel's compilation in its warm-up, and its "
     "+RSS includes the compiler (inductor) loaded for it.",
     "wandb log_freq=100: its histogram step (one in 100) may fall outside the timed steps.",
-    "The floor: one L2 norm (`vector_norm`) and one max-abs (`aminmax`) of each watched "
-    "module's output and of the gradient at that output, in the hooks, into a device buffer, "
-    "plus per-parameter gradient norms (`_foreach_norm`) and max-abs at the step.",
+    "The floor (`_common.Floor`): what gradwatch promises on every step, written by hand: "
+    "one `torch._foreach_norm` over every parameter gradient per step, and a forward hook on "
+    "every module that sums in fp32, into a buffer allocated once, each output of a module "
+    "that can turn finite values non-finite (elementwise activations, dropout, pooling and "
+    "flatten get the empty hook; in-place activations and a container handing on its last "
+    "child's output skip the sum).",
     "wandb rows: `wandb.init(mode='offline')`, `wandb.watch(model, log='all', log_freq=N)` "
     "and one `run.log({'step': i})` per step (wandb commits the histograms on log). "
     "Lightning: `lightning.pytorch.utilities.grad_norm(model, 2)` after backward. Delve: "
@@ -216,43 +219,73 @@ def _ratio(r: dict[str, Any] | None) -> str:
 
 
 def render_modules(mo: dict[str, Any]) -> list[str]:
-    """The module-count series of ``modules.py``."""
+    """The floor table and the module-count series of ``modules.py``."""
     lines = [
-        "## Cost per watched module as the module count grows (CPU)", "",
+        "## gradwatch against the floor, per workload (CPU)", "",
         f"`python benchmarks/modules.py` ({mo['rounds']} interleaved rounds, {mo['date']}, "
-        f"load average {', '.join(f'{x:.1f}' for x in mo['load_avg'])}). Deep and narrow "
-        "models at a fixed total size (N x (Linear(w, w) + Tanh), N·w² = 500·64², batch 32: "
-        "`deep10` w=640, `deep100` w=202, `deep1000` w=64) and the MLP and CNN above. *light*: "
-        "every step a light one (`every` and `sample_every` 10**6); *sampled*: every step "
-        "sampled (`sample_every=1`, `every` 10**6, so no flush in either); *default*: "
-        "`watch()` as a user writes it, after its first window and during it. Per step kind: "
-        "ratio to the bare step of the same round (min–max), µs per watched module per step "
-        "((step - bare step) / modules, median over rounds) and aten ops dispatched per "
-        "watched module per step ((ops - bare ops) / modules, a `TorchDispatchMode` count; "
-        "on a GPU each is a launch).", "",
-        "| model | watched modules | bare step | bare ops/step | light: ratio | µs/module | "
-        "ops/module | sampled: ratio | µs/module | ops/module | default, steady | µs/module "
-        "| ops/module | default, first window |",
-        "|" + " --- |" * 14,
+        f"load average {', '.join(f'{x:.1f}' for x in mo['load_avg'])}). The *floor* "
+        "(`_common.Floor`, written by hand, measured in the same run): one "
+        "`torch._foreach_norm` over every parameter gradient per step, and a forward hook on "
+        "every module that sums in fp32, into a buffer allocated once, each output of a module "
+        "that can turn finite values non-finite (elementwise activations, dropout, pooling, "
+        "flatten: the empty hook; in-place activations and a container handing on its last "
+        "child's output: no sum). A sampled step's *own floor*: in addition one fp32 sum over "
+        "each watched output and each output gradient and one `_foreach_norm` over the "
+        "parameters. *light*: every step a light one (`every` and `sample_every` 10**6); "
+        "*sampled*: every step sampled (`sample_every=1`, `every` 10**6, so no flush in "
+        "either); *default*: `watch()` as a user writes it, past its first 100 steps "
+        "(steady) and during them (first window); *every=10*: `watch(every=10)` past its "
+        "first 100 steps. Each cell: the median over rounds of the ratio within a round "
+        "(min–max); process CPU time over blocks of 20 steps.", "",
+        "| workload | watched modules | bare step | floor / bare | light / floor | "
+        "sampled / own floor | default / floor | every=10 / floor | first window / bare |",
+        "|" + " --- |" * 9,
+    ]
+    names = ("floor / bare", "light / floor", "sampled / own floor", "default / floor",
+             "every=10 / floor", "first window / bare")
+    for wl, r in mo["summary"].items():
+        if "error" in r:
+            lines.append(f"| {wl} | failed: {r['error']} |" + " |" * 7)
+            continue
+        vf = r.get("vs_floor", {})
+        cells = [wl, str(r["modules"]), f"{r['bare_ms']:.1f} ms"]
+        cells += [_ratio(vf.get(n)) for n in names]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Per step kind: ratio to the bare step of the same round (min–max), µs per watched "
+        "module per step ((step - bare step) / modules, median over rounds) and aten ops "
+        "dispatched per watched module per step ((ops - bare ops) / modules, a "
+        "`TorchDispatchMode` count; on a GPU each is a launch). Deep and narrow models at a "
+        "fixed total size (N x (Linear(w, w) + Tanh), N·w² = 500·64², batch 32, orthogonal "
+        "weights: `deep10` w=640, `deep100` w=202, `deep1000` w=64).", "",
+        "| model | floor: ratio | µs/module | ops/module | light: ratio | µs/module | "
+        "ops/module | sampled: ratio | µs/module | ops/module | own floor: ratio | "
+        "ops/module | default, steady | µs/module | ops/module |",
+        "|" + " --- |" * 16,
     ]
     for wl, r in mo["summary"].items():
         if "error" in r:
-            lines.append(f"| {wl} | failed: {r['error']} |" + " |" * 12)
             continue
-        cells = [wl, str(r["modules"]), f"{r['bare_ms']:.1f} ms", f"{r['bare_ops_per_step']:.0f}"]
-        for v in ("light", "sampled", "default"):
+        cells = [wl]
+        for v in ("floor", "light", "sampled", "floor_sampled", "default"):
             q = r.get(v) or {"error": "not run"}
+            n = 2 if v == "floor_sampled" else 3
             if "error" in q:
-                cells += ["failed", "–", "–"]
+                cells += ["failed"] + ["–"] * (n - 1)
                 continue
-            cells += [_ratio(q["ratio"]), f"{q['us_per_module']['median']:.1f}",
-                      f"{q['ops_per_module']:.2f}"]
-        cells.append(_ratio((r.get("default") or {}).get("first_ratio")))
+            cells += [_ratio(q["ratio"])]
+            if n == 3:
+                cells.append(f"{q['us_per_module']['median']:.1f}")
+            cells.append(f"{q['ops_per_module']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
-    reads = {q.get("reads_per_step") for r in mo["summary"].values() if "error" not in r
-             for v, q in r.items() if isinstance(q, dict) and "reads_per_step" in q}
-    shown = ", ".join(f"{x:g}" for x in sorted(reads))
-    lines += ["", f"Host reads per step counted in the gradwatch rows: {shown}.", ""]
+    reads = {q.get("reads_added") for r in mo["summary"].values() if "error" not in r
+             for v, q in r.items() if isinstance(q, dict) and "reads_added" in q
+             and v not in ("floor", "floor_sampled")}
+    shown = ", ".join(f"{x:g}" for x in sorted(x for x in reads if x is not None))
+    lines += ["", f"Host reads per step that the gradwatch rows add to the bare step: {shown} "
+              "(counted at the dispatcher; the GPT-2-style model reads one value per step "
+              "by itself).", ""]
     return lines
 
 

@@ -86,8 +86,9 @@ class Watcher:
     check every module's outputs for NaN/Inf (one sum per new tensor) and measure the
     parameter-gradient norms, so non-finite values and exploding gradients are caught on
     the step they appear. Sampled steps are the first step of each window and then one in
-    ``sample_every``; ``"auto"`` (the default) samples every step of the first window and
-    then one step in ``every // SAMPLED_PER_WINDOW`` (``gradwatch.sampling``).
+    ``sample_every``; ``"auto"`` (the default) samples every step of the first window and of
+    the first 100 steps, then one step in 10, whatever ``every`` is (a window shorter than
+    that still gets its first step sampled; ``gradwatch.sampling``).
 
     Steps: without ``optimizer=`` the first optimizer whose ``step()`` updates a watched
     parameter is found and used as if it had been given; with several optimizers, a step
@@ -247,8 +248,8 @@ class Watcher:
 
     @property
     def sample_every(self) -> int:
-        """The steps between two sampled steps after the first window (``"auto"``:
-        ``every // SAMPLED_PER_WINDOW``, at least 1)."""
+        """The steps between two sampled steps (``"auto"``: ``sampling.PERIOD``, 10,
+        whatever ``every`` is, after the first window and the first 100 steps)."""
         return self._sampler.later
 
     @property
@@ -511,8 +512,8 @@ class Watcher:
         self._check_flags()
         if self._window_steps >= self.every:
             self._launch_flush()
-        # sampled steps are aligned on the window: its first step, then one in k
-        self._collector.full = self._sampler.full(self._window_steps)
+        # sampled steps are aligned on the window (sampling.py)
+        self._collector.full = self._sampler.full(self._step, self._window_steps)
         self._deliver()
 
     def _commit(self, grads: Any, weights: Any, updates: Any) -> None:
@@ -725,6 +726,11 @@ class Watcher:
 
 def watch(model: nn.Module, **kwargs: Any) -> Watcher:
     """Attach gradwatch to ``model``; see ``Watcher`` and the README for the arguments.
+
+    ``sample_every="auto"`` (the default) collects the full stat set on every step of the
+    first window and of the first 100 steps, then on one step in 10 whatever ``every`` is,
+    and always on a window's first step; the others only check for NaN/Inf and measure the
+    parameter-gradient norms.
 
     The model keeps the watcher alive: the result may be dropped (``gradwatch.unwatch``
     closes it)."""
