@@ -17,6 +17,9 @@ C. **Ops**: the aten ops each part dispatches (counted with a ``TorchDispatchMod
 D. **Cross-check**: cProfile's functions of gradwatch, and the torch calls made from them,
    by own time.
 
+The floors (``_common.Floor``, light and sampled) are timed in the same blocks as A, so each
+row can be read against what the promise costs at least.
+
 The flush is measured apart: one public ``flush()`` every 10 steps, its training-thread part
 (``Watcher._launch_flush``) and the whole call (which waits for the background thread),
 per module per step at the default ``every=100``.
@@ -228,7 +231,11 @@ class Bench:
         from gradwatch.selection import select, unwrap
 
         handles, w = [], None
-        if variant == "empty hook":
+        if variant in ("floor", "floor sampled"):
+            from _common import Floor
+
+            w = Floor(self.model, self.opt, sampled=variant == "floor sampled")
+        elif variant == "empty hook":
             handles = [m.register_forward_hook(lambda m, a, o: None)
                        for _, m in select(unwrap(self.model), None, None)]
         elif variant != "bare":
@@ -247,7 +254,7 @@ class Bench:
 
 
 def timing_variants(b: Bench, rounds: int, steps: int) -> dict[str, Any]:
-    variants = ["bare", "empty hook"]
+    variants = ["bare", "empty hook", "floor", "floor sampled"]
     for kind in ("light", "sampled"):
         variants.append(kind)
         variants += [f"{kind} - {s}" for s in SWITCHES
@@ -395,6 +402,7 @@ def table(r: dict[str, Any]) -> str:
         f"| hook call itself (an empty forward hook) | {med['empty hook']:.1f} | 0 | – "
         f"| {med['empty hook']:.1f} | 0 | – |",
     ]
+    floor = {k: med.get(f) for k, f in (("light", "floor"), ("sampled", "floor sampled"))}
     total = {k: med["empty hook"] for k in ("light", "sampled")}
     names = [p for p in ORDER if p != "hook call"]
     names += sorted({p for k in ("light", "sampled") for p in r[k]["parts"]} - set(names)
@@ -416,6 +424,11 @@ def table(r: dict[str, Any]) -> str:
     lines.append("| not attributed (the autograd engine calling tensor hooks, allocator, noise) "
                  f"| {med['light'] - total['light']:.1f} | | "
                  f"| {med['sampled'] - total['sampled']:.1f} | | |")
+    if floor["light"] is not None and floor["sampled"] is not None:
+        lines.append(f"| the floor (`_common.Floor`; sampled: its own floor) - bare step | "
+                     f"{floor['light']:.1f} | | | {floor['sampled']:.1f} | | |")
+        lines.append(f"| gradwatch - floor | {med['light'] - floor['light']:.1f} | | "
+                     f"| {med['sampled'] - floor['sampled']:.1f} | | |")
     fl = {k: r[k]["flush_us_per_module_step"] for k in ("light", "sampled")}
     fc = {k: r[k]["flush_cpu_us_per_module_step"] for k in ("light", "sampled")}
     lines += [

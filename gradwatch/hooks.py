@@ -32,6 +32,9 @@ from gradwatch.distributed import local, shard_reducer
 from gradwatch.selection import LayerInfo
 
 
+_compiling = torch.compiler.is_compiling
+
+
 class _Inert:
     """What a gradwatch hook becomes in a copy or a pickle of the model: it does nothing."""
 
@@ -145,7 +148,7 @@ class Collector:
         tr = self.trace
         if tr is not None and tr.on:
             try:
-                if torch.compiler.is_compiling():
+                if _compiling():
                     if self.mflags is not None:
                         self.mflags.call(m, args, output)
                 else:
