@@ -31,7 +31,6 @@ from gradwatch.buffers import ParamStepStats, WindowBuffers, device_tensor
 from gradwatch.distributed import local, shard_reducer
 from gradwatch.selection import LayerInfo
 
-
 _compiling = torch.compiler.is_compiling
 
 
