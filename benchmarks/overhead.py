@@ -392,6 +392,7 @@ def main() -> None:
 
     result = {
         "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "floor": "promise",  # the floor of _common.Floor (report.py labels older runs apart)
         "rounds": a.rounds, "steps": STEPS, "wall_s": round(time.time() - t_start, 1),
         "load_avg": os.getloadavg(), "skipped": skipped, "summary": summary, "runs": runs,
     }

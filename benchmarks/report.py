@@ -33,7 +33,7 @@ NOTES = [
     "of 64 random tokens, next-token cross-entropy. SGD with momentum, fixed seeds.",
     "gradwatch default: `watch(model, optimizer=opt, logdir=...)` as a user writes it "
     "(every=100, sample_every='auto', TensorBoard on), timed in its steady state: after its "
-    "first 100 steps (one in 2 sampled), one sampled step in 10, each 20-step block "
+    "first window (100 steps, every one sampled), one sampled step in 10, each 20-step block "
     "holding two. No flush falls inside the timed steps of that row (one per 100 steps; "
     "`benchmarks/flush.py` measures it: 0.2-0.3 ms of the training thread). The every-stat "
     "row pays the first call of the fused kernel's compilation in its warm-up, and its "
@@ -56,6 +56,16 @@ NOTES = [
     "time swung 2-3x between processes, so ratios use process CPU time; they still move by a "
     "few percent from round to round (see the ranges), which is the size of the targets.",
 ]
+
+
+# what the floor row of overhead.py measured before it became ``_common.Floor`` (results
+# written without ``"floor": "promise"``)
+OLD_FLOOR_LABEL = "floor, earlier definition (norm + max-abs per activation and gradient)"
+OLD_FLOOR_NOTE = (
+    "The floor row of this run (an earlier definition): one L2 norm (`vector_norm`) and one "
+    "max-abs (`aminmax`) of each watched module's output and of the gradient at that output, "
+    "in the hooks, plus per-parameter gradient norms and max-abs at the step. The floor as "
+    "defined now is measured by `modules.py` (next section).")
 
 
 def label(v: str) -> str:
@@ -143,7 +153,8 @@ def render(data: dict[str, Any]) -> str:
                 cells = ["skipped"] * len(wls)
             rd = "/".join(_f(x, "{:.0f}") for x in reads) if reads else "–"
             mm = _f(max(mem), "{:+.1f}") if mem and v != "bare" else "–"
-            lines.append(f"| {label(v)} | " + " | ".join(cells) + f" | {rd} | {mm} |")
+            name = OLD_FLOOR_LABEL if v == "floor" and ov.get("floor") != "promise" else label(v)
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {rd} | {mm} |")
         lines.append("")
         if "gradwatch" in variants:
             vf = [f"{w}: {_f(ov['summary'][w].get('gradwatch', {}).get('vs_floor'), '{:.3f}')}x"
@@ -160,7 +171,10 @@ def render(data: dict[str, Any]) -> str:
             for v, r in ov["summary"][w].items():
                 if "skipped" in r:
                     lines.append(f"- {label(v)} on {w}: not run: {r['skipped']}.")
-        lines += [f"- {n}" for n in NOTES + list(ov.get("notes", []))]
+        notes = NOTES + list(ov.get("notes", []))
+        if ov.get("floor") != "promise":
+            notes = [OLD_FLOOR_NOTE if n.startswith("The floor (") else n for n in notes]
+        lines += [f"- {n}" for n in notes]
         lines.append("")
     if data.get("modules"):
         lines += render_modules(data["modules"])
