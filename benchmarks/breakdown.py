@@ -21,7 +21,7 @@ The floors (``_common.Floor``, light and sampled) are timed in the same blocks a
 row can be read against what the promise costs at least.
 
 The flush is measured apart: one public ``flush()`` every 10 steps, its training-thread part
-(``Watcher._launch_flush``) and the whole call (which waits for the background thread),
+(``StepEngine.launch_flush``) and the whole call (which waits for the background thread),
 per module per step at the default ``every=100``.
 
 ``PARTS`` and ``SWITCHES`` name gradwatch internals: when the hot path changes, adapt those
@@ -61,14 +61,14 @@ PARTS: tuple[tuple[str, str], ...] = (
     ("output-gradient hook", "gradwatch.hooks:OutGradHook.__call__"),
     ("batched statistics", "gradwatch.hooks:Collector.flush_batches"),
     ("batched statistics", "gradwatch.hooks:Collector.flush_outputs"),
-    ("parameter statistics", "gradwatch.watcher:Watcher._params_safe"),
+    ("parameter statistics", "gradwatch.engine:StepEngine._params"),
     ("fold", "gradwatch.buffers:WindowBuffers.fold"),
     ("commit", "gradwatch.buffers:WindowBuffers.commit_step"),
     ("non-finite flags", "gradwatch.buffers:WindowBuffers.step_flags"),
-    ("non-finite flags", "gradwatch.watcher:Watcher._push_flags"),
-    ("non-finite flags", "gradwatch.watcher:Watcher._check_flags"),
+    ("non-finite flags", "gradwatch.monitor:StepMonitor.send"),
+    ("non-finite flags", "gradwatch.monitor:StepMonitor.poll"),
     ("step end, rest", "gradwatch.stepping:_GlobalStepHook.__call__"),
-    ("flush, training thread", "gradwatch.watcher:Watcher._launch_flush"),
+    ("flush, training thread", "gradwatch.engine:StepEngine.launch_flush"),
 )
 ORDER = ("hook call", "forward hook", "non-finite trace", "output-gradient hook",
          "batched statistics", "parameter statistics", "fold", "commit", "non-finite flags",
@@ -78,22 +78,21 @@ ORDER = ("hook call", "forward hook", "non-finite trace", "output-gradient hook"
 def _switch_off(*parts: str) -> Callable[[Any], None]:
     def switch(w: Any) -> None:
         for p in parts:
-            if p == "params":  # the watcher's own switches after an internal failure
-                w._off.update({"grad", "weight", "before", "update"})
-            elif p == "trace":  # the non-finite trace of every module
-                w._collector.trace.on = False
-            else:  # "act_on" / "grad_on": the collector's forward / output-gradient parts
-                setattr(w._collector, p, False)
+            # the parts as the fault guard switches them off after an internal failure
+            if p == "params":  # the parameter reads
+                w._parts.guard.off.update({"grad", "weight", "before", "update"})
+            else:  # "trace", "act" (forward statistics), "out_grad" (output gradients)
+                w._parts.guard.off.add(p)
     return switch
 
 
 # the parts whose cost is taken by subtraction (each switched off alone, then all)
 SWITCHES: dict[str, Callable[[Any], None]] = {
     "non-finite trace": _switch_off("trace"),
-    "forward statistics": _switch_off("act_on"),
-    "output-gradient hooks": _switch_off("grad_on"),
+    "forward statistics": _switch_off("act"),
+    "output-gradient hooks": _switch_off("out_grad"),
     "parameter statistics": _switch_off("params"),
-    "all four": _switch_off("trace", "act_on", "grad_on", "params"),
+    "all four": _switch_off("trace", "act", "out_grad", "params"),
 }
 EVERY = 100  # the default window, for the flush per step
 

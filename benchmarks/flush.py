@@ -4,7 +4,7 @@ For models of 10, 100 and 1000 watched layers (a chain of Linear(32, 32), batch 
 
 * flush: the training-thread part of a flush (finalize the window on the device, launch
   the host copy, reset, hand over to the background thread), timed around
-  ``Watcher._launch_flush``; the background part (snapshot, rules, TensorBoard) is timed
+  ``StepEngine.launch_flush``; the background part (snapshot, rules, TensorBoard) is timed
   separately by joining the worker, and is not on the training thread;
 * hooks: (watched step - bare step) / layers, both timed in the same process, alternating
   blocks; lower-quartile process CPU time per step (robust to other load on the machine).
@@ -70,7 +70,7 @@ def measure(n_layers: int, blocks: int, steps: int, flushes: int) -> dict[str, A
         for _ in range(flushes if b == 0 else max(1, flushes // blocks)):
             step()
             t0 = time.perf_counter()
-            w._launch_flush()
+            w._engine.launch_flush()
             t1 = time.perf_counter()
             w._publish.worker.join()
             t2 = time.perf_counter()

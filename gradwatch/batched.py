@@ -9,7 +9,7 @@ about fifteen ops per group, whatever the number of modules, for the same values
 ``stats.activation_parts`` and ``stats.grad_sq_sum`` give one tensor at a time.
 
 Large tensors (above ``BATCH_MAX`` elements) are not held: their op count is small
-next to their size, and the hooks reduce them at once, as before. An output changed in
+next to their size, and the hooks reduce them at once, one by one. An output changed in
 place after its hook (an in-place ReLU after a Linear) is not read stale: its slot is
 reduced in its hook from then on, and left out of the one step where that was found.
 Held tensors are bounded by ``HOLD_BYTES``: past it, a batch is reduced early.

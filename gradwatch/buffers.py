@@ -236,10 +236,6 @@ class WindowBuffers:
         row[ST_STUCK].add_(stuck)
         row[ST_UNITS].add_(units)
 
-    def add_nonfinite(self, slots: Tensor, flags: Tensor) -> None:
-        """Compiled code: per-layer non-finite output flags of a light step."""
-        self.stage[:, ST_NF].index_add_(0, slots, flags)
-
     def add_out_grad(self, slot: int, sq: Tensor, numel: int) -> None:
         row = self.stage[slot]
         row[ST_GN].add_(numel)
@@ -248,18 +244,18 @@ class WindowBuffers:
 
     # -- once per step ----------------------------------------------------------------------
     def commit_step(self, params: ParamStepStats | None, weights: Tensor | None,
-                    updates: Tensor | None, full: bool = True) -> None:
+                    updates: Tensor | None, sampled: bool = True) -> None:
         """Turn the stage into per-step stats, add them to the window, clear the stage.
 
         ``weights``/``updates`` are per-layer weight norms and update ratios (NaN where a
-        layer has none), or None on steps where they were not measured. ``full``: the step
+        layer has none), or None on steps where they were not measured. ``sampled``: the step
         collected the full stat set; a light step only carries non-finite flags and the
         parameter-gradient norms. The per-step values of each part are stacked and added
         into the window with one ``index_add_`` over its columns.
         """
         self.fold()
         st, win = self.stage, self.window
-        if full:
+        if sampled:
             self._commit_activations()
         nf = st[:, ST_NF] + st[:, ST_GNF]
         vals = [st[:, ST_NF]]
@@ -316,14 +312,14 @@ class WindowBuffers:
         c = W["act_max"]
         torch.maximum(self.window[:, c], st[:, ST_MAX], out=self.window[:, c])
 
-    def step_flags(self, params: ParamStepStats | None, full: bool = True) -> Tensor:
+    def step_flags(self, params: ParamStepStats | None, sampled: bool = True) -> Tensor:
         """``[layers, 3]`` of this step: non-finite counts in the outputs and in the
         gradients, and the parameter-gradient RMS (0 without one), for the rules that fire
         within a step. Call before ``commit_step``; the watcher copies it to the host without
         waiting (``flags.StepFlags``)."""
         self.fold()
         st = self.stage
-        if full:
+        if sampled:
             # A large output's non-finite count is estimated on a sample (stats.py), but its
             # sum covers every element: a NaN/Inf anywhere counts at least 1.
             nf = st[:, ST_NF]

@@ -31,12 +31,13 @@ import math
 import statistics
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from gradwatch.alerts import Alert, fmt
 from gradwatch.audit import InitAudit
 from gradwatch.paths import Paths
 from gradwatch.selection import LayerInfo
+from gradwatch.thresholds import Thresholds
 
 Stats = Mapping[str, Mapping[str, float]]
 Fault = Callable[..., None]  # (stage, layer, exc, defer=...): reported once, see hooks.py
@@ -97,7 +98,7 @@ class Diagnosis:
     saturated rules. Thread-safe: the history is written on the background thread and
     read on both."""
 
-    def __init__(self, audit: InitAudit, layers: Sequence[LayerInfo], thresholds: Any,
+    def __init__(self, audit: InitAudit, layers: Sequence[LayerInfo], thresholds: Thresholds,
                  limits: CauseLimits = LIMITS, fault: Fault | None = None) -> None:
         self.fault = fault
         self.off = False  # switched off after an internal failure: causes stay "unknown"

@@ -1,6 +1,11 @@
 """Per-step flags, device -> host without a stall and without a torch read op.
 
-Each step the watcher pushes a ``[layers + 1, 3]`` device tensor (non-finite counts in the
+Names: the *step flags* are the ``[layers + 1, 3]`` device tensor a step makes
+(``buffers.WindowBuffers.step_flags``); ``FlagsToHost`` carries them to the host;
+``HostFlags`` is what arrived for one step; ``monitor.StepMonitor`` sends and examines them.
+(``trace.ModuleFlags`` are per-module counts of compiled code, part of the trace payload.)
+
+Each step the step engine pushes a ``[layers + 1, 3]`` device tensor (non-finite counts in the
 outputs and in the gradients, summed over steps, and the parameter-gradient RMS, max over
 steps; the extra last row counts the NaN sums of the step's non-finite trace) and, when the
 step has one, the trace's rows (``trace.py``) with the host record they belong to.
@@ -23,11 +28,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradwatch.hostcopy import host_buffer, landed, mark
+
 COLS = 3  # non-finite in outputs, non-finite in gradients, gradient RMS
 
 
 @dataclass
-class Flags:
+class HostFlags:
     """What reached the host for one step (or a span of steps the device ran behind)."""
 
     step: int
@@ -41,7 +48,7 @@ class Flags:
 class _Slot:
     def __init__(self, n: int, pin: bool) -> None:
         self.pin = pin
-        self.host = torch.zeros(n, dtype=torch.float32, pin_memory=pin)
+        self.host = host_buffer(n, torch.float32, pin, zero=True)
         self.view = self.host.numpy()  # made once: reading is no torch op
         self.event: Any = None
         self.seq = 0
@@ -52,12 +59,12 @@ class _Slot:
 
     def fit(self, n: int) -> None:
         if self.host.numel() < n:
-            self.host = torch.zeros(max(n, 2 * self.host.numel()), dtype=torch.float32,
-                                    pin_memory=self.pin)
+            self.host = host_buffer(max(n, 2 * self.host.numel()), torch.float32, self.pin,
+                                    zero=True)
             self.view = self.host.numpy()
 
 
-class StepFlags:
+class FlagsToHost:
     """Per-step flags of ``n_layers`` layers on ``device``; ``slots`` host copies in flight.
 
     ``event`` makes the completion marker recorded behind each copy (``torch.cuda.Event``
@@ -110,9 +117,7 @@ class StepFlags:
         if trace is not None and n_trace:
             slot.host[self._head: self._head + n_trace].copy_(trace, non_blocking=True)
         acc.zero_()  # stream order: runs after the copy has read the accumulator
-        assert self._event is not None
-        ev = self._event()
-        ev.record()
+        ev = mark(self._event)
         self._seq += 1
         # a trace describes one step: kept only when the span is that one step
         whole = self._first == step
@@ -122,7 +127,7 @@ class StepFlags:
         self._first = None
         self._dropped = False
 
-    def read_now(self, flags: Tensor, parts: list[Tensor], step: int, meta: Any) -> Flags:
+    def read_now(self, flags: Tensor, parts: list[Tensor], step: int, meta: Any) -> HostFlags:
         """CPU: the ``[layers, 3]`` flags of step ``step`` and its payload ``parts`` read at
         once: two copies into host buffers made once, read through their numpy view."""
         assert self._acc is None, "read_now is for a device that is host memory"
@@ -137,20 +142,23 @@ class StepFlags:
             trace = slot.view[self._head: self._head + n]
         layers = slot.view[: self.n_layers * COLS].reshape(self.n_layers, COLS)
         nan = float(np.isnan(trace).sum()) if trace is not None else 0.0
-        return Flags(step, layers, nan, trace, meta)
+        return HostFlags(step, layers, nan, trace, meta)
 
-    def poll(self) -> list[Flags]:
+    def poll(self) -> list[HostFlags]:
         """The flags that have reached the host, oldest first, for each step (or span) with
         a non-zero value; the arrays are copies, the slots are freed."""
         done = [s for s in self._slots
-                if s.event is not None and (s.event is True or s.event.query())]
+                if s.event is not None and landed(s.event)]
         out = []
         for s in sorted(done, key=lambda x: x.seq):
             head = s.view[: self._head].reshape(self._rows, COLS)
             trace = (s.view[self._head: self._head + s.n_trace].copy()
                      if s.n_trace >= 0 else None)
             if head.any() or (trace is not None and not np.isfinite(trace).all()):
-                out.append(Flags(s.step, head[: self.n_layers].copy(), float(head[-1, 0]),
+                out.append(HostFlags(s.step, head[: self.n_layers].copy(), float(head[-1, 0]),
                                  trace, s.meta, s.dropped))
             s.event, s.meta = None, None
         return out
+
+
+StepFlags = FlagsToHost  # the former name

@@ -13,11 +13,16 @@ until the flush copies that buffer once.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from gradwatch.faults import FaultGuard
+from gradwatch.hostcopy import HostCopy
+
+OFF = "histograms"  # the fault guard's name for this part
 
 LO_EXP, HI_EXP, PER_DECADE = -12, 6, 4
 HALF = (HI_EXP - LO_EXP) * PER_DECADE  # log bins on each side of zero
@@ -56,15 +61,13 @@ class DeviceHistograms:
     """Window state of the histograms of ``n_layers`` layers on ``device``.
 
     Called from the forward hook (activations) and the optimizer step pre-hook (parameter
-    gradients), on sampled steps only. A failure switches histograms off and is reported
-    once through ``fault(stage, layer, exc)``; it never reaches the training.
+    gradients), on sampled steps only. A failure switches histograms off (``OFF``) and is
+    reported once by the fault guard; it never reaches the training.
     """
 
-    def __init__(self, n_layers: int, device: torch.device,
-                 fault: Callable[[str, str, BaseException], None]) -> None:
+    def __init__(self, n_layers: int, device: torch.device, guard: FaultGuard) -> None:
         self.device = device
-        self.on = True
-        self._fault = fault
+        self.guard = guard
         self.buf = torch.zeros(2, n_layers, NBINS + 4, dtype=torch.float32, device=device)
         self._reset_moments()
 
@@ -80,18 +83,21 @@ class DeviceHistograms:
         torch.maximum(row[_MAX], m[1], out=row[_MAX])
         row[_SUM:].add_(m[2:])
 
+    @property
+    def on(self) -> bool:
+        return OFF not in self.guard.off
+
     def add_activation(self, slot: int, x: Tensor) -> None:
-        if not self.on:
+        if OFF in self.guard.off:
             return
         try:
             self._add(ACT, slot, x)
         except Exception as e:
-            self.on = False
-            self._fault("activation histogram", str(slot), e)
+            self.guard.fail(OFF, "activation histogram", str(slot), e)
 
     def add_grads(self, params: Sequence[tuple[Tensor, int]]) -> None:
         """``(parameter, layer slot)`` pairs; parameters without a gradient are skipped."""
-        if not self.on:
+        if OFF in self.guard.off:
             return
         try:
             for p, slot in params:
@@ -99,12 +105,10 @@ class DeviceHistograms:
                 if g is not None and not g.is_sparse:
                     self._add(GRAD, slot, g)
         except Exception as e:
-            self.on = False
-            self._fault("gradient histogram", "*", e)
+            self.guard.fail(OFF, "gradient histogram", "*", e)
 
     def take(self) -> Any:
         """Start the one host copy of the window's counts and reset (training thread)."""
-        from gradwatch.snapshot import HostCopy
 
         copy = HostCopy(self.buf)
         self.buf.zero_()

@@ -12,36 +12,30 @@ optimizer built before the first forward holds the same objects.
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch.nn.parameter import is_lazy
 
-from gradwatch.hooks import _Inert
-
-if TYPE_CHECKING:
-    from gradwatch.watcher import Watcher
+from gradwatch.handles import WeakHook
 
 
 def any_lazy(params: Iterable[torch.Tensor]) -> bool:
     return any(is_lazy(p) for p in params)
 
 
-class MaterializedHook:
-    """Forward hook on the watched root: tells the watcher after each forward until its
-    parameters are materialized (the watcher then removes it). Inert when copied or
-    pickled with the model."""
+class MaterializedHook(WeakHook):
+    """Forward hook on the watched root: calls ``on_forward`` (a bound method, held weakly)
+    after each forward until the parameters are materialized (the watcher then removes it).
+    Inert when copied or pickled with the model."""
 
-    __slots__ = ("_ref",)
+    __slots__ = ()
 
-    def __init__(self, watcher: Watcher) -> None:
-        self._ref = weakref.ref(watcher)
+    def __init__(self, on_forward: Callable[[], None]) -> None:
+        self._ref = weakref.WeakMethod(on_forward)  # type: ignore[arg-type]
 
     def __call__(self, module: Any, args: Any, output: Any) -> None:
-        w = self._ref()
-        if w is not None:
-            w._materialized()
+        fn = self._ref()
+        if fn is not None:
+            fn()
         return None
-
-    def __reduce__(self) -> tuple[Any, tuple[()]]:
-        return (_Inert, ())

@@ -9,17 +9,15 @@ collected and closes a writer it opened (``close_collected``). At interpreter ex
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.nn as nn
 
 from gradwatch import shutdown
 from gradwatch.options import given
 from gradwatch.selection import unwrap
+from gradwatch.shutdown import Closable
 from gradwatch.worker import Worker
-
-if TYPE_CHECKING:
-    from gradwatch.watcher import Watcher
 
 ATTACH = "_gradwatch_attachment"
 
@@ -30,25 +28,25 @@ class Attachment:
 
     __slots__ = ("watcher",)
 
-    def __init__(self, watcher: Watcher | None = None) -> None:
+    def __init__(self, watcher: Closable | None = None) -> None:
         self.watcher = watcher
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
         return (Attachment, ())
 
 
-def attached(root: nn.Module) -> Watcher | None:
+def attached(root: nn.Module) -> Closable | None:
     """The open watcher of an unwrapped model, if any."""
     att = root.__dict__.get(ATTACH)
     w = att.watcher if isinstance(att, Attachment) else None
     return w if w is not None and not w._closed else None
 
 
-def attach(root: nn.Module, w: Watcher) -> None:
+def attach(root: nn.Module, w: Closable) -> None:
     root.__dict__[ATTACH] = Attachment(w)
 
 
-def detach(root: nn.Module, w: Watcher) -> None:
+def detach(root: nn.Module, w: Closable) -> None:
     """Forget ``w`` on ``root`` (a newer watcher of the same model stays)."""
     att = root.__dict__.get(ATTACH)
     if isinstance(att, Attachment) and att.watcher is w:
@@ -67,7 +65,7 @@ def unwatch(model: nn.Module) -> None:
         w.close()
 
 
-def close_collected(w: Watcher) -> None:
+def close_collected(w: Closable) -> None:
     """The watcher and its model are garbage: write and close. Never raises.
 
     The collector may run on any thread. On a gradwatch background thread nothing may wait

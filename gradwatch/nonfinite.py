@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
@@ -21,21 +21,26 @@ import torch.nn as nn
 from torch import Tensor
 
 from gradwatch import origin as O
+from gradwatch import stats as S
 from gradwatch.buffers import ParamStepStats
 from gradwatch.distributed import local
-from gradwatch.flags import Flags
-from gradwatch.snapshot import HostCopy
+from gradwatch.flags import HostFlags
+from gradwatch.hostcopy import HostCopy
 from gradwatch.trace import Record
+
+if TYPE_CHECKING:
+    from gradwatch.params import ParamTracker
 
 
 @dataclass
-class Meta:
-    """The host half of a step's payload."""
+class PayloadRecord:
+    """The host half of a step's non-finite payload: the trace record the device rows
+    belong to, and how the rows were laid out."""
 
     rec: Record
     present: tuple[int, ...]  # tracker-trainable indices with a gradient
     shadow: tuple[int, ...]  # shadow-parameter indices with a gradient
-    full: bool  # a sampled step: watched outputs were counted on the device
+    sampled: bool  # watched outputs were counted on the device
     # when the record was taken: before the optimizer updated the parameters (they are
     # still those the forward used), or after
     before_update: bool = True
@@ -59,12 +64,13 @@ class Found:
 class NonFiniteTracker:
     """Host-side state of the non-finite origin for one watcher.
 
-    ``mods``: every module (``named_modules()`` order, root first); ``owners``: the
-    (parameter, slot) pairs of the watched layers (``selection.assign_params``); ``chosen``:
-    the watched (name, module) pairs; ``tracker``: the watcher's ``ParamTracker``."""
+    ``mm``: the model's module map (``origin.ModelMap``); ``mods``: every module
+    (``named_modules()`` order, root first); ``chosen``: the watched (name, module) pairs;
+    ``tracker``: the watcher's ``params.ParamTracker`` (its trainable parameters are the
+    watched layers' own)."""
 
     def __init__(self, mm: O.ModelMap, mods: Sequence[tuple[str, nn.Module]],
-                 chosen: Sequence[tuple[str, nn.Module]], tracker: Any) -> None:
+                 chosen: Sequence[tuple[str, nn.Module]], tracker: ParamTracker) -> None:
         self.mm = mm
         index = {id(m): i for i, (_, m) in enumerate(mods)}
         self.slot_module = [index[id(m)] for _, m in chosen]
@@ -109,8 +115,6 @@ class NonFiniteTracker:
         then shadow), then with ``param_sums`` an fp32 sum of every parameter
         (``all_params``: their values as the forward used them, when taken before the
         update); and which parameters those norms are of."""
-        from gradwatch import stats as S
-
         parts = list(rows)
         present: tuple[int, ...] = ()
         if grads is not None and grads.norms is not None:
@@ -126,13 +130,13 @@ class NonFiniteTracker:
         return parts, (present, shadow)
 
     # -- when the flags reach the host ----------------------------------------------------------
-    def read(self, item: Flags) -> list[Found]:
-        """Alerts-to-be for one step's flags (``item.meta``: its ``Meta``)."""
+    def read(self, item: HostFlags) -> list[Found]:
+        """Alerts-to-be for one step's flags (``item.meta``: its ``PayloadRecord``)."""
         out: list[Found] = []
         meta = item.meta
         if item.trace is None or meta is None:
             return out
-        rec, present, shadow, full = meta.rec, meta.present, meta.shadow, meta.full
+        rec, present, shadow, sampled = meta.rec, meta.present, meta.shadow, meta.sampled
         n_rows, n_g = rec.n_rows, rec.n_grads
         tr = item.trace
         fv, gv = tr[:n_rows], tr[n_rows: n_rows + n_g]
@@ -152,7 +156,7 @@ class NonFiniteTracker:
             self.armed = True
         self.last_bad = item.step
         st = O.entry_status(rec, fv)
-        if not full:
+        if not sampled:
             self._count(rec, st)
         if not self.armed:
             return out

@@ -1,10 +1,15 @@
-"""Argument checks for ``watch()``: every message names the argument, what is allowed
-and the value given (TypeError for a wrong type, ValueError for a bad value)."""
+"""Argument checks for ``watch()`` (``WatchConfig``): every message names the argument,
+what is allowed and the value given (TypeError for a wrong type, ValueError for a bad
+value); and the writer a watcher opens."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
+
+from gradwatch.alerts import OnAlert, validate_on_alert
+from gradwatch.thresholds import Thresholds
 
 
 def given(v: object) -> str:
@@ -57,3 +62,52 @@ def open_writer(logdir: str | os.PathLike[str] | None) -> Any:
             raise ValueError(f"logdir {path!r} cannot be written: {e}") from e
         return SummaryWriter(log_dir=path)
     return SummaryWriter()
+
+
+def _model_check(model: Any, optimizer: Any, scaler: Any) -> None:
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {given(model)}")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizer must be a torch.optim.Optimizer or None, got {given(optimizer)}"
+        )
+    if scaler is not None and not (hasattr(scaler, "get_scale") and hasattr(scaler, "step")):
+        raise TypeError(
+            f"scaler must be a torch.amp.GradScaler or None, got {given(scaler)}"
+        )
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    """The arguments of ``watch()``, each checked (``check``) before the model is touched."""
+
+    every: int
+    sample_every: int | None  # None: "auto"
+    tensorboard: bool
+    histograms: bool
+    images: bool
+    on_alert: OnAlert
+    thresholds: Thresholds
+
+    @classmethod
+    def check(cls, model: Any, optimizer: Any, scaler: Any, writer: Any, logdir: Any,
+              tensorboard: Any, every: Any, sample_every: Any, thresholds: Any,
+              on_alert: Any, histograms: Any, images: Any) -> WatchConfig:
+        """Every argument checked, in the order ``watch()`` always checked them."""
+        _model_check(model, optimizer, scaler)
+        every = check_int("every", every)
+        k = check_sample_every(sample_every)
+        tensorboard = check_bool("tensorboard", tensorboard)
+        histograms = check_bool("histograms", histograms)
+        images = check_bool("images", images)
+        validate_on_alert(on_alert)
+        t = Thresholds.coerce(thresholds)
+        if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
+            raise TypeError(f"logdir must be a path (str or os.PathLike), got {logdir!r}")
+        if writer is not None and not hasattr(writer, "add_scalar"):
+            raise TypeError(
+                f"writer must be a torch.utils.tensorboard.SummaryWriter, got {given(writer)}"
+            )
+        return cls(every, k, tensorboard, histograms, images, on_alert, t)

@@ -1,43 +1,43 @@
 """The background half of a flush: host copy -> Snapshot -> rules -> sinks.
 
 Runs on the worker thread, so the training thread only launches the device -> host copy.
-Alerts found here wait in ``pending`` until the training thread delivers them (at its
-next ``step()``/``flush()``/``close()``). Each part (rules, sink, pictures) switches itself
-off after its first failure, reported once through ``fault``.
+Alerts found here go to the watcher's inbox (``inbox.AlertInbox``), which the training
+thread delivers from (at its next ``step()``/``flush()``/``close()``). Each part (rules,
+sink, pictures) is switched off by the fault guard after its first failure, reported once.
 """
 
 from __future__ import annotations
 
-import collections
-import threading
 from typing import Any, Callable, Sequence
 
 from gradwatch.alerts import Alert
 from gradwatch.buffers import FINAL_KEYS
 from gradwatch.distributed import is_writer_rank
+from gradwatch.faults import FaultGuard
+from gradwatch.hostcopy import HostCopy
+from gradwatch.inbox import AlertInbox
 from gradwatch.rules import Rules
 from gradwatch.selection import LayerInfo
-from gradwatch.snapshot import HostCopy, Snapshot
+from gradwatch.snapshot import Snapshot
 from gradwatch.worker import Worker
-
-Fault = Callable[..., None]  # (stage, layer, exc, defer=True)
 
 
 class Publisher:
+    """The background side of one watcher: windows in, ``latest`` and alerts out."""
+
     def __init__(self, infos: Sequence[LayerInfo], applies: Sequence[tuple[str, ...]],
-                 rules: Rules, sink: Any, pictures: Any, fault: Fault) -> None:
+                 rules: Rules, sink: Any, pictures: Any, guard: FaultGuard,
+                 inbox: AlertInbox) -> None:
         self._infos = infos  # shared with the watcher: lazy modules replace its items
         self._applies = applies
         self._rules = rules
         self._sink: Any = sink if is_writer_rank() else None
         self._pictures: Any = pictures if is_writer_rank() else None
-        self._fault = fault
-        self.off: set[str] = set()  # parts switched off after a failure
+        self._faults = guard
+        self.off = guard.off  # "rules", "sink", "pictures": switched off after a failure
+        self.inbox = inbox
         self.latest: Snapshot | None = None
-        self.pending: collections.deque[Alert] = collections.deque()
-        # re-entrant: the SIGTERM handler closes on the training thread, maybe inside it
-        self.lock = threading.RLock()
-        self.worker = Worker(lambda e: fault("background writer", "*", e, defer=True))
+        self.worker = Worker(lambda e: guard.report("background writer", "*", e, defer=True))
 
     # -- from the training thread -----------------------------------------------------------
     def window(self, step: int, copy: HostCopy, order: list[int], amp: int,
@@ -53,23 +53,11 @@ class Publisher:
             self.worker.submit(lambda: self._guard("sink", "TensorBoard sink",
                                                    self._sink.flush))
 
-    def step_alert(self, a: Alert, step: int) -> None:
-        """A per-step alert (found on the training thread): queued and written."""
-        with self.lock:
-            self.pending.append(a)
+    def write_step_alert(self, a: Alert, step: int) -> None:
+        """A per-step alert (found on the training thread, already in the inbox): written."""
         if self._sink is not None:
             self.worker.submit(lambda: self._guard("sink", "TensorBoard sink",
                                                    lambda: self._sink.write_alerts([a], step)))
-
-    def take(self) -> list[Alert]:
-        with self.lock:
-            found = list(self.pending)
-            self.pending.clear()
-        return found
-
-    def put_back(self, alerts: Sequence[Alert]) -> None:
-        with self.lock:
-            self.pending.extendleft(reversed(alerts))
 
     def close(self, left: Callable[[], float | None]) -> None:
         """Wait for the queued windows (within ``left()`` seconds), close the sink, stop."""
@@ -93,14 +81,9 @@ class Publisher:
 
     # -- on the worker thread ---------------------------------------------------------------
     def _guard(self, part: str, stage: str, fn: Callable[[], Any]) -> Any:
-        if part in self.off:
-            return None
-        try:
-            return fn()
-        except Exception as e:  # e.g. the disk is full
-            self.off.add(part)
-            self._fault(stage, "*", e, defer=True)
-            return None
+        """``fn()`` unless ``part`` is off; a failure (e.g. the disk is full) switches it
+        off, reported from the training thread."""
+        return self._faults.run(part, stage, fn, defer=True)
 
     def _process(self, step: int, copy: HostCopy, order: list[int], amp: int,
                  hist: Any, force: bool, host_nf: Any = None) -> None:
@@ -123,8 +106,7 @@ class Publisher:
             if self._pictures is not None and "sink" not in self.off:
                 self._guard("pictures", "TensorBoard pictures", lambda: self._pictures.write(
                     snap, found, hist, [i.name for i in self._infos]))
-        with self.lock:
-            self.pending.extend(found)
+        self.inbox.put(found)
 
     def _close_sink(self) -> None:
         """Draw the last pictures, flush and close the sink; a part already switched off
@@ -135,5 +117,4 @@ class Publisher:
             self._sink.close()
         except Exception as e:
             if "sink" not in self.off:
-                self.off.add("sink")
-                self._fault("TensorBoard sink", "*", e, defer=True)
+                self._faults.fail("sink", "TensorBoard sink", "*", e, defer=True)

@@ -25,21 +25,21 @@ FIRST_STEPS = 100
 
 
 class Sampler:
-    """``full(step, window_step)`` says whether a step collects the full stat set;
-    ``new_window`` is called at every flush."""
+    """``sampled(step, window_step)`` says whether a step is sampled (collects the full stat
+    set); ``new_window`` is called at every flush. ``later_period``: the steps between two
+    sampled steps after the dense start (``"auto"``) or from the first step (an int)."""
 
     def __init__(self, every: int, sample_every: int | None) -> None:
         self.auto = sample_every is None
-        #: the steps between two sampled steps (``"auto"``: after the dense start)
-        self.later = PERIOD if sample_every is None else sample_every
+        self.later_period = PERIOD if sample_every is None else sample_every
         self.first = True  # in the first window
 
-    def full(self, step: int, window_step: int) -> bool:
+    def sampled(self, step: int, window_step: int) -> bool:
         """Whether step ``step`` (0-based since ``watch()``), step ``window_step`` of its
         window (0-based), is sampled."""
         if self.auto and (self.first or step < FIRST_STEPS):
             return True
-        return window_step % self.later == 0
+        return window_step % self.later_period == 0
 
     def new_window(self) -> None:
         """A window was flushed."""

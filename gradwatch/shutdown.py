@@ -16,13 +16,24 @@ import os
 import signal
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from gradwatch.watcher import Watcher
     from gradwatch.worker import Worker
 
-_open: weakref.WeakSet[Watcher] = weakref.WeakSet()
+
+class Closable(Protocol):
+    """What the exit, the model's attachment and the garbage collector need of a watcher."""
+
+    @property
+    def _closed(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+    def _close_at_exit(self, budget: float | None = None, wait: bool = True) -> None: ...
+
+
+_open: weakref.WeakSet[Closable] = weakref.WeakSet()
 # background threads still writing the last window of a watcher closed where nobody could
 # wait for them (collected by the garbage collector on a gradwatch thread): waited for at exit
 _draining: weakref.WeakSet[Worker] = weakref.WeakSet()
@@ -35,7 +46,7 @@ _state: dict[str, Any] = {"atexit": False, "handler": None, "pid": os.getpid()}
 EXIT_BUDGET = 15.0
 
 
-def register(w: Watcher) -> None:
+def register(w: Closable) -> None:
     """Called when a watcher opens."""
     with _lock:
         if _state["pid"] != os.getpid():  # a forked child: start from an empty registry
@@ -48,7 +59,7 @@ def register(w: Watcher) -> None:
     _install()
 
 
-def unregister(w: Watcher) -> None:
+def unregister(w: Closable) -> None:
     """Called when a watcher closes."""
     with _lock:
         _open.discard(w)

@@ -1,4 +1,5 @@
-"""``Snapshot``: the one device -> host crossing of a window, and its host-side form."""
+"""``Snapshot``: the host-side form of one flushed window (the device -> host copy itself is
+``hostcopy.HostCopy``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from gradwatch.buffers import FINAL_KEYS, STATS
 from gradwatch.selection import LayerInfo
@@ -30,34 +29,6 @@ def applicable(info: LayerInfo, has_optimizer: bool) -> tuple[str, ...]:
             continue
         out.append(s)
     return tuple(out)
-
-
-class HostCopy:
-    """A device tensor on its way to the host.
-
-    On CUDA the copy goes non-blocking into pinned memory and an event marks its end; the
-    reader (the background thread) waits on that event, never the training thread. On CPU
-    the copy is a plain memcpy into fresh memory, so the device buffer can be reset at once.
-    """
-
-    def __init__(self, t: Tensor) -> None:
-        if t.device.type == "cuda":
-            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self.host.copy_(t, non_blocking=True)
-            self.event: Any = torch.cuda.Event()
-            self.event.record()
-        else:
-            self.host = t.to("cpu", copy=True)
-            self.event = None
-
-    def ready(self) -> bool:
-        """Whether the copy has landed (never blocks)."""
-        return self.event is None or bool(self.event.query())
-
-    def numpy(self) -> np.ndarray:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.host.numpy()
 
 
 @dataclass

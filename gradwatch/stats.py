@@ -186,15 +186,6 @@ def nonfinite_sum(x: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.sum(x.reshape(-1), 0, dtype=torch.float32, out=out)
 
 
-def nonfinite_flag(x: Tensor) -> Tensor:
-    """1.0 if ``x`` holds any NaN/Inf, else 0.0, from a single fp32 sum (no extra pass).
-
-    A sum of finite fp32 values is finite unless it overflows past 3.4e38.
-    """
-    return torch.isfinite(nonfinite_sum(x)).logical_not().to(torch.float32)
-
-
-
 def _norm(t: Tensor, ord: float = 2.0) -> Tensor:
     """fp32 norm of any float or complex tensor: half precision is accumulated in fp32,
     float64 and complex in their own precision (``dtype=`` may not narrow), then cast."""

@@ -10,7 +10,7 @@ Gradients are read where the optimizer that updates them reads them: at its pre-
 post-step when ``step()`` gets a closure, whose backward runs inside the step), so they are
 accumulated, unscaled by a GradScaler (which unscales one optimizer at a time), clipped and
 all-reduced as that optimizer uses them. Each optimizer reads the watched parameters it
-holds; one that holds them all reads them in one pass, as before.
+holds; one that holds them all reads them in one pass.
 
 The modes of a watcher:
 
@@ -51,18 +51,17 @@ from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
-from torch.utils.hooks import RemovableHandle
 
 from gradwatch.alerts import GradientAlertError, logger
-from gradwatch.buffers import ParamStepStats
-from gradwatch.hooks import _Inert
-from gradwatch.snapshot import applicable
+from gradwatch.faults import FaultGuard
+from gradwatch.handles import HandleRegistry, WeakHook
 
 if TYPE_CHECKING:
-    from gradwatch.watcher import Watcher
+    from gradwatch.engine import StepEngine
 
 AUTO, OPTIMIZER, MANUAL = "auto", "optimizer", "manual"
 _DRIVER, _COMPANION = "driver", "companion"
+OFF = "stepping"  # the fault guard's name for this part
 
 #: Training forward passes (grad enabled) of the watched model with no step ending before
 #: the watcher warns, once. Far above any gradient-accumulation factor in common use (tens
@@ -93,7 +92,7 @@ def _name(opt: Any) -> str:
     return f"{type(opt).__name__} (id {id(opt):#x})"
 
 
-class _GlobalStepHook:
+class _GlobalStepHook(WeakHook):
     """One of torch's global optimizer step hooks; holds the ``Stepping`` weakly (torch's
     registry is process-wide and would otherwise keep the watcher alive).
 
@@ -102,17 +101,17 @@ class _GlobalStepHook:
     and its model together (weak references inside the garbage are cleared before the
     watcher's finalizer runs, which would leave the hook behind)."""
 
-    __slots__ = ("_ref", "_post", "handle")
+    __slots__ = ("_post", "handle")
 
     def __init__(self, stepping: Stepping, post: bool) -> None:
-        self._ref = weakref.ref(stepping)
+        super().__init__(stepping)
         self._post = post
         register = register_optimizer_step_post_hook if post else register_optimizer_step_pre_hook
         self.handle = register(self)
 
     def __call__(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         s = self._ref()
-        if s is None or s.off:
+        if s is None or OFF in s.off:
             return None
         try:
             if self._post:
@@ -126,44 +125,22 @@ class _GlobalStepHook:
         return None
 
 
-class _ForwardCounter:
+class _ForwardCounter(WeakHook):
     """Forward hook on the watched root: counts training forward passes (eager only: a
     Python counter in traced code would recompile every step). Inert when copied."""
 
-    __slots__ = ("_ref",)
-
-    def __init__(self, stepping: Stepping) -> None:
-        self._ref = weakref.ref(stepping)
+    __slots__ = ()
 
     def __call__(self, module: Any, args: Any, output: Any) -> None:
         if torch.compiler.is_compiling() or not torch.is_grad_enabled():
             return None
         s = self._ref()
-        if s is not None and not s.off:
+        if s is not None and OFF not in s.off:
             try:
                 s.forward()
             except Exception as e:  # never the reason the training stops
                 s.fail("forward counter", e)
         return None
-
-    def __reduce__(self) -> tuple[Any, tuple[()]]:
-        return (_Inert, ())
-
-
-def merge_grads(a: ParamStepStats | None, b: ParamStepStats | None) -> ParamStepStats | None:
-    """Gradient statistics of one step read by two optimizers: ``b``'s layers over ``a``'s
-    (device ops only; a layer whose parameters two optimizers share keeps ``b``'s read)."""
-    if a is None or b is None:
-        return b if a is None else a
-    has = b.grad_present > 0
-
-    def pick(x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None or y is None else torch.where(has, y, x)
-
-    return ParamStepStats(
-        torch.where(has, b.grad_norm, a.grad_norm), torch.where(has, b.grad_rms, a.grad_rms),
-        pick(a.grad_max, b.grad_max), torch.maximum(a.grad_present, b.grad_present),
-        torch.where(has, b.grad_nonfinite, a.grad_nonfinite))
 
 
 class _Held:
@@ -179,11 +156,13 @@ class _Held:
 
 class Stepping:
     """Decides, per optimizer step and per ``watcher.step()``, what it means for the
-    watcher (see the module docstring) and calls the watcher's step machinery."""
+    watcher (see the module docstring) and calls the step engine's methods
+    (``engine.StepEngine``); its hooks are owned by the watcher's ``HandleRegistry``."""
 
-    def __init__(self, watcher: Watcher, root: torch.nn.Module,
-                 params: Iterable[torch.Tensor], explicit: torch.optim.Optimizer | None) -> None:
-        self._watcher = weakref.ref(watcher)
+    def __init__(self, engine: StepEngine, root: torch.nn.Module,
+                 params: Iterable[torch.Tensor], explicit: torch.optim.Optimizer | None,
+                 guard: FaultGuard, handles: HandleRegistry) -> None:
+        self._engine = weakref.ref(engine)
         self._ids = frozenset(id(p) for p in params)
         self._held: weakref.WeakKeyDictionary[Any, _Held] = weakref.WeakKeyDictionary()
         self.explicit = explicit
@@ -199,12 +178,11 @@ class Stepping:
         self._other_names: set[str] = set()
         self._grads_at: tuple[int, int] | None = None  # (step, forwards) of early-read grads
         self._warned = False
-        self.off = False  # switched off after an internal failure
-        self.handles: list[RemovableHandle] = [
-            _GlobalStepHook(self, post=False).handle,
-            _GlobalStepHook(self, post=True).handle,
-            root.register_forward_hook(_ForwardCounter(self)),
-        ]
+        self._guard = guard
+        self.off = guard.off  # OFF in it: switched off after an internal failure
+        handles.add("optimizer", _GlobalStepHook(self, post=False).handle)
+        handles.add("optimizer", _GlobalStepHook(self, post=True).handle)
+        handles.add("optimizer", root.register_forward_hook(_ForwardCounter(self)))
 
     # -- what is known --------------------------------------------------------------------
     @property
@@ -222,12 +200,12 @@ class Stepping:
             return self._manual_opt() if self._manual_opt is not None else None
         return self.driver
 
-    def _holds(self, opt: Any, w: Watcher) -> _Held:
+    def _holds(self, opt: Any, w: StepEngine) -> _Held:
         groups = opt.param_groups
         held = self._held.get(opt)
         if held is None or held.groups != len(groups):
             mine = {id(p) for g in groups for p in g["params"]}
-            tracked = w._params.trainable
+            tracked = w.params.trainable
             only = frozenset(k for k, (p, _) in enumerate(tracked) if id(p) in mine)
             held = _Held(len(groups), not mine.isdisjoint(self._ids),
                          None if len(only) == len(tracked) else only)
@@ -238,7 +216,7 @@ class Stepping:
         """The tracked parameters changed (lazy modules materialized): look again."""
         self._held = weakref.WeakKeyDictionary()
 
-    def _role(self, opt: Any, w: Watcher, adopt: bool) -> str | None:
+    def _role(self, opt: Any, w: StepEngine, adopt: bool) -> str | None:
         if self.mode == OPTIMIZER and opt is self.driver:
             return _DRIVER
         if not self._holds(opt, w).watched:
@@ -255,25 +233,24 @@ class Stepping:
             return _DRIVER
         return _COMPANION
 
-    def _known(self, w: Watcher) -> None:
+    def _known(self, w: StepEngine) -> None:
         """An optimizer updates watched parameters: update ratios apply from now on, and a
         GradScaler's skipped steps of a driving optimizer end a step."""
-        w._applies[:] = [applicable(i, True) for i in w._infos]  # the Publisher's list
-        if w._amp is not None:
-            w._amp.optimizer = self.driver if self.mode == OPTIMIZER else None
+        w.on_optimizer_known()
+        w.set_amp_optimizer(self.driver if self.mode == OPTIMIZER else None)
 
     def accepts(self, opt: Any) -> bool:
         """For the GradScaler tap: ``scaler.step(opt)`` of an optimizer this watcher uses.
 
         A GradScaler often skips the first steps of fp16 training, and a skipped step never
         calls ``opt.step()``: the driver is found here too."""
-        w = self._watcher()
+        w = self._engine()
         return w is not None and self._role(opt, w, adopt=True) is not None
 
     # -- torch's global optimizer step hooks ------------------------------------------------
     def pre(self, opt: Any, args: Any, kwargs: Any) -> None:
-        w = self._watcher()
-        if w is None or w._closed:
+        w = self._engine()
+        if w is None or w.closed:
             return
         role = self._role(opt, w, adopt=True)
         self._count(w)
@@ -288,50 +265,42 @@ class Stepping:
             # only when the model ran since the last step: else these are the gradients
             # the last watcher.step() reported (it came before this optimizer step)
             if not closure and self._since > 0:
-                self.read(w, only)
+                w.read_grads(only)
                 self._grads_at = (self._at_step, self._since)
-                w._take_trace(w._pending_grads, before_update=True)
+                w.take_trace()
         else:
             if role == _COMPANION:
                 self._others += 1
                 self._other_names.add(_name(opt))
             if not closure:
-                self.read(w, only)
+                w.read_grads(only)
                 # the step's forward and backward are done, no weight updated yet: the
                 # moment to read its non-finite trace (the first optimizer of the step)
-                w._take_trace(w._pending_grads, before_update=True)
-        if w._collector.full:  # the weights before the first update of the step
-            w._only = only
-            w._params_safe("before")
+                w.take_trace()
+        if w.collector.full:  # a sampled step: the weights before the first update
+            w.copy_before_update(only)
 
     def post(self, opt: Any, args: Any, kwargs: Any) -> None:
-        w = self._watcher()
-        if w is None or w._closed:
+        w = self._engine()
+        if w is None or w.closed:
             return
         role = self._role(opt, w, adopt=False)
         if role is None:
             return
         if closure_given(args, kwargs):
-            self.read(w, self._holds(opt, w).only)
+            w.read_grads(self._holds(opt, w).only)
             self._count(w)
             self._grads_at = (self._at_step, self._since)
         if role == _DRIVER:
-            w._end_step()
+            w.end_step()
             self.ended_by_driver()
-
-    def read(self, w: Watcher, only: frozenset[int] | None, merge: bool = True) -> None:
-        """Read the gradients of ``only`` (indices into the tracked parameters; None: all)
-        for the step in progress; ``merge``: over what another optimizer's step read."""
-        w._only = only
-        grads = w._params_safe("grad")
-        w._pending_grads = merge_grads(w._pending_grads, grads) if merge else grads
 
     def ended_by_driver(self) -> None:
         """A step was ended by the driver (stepped, or skipped by a GradScaler)."""
         self.confirmable = self.explicit is None
 
     # -- watcher.step() -----------------------------------------------------------------------
-    def manual_step(self, w: Watcher) -> bool:
+    def manual_step(self, w: StepEngine) -> bool:
         """``watcher.step()`` was called; False when it only confirms the step the found
         driver just ended. Either way the watcher is stepped by hand from now on."""
         was = self.mode
@@ -341,14 +310,36 @@ class Stepping:
             self._found = None
             if found is not None:
                 self._manual_opt = weakref.ref(found)
-            if w._amp is not None:  # a skipped step now waits for watcher.step()
-                w._amp.optimizer = None
+            w.set_amp_optimizer(None)  # a skipped step now waits for watcher.step()
         if was == OPTIMIZER and self.confirmable:
             self.confirmable = False
             return False
         return True
 
-    def take_early_grads(self, w: Watcher) -> bool:
+    def step_by_hand(self, w: StepEngine) -> None:
+        """``watcher.step()``: end the step in progress (unless it only confirms the step
+        the found driver just ended, or the watcher is closed)."""
+        if w.closed or not self.manual_step(w):
+            return
+        early = self.take_early_grads(w)
+        if w.amp is not None and w.amp.take_pending_skip():
+            w.end_step(skipped=True)
+            return
+        if not early:  # else: read at an optimizer step of this step, still current
+            w.read_grads(None, merge=False)
+        w.end_step()
+
+    def commit_unstepped(self, w: StepEngine) -> None:
+        """At close: the model ran forward but no step ever ended. Commit what was
+        collected as one step (it is written as one window) and say how to step."""
+        if w.step or not w.collector.order:
+            return
+        w.read_grads(None, merge=False)
+        w.end_step()
+        warn_usage(self.no_step_message(self.forwards)
+                   + "; what was collected is written as one step", stacklevel=5)
+
+    def take_early_grads(self, w: StepEngine) -> bool:
         """At ``watcher.step()``: whether the gradients read at optimizer steps of this step
         stand (no training forward of the model came after them)."""
         at, self._grads_at = self._grads_at, None
@@ -356,16 +347,16 @@ class Stepping:
         return at is not None and at == (self._at_step, self._since)
 
     # -- forward passes -----------------------------------------------------------------------
-    def _count(self, w: Watcher) -> None:
+    def _count(self, w: StepEngine) -> None:
         """Start the counts over when a step ended since they were last looked at."""
-        if w._step != self._at_step:
-            self._at_step = w._step
+        if w.step != self._at_step:
+            self._at_step = w.step
             self._since = self._others = self._unwatched = 0
             self._other_names.clear()
 
     def forward(self) -> None:
-        w = self._watcher()
-        if w is None or w._closed:
+        w = self._engine()
+        if w is None or w.closed:
             return
         self._count(w)
         self._since += 1
@@ -404,12 +395,4 @@ class Stepping:
 
     def fail(self, stage: str, e: Exception) -> None:
         """An internal failure in a hook: reported once, the hooks turn inert."""
-        self.off = True
-        w = self._watcher()
-        if w is not None:
-            w._collector.fault(stage, "*", e)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+        self._guard.fail(OFF, stage, "*", e)

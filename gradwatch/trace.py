@@ -24,11 +24,16 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
+
+from gradwatch.faults import FaultGuard
+from gradwatch.handles import WeakHook
+
+OFF = "trace"  # the fault guard's name for this part
 
 #: ``torch.sum(x, DIMS[x.ndim], ..., out=row)`` reduces every dim into a 0-d row
 DIMS: tuple[tuple[int, ...], ...] = tuple(tuple(range(n)) for n in range(33))
@@ -89,28 +94,23 @@ class Record:
         return len(self.g_roles)
 
 
-class _GradHook:
+class _GradHook(WeakHook):
     """Tensor hook: the fp32 sum of one gradient into row ``j`` of the grad log of the
     record it was placed in (a gradient that arrives after that record was taken is left
     out)."""
 
-    __slots__ = ("_trace", "_rec", "j")
+    __slots__ = ("_rec", "j")
 
     def __init__(self, trace: StepTrace, rec: Record, j: int) -> None:
-        self._trace = weakref.ref(trace)
+        super().__init__(trace)
         self._rec = rec
         self.j = j
 
     def __call__(self, g: Tensor) -> None:
-        tr = self._trace()
-        if tr is not None and tr.on and tr.rec is self._rec:
+        tr = self._ref()
+        if tr is not None and OFF not in tr.off and tr.rec is self._rec:
             tr.grad(self.j, g)
         return None
-
-    def __reduce__(self) -> tuple[Any, tuple[()]]:
-        from gradwatch.hooks import _Inert
-
-        return (_Inert, ())
 
 
 def _version(t: Tensor) -> int:
@@ -131,17 +131,18 @@ class StepTrace:
 
     ``passes[m]``: module ``m`` passes finite values on (no sum of its own output);
     ``inplace[m]``: it writes its output into its input; ``unsafe[m]``: its gradients are
-    hooked. ``on`` False makes every hook inert (the watcher closed or this part failed).
+    hooked. ``OFF`` in ``off`` (the fault guard's set) makes every hook inert (the watcher
+    closed or this part failed).
     """
 
     def __init__(self, device: torch.device, passes: list[bool], inplace: list[bool],
-                 unsafe: list[bool], fault: Callable[..., None]) -> None:
+                 unsafe: list[bool], guard: FaultGuard) -> None:
         self.device = device
         self.passes = passes
         self.inplace = inplace
         self.unsafe = unsafe
-        self.fault = fault
-        self.on = True
+        self.guard = guard
+        self.off = guard.off
         self.fwd = Rows(device, 1024)
         self.grads = Rows(device, 256)
         self.handles: list[Any] = []
@@ -310,8 +311,7 @@ class StepTrace:
             torch.sum(g.detach(), DIMS[g.ndim], dtype=torch.float32, out=self.grads.row(j))
             self.rec.fired.append(j)
         except Exception as e:
-            self.on = False
-            self.fault("non-finite trace (gradients)", "*", e)
+            self.guard.fail(OFF, "non-finite trace (gradients)", "*", e)
 
     # -- step boundary -------------------------------------------------------------------------
     def take(self) -> tuple[Record, Tensor, Tensor]:
@@ -353,25 +353,20 @@ class StepTrace:
 M_OUT_NAN, M_OUT_INF, M_IN_NAN, M_IN_INF, M_OG_NAN, M_IG_NAN = range(6)
 
 
-class _ModuleGradHook:
-    __slots__ = ("_flags", "m", "col")
+class _ModuleGradHook(WeakHook):
+    __slots__ = ("m", "col")
 
     def __init__(self, flags: ModuleFlags, m: int, col: int) -> None:
-        self._flags = weakref.ref(flags)
+        super().__init__(flags)
         self.m = m
         self.col = col
 
     def __call__(self, g: Tensor) -> None:
-        f = self._flags()
-        if f is not None and f.on:
+        f = self._ref()
+        if f is not None:
             s = torch.sum(g.detach(), DIMS[g.ndim], dtype=torch.float32)
             f.t[self.m, self.col] += torch.isnan(s).to(torch.float32)
         return None
-
-    def __reduce__(self) -> tuple[Any, tuple[()]]:
-        from gradwatch.hooks import _Inert
-
-        return (_Inert, ())
 
 
 class ModuleFlags:
@@ -386,7 +381,6 @@ class ModuleFlags:
         self.t = torch.zeros(n_modules, 6, dtype=torch.float32, device=device)
         self.unsafe = unsafe
         self.order = order
-        self.on = True
         self.ran = False
 
     def call(self, m: int, args: Any, output: Any) -> None:

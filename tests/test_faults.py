@@ -24,7 +24,7 @@ import gradwatch.stats
 import gradwatch.stepping
 import gradwatch.trace
 from gradwatch.buffers import WindowBuffers
-from gradwatch.hooks import ParamTracker
+from gradwatch.params import ParamTracker
 from gradwatch.rules import Rules
 from gradwatch.snapshot import Snapshot
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gradwatch import stats
-from tests import zoo
+from tests.support import zoo
 
 
 def test_stuck_units_matches_a_float64_count():

@@ -6,7 +6,7 @@
 * ``images=True``: ``gradwatch/flow``, the ``grad_rms`` heatmap (layers x steps, log
   colour, alerts marked) of ``gradwatch.plot``, every ``IMAGE_EVERY`` flushes and at close.
 
-Everything here but ``take()`` runs on the watcher's background thread.
+Everything here runs on the watcher's background thread.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from __future__ import annotations
 import collections
 import math
 from typing import Any, Sequence
-
-import torch
 
 from gradwatch.alerts import Alert
 from gradwatch.histograms import KINDS, DeviceHistograms, raw_histogram
@@ -72,7 +70,11 @@ class FlowImages:
 
 
 class Pictures:
-    """The optional pictures of one watcher; ``None`` from ``create`` when none is asked."""
+    """The optional pictures of one watcher; ``None`` from ``create`` when none is asked.
+
+    ``hist``: the device histograms the watcher bins on the hot path
+    (``histograms.DeviceHistograms``); the step engine hands each window's host copy to
+    ``write``. Nothing here runs on the training thread."""
 
     def __init__(self, writer: Any, hist: DeviceHistograms | None,
                  images: FlowImages | None) -> None:
@@ -81,16 +83,11 @@ class Pictures:
         self.images = images
 
     @classmethod
-    def create(cls, sink: Any, n_layers: int, device: torch.device, histograms: bool,
-               images: bool, fault: Any) -> Pictures | None:
-        if sink is None or not (histograms or images):
+    def create(cls, sink: Any, hist: DeviceHistograms | None, images: bool
+               ) -> Pictures | None:
+        if sink is None or not (hist is not None or images):
             return None
-        hist = DeviceHistograms(n_layers, device, fault) if histograms else None
         return cls(sink.writer, hist, FlowImages(sink.writer) if images else None)
-
-    def take(self) -> Any:
-        """On the training thread at a flush: the histogram window's host copy, or None."""
-        return self.hist.take() if self.hist is not None and self.hist.on else None
 
     def write(self, snap: Snapshot, alerts: Sequence[Alert], hist: Any,
               names: Sequence[str]) -> None:

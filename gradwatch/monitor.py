@@ -1,0 +1,195 @@
+"""``StepMonitor``: the per-step checks. In: each step's flags and non-finite trace. Out:
+``Alert``s put in the inbox (and written to TensorBoard) within the step, or a step or so
+later on CUDA, without waiting for the window's flush.
+
+One hop after another: the step engine hands the step's flag tensor here (``send``), with
+the trace taken from ``trace.StepTrace``/``trace.ModuleFlags``; the payload goes to the host
+through ``flags.FlagsToHost``; what reached the host (``poll``) is read by
+``nonfinite.NonFiniteTracker`` (the origin module of a NaN, ``origin.py``), or, without a
+trace, blamed on a layer by ``blame.nonfinite_origin`` (the rule the window uses too); the
+rate limit and the message come from ``Rules.nonfinite_now``/``exploding_now``. No torch
+read op here: the host sees the flags through numpy views.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from gradwatch.blame import nonfinite_origin
+from gradwatch.faults import FaultGuard
+from gradwatch.flags import FlagsToHost, HostFlags
+from gradwatch.inbox import AlertInbox
+from gradwatch.nonfinite import NonFiniteTracker, PayloadRecord
+from gradwatch.selection import LayerInfo
+
+if TYPE_CHECKING:
+    from gradwatch.alerts import Alert
+    from gradwatch.hooks import Collector
+    from gradwatch.publish import Publisher
+    from gradwatch.rules import Rules
+
+
+class StepMonitor:
+    """Per-step flags and trace -> alerts (see the module docstring). ``tracker`` is
+    replaced when lazy modules materialize."""
+
+    def __init__(self, collector: Collector, tracker: NonFiniteTracker, n_layers: int,
+                 device: torch.device, rules: Rules, infos: Sequence[LayerInfo],
+                 extreme_rms: float, guard: FaultGuard, inbox: AlertInbox,
+                 publisher: Publisher) -> None:
+        self.collector = collector
+        self.tracker = tracker
+        self.device = device
+        self.rules = rules
+        self.infos = infos
+        self.extreme_rms = extreme_rms
+        self.guard = guard
+        self.inbox = inbox
+        self.publisher = publisher
+        # per-step non-finite flags, read on the host without a stall (flags.py)
+        self.to_host = FlagsToHost(n_layers, device)
+        self.trace_step = -1  # the step whose non-finite trace was taken already
+
+    def _failed(self, e: Exception) -> None:
+        self.rules.per_step_nonfinite = False  # the window names it from now on
+        self.guard.fail("flags", "non-finite flags", "*", e)
+
+    def send(self, flags: torch.Tensor, grads: Any, sampled: bool, step: int,
+             before_update: bool = False) -> None:
+        """The step's flags, with its non-finite trace unless taken already, to the host:
+        on CUDA device ops and a non-blocking copy (``flags.FlagsToHost``), read a step or
+        so later; on CPU, where device memory is host memory, read at once through numpy
+        (no torch read op either way)."""
+        c = self.collector
+        tr = c.trace
+        rec = None
+        rows: list[torch.Tensor] = []
+        mf = c.mflags
+        order = None
+        if tr is not None and "trace" not in self.guard.off and self.trace_step != step:
+            self.trace_step = step
+            rec, fv, gv = tr.take()
+            rows = [fv, gv]
+            if mf is not None and mf.ran:  # compiled code ran: its per-module counts
+                rows.append(mf.take())
+                order = mf.order
+        # the weights as the forward used them: read lazily on CPU when the record is taken
+        # before the update (the analysis runs at once), else summed with the payload
+        cpu = self.device.type == "cpu"
+        sums = rec is not None and not (before_update and cpu)
+        parts: list[torch.Tensor] = []
+        present: tuple[int, ...] = ()
+        shadow: tuple[int, ...] = ()
+        # without a trace the payload only adds its NaN count to the flags (CUDA), which the
+        # push that took this step's trace at the optimizer's pre-step has counted already
+        if rec is not None or (not cpu and self.trace_step != step):
+            parts, (present, shadow) = self.tracker.payload(rows, grads, param_sums=sums)
+        meta = (PayloadRecord(rec, present, shadow, sampled, before_update, sums, order)
+                if rec is not None else None)
+        if cpu:
+            item = self.to_host.read_now(flags, parts, step, meta)
+            if rec is not None:
+                tr.clear(rec)  # type: ignore[union-attr]
+            self._examine(item)
+            return
+        payload = torch.cat(parts) if parts else flags.new_zeros(0)
+        if rec is not None:
+            tr.clear(rec)  # type: ignore[union-attr]  # after the copy, in stream order
+        nan = torch.isnan(payload).sum(dtype=torch.float32)
+        extra = torch.stack([nan, torch.zeros_like(nan), torch.zeros_like(nan)])
+        head = torch.cat([flags, extra.unsqueeze(0)])
+        self.to_host.push(head, step, payload if meta is not None else None, meta)
+
+    def take_trace(self, no_flags: torch.Tensor, grads: Any, sampled: bool, step: int,
+                   before_update: bool) -> None:
+        """The step's trace to the host now (at the optimizer's pre-step), and on CPU read
+        at once: the weights a NaN may come from are still those the forward used."""
+        tr, mf = self.collector.trace, self.collector.mflags
+        if "commit" in self.guard.off or tr is None:
+            return
+        if tr.empty() and not (mf is not None and mf.ran):
+            return  # no forward since the last take (an optimizer stepping after the driver)
+        try:
+            self.send(no_flags, grads, sampled, step, before_update=before_update)
+        except Exception as e:
+            self.guard.fail("commit", "step commit", "*", e)
+            return
+        self.poll()
+
+    def eval_done(self, no_flags: torch.Tensor, step: int) -> bool:
+        """A forward without gradients ended (evaluation): its trace becomes a record of its
+        own, so an evaluation loop keeps the trace bounded and is checked as it runs.
+        True when it was checked (the caller then delivers)."""
+        tr = self.collector.trace
+        if tr is None or tr.rec.g_roles or "commit" in self.guard.off:
+            return False  # a training step's record: its gradients are still to come
+        self.trace_step = -1
+        self.send(no_flags, None, True, step, before_update=True)
+        self.poll()
+        return True
+
+    def poll(self) -> None:
+        """Per-step flags that reached the host (this step's on CPU, a step or so later on
+        CUDA) -> a non-finite alert at the module where the NaN was born (``nonfinite.py``),
+        or an exploding alert for a gradient above ``extreme_rms``. No torch read op."""
+        if self.guard.off & {"commit", "flags"}:
+            return
+        try:
+            for f in self.tracker.settle():
+                self._nonfinite_alert(f)
+            for item in self.to_host.poll():
+                self._examine(item)
+        except Exception as e:
+            self._failed(e)
+
+    def _examine(self, item: HostFlags) -> None:
+        """One step's flags on the host: a non-finite origin, or an extreme gradient."""
+        if self.guard.off & {"commit", "flags"}:
+            return
+        try:
+            nf = self.tracker
+            bad = item.layers[:, :2].any() or item.trace_nan
+            if not bad:
+                self._extreme(item.step, item.layers)
+                return
+            for f in nf.read(item):
+                self._nonfinite_alert(f)
+            if item.meta is None and nf.armed and nf.last_bad != item.step:
+                # nothing named from a trace for this step (none came along, or it held
+                # Inf without NaN, e.g. an Inf parameter gradient): name a layer
+                self._flag_alert(item.step, item.layers)
+        except Exception as e:
+            self._failed(e)
+
+    def _nonfinite_alert(self, f: Any) -> None:
+        a = self.rules.nonfinite_now(f.step, f.layer, f.count, note=f.message)
+        if a is not None:
+            self._put(dataclasses.replace(a, cause=f.cause, hint=f.hint), f.step)
+
+    def _extreme(self, step: int, view: np.ndarray) -> None:
+        """A finite step: only a gradient above ``extreme_rms`` is reported at once."""
+        for i in np.flatnonzero(view[:, 2] > self.extreme_rms):
+            self._put(self.rules.exploding_now(step, self.infos[int(i)].name,
+                                               float(view[i, 2])), step)
+
+    def _flag_alert(self, step: int, view: np.ndarray) -> None:
+        """Without a trace (switched off, or the device ran too far ahead): the layer the
+        window rule would blame (``blame.nonfinite_origin``), else the layer with the most
+        non-finite gradients."""
+        acts, grads = view[:, 0], view[:, 1]
+        origin = nonfinite_origin(self.collector.order, acts.__getitem__, grads.__getitem__)
+        if origin is None:
+            origin = int(np.argmax(grads))
+        count = float(view[origin, :2].sum())
+        self._put(self.rules.nonfinite_now(step, self.infos[origin].name, count), step)
+
+    def _put(self, a: Alert | None, step: int) -> None:
+        """A per-step alert: into the inbox (issued at the end of this step), and written
+        to TensorBoard."""
+        if a is not None:
+            self.inbox.put([a])
+            self.publisher.write_step_alert(a, step)
