@@ -218,8 +218,8 @@ class StepTrace:
 
     def _call1(self, m: int, x: Tensor, y: Tensor) -> None:
         """``call`` for one tensor in, one tensor out, no keyword arguments: ``_input``,
-        ``_output``/``_derived`` and ``_check`` written out in one frame (the hot path of
-        every light step: one call per module)."""
+        ``_output`` and ``_derived`` written out in one frame (the hot path of every light
+        step: one call per module); every sum still goes through ``_check``."""
         rec = self.rec
         ids = self._ids
         ins: tuple[int, ...] = ()
@@ -256,19 +256,7 @@ class StepTrace:
                 if seen is not None and seen[0]() is y and seen[1] >= 0 and ver == seen[1]:
                     outs = (seen[2],)  # handed on unchanged (an input, or a child's output)
                 else:
-                    r = rec.n_rows
-                    rows = self.fwd.rows
-                    torch.sum(y.detach(), DIMS[y.ndim], dtype=torch.float32,
-                              out=rows[r] if r < len(rows) else self.fwd.row(r))
-                    rec.n_rows = r + 1
-                    if y.dtype is torch.float16:
-                        rec.half.append(r)
-                    by.append(m)
-                    rec.kind.append(OUT)
-                    rec.src.append(k)
-                    rec.row.append(r)
-                    ids[id(y)] = (weakref.ref(y), ver, k)
-                    outs = (k,)
+                    outs = (self._check(y, m, OUT),)
         rec.calls.append((m, ins, outs))
         if self.unsafe[m] and torch.is_grad_enabled():
             if ins and x.requires_grad:
