@@ -255,6 +255,9 @@ def render_modules(mo: dict[str, Any]) -> list[str]:
         "sampled / own floor | default / floor | every=10 / floor | first window / bare |",
         "|" + " --- |" * 9,
     ]
+    if not any("vs_floor" in r for r in mo["summary"].values()):
+        lines += ["This run predates the floor variants (the previous round's code): their "
+                  "cells are empty until `modules.py` is run again.", ""]
     names = ("floor / bare", "light / floor", "sampled / own floor", "default / floor",
              "every=10 / floor", "first window / bare")
     for wl, r in mo["summary"].items():
@@ -276,7 +279,7 @@ def render_modules(mo: dict[str, Any]) -> list[str]:
         "| model | floor: ratio | µs/module | ops/module | light: ratio | µs/module | "
         "ops/module | sampled: ratio | µs/module | ops/module | own floor: ratio | "
         "ops/module | default, steady | µs/module | ops/module |",
-        "|" + " --- |" * 16,
+        "|" + " --- |" * 15,
     ]
     for wl, r in mo["summary"].items():
         if "error" in r:
@@ -286,7 +289,7 @@ def render_modules(mo: dict[str, Any]) -> list[str]:
             q = r.get(v) or {"error": "not run"}
             n = 2 if v == "floor_sampled" else 3
             if "error" in q:
-                cells += ["failed"] + ["–"] * (n - 1)
+                cells += ["not run" if q["error"] == "not run" else "failed"] + ["–"] * (n - 1)
                 continue
             cells += [_ratio(q["ratio"])]
             if n == 3:
