@@ -134,13 +134,14 @@ WORKLOADS: dict[str, Callable[[], Any]] = {
 # -- attaching gradwatch ----------------------------------------------------------------------
 # The step kinds of the module-count series and the breakdown, forced through the public API.
 # If the way sampled steps are chosen changes, this is the one function to adapt.
-STEP_KINDS = ("default", "light", "sampled")
+STEP_KINDS = ("default", "light", "sampled", "every10")
 
 
 def watch_as(kind: str, model: nn.Module, opt: torch.optim.Optimizer, logdir: str) -> Any:
     """gradwatch attached so that every step after the first is of ``kind``.
 
-    ``default``: ``watch()`` as a user writes it. ``light``: ``every`` and ``sample_every``
+    ``default``: ``watch()`` as a user writes it; ``every10``: the same with ``every=10``
+    (a user who wants denser curves). ``light``: ``every`` and ``sample_every``
     of 10**6 (the first step is sampled, every later one light). ``sampled``:
     ``sample_every=1`` (every step collects the full stat set). The last two never flush
     (``every=10**6``): the flush is measured on its own (``flush.py``, ``breakdown.py``).
@@ -149,6 +150,9 @@ def watch_as(kind: str, model: nn.Module, opt: torch.optim.Optimizer, logdir: st
 
     if kind == "default":
         return gradwatch.watch(model, optimizer=opt, logdir=logdir, on_alert="ignore")
+    if kind == "every10":
+        return gradwatch.watch(model, optimizer=opt, logdir=logdir, every=10,
+                               on_alert="ignore")
     if kind == "light":
         return gradwatch.watch(model, optimizer=opt, logdir=logdir, every=10**6,
                                sample_every=10**6, on_alert="ignore")
@@ -163,6 +167,133 @@ def watched_modules(model: nn.Module) -> int:
     from gradwatch.selection import select, unwrap
 
     return len(select(unwrap(model), None, None))
+
+# -- the floor ------------------------------------------------------------------------------
+# What the promises cost at least, written by hand beside gradwatch (no gradwatch code runs in
+# it): the per-step checks of every layer's gradient norm and of where a NaN is born, and the
+# full stat set of a sampled step. gradwatch's ratios are taken to these, measured in the same
+# run (modules.py, overhead.py).
+
+# Elementwise activations, dropout, pooling and flatten: finite in, finite out. They get the
+# empty hook (the hook call itself, which any per-module monitor pays), no sum.
+_FLOOR_PASS: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Hardtanh, nn.Hardsigmoid, nn.Hardswish, nn.Softsign, nn.Softplus,
+    nn.Tanhshrink, nn.Hardshrink, nn.Softshrink, nn.LogSigmoid,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Flatten, nn.Unflatten, nn.Identity,
+)
+FLOOR_MAX_OUTPUTS = 8  # floating tensors summed per module output (a row of the buffer each)
+FLOOR_KINDS = ("floor", "floor_sampled")
+
+
+def _float_tensors(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _float_tensors(o)]
+    return []
+
+
+class Floor:
+    """The floor of a step, by hand. ``sampled=False`` (*light* floor, the promise of every
+    step): one ``torch._foreach_norm`` over every parameter gradient at the optimizer step
+    (a pre-step hook, where gradwatch reads them), and a forward hook on every module that
+    sums each floating output in fp32 into a row of a buffer allocated once (``out=``) --
+    unless the module keeps finite values finite (``_FLOOR_PASS``), is an in-place
+    activation, or hands on the tensor its last child summed (a container): those get the
+    empty hook. ``sampled=True`` (the floor of a sampled step: every stat of every watched
+    layer): in addition, one pass over each watched output (its sum, shared with the check
+    above when the module is summed anyway), a tensor hook with one fp32 sum over each
+    output gradient, and one ``_foreach_norm`` over the parameters themselves."""
+
+    def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, sampled: bool) -> None:
+        from gradwatch.selection import select, unwrap
+
+        mods = list(model.modules())
+        watched = {id(m) for _, m in select(unwrap(model), None, None)} if sampled else set()
+        self.buf = torch.zeros(len(mods), FLOOR_MAX_OUTPUTS)
+        self.gbuf = torch.zeros(len(mods), FLOOR_MAX_OUTPUTS)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.norms: list[torch.Tensor] = []
+        self.last: list[Any] = [None]  # the tensor summed last (a container hands it on)
+        self.sampled = sampled
+        self.handles = []
+        for i, m in enumerate(mods):
+            inplace = getattr(m, "inplace", False) is True
+            if id(m) in watched:
+                hook = self._sum_hook(self.buf[i], self.gbuf[i])
+            elif isinstance(m, _FLOOR_PASS) or inplace:
+                hook = _empty_hook
+            else:
+                hook = self._sum_hook(self.buf[i], None)
+            self.handles.append(m.register_forward_hook(hook))
+        self.handles.append(opt.register_step_pre_hook(self._pre_step))
+
+    def _sum_hook(self, row: torch.Tensor, grow: torch.Tensor | None) -> Callable[..., None]:
+        rows = list(row.unbind())
+        last = self.last
+        if grow is None:
+            def hook(m: nn.Module, args: Any, out: Any) -> None:
+                if isinstance(out, torch.Tensor):
+                    if out is not last[0]:
+                        torch.sum(out.detach(), _DIMS[out.ndim], dtype=torch.float32,
+                                  out=rows[0])
+                        last[0] = out
+                    return
+                ts = _float_tensors(out)
+                if len(ts) > FLOOR_MAX_OUTPUTS:
+                    raise ValueError(f"more than {FLOOR_MAX_OUTPUTS} outputs: {type(m)}")
+                for j, t in enumerate(ts):
+                    if t is not last[0]:
+                        torch.sum(t.detach(), _DIMS[t.ndim], dtype=torch.float32, out=rows[j])
+                if ts:
+                    last[0] = ts[-1]
+            return hook
+
+        grows = list(grow.unbind())
+
+        def grad_hook(j: int) -> Callable[[torch.Tensor], None]:
+            def h(g: torch.Tensor) -> None:
+                torch.sum(g, _DIMS[g.ndim], dtype=torch.float32, out=grows[j])
+            return h
+
+        ghooks = [grad_hook(j) for j in range(FLOOR_MAX_OUTPUTS)]
+
+        def watched_hook(m: nn.Module, args: Any, out: Any) -> None:
+            ts = [out] if isinstance(out, torch.Tensor) else _float_tensors(out)
+            if len(ts) > FLOOR_MAX_OUTPUTS:
+                raise ValueError(f"more than {FLOOR_MAX_OUTPUTS} outputs: {type(m)}")
+            for j, t in enumerate(ts):
+                torch.sum(t.detach(), _DIMS[t.ndim], dtype=torch.float32, out=rows[j])
+                if t.requires_grad:
+                    t.register_hook(ghooks[j])
+            if ts:
+                last[0] = ts[-1]
+        return watched_hook
+
+    def _pre_step(self, opt: Any, args: Any, kwargs: Any) -> None:
+        self.norms = torch._foreach_norm([p.grad for p in self.params if p.grad is not None])
+        if self.sampled:
+            self.norms += torch._foreach_norm(self.params)
+        self.last[0] = None
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _empty_hook(m: nn.Module, args: Any, out: Any) -> None:
+    return None
+
+
+# every dim of an n-d tensor: torch.sum(x, _DIMS[x.ndim], out=row) reduces it into a 0-d row
+_DIMS = [tuple(range(n)) for n in range(16)]
+
 
 # -- host reads -----------------------------------------------------------------------------
 

@@ -8,14 +8,17 @@ A. **Timing variants** in alternating blocks (process CPU time; per round, each 
    block minus the bare block of the same round; median over rounds): the bare step; an
    empty forward hook on every watched module (the hook call itself); gradwatch; gradwatch
    with one part switched off (``SWITCHES``): that part's cost by subtraction.
-B. **Attribution**: gradwatch's entry points wrapped with timers (``PARTS``), each part's
-   time exclusive of the parts nested in it (median over steps of each part's time in the
-   step). The empty-hook cost of A is the hook call outside them.
+B. **Attribution**: gradwatch's entry points wrapped with timers (``PARTS``, the thread's
+   CPU time), each part's time exclusive of the parts nested in it (median over steps of
+   each part's time in the step). The empty-hook cost of A is the hook call outside them.
 C. **Ops**: the aten ops each part dispatches (counted with a ``TorchDispatchMode``, each op
    attributed to the part running when it is dispatched) and their time (torch.profiler,
    one range per part: the top-level ops in it); what is left of a part's time is Python.
 D. **Cross-check**: cProfile's functions of gradwatch, and the torch calls made from them,
    by own time.
+
+The floors (``_common.Floor``, light and sampled) are timed in the same blocks as A, so each
+row can be read against what the promise costs at least.
 
 The flush is measured apart: one public ``flush()`` every 10 steps, its training-thread part
 (``StepEngine.launch_flush``) and the whole call (which waits for the background thread),
@@ -110,7 +113,9 @@ class Attribution:
         return self.stack[-1][0] if self.stack else "model"
 
     def install(self) -> None:
-        clock = time.perf_counter_ns
+        # CPU time of the thread, not wall time: on a shared machine a wall clock also counts
+        # the time other processes hold the core (the parts then summed to 2-3x the step)
+        clock = time.thread_time_ns
         for part, where in PARTS:
             mod_name, path = where.split(":")
             cls_name, attr = path.split(".")
@@ -227,7 +232,11 @@ class Bench:
         from gradwatch.selection import select, unwrap
 
         handles, w = [], None
-        if variant == "empty hook":
+        if variant in ("floor", "floor sampled"):
+            from _common import Floor
+
+            w = Floor(self.model, self.opt, sampled=variant == "floor sampled")
+        elif variant == "empty hook":
             handles = [m.register_forward_hook(lambda m, a, o: None)
                        for _, m in select(unwrap(self.model), None, None)]
         elif variant != "bare":
@@ -246,7 +255,7 @@ class Bench:
 
 
 def timing_variants(b: Bench, rounds: int, steps: int) -> dict[str, Any]:
-    variants = ["bare", "empty hook"]
+    variants = ["bare", "empty hook", "floor", "floor sampled"]
     for kind in ("light", "sampled"):
         variants.append(kind)
         variants += [f"{kind} - {s}" for s in SWITCHES
@@ -394,6 +403,7 @@ def table(r: dict[str, Any]) -> str:
         f"| hook call itself (an empty forward hook) | {med['empty hook']:.1f} | 0 | – "
         f"| {med['empty hook']:.1f} | 0 | – |",
     ]
+    floor = {k: med.get(f) for k, f in (("light", "floor"), ("sampled", "floor sampled"))}
     total = {k: med["empty hook"] for k in ("light", "sampled")}
     names = [p for p in ORDER if p != "hook call"]
     names += sorted({p for k in ("light", "sampled") for p in r[k]["parts"]} - set(names)
@@ -415,6 +425,11 @@ def table(r: dict[str, Any]) -> str:
     lines.append("| not attributed (the autograd engine calling tensor hooks, allocator, noise) "
                  f"| {med['light'] - total['light']:.1f} | | "
                  f"| {med['sampled'] - total['sampled']:.1f} | | |")
+    if floor["light"] is not None and floor["sampled"] is not None:
+        lines.append(f"| the floor (`_common.Floor`; sampled: its own floor) - bare step | "
+                     f"{floor['light']:.1f} | | | {floor['sampled']:.1f} | | |")
+        lines.append(f"| gradwatch - floor | {med['light'] - floor['light']:.1f} | | "
+                     f"| {med['sampled'] - floor['sampled']:.1f} | | |")
     fl = {k: r[k]["flush_us_per_module_step"] for k in ("light", "sampled")}
     fc = {k: r[k]["flush_cpu_us_per_module_step"] for k in ("light", "sampled")}
     lines += [

@@ -124,8 +124,8 @@ class StepEngine:
         self.monitor.poll()
         if self.window_steps >= self.every:
             self.launch_flush()
-        # sampled steps are aligned on the window: its first step, then one in k
-        self.collector.full = self.sampler.sampled(self.window_steps)
+        # sampled steps are aligned on the window (sampling.py)
+        self.collector.full = self.sampler.sampled(self.step, self.window_steps)
         self.deliver()
 
     def _commit(self, grads: Any, weights: Any, updates: Any) -> None:

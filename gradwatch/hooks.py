@@ -30,6 +30,7 @@ from gradwatch.faults import FaultGuard
 from gradwatch.handles import Inert, WeakHook
 from gradwatch.selection import LayerInfo
 
+_compiling = torch.compiler.is_compiling
 # models pickled (torch.save) while watched by an earlier version name the inert hook here
 _Inert = Inert
 
@@ -134,7 +135,7 @@ class Collector:
         tr = self.trace
         if tr is not None and "trace" not in self.off:
             try:
-                if torch.compiler.is_compiling():
+                if _compiling():
                     if self.mflags is not None:
                         self.mflags.call(m, args, output, kwargs)
                 else:

@@ -50,8 +50,9 @@ class Watcher:
     check every module's outputs for NaN/Inf (one sum per new tensor) and measure the
     parameter-gradient norms, so non-finite values and exploding gradients are caught on
     the step they appear. Sampled steps are the first step of each window and then one in
-    ``sample_every``; ``"auto"`` (the default) samples every step of the first window and
-    then one step in ``every // SAMPLED_PER_WINDOW`` (``gradwatch.sampling``).
+    ``sample_every``; ``"auto"`` (the default) samples every step of the first window and of
+    the first 100 steps, then one step in 10, whatever ``every`` is (a window shorter than
+    that still gets its first step sampled; ``gradwatch.sampling``).
 
     Steps: without ``optimizer=`` the first optimizer whose ``step()`` updates a watched
     parameter is found and used as if it had been given; with several optimizers, a step
@@ -127,8 +128,8 @@ class Watcher:
 
     @property
     def sample_every(self) -> int:
-        """The steps between two sampled steps after the first window (``"auto"``:
-        ``every // SAMPLED_PER_WINDOW``, at least 1)."""
+        """The steps between two sampled steps (``"auto"``: ``sampling.PERIOD``, 10,
+        whatever ``every`` is, after the first window and the first 100 steps)."""
         return self._engine.sampler.later_period
 
     @property
@@ -289,6 +290,11 @@ class Watcher:
 
 def watch(model: nn.Module, **kwargs: Any) -> Watcher:
     """Attach gradwatch to ``model``; see ``Watcher`` and the README for the arguments.
+
+    ``sample_every="auto"`` (the default) collects the full stat set on every step of the
+    first window and of the first 100 steps, then on one step in 10 whatever ``every`` is,
+    and always on a window's first step; the others only check for NaN/Inf and measure the
+    parameter-gradient norms.
 
     The model keeps the watcher alive: the result may be dropped (``gradwatch.unwatch``
     closes it)."""

@@ -92,7 +92,9 @@ def test_read_right_after_the_loop_again_and_again():
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
     ref = _recorder(m)
     w = gradwatch.watch(m, tensorboard=False, every=EVERY)
-    for n in range(1, 31):
+    # 25 rounds of 4 steps: the first 100 steps, every one sampled by default (after them
+    # one step in 10 is, and a window's statistics are no longer a mean over all its steps)
+    for n in range(1, 26):
         _train(m, opt, ref, 4)  # 4 steps a round: a window ends inside some rounds
         last = (4 * n) // EVERY * EVERY
         snap = w.latest

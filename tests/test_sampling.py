@@ -23,7 +23,7 @@ from torch.utils.tensorboard import SummaryWriter
 import gradwatch
 from gradwatch.alerts import KINDS
 from gradwatch.buffers import FOLD_AT, ROW
-from gradwatch.sampling import SAMPLED_PER_WINDOW
+from gradwatch.sampling import FIRST_STEPS, PERIOD
 from gradwatch.sinks import tensorboard as tb_sink
 from tests.support.events import event_files, scalars
 from tests.support.reference import Float64Reference, close, small_mlp
@@ -38,28 +38,44 @@ def schedule(every: int, sample_every: int | str, steps: int,
     """The documented schedule, written out independently: ``(window steps, sampled steps)``
     per window, as 0-based global step indices. A window ends after ``every`` steps or at an
     explicit flush after step count ``flush_after``; its first step is sampled, then one in
-    k; ``"auto"``: every step of the first window, then k = max(1, every // 10)."""
-    auto = sample_every == "auto"
-    k = max(1, every // SAMPLED_PER_WINDOW) if auto else int(sample_every)
+    k. ``"auto"``: every step of the first window and of the run's first 100 steps, then
+    k = 10, whatever ``every`` is."""
     out: list[tuple[list[int], list[int]]] = []
     cur: list[int] = []
     for g in range(steps):
         cur.append(g)
         if len(cur) == every or g + 1 in flush_after:
-            out.append((cur, cur if auto and not out else cur[::k]))
+            if sample_every == "auto":
+                sampled = [g for s, g in enumerate(cur) if not out or g < 100 or s % 10 == 0]
+            else:
+                sampled = cur[::int(sample_every)]
+            out.append((cur, sampled))
             cur = []
     assert not cur, "end the run on a window boundary"
     return out
 
 
 def test_schedule_written_out() -> None:
-    assert SAMPLED_PER_WINDOW == 10
-    # "auto", every=20: the first window whole, then every 20 // 10 = 2nd step
-    assert schedule(20, "auto", 60) == [
-        (list(range(0, 20)), list(range(0, 20))),
-        (list(range(20, 40)), list(range(20, 40, 2))),
-        (list(range(40, 60)), list(range(40, 60, 2))),
+    assert (FIRST_STEPS, PERIOD) == (100, 10)
+    # "auto", every=50: every step of the first 100, then every 10th
+    assert schedule(50, "auto", 150) == [
+        (list(range(0, 50)), list(range(0, 50))),
+        (list(range(50, 100)), list(range(50, 100))),
+        (list(range(100, 150)), list(range(100, 150, 10))),
     ]
+    # every step of the first window, however long
+    assert schedule(150, "auto", 300) == [
+        (list(range(0, 150)), list(range(0, 150))),
+        (list(range(150, 300)), list(range(150, 300, 10))),
+    ]
+    # "auto" samples no more often as `every` falls: every=10 reads one step in 10 after
+    # the first 100 steps, as every=100 does; a window shorter than the period gets its
+    # first step
+    assert [s for _, s in schedule(10, "auto", 130)][9:] == [list(range(90, 100)), [100],
+                                                              [110], [120]]
+    assert [s for _, s in schedule(100, "auto", 200)] == [list(range(0, 100)),
+                                                          list(range(100, 200, 10))]
+    assert [s for _, s in schedule(4, "auto", 108)][-3:] == [[96, 97, 98, 99], [100], [104]]
     # an explicit k holds from the first window on
     assert schedule(20, 5, 40)[0][1] == [0, 5, 10, 15]
     # a flush after 4 steps restarts the window: step 4 is its first, sampled
@@ -91,9 +107,10 @@ def train_windows(every: int, sample_every: int | str, steps: int,
 
 
 @pytest.mark.parametrize("every,sample_every,steps", [
-    (20, "auto", 60),  # all of window 1, then steps 0, 2, ..., 18 of each window
-    (35, "auto", 70),  # k = 3: window steps 0, 3, ..., 33
-    (15, "auto", 45),  # every < 20: k = 1, every step of every window
+    (20, "auto", 140),  # every step up to step 99, then steps 0 and 10 of each window
+    (35, "auto", 140),  # every step up to step 99, then window steps 0, 10, 20, 30
+    (10, "auto", 130),  # every=10: one step in 10 after step 99, not every step
+    (6, "auto", 120),  # a window shorter than the period: its first step
     (20, 5, 60),  # explicit k: window steps 0, 5, 10, 15 from the first window on
 ])
 def test_window_stats_are_means_over_exactly_the_sampled_steps(
@@ -116,8 +133,7 @@ def test_window_stats_are_means_over_exactly_the_sampled_steps(
                     # this window would fail if every step had been read
                     discriminated |= not close(got[stat], exp_all[layer][stat])
         assert checked == 3 * 10 + 6 + 5  # every stat of every layer
-    k = max(1, every // SAMPLED_PER_WINDOW) if sample_every == "auto" else sample_every
-    assert discriminated == (k > 1)
+    assert discriminated
 
 
 def test_explicit_flush_mid_window_restarts_the_window() -> None:
@@ -143,20 +159,23 @@ def test_explicit_flush_mid_window_restarts_the_window() -> None:
     assert not close(snaps[1].stats["0"]["act_mean"], without)
 
 
-def test_explicit_flush_ends_the_dense_first_window_of_auto() -> None:
-    # every=20, "auto": a flush after 5 steps ends the first window (all 5 steps read); the
-    # next window is [5..24], read on its steps 0, 2, ..., 18 (k = 20 // 10)
-    windows, snaps, ref = train_windows(20, "auto", 25, flush_after=(5,))
-    assert windows == [(list(range(5)), list(range(5))),
-                       (list(range(5, 25)), list(range(5, 25, 2)))]
-    assert [s.step for s in snaps] == [5, 25]
-    exp = ref.window(list(range(5, 25, 2)))
-    exp_all = ref.window(list(range(5, 25)))
+def test_auto_period_counts_steps_not_windows() -> None:
+    # every=20, "auto", a flush after 95 steps: every one of the first 100 steps is read (the
+    # window [95..114] on steps 95..99), then one in 10 counted from the window's start
+    # (its step 10: 105), whatever the window
+    windows, snaps, ref = train_windows(20, "auto", 115, flush_after=(95,))
+    assert windows[4] == (list(range(80, 95)), list(range(80, 95)))
+    assert windows[5] == (list(range(95, 115)), [95, 96, 97, 98, 99, 105])
+    assert [s.step for s in snaps] == [20, 40, 60, 80, 95, 115]
+    exp = ref.window([95, 96, 97, 98, 99, 105])
+    exp_all = ref.window(list(range(95, 115)))
+    differ = 0
     for layer in ("0", "1", "2", "3", "4"):
         for stat in ("act_mean", "act_std", "out_grad_rms"):
-            assert close(snaps[1].stats[layer][stat], exp[layer][stat]), (layer, stat)
-    assert close(snaps[1].stats["2"]["grad_norm"], exp_all["2"]["grad_norm"])
-    assert close(snaps[0].stats["0"]["act_std"], ref.window(list(range(5)))["0"]["act_std"])
+            assert close(snaps[5].stats[layer][stat], exp[layer][stat]), (layer, stat)
+            differ += not close(snaps[5].stats[layer][stat], exp_all[layer][stat])
+    assert differ >= 10  # of 15: a mean over every step of the window is visibly different
+    assert close(snaps[5].stats["2"]["grad_norm"], exp_all["2"]["grad_norm"])
 
 
 # -- NaN at a light step -------------------------------------------------------------------------
