@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Container, Iterable, Mapping, Sequence
 
 from gradwatch.alerts import fmt
 from gradwatch.audit import InitAudit, WeightScale
@@ -146,34 +146,24 @@ class Paths:
     def weights_before(self, name: str) -> list[Scale]:
         """The audited layers whose output reaches ``name`` without passing a normalization
         layer (on the dataflow; [] without it)."""
-        seen, todo, out = {name}, [name], []
-        while todo:
-            for p in self.producers.get(todo.pop(), ()):
-                if p in seen:
-                    continue
-                seen.add(p)
-                if p in self.scales:
-                    out.append(self.scales[p])
-                if p not in self.norm_in:
-                    todo.append(p)
-        return out
+        return [self.scales[n] for n in self._reach(name, self.producers, self.norm_in)
+                if n in self.scales]
 
     def weights_after(self, name: str) -> list[Scale]:
         """The audited layers that the output of ``name`` reaches without passing a
         normalization layer (on the dataflow; [] without it): the gradient reaching
         ``name`` comes back through them."""
-        users = self._users()
-        seen, todo, out = {name}, [name], []
-        while todo:
-            for u in users.get(todo.pop(), ()):
-                if u in seen:
-                    continue
-                seen.add(u)
-                if u in self.scales:
-                    out.append(self.scales[u])
-                if u not in self.norm_in:
-                    todo.append(u)
-        return out
+        return [self.scales[n] for n in self._reach(name, self._users(), self.norm_in)
+                if n in self.scales]
+
+    def norms_after(self, name: str) -> list[tuple[str, float]]:
+        """The normalization layers that the output of ``name`` reaches (through other
+        transforms, not through a normalization), with the scale of the signal entering
+        each: a normalization divides the gradient that it passes back by that scale."""
+        if not self.on_graph:
+            return []
+        return [(n, self.norm_in[n]) for n in self._reach(name, self._users(), self.norm_in)
+                if n in self.norm_in]
 
     def _users(self) -> dict[str, set[str]]:
         users: dict[str, set[str]] = {}
@@ -182,23 +172,20 @@ class Paths:
                 users.setdefault(p, set()).add(t)
         return users
 
-    def norms_after(self, name: str) -> list[tuple[str, float]]:
-        """The normalization layers that the output of ``name`` reaches (through other
-        transforms, not through a normalization), with the scale of the signal entering
-        each: a normalization divides the gradient that it passes back by that scale."""
-        if not self.on_graph:
-            return []
-        users = self._users()
+    @staticmethod
+    def _reach(name: str, edges: Mapping[str, Iterable[str]],
+               stop: Container[str]) -> list[str]:
+        """The layers reached from ``name`` along ``edges`` (breadth of a walk, each once),
+        not walking on past a layer in ``stop`` (a normalization)."""
         seen, todo, out = {name}, [name], []
         while todo:
-            for u in users.get(todo.pop(), ()):
-                if u in seen:
+            for n in edges.get(todo.pop(), ()):
+                if n in seen:
                     continue
-                seen.add(u)
-                if u in self.norm_in:
-                    out.append((u, self.norm_in[u]))
-                else:
-                    todo.append(u)
+                seen.add(n)
+                out.append(n)
+                if n not in stop:
+                    todo.append(n)
         return out
 
 
