@@ -42,3 +42,12 @@ def _collect_garbage_watchers(request):
         gc.unfreeze()
     gc.collect()
     gc.freeze()
+
+
+@pytest.fixture(scope="session")
+def gpt2(tmp_path_factory):
+    """The 12-block GPT-2-style training (``tests.support.gpt2log``), trained once for the
+    plugin and the custom-scalars tests: they only read its logdir and what it returns."""
+    from tests.support import gpt2log
+
+    return gpt2log.train(str(tmp_path_factory.mktemp("gpt2")))

@@ -180,11 +180,6 @@ def test_colour_scales_suit_the_stat(server):
 
 # -- the 12-block transformer ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    return gpt2log.train(str(tmp_path_factory.mktemp("gpt2")))
-
-
 def rows_for(g, stat):
     """The layers having ``stat``, in the watcher's forward order."""
     return [la for la in g.layers if stat in g.latest[la]]

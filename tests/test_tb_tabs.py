@@ -17,11 +17,6 @@ from tests.support.events import load
 from tests.support.tbserver import get_json, tensorboard
 
 
-@pytest.fixture(scope="module")
-def gpt2(tmp_path_factory):
-    return gpt2log.train(str(tmp_path_factory.mktemp("gpt2")))
-
-
 def written_layout(path):
     acc = load(path)
     (ev,) = acc.Tensors(metadata.CONFIG_SUMMARY_TAG)
