@@ -41,7 +41,7 @@ browser:
 	@.ci/install-chromium
 
 pytest: $(VENV)/.dev browser
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
 
 test: lint typecheck pytest
 

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 # Two cores, several test processes: one intra-op thread keeps timings and runs predictable.
+# `make test` runs two pytest workers (pytest-xdist, `-n 2 --dist loadfile`): a file's tests
+# stay in one worker, so its module fixtures (the zoo, the TensorBoard servers) are built once.
 torch.set_num_threads(1)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
