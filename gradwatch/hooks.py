@@ -56,9 +56,31 @@ class ForwardHook(WeakHook):
         self.slot = slot
 
     def __call__(self, module: torch.nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        # every module call of every step runs this: written in one frame (the trace's own
+        # call is the only other frame of a light step)
         c = self._ref()
-        if c is not None:
-            c.on_call(self.m, self.slot, args, kwargs, output)
+        if c is None:
+            return None
+        m = self.m
+        tr = c.trace
+        if tr is not None and "trace" not in c.off:
+            try:
+                if _compiling():
+                    if c.mflags is not None:
+                        c.mflags.call(m, args, output, kwargs)
+                else:
+                    tr.call(m, args, kwargs, output)
+                    if m == 0 and c.on_eval_done and not torch.is_grad_enabled():
+                        done = c.on_eval_done()
+                        if done is not None:
+                            done()
+            except Exception as e:
+                c.guard.fail("trace", "non-finite trace", "*", e)
+        # a light step needs a watched module only for the order of its first call
+        slot = self.slot
+        if slot >= 0 and (c.full or not c.called[slot]) and not (
+                "act" in c.off and "out_grad" in c.off):
+            c.on_output(slot, output)
         return None
 
 
@@ -130,27 +152,6 @@ class Collector:
         self.grad_batch = GradBatch(buffers.log_grad_rows)
 
     # -- forward ----------------------------------------------------------------------------
-    def on_call(self, m: int, slot: int, args: Any, kwargs: Any, output: Any) -> None:
-        """Every module call: the non-finite trace, then the statistics of a watched one."""
-        tr = self.trace
-        if tr is not None and "trace" not in self.off:
-            try:
-                if _compiling():
-                    if self.mflags is not None:
-                        self.mflags.call(m, args, output, kwargs)
-                else:
-                    tr.call(m, args, kwargs, output)
-                    if m == 0 and not torch.is_grad_enabled() and self.on_eval_done:
-                        done = self.on_eval_done()
-                        if done is not None:
-                            done()
-            except Exception as e:
-                self.guard.fail("trace", "non-finite trace", "*", e)
-        # a light step needs a watched module only for the order of its first call
-        if slot >= 0 and (self.full or not self.called[slot]) and not (
-                "act" in self.off and "out_grad" in self.off):
-            self.on_output(slot, output)
-
     def on_output(self, slot: int, output: Any) -> None:
         # Two parts that fail and switch off independently: activation statistics, and
         # the placement of the output-gradient hooks. Never take the training down.

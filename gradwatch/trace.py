@@ -43,6 +43,10 @@ DIMS: tuple[tuple[int, ...], ...] = tuple(tuple(range(n)) for n in range(33))
 MAX_ENTRIES = 1 << 15
 
 IN, OUT = 0, 1  # entry kinds: a tensor first seen as an input of a call, or an output
+#: the floating-point dtypes (``x.dtype in FLOATS``: an attribute read and a set lookup, no
+#: call, on the hot path)
+FLOATS = frozenset(d for d in vars(torch).values()
+                   if isinstance(d, torch.dtype) and d.is_floating_point)
 
 
 class Rows:
@@ -70,26 +74,37 @@ class Rows:
 class Record:
     """The host half of a step's trace (the device half: ``n_rows`` forward rows and the
     grad rows). ``calls``: (module index, input entries, output entries) in completion
-    order; per forward entry: the module that made it (``by``), its kind (``IN``/``OUT``),
-    the entry whose value it has (``src``: itself, or the input entry of a module that
-    passes finite values on) and the device row of that value (``row``). ``g_roles``: per
-    gradient entry, (module, IN/OUT) of the tensors it is the gradient of; ``fired``: the
-    gradient entries whose hook ran."""
+    order; ``ents``: per forward entry, as the forward hooks append it (one tuple each),
+    (the module that made it, its kind ``IN``/``OUT``, the entry whose value it has: itself,
+    or the input entry of a module that passes finite values on, and the device row of that
+    value). ``by``, ``kind``, ``src``, ``row``: the same as columns, built on first read
+    (only a step that held a non-finite value is read). ``g_roles``: per gradient entry,
+    (module, IN/OUT) of the tensors it is the gradient of; ``fired``: the gradient entries
+    whose hook ran."""
 
     calls: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-    by: list[int] = field(default_factory=list)
-    kind: list[int] = field(default_factory=list)
-    src: list[int] = field(default_factory=list)
-    row: list[int] = field(default_factory=list)  # per entry: the device row of its value
+    ents: list[tuple[int, int, int, int]] = field(default_factory=list)
     n_rows: int = 0
     half: list[int] = field(default_factory=list)  # rows of float16 tensors (overflow hints)
     g_roles: list[list[tuple[int, int]]] = field(default_factory=list)
     fired: list[int] = field(default_factory=list)
     cut: bool = False  # calls were left out (MAX_ENTRIES): not every output was checked
+    _cols: tuple[list[int], ...] | None = field(default=None, repr=False, compare=False)
+
+    def _columns(self) -> tuple[list[int], ...]:
+        if self._cols is None or len(self._cols[0]) != len(self.ents):
+            cols = tuple(map(list, zip(*self.ents))) if self.ents else ([], [], [], [])
+            self._cols = cols  # type: ignore[assignment]
+        return self._cols  # type: ignore[return-value]
+
+    by = property(lambda self: self._columns()[0])
+    kind = property(lambda self: self._columns()[1])
+    src = property(lambda self: self._columns()[2])
+    row = property(lambda self: self._columns()[3])  # per entry: the device row of its value
 
     @property
     def n(self) -> int:
-        return len(self.by)
+        return len(self.ents)
 
     @property
     def n_grads(self) -> int:
@@ -154,24 +169,24 @@ class StepTrace:
         self.rec = Record()
         # id -> (weakref, version when checked, entry): a tensor checked in this record
         self._ids: dict[int, tuple[weakref.ref[Tensor], int, int]] = {}
+        # the value stored last in ``_ids`` (the output of the call before, in a chain of
+        # modules: found without a lookup)
+        self._last: tuple[weakref.ref[Tensor], int, int] | None = None
         self._g_ids: dict[int, tuple[weakref.ref[Tensor], int]] = {}
 
     # -- forward ------------------------------------------------------------------------------
     def _check(self, x: Tensor, m: int, kind: int) -> int:
         """A new entry holding the fp32 sum of ``x``."""
         rec = self.rec
-        k = len(rec.by)
+        k = len(rec.ents)
         r = rec.n_rows
         v = dense(x.detach())
         torch.sum(v, DIMS[v.ndim], dtype=torch.float32, out=self.fwd.row(r))
         rec.n_rows = r + 1
         if x.dtype is torch.float16:
             rec.half.append(r)
-        rec.by.append(m)
-        rec.kind.append(kind)
-        rec.src.append(k)
-        rec.row.append(r)
-        self._ids[id(x)] = (weakref.ref(x), _version(x), k)
+        rec.ents.append((m, kind, k, r))
+        self._ids[id(x)] = self._last = (weakref.ref(x), _version(x), k)
         return k
 
     def _input(self, x: Tensor, m: int) -> int:
@@ -184,15 +199,89 @@ class StepTrace:
         return self._check(x, m, IN)
 
     def call(self, m: int, args: Any, kwargs: Any, output: Any) -> None:
-        """Module ``m`` returned ``output`` from ``args``/``kwargs`` (its forward hook)."""
+        """Module ``m`` returned ``output`` from ``args``/``kwargs`` (its forward hook).
+
+        One tensor in, one tensor out, no keyword arguments (the hot path of every light
+        step: one call per module) is written out in this frame: ``_input``, ``_output``,
+        ``_derived`` and ``_check`` inline, one tuple appended per entry and per call; the
+        columns of the record are built only when it is read (``Record.by`` ...)."""
         rec = self.rec
-        if len(rec.by) >= MAX_ENTRIES:
+        ents = rec.ents
+        k = len(ents)
+        if k >= MAX_ENTRIES:
             rec.cut = True
             return  # an evaluation loop without steps: cut at the root's next call
-        if (not kwargs and type(output) is Tensor and len(args) == 1
-                and type(args[0]) is Tensor):
-            self._call1(m, args[0], output)  # the common case, kept lean: see _call1
+        if kwargs or type(output) is not Tensor or len(args) != 1:
+            self._call(m, args, kwargs, output)
             return
+        x = args[0]
+        if type(x) is not Tensor:
+            self._call(m, args, kwargs, output)
+            return
+        ids = self._ids
+        ins: tuple[int, ...] = ()
+        e = -1
+        if x.dtype in FLOATS and not x.is_sparse:
+            seen = self._last
+            if seen is None or seen[0]() is not x:
+                seen = ids.get(id(x))
+            if seen is not None and seen[0]() is x and seen[1] >= 0:
+                try:
+                    v = x._version - seen[1]
+                except RuntimeError:  # an inference tensor: never taken for one checked
+                    v = -1
+                # unchanged since checked, or changed once by this very module in place
+                if v == 0 or (v == 1 and self.inplace[m]):
+                    e = seen[2]
+            if e < 0:
+                e = self._check(x, m, IN)
+                k += 1
+            ins = (e,)
+        y = output
+        outs: tuple[int, ...] = ()
+        if y.dtype in FLOATS and not y.is_sparse:
+            try:
+                ver = y._version
+            except RuntimeError:  # an inference tensor: no version, never shared
+                ver = -1
+            if e >= 0 and self.passes[m]:  # derived from the input's entry
+                _, _, src, row = ents[e]
+                ents.append((m, OUT, src, row))
+                ids[id(y)] = self._last = (weakref.ref(y), ver, k)
+                outs = (k,)
+            else:
+                iy = id(y)
+                seen = ids.get(iy)
+                if seen is not None and seen[0]() is y and seen[1] >= 0 and ver == seen[1]:
+                    outs = (seen[2],)  # handed on unchanged (an input, or a child's output)
+                else:  # _check, inline
+                    r = rec.n_rows
+                    rows = self.fwd.rows
+                    try:
+                        out = rows[r]
+                    except IndexError:
+                        out = self.fwd.row(r)
+                    v_ = y.detach()
+                    if v_.is_nested:
+                        v_ = dense(v_)
+                    torch.sum(v_, DIMS[v_.ndim], dtype=torch.float32, out=out)
+                    rec.n_rows = r + 1
+                    if y.dtype is torch.float16:
+                        rec.half.append(r)
+                    ents.append((m, OUT, k, r))
+                    ids[iy] = self._last = (weakref.ref(y), ver, k)
+                    outs = (k,)
+        rec.calls.append((m, ins, outs))
+        if self.unsafe[m] and torch.is_grad_enabled():
+            if ins and x.requires_grad:
+                self._hook_grad(x, m, IN)
+            if outs and y.requires_grad:
+                self._hook_grad(y, m, OUT)
+
+    def _call(self, m: int, args: Any, kwargs: Any, output: Any) -> None:
+        """``call`` for any other signature: every floating tensor among the arguments
+        (keyword ones included) and the outputs, at any nesting."""
+        rec = self.rec
         if type(args) is tuple and all(type(a) is Tensor for a in args):
             xs: list[Any] = list(args)
         else:
@@ -220,64 +309,14 @@ class StepTrace:
                 if _float(t) and t.requires_grad:
                     self._hook_grad(t, m, OUT)
 
-    def _call1(self, m: int, x: Tensor, y: Tensor) -> None:
-        """``call`` for one tensor in, one tensor out, no keyword arguments: ``_input``,
-        ``_output`` and ``_derived`` written out in one frame (the hot path of every light
-        step: one call per module); every sum still goes through ``_check``."""
-        rec = self.rec
-        ids = self._ids
-        ins: tuple[int, ...] = ()
-        e = -1
-        if x.is_floating_point() and not x.is_sparse:
-            seen = ids.get(id(x))
-            if seen is not None and seen[0]() is x and seen[1] >= 0:
-                v = _version(x) - seen[1]
-                # unchanged since checked, or changed once by this very module in place
-                if v == 0 or (v == 1 and self.inplace[m]):
-                    e = seen[2]
-            if e < 0:
-                e = self._check(x, m, IN)
-            ins = (e,)
-        outs: tuple[int, ...] = ()
-        if y.is_floating_point() and not y.is_sparse:
-            by = rec.by
-            k = len(by)
-            try:
-                ver = y._version
-            except RuntimeError:  # an inference tensor: no version, never shared
-                ver = -1
-            if e >= 0 and self.passes[m]:  # derived from the input's entry
-                src = rec.src
-                row = rec.row
-                by.append(m)
-                rec.kind.append(OUT)
-                src.append(src[e])
-                row.append(row[e])
-                ids[id(y)] = (weakref.ref(y), ver, k)
-                outs = (k,)
-            else:
-                seen = ids.get(id(y))
-                if seen is not None and seen[0]() is y and seen[1] >= 0 and ver == seen[1]:
-                    outs = (seen[2],)  # handed on unchanged (an input, or a child's output)
-                else:
-                    outs = (self._check(y, m, OUT),)
-        rec.calls.append((m, ins, outs))
-        if self.unsafe[m] and torch.is_grad_enabled():
-            if ins and x.requires_grad:
-                self._hook_grad(x, m, IN)
-            if outs and y.requires_grad:
-                self._hook_grad(y, m, OUT)
-
     def _derived(self, y: Tensor, m: int, e: int) -> int:
         """Module ``m`` passes finite values on: ``y`` is finite exactly when its input
         (entry ``e``) is, so it takes that entry's value instead of a sum of its own."""
-        rec = self.rec
-        k = len(rec.by)
-        rec.by.append(m)
-        rec.kind.append(OUT)
-        rec.src.append(rec.src[e])
-        rec.row.append(rec.row[e])
-        self._ids[id(y)] = (weakref.ref(y), _version(y), k)
+        ents = self.rec.ents
+        k = len(ents)
+        _, _, src, row = ents[e]
+        ents.append((m, OUT, src, row))
+        self._ids[id(y)] = self._last = (weakref.ref(y), _version(y), k)
         return k
 
     def _output(self, y: Tensor, m: int) -> int:

@@ -46,10 +46,7 @@ class Trace:
     def entry(self, m: int, kind: int, value: float) -> int:
         r = self.rec
         k = r.n
-        r.by.append(m)
-        r.kind.append(kind)
-        r.src.append(k)
-        r.row.append(len(self.vals))
+        r.ents.append((m, kind, k, len(self.vals)))
         r.n_rows += 1
         self.vals.append(value)
         return k
@@ -57,10 +54,8 @@ class Trace:
     def derived(self, m: int, src: int) -> int:
         r = self.rec
         k = r.n
-        r.by.append(m)
-        r.kind.append(OUT)
-        r.src.append(r.src[src])
-        r.row.append(r.row[src])
+        _, _, first, row = r.ents[src]
+        r.ents.append((m, OUT, first, row))
         return k
 
     def call(self, m: int, ins: tuple[int, ...], outs: tuple[int, ...]) -> None:
@@ -89,6 +84,53 @@ def chain(values: dict[str, float], batch: float = 1.0) -> Trace:
     t.call(4, (y3,), (y4,))
     t.call(0, (x,), (y4,))
     return t
+
+
+def test_a_light_step_records_each_call_and_shares_entries_along_a_chain() -> None:
+    """The record a light step leaves (one tuple per entry, built in the forward hook; its
+    columns built when read): the batch and each output with a sum of its own, the Tanh's
+    output derived from its input, an in-place write between modules seen as a new value,
+    the root handing on its last child's output."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    taken: list[Record] = []
+    w = gradwatch.watch(m, optimizer=opt, tensorboard=False, every=100, sample_every=50)
+    trace = w._collector.trace
+    take = trace.take
+
+    def spy() -> tuple[Record, torch.Tensor, torch.Tensor]:
+        out = take()
+        taken.append(out[0])
+        return out
+
+    trace.take = spy  # type: ignore[method-assign]
+    x = torch.randn(3, 4)
+    light = []
+    for _ in range(2):
+        light.append(not w._collector.full)
+        opt.zero_grad()
+        m(x).sum().backward()
+        opt.step()
+    with torch.no_grad():  # an evaluation pass: the output of '1' changed in place by hand
+        h = m[1](m[0](x))
+        h.mul_(2)
+        m[2](h)
+    ev = trace.rec  # calls of submodules outside a step: still in the record in progress
+    w.close()
+    assert light == [False, True] and len(taken) >= 2
+    rec = taken[1]  # step 1: a light step
+    assert rec.ents == [(1, IN, 0, 0), (1, OUT, 1, 1), (2, OUT, 1, 1), (3, OUT, 3, 2)]
+    assert (rec.by, rec.kind, rec.src, rec.row) == (
+        [1, 1, 2, 3], [IN, OUT, OUT, OUT], [0, 1, 1, 3], [0, 1, 1, 2])
+    assert rec.calls == [(1, (0,), (1,)), (2, (1,), (2,)), (3, (2,), (3,)), (0, (0,), (3,))]
+    assert rec.n == 4 and rec.n_rows == 3
+    rec.ents.append((3, IN, 4, 3))  # columns follow entries added after a read
+    assert rec.by == [1, 1, 2, 3, 3] and rec.row[-1] == 3
+    # '3' received the Tanh's output after the in-place write: checked again, as its input
+    assert ev.ents == [(1, IN, 0, 0), (1, OUT, 1, 1), (2, OUT, 1, 1), (3, IN, 3, 2),
+                       (3, OUT, 4, 3)]
+    assert ev.calls == [(1, (0,), (1,)), (2, (1,), (2,)), (3, (3,), (4,))]
 
 
 def test_forward_nan_is_named_at_the_module_that_made_it_from_finite_inputs() -> None:
