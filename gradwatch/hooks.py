@@ -128,8 +128,9 @@ class Collector:
         # sampled steps, eager code: small outputs and gradients reduced together
         self.act_batch = ActBatch(buffers.log_rows, lambda s: self.layers[s].bounds, margin)
         self.grad_batch = GradBatch(buffers.log_grad_rows)
-        # one output-gradient hook per layer, made once (registered on each sampled step)
-        self._out_hooks = [OutGradHook(self, s) for s in range(len(layers))]
+        # one output-gradient hook per layer, made at its first placement and registered
+        # again on each sampled step
+        self._out_hooks: list[OutGradHook | None] = [None] * len(layers)
 
     # -- forward ----------------------------------------------------------------------------
     def on_call(self, m: int, slot: int, args: Any, kwargs: Any, output: Any) -> None:
@@ -182,7 +183,10 @@ class Collector:
             try:
                 for t in leaves:
                     if t.requires_grad and self._first_hook(t, compiling):
-                        h = t.register_hook(self._out_hooks[slot])
+                        hook = self._out_hooks[slot]
+                        if hook is None:
+                            hook = self._out_hooks[slot] = OutGradHook(self, slot)
+                        h = t.register_hook(hook)
                         # a handle made in traced code cannot leave the graph; that hook
                         # dies with its tensor and is inert once the watcher closes
                         if not compiling:
