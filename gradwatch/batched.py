@@ -15,11 +15,13 @@ reduced in its hook from then on, and left out of the one step where that was fo
 Held tensors are bounded by ``HOLD_BYTES``: past it, a batch is reduced early.
 
 Each group is stacked into a buffer kept from one batch to the next (``out=``), and the
-elementwise steps of the counts run in place in a second one: a fresh tensor of a few
-megabytes costs more than the pass that fills it (on CPU the pages are faulted in again
-each time). Only the buffers of the last batch are kept; they are at most its held bytes
-(``HOLD_BYTES``) and one scratch of its largest group. The held tensors are not detached
-one by one: a batch is stacked under ``no_grad``.
+elementwise steps of the counts run in place in a second one: on CPU a fresh tensor of a
+few megabytes costs more than the pass that fills it (measured, one thread: 500 outputs of
+32x64 stacked into a new tensor 2.6 ms, into a kept one 0.6 ms; the batched part of
+``deep1000``'s sampled step, 1,000 outputs and 1,000 gradients, 20.5 -> 11.6 ms with the
+same values to the bit). Only the buffers of the last batch are kept: at most its held
+bytes (``HOLD_BYTES``) and one scratch of its largest group. The held tensors are not
+detached one by one (an op each): a batch is stacked under ``no_grad``.
 """
 
 from __future__ import annotations
