@@ -150,6 +150,9 @@ class Collector:
         # sampled steps, eager code: small outputs and gradients reduced together
         self.act_batch = ActBatch(buffers.log_rows, lambda s: self.layers[s].bounds, margin)
         self.grad_batch = GradBatch(buffers.log_grad_rows)
+        # one output-gradient hook per layer, made at its first placement and registered
+        # again on each sampled step
+        self._out_hooks: list[OutGradHook | None] = [None] * len(layers)
 
     # -- forward ----------------------------------------------------------------------------
     def on_output(self, slot: int, output: Any) -> None:
@@ -162,27 +165,32 @@ class Collector:
             if not self.full:  # light step: the trace has checked the output
                 return
             leaves = float_leaves(output)
+            compiling = _compiling()
         except Exception as e:
             self.off.update(("act", "out_grad"))
             self.fault("forward hook", self.layers[slot].name, e)
             return
-        if leaves and "act" not in self.off:
+        off = self.off
+        if leaves and "act" not in off:
             try:
                 t = S.dense(leaves[0])  # a nested tensor: the statistics of its elements
-                if torch.compiler.is_compiling():
+                if compiling:
                     self._traced_stats(slot, t)
-                else:
-                    self._stats(slot, t)
+                elif self.hist is not None or not self.act_batch.add(slot, t):
+                    self._stats(slot, t)  # not held for the batch: reduced now
             except Exception as e:
                 self.guard.fail("act", "activation statistics", self.layers[slot].name, e)
-        if "out_grad" not in self.off:
+        if "out_grad" not in off:
             try:
                 for t in leaves:
-                    if t.requires_grad and self._first_hook(t):
-                        h = t.register_hook(OutGradHook(self, slot))
+                    if t.requires_grad and self._first_hook(t, compiling):
+                        hook = self._out_hooks[slot]
+                        if hook is None:
+                            hook = self._out_hooks[slot] = OutGradHook(self, slot)
+                        h = t.register_hook(hook)
                         # a handle made in traced code cannot leave the graph; that hook
                         # dies with its tensor and is inert once the watcher closes
-                        if not torch.compiler.is_compiling():
+                        if not compiling:
                             self._handles.append(h)
             except Exception as e:
                 self.guard.fail("out_grad", "output-gradient hook", self.layers[slot].name, e)
@@ -199,11 +207,9 @@ class Collector:
         return c
 
     def _stats(self, slot: int, t: Tensor) -> None:
-        """Eager, sampled step: this output held for the batch of outputs of its shape
-        (``batched.py``), or its statistics as device scalars now, logged for the step's
-        fold."""
-        if self.hist is None and self.act_batch.add(slot, t):
-            return
+        """Eager, sampled step, an output not held for the batch of outputs of its shape
+        (``batched.py``: ``on_output`` tries that first): its statistics as device scalars
+        now, logged for the step's fold."""
         buf = self.buffers
         bounds = self.layers[slot].bounds
         s1, hi, lo, s2, nnz, nf, sat = S.activation_parts(
@@ -231,7 +237,7 @@ class Collector:
         if self.hist is not None:
             self.hist.add_activation(slot, t)
 
-    def _first_hook(self, t: Tensor) -> bool:
+    def _first_hook(self, t: Tensor, compiling: bool) -> bool:
         """True the first time this tensor (at this version) reaches a hook in this step.
 
         Eager: keyed by (id, version) with a weak reference, so no activation is kept
@@ -240,7 +246,7 @@ class Collector:
         identities against the tensors hooked so far in this forward call (the list is
         cleared by ``ForwardDoneHook`` at the end of the call, so guards on it are stable).
         """
-        if torch.compiler.is_compiling():
+        if compiling:
             for o in self._traced:
                 if o is t:
                     return False

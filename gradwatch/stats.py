@@ -114,12 +114,14 @@ def activation_parts(x: Tensor, bounds: tuple[float, float] | None, margin: floa
         v, scale = sample_view(flat, sample, phase), N / sample
     else:
         v, scale = flat, 1.0
-    sg = torch.sign(v)
-    nnz = torch.dot(sg, sg)
-    nf = torch.nan_to_num_(v - v, nan=1.0).sum()  # x - x: 0 if finite, NaN if NaN/Inf
+    # one temporary for the three counts, each filled in place after the last read
+    tmp = torch.sign(v)
+    nnz = torch.dot(tmp, tmp)
+    # x - x: 0 if finite, NaN if NaN/Inf
+    nf = torch.sub(v, v, out=tmp).nan_to_num_(nan=1.0).sum()
     if bounds is not None:
         c, r = _centre_radius(bounds, margin)
-        d = v.abs() if c == 0 else (v - c).abs_()
+        d = torch.abs(v, out=tmp) if c == 0 else torch.sub(v, c, out=tmp).abs_()
         sat = d.sub_(r).relu_().sign_().sum()
     else:
         sat = _scalar(0.0, s1.device) if s1.dtype == torch.float32 else s1.new_zeros(())

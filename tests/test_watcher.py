@@ -13,6 +13,29 @@ from tests.support.events import event_files, scalars
 from tests.support.reference import Float64Reference, close, small_mlp
 
 
+def test_small_outputs_stacked_in_kept_buffers_match_float64_when_batch_size_changes():
+    """Small outputs of one shape are reduced stacked, in buffers kept from one sampled step
+    to the next: steps whose batch size changes (new shapes, then the old ones again) and a
+    model of many same-shape layers still give every value of a float64 reference."""
+    torch.manual_seed(3)
+    model = nn.Sequential(*[m for _ in range(5) for m in (nn.Linear(16, 16), nn.Tanh())],
+                          nn.ReLU())
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    names = {n: m for n, m in model.named_modules() if n}
+    bounds = {n: (-1.0, 1.0) for n, m in names.items() if isinstance(m, nn.Tanh)}
+    ref = Float64Reference(names, bounds=bounds)
+    w = gradwatch.watch(model, optimizer=opt, tensorboard=False, every=1, sample_every=1)
+    for k, batch in enumerate([32, 32, 8, 32, 64]):
+        ref.train_step(model, opt, torch.randn(batch, 16) * (1 + 3 * (k % 2)))
+        snap = w.flush()
+        exp = ref.window([k])
+        for layer, expected in exp.items():
+            for stat, want in expected.items():
+                assert close(snap.stats[layer][stat], want), (k, layer, stat, want)
+            assert snap.stats[layer]["nonfinite"] == 0
+        assert snap.stats["10"]["act_zero_frac"] > 0.2  # the ReLU's zeros are counted
+        assert snap.stats["1"]["act_sat_frac"] > 0 or k % 2 == 0  # x4: saturated units
+    w.close()
 @pytest.mark.parametrize("sample_every", [1, 3])
 def test_every_stat_matches_float64_reference(sample_every):
     model = small_mlp()
