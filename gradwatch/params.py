@@ -6,6 +6,8 @@ with fused ``_foreach`` kernels (``stats.NormPlan``). All results are device ten
 from __future__ import annotations
 
 import math
+from itertools import compress, repeat
+from operator import is_not
 from typing import Sequence
 
 import torch
@@ -46,6 +48,7 @@ class ParamTracker:
         self.params = [p for p, _ in owners]
         self.trainable = [(p, i) for p, i in owners if p.requires_grad]
         self._tparams = [p for p, _ in self.trainable]
+        self._all = tuple(range(len(self._tparams)))
         lidx = [i for _, i in owners]
         self._param_layers = lidx
         has = [False] * n_layers
@@ -103,10 +106,14 @@ class ParamTracker:
             gs = [p.grad for p in self._tparams]
         else:
             gs = [None if p.grad is None else local(p.grad) for p in self._tparams]
-        if only is None:
-            present = tuple(k for k, g in enumerate(gs) if g is not None)
+        # C-level loops (no Python frame per parameter): which gradients are there
+        there = list(map(is_not, gs, repeat(None)))
+        if all(there):
+            present = self._all if only is None else tuple(sorted(only))
         else:
-            present = tuple(k for k, g in enumerate(gs) if g is not None and k in only)
+            present = tuple(compress(range(len(gs)), there))
+            if only is not None:
+                present = tuple(k for k in present if k in only)
         self.present = present
         if not present:
             return None
