@@ -171,7 +171,8 @@ class ParamTracker:
         if w.views:
             parts.append(self._after_norms(w))
         if w.extra:
-            parts.append(w.eplan.norms(w.extra))
+            parts.append(w.eplan.norms(w.eplan.pack(w.extra, slot="weight") if w.eplan.groups
+                                       else w.extra))
         norms = parts[0] if len(parts) == 1 else torch.cat(parts)
         sq = w.zeros1.index_add(0, w.widx, norms * norms)[:L]
         if self._shards is not None:
