@@ -54,9 +54,8 @@ class ParamTracker:
         has = [False] * n_layers
         for i in lidx:
             has[i] = True
-        # device_tensor: a lazy model builds this in a forward hook, mid-training
-        self._has_param = device_tensor(has, torch.bool, device)
         # 0 where a layer owns a parameter, NaN where none: added to a result, one op
+        # (device_tensor: a lazy model builds this in a forward hook, mid-training)
         self._nan_unowned = device_tensor([0.0 if h else math.nan for h in has],
                                           torch.float32, device)
         # never written: the source of the out-of-place index_add / scatter_reduce
@@ -208,7 +207,7 @@ class ParamTracker:
         self._before = w.vplan.pack(w.views, copy=True, slot="before")
         self._updating = only
 
-    def _nan_not_updated(self, w: _Weights, only: frozenset[int] | None) -> Tensor:
+    def _nan_not_updated(self, only: frozenset[int] | None) -> Tensor:
         """0 for layers with a parameter in ``only`` (None: any trainable one), NaN for the
         others (on the device; made once per set)."""
         hit = self._updated_cache.get(only)
@@ -240,7 +239,7 @@ class ParamTracker:
         if self._shards is not None:
             sq = self._shards.sum_(sq)
         r = torch.sqrt(sq)
-        return r[0] / r[1] + self._nan_not_updated(w, self._updating)
+        return r[0] / r[1] + self._nan_not_updated(self._updating)
 
 
 class _Weights:
