@@ -343,7 +343,9 @@ class NormPlan:
     def _buffers(self, slot: str, tensors: Sequence[Tensor], copy: bool
                  ) -> tuple[list[Tensor], list[Tensor] | None]:
         bufs = self._slots.get(slot)
-        if bufs is None or (copy and bufs[1] is None):
+        if bufs is None or (copy and bufs[1] is None) or any(
+                b.dtype != tensors[idx[0]].dtype or b.shape[1:] != tensors[idx[0]].shape
+                for b, (idx, _) in zip(bufs[0], self.groups)):  # e.g. model.half() later
             groups = [torch.empty((len(idx), *tensors[idx[0]].shape),
                                   dtype=tensors[idx[0]].dtype, device=self.device)
                       for idx, _ in self.groups]
