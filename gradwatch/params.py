@@ -6,6 +6,8 @@ with fused ``_foreach`` kernels (``stats.NormPlan``). All results are device ten
 from __future__ import annotations
 
 import math
+from itertools import compress, repeat
+from operator import is_not
 from typing import Sequence
 
 import torch
@@ -28,6 +30,15 @@ class ParamTracker:
     Parameters are de-duplicated (tied weights count once, for the first watched owner);
     frozen parameters count for weight norms only; a parameter whose ``.grad`` is None is
     left out (no gradient is not a zero gradient). All results are device tensors.
+
+    Work per step (``stats.NormPlan``: on CUDA one ``_foreach`` kernel per list, on CPU the
+    small tensors of one shape stacked into buffers made once): light steps, one norm pass
+    over the gradients; sampled steps, the same pack of the gradients gives their norms and
+    max-abs; before the update a copy of each trainable parameter's update sample; after
+    it one pack of those samples gives both the weight norms of the parameters they cover
+    whole and the update ratio's denominator, and the difference is taken in place in the
+    copy. Only parameters larger than ``UPDATE_SAMPLE`` (and frozen ones) get a weight-norm
+    pass of their own.
     """
 
     def __init__(self, owners: Sequence[tuple[Tensor, int]], n_layers: int,
@@ -36,24 +47,27 @@ class ParamTracker:
         self.device = device
         self.params = [p for p, _ in owners]
         self.trainable = [(p, i) for p, i in owners if p.requires_grad]
+        self._tparams = [p for p, _ in self.trainable]
+        self._all = tuple(range(len(self._tparams)))
         lidx = [i for _, i in owners]
-        # device_tensor: a lazy model builds this in a forward hook, mid-training
-        self._all_idx = device_tensor(lidx, torch.long, device)
+        self._param_layers = lidx
         has = [False] * n_layers
         for i in lidx:
             has[i] = True
-        self._has_param = device_tensor(has, torch.bool, device)
+        # 0 where a layer owns a parameter, NaN where none: added to a result, one op
+        # (device_tensor: a lazy model builds this in a forward hook, mid-training)
+        self._nan_unowned = device_tensor([0.0 if h else math.nan for h in has],
+                                          torch.float32, device)
+        # never written: the source of the out-of-place index_add / scatter_reduce
+        self._zeros = torch.zeros(n_layers, device=device)
+        self._zeros2 = torch.zeros(2, n_layers, device=device)
         self._cache: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor, S.NormPlan]] = {}
         self.present: tuple[int, ...] = ()  # trainable parameters with a gradient, last step
-        self._wplan: S.NormPlan | None = None
         self._before: S.Packed | None = None
-        self._vplan: S.NormPlan | None = None
+        self._after: tuple[S.Packed, S.Packed, Tensor] | None = None  # (before, after, norms)
         self._updating: frozenset[int] | None = None  # see before_update
-        self._updated_cache: dict[frozenset[int], Tensor] = {}
-        self._views_idx: Tensor | None = None
-        self._views_has: Tensor | None = None
-        self._views: list[Tensor] = []
-        self._views_key: tuple[int, ...] | None = None
+        self._updated_cache: dict[frozenset[int] | None, Tensor] = {}
+        self._w: _Weights | None = None
         # FSDP2: norms of local shards are partial; one all-reduce makes them global
         self._shards = shard_reducer(self.params)
 
@@ -70,7 +84,8 @@ class ParamTracker:
             idx_t = device_tensor(idx, torch.long, self.device)
             numel_t = device_tensor(numel, torch.float32, self.device)
             plan = S.NormPlan(grads)  # by the gradients' layout (an embedding's is sparse)
-            hit = (idx_t, numel_t, (numel_t > 0).to(torch.float32), plan)
+            hit = (idx_t, torch.sqrt(torch.clamp(numel_t, min=1.0)),
+                   (numel_t > 0).to(torch.float32), plan)
             if len(self._cache) > 64:  # bounded: the set of present grads rarely changes
                 self._cache.clear()
             self._cache[present] = hit
@@ -79,88 +94,103 @@ class ParamTracker:
     def grad_stats(self, sampled: bool = True,
                    only: frozenset[int] | None = None) -> ParamStepStats | None:
         """Per-layer gradient norms, RMS and non-finite flags; the max-abs only when
-        ``sampled`` (a second pass over every gradient: sampled steps only). ``only``: the
+        ``sampled`` (from the same pack as the norms: sampled steps only). ``only``: the
         indices into ``trainable`` to read (one optimizer's parameters), None: all.
 
         Non-finite: on sampled steps from the max-abs, exact (an L2 norm of finite values can
         overflow, |g| ~ 1e19); on light steps from the norm, NaN only: an Inf gradient
         there shows as an infinite ``grad_rms`` (the rules report it as exploding at once).
         """
-        present = tuple(k for k, (p, _) in enumerate(self.trainable)
-                        if p.grad is not None and (only is None or k in only))
+        if self._shards is None:
+            gs = [p.grad for p in self._tparams]
+        else:
+            gs = [None if p.grad is None else local(p.grad) for p in self._tparams]
+        # C-level loops (no Python frame per parameter): which gradients are there
+        there = list(map(is_not, gs, repeat(None)))
+        if all(there):
+            present = self._all if only is None else tuple(sorted(only))
+        else:
+            present = tuple(compress(range(len(gs)), there))
+            if only is not None:
+                present = tuple(k for k in present if k in only)
         self.present = present
         if not present:
             return None
-        train = self.trainable
-        if self._shards is None:
-            grads = [train[k][0].grad for k in present]
-        else:
-            grads = [local(train[k][0].grad) for k in present]  # type: ignore[arg-type]
-        idx, numel, has, plan = self._layout(present, grads)  # type: ignore[arg-type]
-        # a sampled step also takes the max: one packing serves both
-        packed = plan.pack(grads) if sampled and plan.groups else grads  # type: ignore[arg-type]
+        grads = gs if len(present) == len(gs) else [gs[k] for k in present]
+        idx, sqrt_numel, has, plan = self._layout(present, grads)  # type: ignore[arg-type]
+        # one pack (into the plan's buffers) serves the norms and, when sampled, the max
+        packed = plan.pack(grads, slot="grad") if plan.groups else grads  # type: ignore
         norms = plan.norms(packed)  # type: ignore[arg-type]
-        L = self.n_layers
-        sq = torch.zeros(L, device=self.device).index_add_(0, idx, norms * norms)
+        sq = self._zeros.index_add(0, idx, norms * norms)
         if sampled:
             maxes = plan.absmax(packed)  # type: ignore[arg-type]
-            gmax: Tensor | None = torch.zeros(L, device=self.device).scatter_reduce_(
-                0, idx, maxes, "amax")
-            bad = torch.isfinite(maxes).logical_not().to(torch.float32)
+            gmax: Tensor | None = self._zeros.scatter_reduce(0, idx, maxes, "amax")
+            # inf - inf and NaN - NaN are NaN: 1 where the max-abs is not finite, else 0
+            bad = torch.nan_to_num_(maxes - maxes, nan=1.0)
         else:
             gmax = None
             bad = torch.isnan(norms).to(torch.float32)
-        nonfinite = torch.zeros(L, device=self.device).index_add_(0, idx, bad)
+        nonfinite = self._zeros.index_add(0, idx, bad)
         if self._shards is not None:
             both = self._shards.sum_(torch.stack([sq, nonfinite]))
             sq, nonfinite = both[0], both[1]
             if gmax is not None:
                 gmax = self._shards.max_(gmax)
         gnorm = torch.sqrt(sq)
-        grms = gnorm / torch.sqrt(torch.clamp(numel, min=1.0))
-        return ParamStepStats(gnorm, grms, gmax, has, nonfinite, norms)
+        return ParamStepStats(gnorm, gnorm / sqrt_numel, gmax, has, nonfinite, norms)
 
-    def _local(self, t: Tensor) -> Tensor:
-        return t if self._shards is None else local(t)
+    # -- weights: norms after the update, and the update ratio's samples ---------------------
+    def _weights(self) -> _Weights:
+        """The layout of the weight reads, made again only when a large parameter's storage
+        changes (``p.data = ...``; the small ones are read through the parameter itself)."""
+        w = self._w
+        if self._shards is not None:  # local shards: the same storage, new tensor objects
+            loc = [local(p) for p in self.params]
+            key: tuple[int, ...] = tuple(t.data_ptr() for t in loc)
+        else:
+            loc = self.params
+            key = () if w is None else tuple(p.data_ptr() for p in w.big)
+        if w is None or key != w.key:
+            w = _Weights(self, loc)
+            if self._shards is None:
+                key = tuple(p.data_ptr() for p in w.big)
+            w.key = key
+            self._w = w
+        return w
 
     def weight_norms(self) -> Tensor | None:
+        """‖w‖ per layer after the update: the parameters of at most ``UPDATE_SAMPLE``
+        elements from the update ratio's pack of the same step (one read), the others in
+        one norm pass of their own."""
         if not self.params:
             return None
-        if self._wplan is None:
-            self._wplan = S.NormPlan([self._local(p) for p in self.params])
-        norms = self._wplan.norms([self._local(p) for p in self.params])  # under no_grad
-        sq = torch.zeros(self.n_layers, device=self.device).index_add_(
-            0, self._all_idx, norms * norms
-        )
+        w = self._weights()
+        L = self.n_layers
+        parts = []
+        if w.views:
+            parts.append(self._after_norms(w))
+        if w.extra:
+            parts.append(w.eplan.norms(w.eplan.pack(w.extra, slot="weight") if w.eplan.groups
+                                       else w.extra))
+        norms = parts[0] if len(parts) == 1 else torch.cat(parts)
+        sq = w.zeros1.index_add(0, w.widx, norms * norms)[:L]
         if self._shards is not None:
             sq = self._shards.sum_(sq)
-        return torch.where(self._has_param, torch.sqrt(sq), torch.full_like(sq, math.nan))
+        return torch.sqrt(sq) + self._nan_unowned
 
-    # -- update ratio: a strided sample of each parameter, copied before the step -----------
-    def _sample_views(self) -> list[Tensor]:
-        """Views of at most ``UPDATE_SAMPLE`` elements of each trainable parameter, made
-        again only when a parameter's storage changes (``p.data = ...``)."""
-        key = tuple(local(p).data_ptr() for p, _ in self.trainable)
-        if key == self._views_key:
-            return self._views
-        out = []
-        for p, _ in self.trainable:
-            flat = local(p.detach()).reshape(-1)
-            n = flat.numel()
-            if n <= UPDATE_SAMPLE:
-                out.append(flat)
-                continue
-            run = UPDATE_SAMPLE // UPDATE_CHUNKS
-            out.append(flat.as_strided((UPDATE_CHUNKS, run), (n // UPDATE_CHUNKS, 1),
-                                       flat.storage_offset()))
-        self._views, self._views_key = out, key
-        return out
+    def _after_norms(self, w: _Weights) -> Tensor:
+        """Norms of the update samples after the update; the pack is kept for
+        ``update_ratios`` when a copy was taken before it."""
+        before = self._before
+        if before is not None:
+            after = w.vplan.pack(w.views, slot="after")
+            norms = w.vplan.norms(after)
+            self._after = (before, after, norms)
+            return norms
+        return w.vplan.norms(w.vplan.pack(w.views, slot="after") if w.vplan.groups
+                             else w.views)
 
-    def _views_plan(self, views: list[Tensor]) -> S.NormPlan:
-        if self._vplan is None or self._vplan.n != len(views):
-            self._vplan = S.NormPlan(views)
-        return self._vplan
-
+    # -- update ratio: a sample of each parameter, copied before the step --------------------
     def before_update(self, only: frozenset[int] | None = None) -> None:
         """Copy the weights before the first optimizer update of a step. ``only``: the
         parameters that optimizer updates (indices into ``trainable``; None: all); each
@@ -172,18 +202,20 @@ class ParamTracker:
             return
         if not self.trainable or self.trainable[0][0].is_sparse:
             return
-        views = self._sample_views()
-        self._before = self._views_plan(views).pack(views, copy=True)
+        w = self._weights()
+        self._after = None
+        self._before = w.vplan.pack(w.views, copy=True, slot="before")
         self._updating = only
 
-    def _updated(self, only: frozenset[int]) -> Tensor:
-        """Layers with a parameter in ``only`` (bool, on the device; made once per set)."""
+    def _nan_not_updated(self, only: frozenset[int] | None) -> Tensor:
+        """0 for layers with a parameter in ``only`` (None: any trainable one), NaN for the
+        others (on the device; made once per set)."""
         hit = self._updated_cache.get(only)
         if hit is None:
-            hit = torch.zeros(self.n_layers, dtype=torch.bool, device=self.device)
-            slots = [self.trainable[k][1] for k in sorted(only)]
-            if slots:
-                hit.index_fill_(0, device_tensor(slots, torch.long, self.device), True)
+            layers = {self.trainable[k][1] for k in (range(len(self.trainable)) if only is None
+                                                    else only)}
+            hit = device_tensor([0.0 if i in layers else math.nan
+                                 for i in range(self.n_layers)], torch.float32, self.device)
             if len(self._updated_cache) > 64:  # bounded: a few optimizers per model
                 self._updated_cache.clear()
             self._updated_cache[only] = hit
@@ -193,28 +225,68 @@ class ParamTracker:
         """‖Δw‖/‖w‖ per layer over the sampled elements (exact for tensors <= 4096)."""
         before = self._before
         self._before = None
+        kept, self._after = self._after, None
         if before is None:
             return None
-        views = self._sample_views()
-        plan = self._views_plan(views)
-        after = plan.pack(views)
-        dn = plan.norms(after - before)
-        wn = plan.norms(after)
-        if self._views_idx is None:
-            self._views_idx = device_tensor([i for _, i in self.trainable], torch.long,
-                                            self.device)
-            has = torch.zeros(self.n_layers, dtype=torch.bool, device=self.device)
-            self._views_has = has.index_fill_(0, self._views_idx, True)
-        assert self._views_has is not None
-        has = self._views_has
-        if self._updating is not None:
-            has = has & self._updated(self._updating)
-        sq = torch.zeros(2, self.n_layers, device=self.device)
-        sq.index_add_(1, self._views_idx, torch.stack([dn * dn, wn * wn]))
+        w = self._weights()
+        if kept is not None and kept[0] is before:
+            after, wn = kept[1], kept[2]
+        else:
+            after = w.vplan.pack(w.views, slot="after")
+            wn = w.vplan.norms(after)
+        dn = w.vplan.norms(before.sub_(after))  # the copy is spent: Δ in place
+        sq = self._zeros2.index_add(1, w.vidx, torch.stack([dn, wn]).square_())
         if self._shards is not None:
             sq = self._shards.sum_(sq)
-        return torch.where(has, torch.sqrt(sq[0]) / torch.sqrt(sq[1]),
-                           torch.full_like(sq[0], math.nan))
+        r = torch.sqrt(sq)
+        return r[0] / r[1] + self._nan_not_updated(self._updating)
+
+
+class _Weights:
+    """The layout of a tracker's weight reads.
+
+    ``views``: per trainable parameter, the parameter itself when it has at most
+    ``UPDATE_SAMPLE`` elements, else ``UPDATE_CHUNKS`` evenly spaced contiguous runs of it
+    (a plain stride would touch one cache line per element: 7x slower here for a 512x512
+    weight). ``extra``: the parameters whose weight norm no view gives whole (larger ones,
+    frozen ones). ``widx``: the layer of each norm of ``views + extra`` that is a weight
+    norm, ``n_layers`` (a slot dropped) for the partial samples.
+    """
+
+    def __init__(self, t: ParamTracker, loc: Sequence[Tensor]) -> None:
+        L = t.n_layers
+        pos = {id(p): j for j, p in enumerate(t.params)}
+        views: list[Tensor] = []
+        whole: set[int] = set()
+        widx: list[int] = []
+        self.big: list[Tensor] = []
+        for p, i in t.trainable:
+            j = pos[id(p)]
+            x = loc[j]
+            n = x.numel()
+            if n <= UPDATE_SAMPLE:
+                views.append(x)
+                whole.add(j)
+                widx.append(i)
+                continue
+            self.big.append(p)
+            flat = x.detach().reshape(-1)
+            run = UPDATE_SAMPLE // UPDATE_CHUNKS
+            views.append(flat.as_strided((UPDATE_CHUNKS, run), (n // UPDATE_CHUNKS, 1),
+                                         flat.storage_offset()))
+            widx.append(L)
+        layer = [i for _, i in t.trainable]
+        rest = [j for j in range(len(t.params)) if j not in whole]
+        self.extra = [loc[j] for j in rest]
+        widx += [t._param_layers[j] for j in rest]
+        self.views = views
+        self.key: tuple[int, ...] = ()
+        dev = t.device
+        self.vplan = S.NormPlan(views)
+        self.eplan = S.NormPlan(self.extra)
+        self.vidx = device_tensor(layer, torch.long, dev)
+        self.widx = device_tensor(widx, torch.long, dev)
+        self.zeros1 = torch.zeros(L + 1, device=dev)
 
 
 def merge_grads(a: ParamStepStats | None, b: ParamStepStats | None) -> ParamStepStats | None:

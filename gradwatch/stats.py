@@ -297,6 +297,15 @@ class Packed:
         rest = list(torch._foreach_sub(self.rest, other.rest)) if self.rest else []
         return Packed([a - b for a, b in zip(self.groups, other.groups)], rest)
 
+    def sub_(self, other: Packed) -> Packed:
+        """``self - other`` in place (``self`` must own its memory: a ``copy=True`` pack):
+        one op per group and one ``_foreach_sub_``, nothing allocated."""
+        for a, b in zip(self.groups, other.groups):
+            a.sub_(b)
+        if self.rest:
+            torch._foreach_sub_(self.rest, other.rest)
+        return self
+
 
 class NormPlan:
     """The per-tensor L2 norms (and max |x|) of a list of tensors whose shapes are fixed
@@ -330,15 +339,48 @@ class NormPlan:
         self.rest = rest
         self.rest_t = torch.tensor(rest, device=dev) if self.groups and rest else None
         self.plain = plain
+        # pack buffers, made once per named slot (see ``pack``)
+        self._slots: dict[str, tuple[list[Tensor], list[Tensor] | None]] = {}
 
-    def pack(self, tensors: Sequence[Tensor], copy: bool = False) -> Packed:
-        """``tensors`` in this plan's layout; ``copy``: the unstacked ones cloned too (a
-        snapshot that later in-place changes do not reach)."""
-        groups = [torch.stack([tensors[i] for i in idx]).reshape(len(idx), -1)
-                  for idx, _ in self.groups]
+    def _buffers(self, slot: str, tensors: Sequence[Tensor], copy: bool
+                 ) -> tuple[list[Tensor], list[Tensor] | None]:
+        bufs = self._slots.get(slot)
+        if bufs is None or (copy and bufs[1] is None) or any(
+                b.dtype != tensors[idx[0]].dtype or b.shape[1:] != tensors[idx[0]].shape
+                for b, (idx, _) in zip(bufs[0], self.groups)):  # e.g. model.half() later
+            groups = [torch.empty((len(idx), *tensors[idx[0]].shape),
+                                  dtype=tensors[idx[0]].dtype, device=self.device)
+                      for idx, _ in self.groups]
+            rest = ([torch.empty_like(tensors[i], memory_format=torch.contiguous_format)
+                     for i in self.rest] if copy else None)
+            bufs = self._slots[slot] = (groups, rest)
+        return bufs
+
+    def pack(self, tensors: Sequence[Tensor], copy: bool = False,
+             slot: str | None = None) -> Packed:
+        """``tensors`` in this plan's layout; ``copy``: the unstacked ones copied too (a
+        snapshot that later in-place changes do not reach).
+
+        ``slot``: write into buffers this plan keeps under that name, made on the first call
+        (no allocation afterwards: on CPU a fresh multi-megabyte stack costs page faults,
+        1.3 ms against 0.9 ms for 2M elements here). The result is valid until the next
+        ``pack`` into the same slot; ``tensors`` must have the shapes the plan was made
+        with."""
+        if slot is None:
+            groups = [torch.stack([tensors[i] for i in idx]).reshape(len(idx), -1)
+                      for idx, _ in self.groups]
+            rest = [tensors[i] for i in self.rest]
+            if copy:
+                rest = [t.clone() for t in rest]
+            return Packed(groups, rest)
+        gbufs, rbufs = self._buffers(slot, tensors, copy)
+        groups = [torch.stack([tensors[i] for i in idx], out=buf).view(len(idx), -1)
+                  for (idx, _), buf in zip(self.groups, gbufs)]
         rest = [tensors[i] for i in self.rest]
-        if copy:
-            rest = [t.clone() for t in rest]
+        if copy and rest:
+            assert rbufs is not None
+            torch._foreach_copy_(rbufs, rest)  # one multi-tensor kernel on CUDA
+            rest = rbufs
         return Packed(groups, rest)
 
     def norms(self, tensors: Sequence[Tensor] | Packed) -> Tensor:
@@ -366,7 +408,7 @@ class NormPlan:
             return foreach_absmax(p.rest)
         out = torch.empty(self.n, dtype=torch.float32, device=self.device)
         for (_, idx_t), st in zip(self.groups, p.groups):
-            out.index_copy_(0, idx_t, torch.maximum(st.amax(1), st.amin(1).neg()).float())
+            out.index_copy_(0, idx_t, torch.maximum(st.amax(1), st.amin(1).neg_()).float())
         if self.rest_t is not None:
             out.index_copy_(0, self.rest_t, foreach_absmax(p.rest))
         return out
