@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -54,17 +56,37 @@ class Snapshot:
               order: Sequence[int], applies: Sequence[tuple[str, ...]],
               amp_skipped: int = 0) -> Snapshot:
         """From the ``[layers, FINAL_KEYS]`` host array; layers in ``order`` first."""
-        col = {k: j for j, k in enumerate(FINAL_KEYS)}
         seen = set(order)
         rows = list(order) + [i for i in range(len(layers)) if i not in seen]
+        # one bulk conversion to Python floats (the same doubles ``float(values[i, j])``
+        # gives), then each layer's row picked by a getter made once per stat set
+        table = values.tolist()
+        nf_col, stuck_col = _COL["_act_nonfinite"], _COL["_act_stuck_frac"]
         stats: dict[str, dict[str, float]] = {}
         act_nf: dict[str, float] = {}
         stuck: dict[str, float] = {}
         for i in rows:
             name = layers[i].name
-            stats[name] = {s: float(values[i, col[s]]) for s in applies[i]}
-            v = float(values[i, col["_act_nonfinite"]])
+            row = table[i]
+            keys = applies[i]
+            stats[name] = dict(zip(keys, _picker(keys)(row)))
+            v = row[nf_col]
             act_nf[name] = 0.0 if math.isnan(v) else v
             if layers[i].bounds is not None:
-                stuck[name] = float(values[i, col["_act_stuck_frac"]])
+                stuck[name] = row[stuck_col]
         return cls(step, stats, amp_skipped, act_nf, stuck)
+
+
+_COL = {k: j for j, k in enumerate(FINAL_KEYS)}
+
+
+@functools.cache
+def _picker(keys: tuple[str, ...]) -> Callable[[Sequence[float]], Sequence[float]]:
+    """The values of ``keys`` (a stat set: a handful per watcher) from one row, in order."""
+    cols = [_COL[k] for k in keys]
+    if len(cols) == 1:
+        c = cols[0]
+        return lambda row: (row[c],)
+    if not cols:
+        return lambda row: ()
+    return operator.itemgetter(*cols)
