@@ -136,6 +136,80 @@ def add_layers(writer: Any, layers: Sequence[tuple[str, str]], step: int) -> Non
         Summary(value=[Summary.Value(tag=LAYERS_TAG, metadata=meta, tensor=tensor)]), step)
 
 
+class _WindowTemplate:
+    """The serialized ``Summary`` of a window's stats, built once per layer/stat set.
+
+    Byte for byte what ``Summary(value=[Summary.Value(tag=t, simple_value=v), ...])``
+    serializes to (each value: its tag, then its fp32 ``simple_value``), with the floats
+    written into a prebuilt buffer by numpy and the NaN values (not collected) cut out, so
+    a window of 15,000 scalars costs a few array operations instead of 15,000 protos made
+    one by one in Python. Tags do not change between windows; the set is rebuilt only when
+    the layers or their stats do (a lazy module materialised).
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[tuple[str, tuple[str, ...]], ...] | None = None
+        self._buf: Any = None  # uint8: every value record, floats zero
+        self._at: Any = None  # [n, 4] indices of each record's float bytes in _buf
+        self._owner: Any = None  # per byte of _buf: the index of its record
+        self._n = 0
+
+    def _build(self, key: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
+        import numpy as np
+
+        parts: list[bytes] = []
+        at: list[int] = []
+        sizes: list[int] = []
+        pos = 0
+        for layer, stats in key:
+            for stat in stats:
+                tag = scalar_tag(stat, layer).encode("utf-8")
+                body = b"\x0a" + _varint(len(tag)) + tag + b"\x15"  # tag=1, simple_value=2
+                rec = b"\x0a" + _varint(len(body) + 4) + body  # Summary.value=1
+                parts.append(rec + b"\0\0\0\0")
+                at.append(pos + len(rec))
+                sizes.append(len(rec) + 4)
+                pos += len(rec) + 4
+        self._buf = np.frombuffer(b"".join(parts), dtype=np.uint8)
+        self._at = np.asarray(at, dtype=np.intp)[:, None] + np.arange(4)
+        self._owner = np.repeat(np.arange(len(sizes)), sizes)
+        self._n = len(sizes)
+        self._key = key
+
+    def summary(self, stats: Mapping[str, Mapping[str, float]], amp_skipped: float) -> Any:
+        """The window's Summary: every non-NaN stat (layers and stats in ``stats``' order),
+        then ``AMP_SKIPPED_TAG``."""
+        import itertools
+
+        import numpy as np
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        key = tuple((layer, tuple(s)) for layer, s in stats.items())
+        if key != self._key:
+            self._build(key)
+        flat = np.fromiter(itertools.chain.from_iterable(s.values() for s in stats.values()),
+                           dtype=np.float64, count=self._n)
+        with np.errstate(over="ignore"):  # beyond fp32: inf, as the proto field stores it
+            f32 = flat.astype("<f4")
+        buf = self._buf.copy()
+        buf[self._at] = f32.view(np.uint8).reshape(-1, 4)
+        nan = np.isnan(flat)
+        if nan.any():
+            buf = buf[~nan[self._owner]]
+        summary = Summary.FromString(buf.tobytes())
+        summary.value.add(tag=AMP_SKIPPED_TAG, simple_value=amp_skipped)
+        return summary
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 #: Windows are pushed to disk at most this often (seconds), and on every explicit flush:
 #: with ``every=1`` a file flush per window would cost more than the window itself.
 FLUSH_SECS = 1.0
@@ -152,6 +226,7 @@ class TensorBoardSink:
         # (TensorBoard keeps one event per step and tag)
         self._step_alerts: tuple[int, list[Alert]] = (-1, [])
         self._flushed = time.monotonic()
+        self._template = _WindowTemplate()
 
     def write(self, snap: Snapshot, alerts: Sequence[Alert], force: bool = False,
               layers: Sequence[tuple[str, str]] | None = None) -> None:
@@ -166,10 +241,14 @@ class TensorBoardSink:
         if layers is not None and tuple(layers) != self._layers_written:
             add_layers(w, layers, snap.step)
             self._layers_written = tuple(layers)
-        values = [(scalar_tag(stat, layer), v) for layer, stats in snap.stats.items()
-                  for stat, v in stats.items() if not math.isnan(v)]
-        values.append((AMP_SKIPPED_TAG, float(snap.amp_skipped)))
-        self._alerts(alerts, snap.step, values)
+        if getattr(w, "_get_file_writer", None) is not None:
+            head: Any = self._template.summary(snap.stats, float(snap.amp_skipped))
+            self._alerts(alerts, snap.step, [], head)
+        else:
+            values = [(scalar_tag(stat, layer), v) for layer, stats in snap.stats.items()
+                      for stat, v in stats.items() if not math.isnan(v)]
+            values.append((AMP_SKIPPED_TAG, float(snap.amp_skipped)))
+            self._alerts(alerts, snap.step, values)
         if force or time.monotonic() - self._flushed >= FLUSH_SECS:
             self.flush()
 
@@ -177,9 +256,11 @@ class TensorBoardSink:
         self.writer.flush()
         self._flushed = time.monotonic()
 
-    def _write_window(self, values: Sequence[tuple[str, float]], step: int) -> None:
+    def _write_window(self, values: Sequence[tuple[str, float]], step: int,
+                      head: Any = None) -> None:
         """All scalars of a window in one event (one Summary with many values: the same
-        records ``add_scalar`` writes one by one, at a fraction of the cost). Writers other
+        records ``add_scalar`` writes one by one, at a fraction of the cost): ``head`` (a
+        Summary already holding the window's stats, or None) then ``values``. Writers other
         than a SummaryWriter get ``add_scalar`` calls."""
         get = getattr(self.writer, "_get_file_writer", None)
         if get is None:
@@ -188,7 +269,10 @@ class TensorBoardSink:
             return
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        summary = Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in values])
+        summary = head if head is not None else Summary()
+        add = summary.value.add
+        for t, v in values:
+            add(tag=t, simple_value=v)
         get().add_summary(summary, step)
 
     def write_alerts(self, alerts: Sequence[Alert], step: int) -> None:
@@ -196,13 +280,14 @@ class TensorBoardSink:
         self._alerts(alerts, step, [])
 
     def _alerts(self, alerts: Sequence[Alert], step: int,
-                values: list[tuple[str, float]]) -> None:
-        """``values`` and the alert counts as one event at ``step``, then the table of every
-        alert written at ``step`` (this call's and earlier calls' at the same step)."""
+                values: list[tuple[str, float]], head: Any = None) -> None:
+        """``head`` (see ``_write_window``), ``values`` and the alert counts as one event at
+        ``step``, then the table of every alert written at ``step`` (this call's and earlier
+        calls' at the same step)."""
         for a in alerts:
             self._counts[a.kind] += 1
         values += [(alert_count_tag(kind), float(self._counts[kind])) for kind in KINDS]
-        self._write_window(values, step)
+        self._write_window(values, step, head)
         if alerts:
             at, those = self._step_alerts
             if at != step:
