@@ -278,25 +278,30 @@ class Rules:
             if name not in exploding:
                 ema = self._ema.get(name)
                 self._ema[name] = v if ema is None else t.ema * ema + (1 - t.ema) * v
+        # a layer where no condition holds and none is pending (a streak or a clearing
+        # count: ``_condition`` sets ``_clear`` with every streak) has nothing to update
+        pending = {key[0] for key in self._clear}
         for name, s in stats.items():
             info = self.layers.get(name)
             van = vanishing.get(name)
-            if self._condition((name, "vanishing"), van is not None) and van:
-                stat = "update_ratio" if family == ADAPTIVE_FAMILY and \
-                    van[0] == stats[name].get("update_ratio") else "grad_rms"
-                add_why(self._emit(step, name, "vanishing", stat, van[0], van[1], "<"))
             exp = exploding.get(name)
-            if self._condition((name, "exploding"), exp is not None,
-                               exp is not None and exp[2]) and exp:
-                add_why(self._emit(step, name, "exploding", "grad_rms", exp[0], exp[1], ">"))
             z = s.get("act_zero_frac", math.nan)
             dead = info is not None and info.relu_like and z >= t.dead_frac
-            if self._condition((name, "dead"), dead) and dead:
-                add_why(self._emit(step, name, "dead", "act_zero_frac", z, t.dead_frac, ">="))
             f = s.get("act_sat_frac", math.nan)
             units = act_stuck.get(name, math.nan) if act_stuck is not None else 1.0
             sat = (info is not None and info.bounds is not None and f >= t.saturated_frac
                    and units >= t.saturated_units)
+            if van is None and exp is None and not dead and not sat and name not in pending:
+                continue
+            if self._condition((name, "vanishing"), van is not None) and van:
+                stat = "update_ratio" if family == ADAPTIVE_FAMILY and \
+                    van[0] == stats[name].get("update_ratio") else "grad_rms"
+                add_why(self._emit(step, name, "vanishing", stat, van[0], van[1], "<"))
+            if self._condition((name, "exploding"), exp is not None,
+                               exp is not None and exp[2]) and exp:
+                add_why(self._emit(step, name, "exploding", "grad_rms", exp[0], exp[1], ">"))
+            if self._condition((name, "dead"), dead) and dead:
+                add_why(self._emit(step, name, "dead", "act_zero_frac", z, t.dead_frac, ">="))
             if self._condition((name, "saturated"), sat) and sat:
                 add_why(self._emit(step, name, "saturated", "act_sat_frac", f, t.saturated_frac,
                                ">=", note=f"{units:.0%} of its units at a bound for every "
@@ -322,6 +327,12 @@ class Rules:
         NaN) and that reached no gradient was absorbed downstream (a ``-inf`` mask before a
         softmax, the log-probability of an impossible class): counted in ``nonfinite``, no
         origin."""
+
+        # no output count and no gradient count above zero: no fault (the common window,
+        # decided without a call per layer)
+        if all(v == 0 for v in act_nonfinite.values()) and not any(
+                s.get("nonfinite", 0) > 0 for s in stats.values()):
+            return None
 
         def out_bad(n: str) -> float:
             nf = act_nonfinite.get(n, 0)
