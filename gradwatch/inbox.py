@@ -15,6 +15,10 @@ from typing import Callable, Sequence
 from gradwatch import alerts as A
 
 
+def _step(a: A.Alert) -> int:
+    return a.step
+
+
 class AlertInbox:
     """``pending``: found, not yet issued; ``issued``: the newest ``limit`` issued ones.
 
@@ -35,11 +39,16 @@ class AlertInbox:
             self.pending.extend(found)
 
     def all(self) -> list[A.Alert]:
-        """Every alert so far (the newest ``limit``), the pending ones included."""
+        """Every alert so far (the newest ``limit``), the pending ones included, in the
+        order of their steps, as the log lists them: the two producers put alerts in at
+        different moments (a window's alerts arrive after the per-step alerts of the steps
+        that followed it, later still on a loaded machine), so the order they were put in
+        depends on timing; alerts of one step keep the order they were put in."""
         found = list(self.issued)
         if self._writer():
             with self.lock:
                 found.extend(self.pending)
+        found.sort(key=_step)  # stable
         return found[-self.limit:]
 
     def _take(self) -> list[A.Alert]:

@@ -157,3 +157,27 @@ def test_lazy_public_names_resolve_and_are_listed():
     assert Thresholds is T and watch is w and Snapshot.__name__ == "Snapshot"
     with pytest.raises(AttributeError, match="no attribute 'bogus'"):
         g.bogus  # noqa: B018
+
+
+def test_watcher_alerts_follow_the_steps_whatever_order_the_producers_put_them_in():
+    """A window's alerts reach the inbox when the background thread has evaluated it, after
+    the per-step alerts of the steps that followed (on a loaded machine, several steps
+    later): ``watcher.alerts`` still lists them in the order of their steps, the order of the
+    log, with the alerts of one step in the order they were put in."""
+    from gradwatch.inbox import AlertInbox
+
+    def alert(step: int, layer: str, kind: str) -> gradwatch.Alert:
+        return gradwatch.Alert(step=step, layer=layer, kind=kind, stat="grad_rms",
+                               value=1.0, threshold=0.5, message="")
+
+    inbox = AlertInbox("ignore", limit=5, writer=lambda: True)
+    inbox.put([alert(4, "0", "exploding")])  # the window of steps 4-5, evaluated at once
+    inbox.put([alert(8, "0", "exploding"), alert(8, "2", "exploding")])  # per-step, step 8
+    inbox.deliver()
+    inbox.put([alert(6, "0", "exploding"), alert(6, "2", "vanishing")])  # window 6-7, late
+    assert [(a.step, a.layer, a.kind) for a in inbox.all()] == [
+        (4, "0", "exploding"), (6, "0", "exploding"), (6, "2", "vanishing"),
+        (8, "0", "exploding"), (8, "2", "exploding")]
+    inbox.deliver()
+    inbox.put([alert(9, "4", "dead")])  # past the limit of 5: the oldest step goes
+    assert [a.step for a in inbox.all()] == [6, 6, 8, 8, 9]
