@@ -222,6 +222,41 @@ class _UnionFind:
         self.up[self.find(a)] = self.find(b)
 
 
+def _bounded(info: Mapping[str, LayerInfo], name: str) -> bool:
+    li = info.get(name)
+    return li is not None and li.bounds is not None
+
+
+def _layer_value(name: str, g_in: float, audit: InitAudit, info: Mapping[str, LayerInfo],
+                 norm_in: dict[str, float], factor: Mapping[str, float]) -> float:
+    """The gain on the output row of the transform ``name`` whose inputs carry ``g_in``:
+    a scaled layer multiplies it by its ``factor`` (its excess), a normalization resets it
+    to its own scale (recording the gain it received in ``norm_in``), an embedding starts
+    from its own scale, a bounded activation caps it at 1, an audited activation passes it
+    on, any other layer with parameters starts over."""
+    if name in factor:
+        return g_in * factor[name]
+    if name in audit.norms:
+        norm_in[name] = max(norm_in.get(name, 0.0), g_in)
+        return audit.norm_scales.get(name, 1.0)
+    if name in audit.embeddings:
+        return max(audit.embeddings[name], 1.0)
+    if _bounded(info, name):
+        return min(g_in, 1.0)
+    if name in audit.gains_of:
+        return g_in
+    return 1.0
+
+
+def _resets(op: str) -> bool:
+    """A softmax or a normalization written as code: its output's scale is its own."""
+    return "Softmax" in op or "Norm" in op
+
+
+def _op_value(op: str, vals: Sequence[float]) -> float:
+    return 1.0 if _resets(op) else _combine(op, vals)
+
+
 def place_on_graph(order: Sequence[str], audit: InitAudit, info: Mapping[str, LayerInfo],
                    graph: Graph) -> Paths:
     """``Paths`` from the model's real dataflow: the scale of the signal is followed
@@ -238,7 +273,8 @@ def place_on_graph(order: Sequence[str], audit: InitAudit, info: Mapping[str, La
         w, d = audit.scales[name], graph.dims.get(name)
         return d is not None and sorted(d) == sorted((w.fan_in, w.fan_out))
 
-    transform = {n for n in audit.scales if used_as_map(n)} | set(audit.embeddings) | \
+    maps = {name: 1.0 for name in audit.scales if used_as_map(name)}  # excess unknown yet
+    transform = set(maps) | set(audit.embeddings) | \
         set(audit.norms) | set(audit.gains) | set(audit.gains_of) | \
         {n for n, li in info.items() if li.bounds is not None or li.has_params}
     n = len(graph.ops)
@@ -257,35 +293,25 @@ def place_on_graph(order: Sequence[str], audit: InitAudit, info: Mapping[str, La
             g_in = max((val[i] for i in ins), default=1.0)
             producers.setdefault(name, set()).update(*(feeds[i] for i in ins))
             joined = frozenset().union(*(seg_of[i] for i in ins))
-            li = info.get(name)
-            if name in audit.scales and used_as_map(name):
+            if name in maps:
                 pending.append((name, r))
-                val[r] = g_in  # times its excess, once its activation is known
                 for other in joined:
                     uf.union(name, other)
                 seg_of[r] = frozenset({name})
-            elif name in audit.norms:
-                norm_in[name] = max(norm_in.get(name, 0.0), g_in)
-                val[r] = audit.norm_scales.get(name, 1.0)
-            elif name in audit.embeddings:
-                val[r] = max(audit.embeddings[name], 1.0)
-            elif li is not None and li.bounds is not None:
-                val[r], seg_of[r] = min(g_in, 1.0), joined
-            elif name in audit.gains_of:
-                val[r], seg_of[r] = g_in, joined
-            else:  # recurrent or any other layer with parameters: starts over
-                val[r] = 1.0
+            elif name not in audit.norms and name not in audit.embeddings and (
+                    _bounded(info, name) or name in audit.gains_of):
+                seg_of[r] = joined
+            # a scaled layer's own excess is applied in the second pass
+            val[r] = _layer_value(name, g_in, audit, info, norm_in, maps)
             feeds[r] = frozenset({name})
             continue
         op = graph.ops[r]
         if not kids:
             continue
         feeds[r] = frozenset().union(*(feeds[k] for k in kids))
-        if "Softmax" in op or "Norm" in op:
-            val[r] = 1.0
-            continue
-        seg_of[r] = frozenset().union(*(seg_of[k] for k in kids))
-        val[r] = _combine(op, [val[k] for k in kids])
+        if not _resets(op):
+            seg_of[r] = frozenset().union(*(seg_of[k] for k in kids))
+        val[r] = _op_value(op, [val[k] for k in kids])
     # the activation after each audited layer: an activation module it feeds
     after: dict[str, str] = {}
     for act in audit.gains_of:
@@ -298,6 +324,7 @@ def place_on_graph(order: Sequence[str], audit: InitAudit, info: Mapping[str, La
         act_name = after.get(name)
         gain = audit.gains_of.get(act_name) if act_name is not None else None
         excess_of[name] = (excess(audit.scales[name], gain[1] if gain else None), act_name)
+    factor = {name: ex for name, (ex, _) in excess_of.items()}
     val = [1.0] * n
     norm_in = {}
     growth: dict[str, float] = {}
@@ -305,31 +332,12 @@ def place_on_graph(order: Sequence[str], audit: InitAudit, info: Mapping[str, La
         name = graph.owner.get(r)
         kids = graph.kids[r]
         if name is not None and name in transform:
-            ins = graph.inputs.get(r, ())
-            g_in = max((val[i] for i in ins), default=1.0)
-            li = info.get(name)
-            if name in excess_of:
-                val[r] = g_in * excess_of[name][0]
+            g_in = max((val[i] for i in graph.inputs.get(r, ())), default=1.0)
+            val[r] = _layer_value(name, g_in, audit, info, norm_in, factor)
+            if name in factor:
                 growth[name] = max(growth.get(name, 0.0), val[r])
-            elif name in audit.norms:
-                norm_in[name] = max(norm_in.get(name, 0.0), g_in)
-                val[r] = audit.norm_scales.get(name, 1.0)
-            elif name in audit.embeddings:
-                val[r] = max(audit.embeddings[name], 1.0)
-            elif li is not None and li.bounds is not None:
-                val[r] = min(g_in, 1.0)
-            elif name in audit.gains_of:
-                val[r] = g_in
-            else:
-                val[r] = 1.0
-            continue
-        op = graph.ops[r]
-        if not kids:
-            continue
-        if "Softmax" in op or "Norm" in op:
-            val[r] = 1.0
-        else:
-            val[r] = _combine(op, [val[k] for k in kids])
+        elif kids:
+            val[r] = _op_value(graph.ops[r], [val[k] for k in kids])
     roots = {name: uf.find(name) for name in excess_of}
     seg_ids = {root: i for i, root in enumerate(dict.fromkeys(roots.values()))}
     scales: dict[str, Scale] = {}
