@@ -384,13 +384,18 @@ def test_transformer_encoder_eval_passes_keep_the_trace_and_a_later_nan_batch_is
     assert "data pipeline" in a.hint
 
 
-# -- class 3: per-step learning-rate evidence ---------------------------------------------------
-def test_gpt2_at_sgd_lr_50_is_the_learning_rate_on_the_step_it_blows_up() -> None:
+def tiny_gpt2() -> torch.nn.Module:
+    """Hugging Face GPT-2 from its config (2 layers, 32 wide, vocabulary 64), seed 0."""
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2,
                                   n_head=2)
-    m = transformers.GPT2LMHeadModel(cfg)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+# -- class 3: per-step learning-rate evidence ---------------------------------------------------
+def test_gpt2_at_sgd_lr_50_is_the_learning_rate_on_the_step_it_blows_up() -> None:
+    m = tiny_gpt2()
     opt = torch.optim.SGD(m.parameters(), lr=50.0)
     data = copy_task(64, 4, 16)
     run = train(m, opt, lambda i: m(input_ids=data(i), labels=data(i)).loss, 10)
@@ -401,8 +406,7 @@ def test_gpt2_at_sgd_lr_50_is_the_learning_rate_on_the_step_it_blows_up() -> Non
     assert "update_ratio" in a.hint and "lower the learning rate" in a.hint
     no_sqrt(a.hint)
     # the same model at a sound learning rate: quiet
-    torch.manual_seed(0)
-    m = transformers.GPT2LMHeadModel(cfg)
+    m = tiny_gpt2()
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     healthy(train(m, opt, lambda i: m(input_ids=data(i), labels=data(i)).loss, 40))
 
@@ -449,11 +453,7 @@ def test_a_backward_overflow_without_update_evidence_gets_an_overflow_hint() -> 
 
 # -- class 3: a NaN batch passed by keyword ------------------------------------------------------
 def test_a_nan_batch_passed_as_inputs_embeds_to_gpt2_is_the_input() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2,
-                                  n_head=2)
-    m = transformers.GPT2LMHeadModel(cfg)
+    m = tiny_gpt2()
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
     data = copy_task(64, 4, 16)
     emb = torch.randn(64, 32)  # the user's own embedding table

@@ -16,6 +16,18 @@ import { makeScale } from './colour.js';
 import { alertList, columnOf, el, heatmap } from './heatmap.js';
 import { GROUPINGS, groupRows, matcher } from './rows.js';
 
+// a <select> of class `cls` with one option per [value, text, title]
+function choice(cls, options) {
+  const s = el('select', cls);
+  for (const [value, text, title] of options) {
+    const o = el('option', null, text);
+    o.value = value;
+    o.title = title;
+    s.append(o);
+  }
+  return s;
+}
+
 const REFRESH_MS = 30000;
 const FILTER_DELAY_MS = 120;
 
@@ -143,22 +155,10 @@ class Dashboard {
       'several, comma-separated';
     filterLabel.append(this.input);
     const groupLabel = el('label', null, 'rows ');
-    this.grouping = el('select', 'gw-group-by');
-    for (const [value, text, title] of GROUPINGS) {
-      const o = el('option', null, text);
-      o.value = value;
-      o.title = title;
-      this.grouping.append(o);
-    }
+    this.grouping = choice('gw-group-by', GROUPINGS);
     groupLabel.append(this.grouping);
     const scaleLabel = el('label', null, 'colours ');
-    this.scaling = el('select', 'gw-scale');
-    for (const [value, text, title] of SCALES) {
-      const o = el('option', null, text);
-      o.value = value;
-      o.title = title;
-      this.scaling.append(o);
-    }
+    this.scaling = choice('gw-scale', SCALES);
     scaleLabel.append(this.scaling);
     this.legendSlot = el('span', 'gw-legend-slot');
     this.status = el('span', 'gw-status', 'loading…');
