@@ -27,6 +27,7 @@ from gradwatch.histograms import DeviceHistograms
 from gradwatch.hooks import Collector, ForwardDoneHook, ForwardHook
 from gradwatch.inbox import AlertInbox
 from gradwatch.lazy import MaterializedHook, any_lazy
+from gradwatch.modflags import ModuleFlags
 from gradwatch.monitor import StepMonitor
 from gradwatch.nonfinite import NonFiniteTracker
 from gradwatch.options import WatchConfig, open_writer
@@ -47,7 +48,7 @@ from gradwatch.sinks.pictures import Pictures
 from gradwatch.snapshot import applicable
 from gradwatch.stepping import Stepping
 from gradwatch.structure import start_probe
-from gradwatch.trace import ModuleFlags, StepTrace
+from gradwatch.trace import StepTrace
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -3,7 +3,7 @@
 Names: the *step flags* are the ``[layers + 1, cols]`` device tensor a step makes
 (``buffers.WindowBuffers.step_flags``); ``FlagsToHost`` carries them to the host;
 ``HostFlags`` is what arrived for one step; ``monitor.StepMonitor`` sends and examines them.
-(``trace.ModuleFlags`` are per-module counts of compiled code, part of the trace payload.)
+(``modflags.ModuleFlags`` are per-module counts of compiled code, part of the trace payload.)
 
 Each step the step engine pushes a ``[layers + 1, cols]`` device tensor (non-finite counts
 in the outputs and in the gradients, summed over steps, then the parameter-gradient RMS and

@@ -3,7 +3,7 @@
 later on CUDA, without waiting for the window's flush.
 
 One hop after another: the step engine hands the step's flag tensor here (``send``), with
-the trace taken from ``trace.StepTrace``/``trace.ModuleFlags``; the payload goes to the host
+the trace taken from ``trace.StepTrace``/``modflags.ModuleFlags``; the payload goes to the host
 through ``flags.FlagsToHost``; what reached the host (``poll``) is read by
 ``nonfinite.NonFiniteTracker`` (the origin module of a NaN, ``origin.py``), or, without a
 trace, blamed on a layer by ``blame.nonfinite_origin`` (the rule the window uses too); the

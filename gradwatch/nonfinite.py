@@ -26,7 +26,7 @@ from gradwatch.buffers import ParamStepStats
 from gradwatch.distributed import local
 from gradwatch.flags import HostFlags
 from gradwatch.hostcopy import HostCopy
-from gradwatch.trace import Record
+from gradwatch.record import Record
 
 if TYPE_CHECKING:
     from gradwatch.params import ParamTracker

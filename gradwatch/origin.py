@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch.nn as nn
 
-from gradwatch.trace import IN, OUT, Record
+from gradwatch.record import IN, OUT, Record
 
 FINITE, INF, NAN, UNKNOWN = 0, 1, 2, 3  # UNKNOWN: an Inf handed through a skipped module
 
@@ -376,9 +376,9 @@ def loss_origin(rec: Record, st: np.ndarray, gst: dict[int, int],
 def module_origin(flags: np.ndarray, order: Sequence[int], pg_own: Sequence[int],
                   mm: ModelMap) -> Origin | None:
     """The same naming from per-module counts (code that ``torch.compile`` traced, see
-    ``trace.ModuleFlags``): ``flags[m]`` = NaN/Inf among outputs, among inputs, NaN in the
+    ``modflags.ModuleFlags``): ``flags[m]`` = NaN/Inf among outputs, among inputs, NaN in the
     gradients at the outputs and at the inputs; ``order``: modules in completion order."""
-    from gradwatch.trace import (
+    from gradwatch.modflags import (
         M_IG_NAN,
         M_IN_INF,
         M_IN_NAN,

@@ -15,6 +15,8 @@ Modules whose backward can turn finite gradients non-finite (``selection.grad_sa
 False: custom modules, containers with code of their own) also get a tensor hook on each
 input and output that requires grad: the gradient's fp32 sum goes into a second log.
 
+Steps that repeat the step before are replayed against its record (``record.Replay``).
+
 Nothing here reads a device value: at the end of a step the watcher copies both logs to the
 host (``flags.StepFlags``) with the ``Record`` of the step, and ``origin.py`` reads them
 there, only when something was non-finite.
@@ -23,7 +25,6 @@ there, only when something was non-finite.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 
 from gradwatch.faults import FaultGuard
 from gradwatch.handles import WeakHook
+from gradwatch.record import IN, OUT, R_CHECK, R_NONE, R_SAME, Record, Replay
 from gradwatch.stats import dense
 
 OFF = "trace"  # the fault guard's name for this part
@@ -42,7 +44,6 @@ DIMS: tuple[tuple[int, ...], ...] = tuple(tuple(range(n)) for n in range(33))
 #: evaluation loop) is cut into a record of its own: bounds the host lists and the logs.
 MAX_ENTRIES = 1 << 15
 
-IN, OUT = 0, 1  # entry kinds: a tensor first seen as an input of a call, or an output
 #: the floating-point dtypes (``x.dtype in FLOATS``: an attribute read and a set lookup, no
 #: call, on the hot path)
 FLOATS = frozenset(d for d in vars(torch).values()
@@ -68,47 +69,6 @@ class Rows:
         t = torch.zeros(cap, dtype=torch.float32, device=self.device)
         t[: self.t.numel()].copy_(self.t)
         self.t, self.rows = t, list(t.unbind())
-
-
-@dataclass
-class Record:
-    """The host half of a step's trace (the device half: ``n_rows`` forward rows and the
-    grad rows). ``calls``: (module index, input entries, output entries) in completion
-    order; ``ents``: per forward entry, as the forward hooks append it (one tuple each),
-    (the module that made it, its kind ``IN``/``OUT``, the entry whose value it has: itself,
-    or the input entry of a module that passes finite values on, and the device row of that
-    value). ``by``, ``kind``, ``src``, ``row``: the same as columns, built on first read
-    (only a step that held a non-finite value is read). ``g_roles``: per gradient entry,
-    (module, IN/OUT) of the tensors it is the gradient of; ``fired``: the gradient entries
-    whose hook ran."""
-
-    calls: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
-    ents: list[tuple[int, int, int, int]] = field(default_factory=list)
-    n_rows: int = 0
-    half: list[int] = field(default_factory=list)  # rows of float16 tensors (overflow hints)
-    g_roles: list[list[tuple[int, int]]] = field(default_factory=list)
-    fired: list[int] = field(default_factory=list)
-    cut: bool = False  # calls were left out (MAX_ENTRIES): not every output was checked
-    _cols: tuple[list[int], ...] | None = field(default=None, repr=False, compare=False)
-
-    def _columns(self) -> tuple[list[int], ...]:
-        if self._cols is None or len(self._cols[0]) != len(self.ents):
-            cols = tuple(map(list, zip(*self.ents))) if self.ents else ([], [], [], [])
-            self._cols = cols  # type: ignore[assignment]
-        return self._cols  # type: ignore[return-value]
-
-    by = property(lambda self: self._columns()[0])
-    kind = property(lambda self: self._columns()[1])
-    src = property(lambda self: self._columns()[2])
-    row = property(lambda self: self._columns()[3])  # per entry: the device row of its value
-
-    @property
-    def n(self) -> int:
-        return len(self.ents)
-
-    @property
-    def n_grads(self) -> int:
-        return len(self.g_roles)
 
 
 class _GradHook(WeakHook):
@@ -163,6 +123,7 @@ class StepTrace:
         self.fwd = Rows(device, 1024)
         self.grads = Rows(device, 256)
         self.handles: list[Any] = []
+        self._tmpl: Replay | None = None  # the template of the next steps
         self._new()
 
     def _new(self) -> None:
@@ -173,6 +134,17 @@ class StepTrace:
         # modules: found without a lookup)
         self._last: tuple[weakref.ref[Tensor], int, int] | None = None
         self._g_ids: dict[int, tuple[weakref.ref[Tensor], int]] = {}
+        # replay: the template (None once a call did not match), the calls that matched,
+        # the tensors held for later calls, the inputs checked, the last output
+        self._rp: Replay | None = self._tmpl
+        self._j = 0
+        self._live: list[Any] = [] if self._rp is None else [None] * len(self._rp.hold)
+        self._fresh: list[tuple[weakref.ref[Tensor], int, int]] = []
+        self._prev: tuple[Tensor, int] | None = None
+        self._prev_o = -1
+        # per call made the general way: its input's and output's dtype (None once a call
+        # needed ``_call``: the record is then no template)
+        self._dts: list[tuple[Any, Any]] | None = []
 
     # -- forward ------------------------------------------------------------------------------
     def _check(self, x: Tensor, m: int, kind: int) -> int:
@@ -205,6 +177,69 @@ class StepTrace:
         step: one call per module) is written out in this frame: ``_input``, ``_output``,
         ``_derived`` and ``_check`` inline, one tuple appended per entry and per call; the
         columns of the record are built only when it is read (``Record.by`` ...)."""
+        rp = self._rp
+        if rp is not None:  # replaying the template
+            j = self._j
+            ops = rp.ops
+            if (j < len(ops) and not kwargs and type(output) is Tensor and len(args) == 1
+                    and ops[j][0] == m):
+                _, e, xdt, xrow, kind, o, row, ydt, ends = ops[j]
+                x = args[0]
+                y = output
+                live = self._live
+                hx: Any = None  # (tensor, version) of the input and output
+                hy: Any = None
+                try:
+                    if xrow >= 0 or e < 0:  # checked here, or no floating input
+                        ok = type(x) is Tensor and x.dtype is xdt and (
+                            e < 0 or not (x.is_sparse or x.is_nested or (
+                                self._prev is not None and self._prev[0] is x)))
+                        if ok and xrow >= 0:
+                            hx = (x, x._version)
+                    else:  # the very tensor of entry e, unchanged (or by this module once)
+                        h = live[e]
+                        ok = h is not None and h[0] is x and (
+                            x._version == h[1] or (x._version == h[1] + 1
+                                                   and self.inplace[m]))
+                    if ok:
+                        if kind == R_SAME:
+                            hy = live[o]
+                            ok = hy is not None and hy[0] is y and y._version == hy[1]
+                        else:
+                            ok = y.dtype is ydt and not (kind == R_CHECK and y.is_sparse)
+                            if ok and kind != R_NONE:
+                                hy = (y, y._version)
+                except RuntimeError:  # an inference tensor has no version: never held
+                    ok = False
+                if ok:
+                    rows = self.fwd.rows
+                    if xrow >= 0:
+                        torch.sum(x.detach(), DIMS[x.ndim], dtype=torch.float32,
+                                  out=rows[xrow])
+                        if rp.hold[e]:
+                            live[e] = hx
+                        else:  # a model input, as a rule: kept for a step that departs
+                            self._fresh.append((weakref.ref(x), hx[1], e))
+                    if kind == R_CHECK:
+                        v_ = y.detach()
+                        if v_.is_nested:
+                            v_ = dense(v_)
+                        torch.sum(v_, DIMS[v_.ndim], dtype=torch.float32, out=rows[row])
+                    if hy is not None and kind != R_SAME and rp.hold[o]:
+                        live[o] = hy
+                    for d in ends:
+                        live[d] = None
+                    # the output of the call before, held or not (for a step that departs)
+                    self._prev = hy
+                    self._prev_o = o
+                    self._j = j + 1
+                    if self.unsafe[m] and torch.is_grad_enabled():
+                        if e >= 0 and x.requires_grad:
+                            self._hook_grad(x, m, IN)
+                        if kind != R_NONE and y.requires_grad:
+                            self._hook_grad(y, m, OUT)
+                    return
+            self._unreplay()
         rec = self.rec
         ents = rec.ents
         k = len(ents)
@@ -272,16 +307,40 @@ class StepTrace:
                     ids[iy] = self._last = (weakref.ref(y), ver, k)
                     outs = (k,)
         rec.calls.append((m, ins, outs))
+        dts = self._dts
+        if dts is not None:
+            dts.append((x.dtype, y.dtype))
         if self.unsafe[m] and torch.is_grad_enabled():
             if ins and x.requires_grad:
                 self._hook_grad(x, m, IN)
             if outs and y.requires_grad:
                 self._hook_grad(y, m, OUT)
 
+    def _unreplay(self) -> None:
+        """Stop replaying: the record of the calls that matched, built from the template
+        (a copy: the general way appends to it), and the tensors held for later calls
+        entered in the id table; the step goes on the general way."""
+        rp, j = self._rp, self._j
+        assert rp is not None
+        self._rp = None
+        rp.cut_to(self.rec, j)  # the same record: the gradient hooks placed point to it
+        self._dts = [(op[2], op[6]) for op in rp.ops[:j]]
+        ids = self._ids
+        for ref, ver, e in self._fresh:
+            if ref() is not None:
+                ids[id(ref())] = (ref, ver, e)
+        held = [(h, e) for e, h in enumerate(self._live) if h is not None]
+        if self._prev is not None:
+            held.append((self._prev, self._prev_o))
+        for (t, ver), e in held:
+            ids[id(t)] = self._last = (weakref.ref(t), ver, e)
+        self._live, self._fresh, self._prev = [], [], None
+
     def _call(self, m: int, args: Any, kwargs: Any, output: Any) -> None:
         """``call`` for any other signature: every floating tensor among the arguments
         (keyword ones included) and the outputs, at any nesting."""
         rec = self.rec
+        self._dts = None  # not a template
         if type(args) is tuple and all(type(a) is Tensor for a in args):
             xs: list[Any] = list(args)
         else:
@@ -349,7 +408,14 @@ class StepTrace:
     def take(self) -> tuple[Record, Tensor, Tensor]:
         """This record and views of its device rows (forward rows, gradient rows); starts a
         new record. The caller reads (or copies) the views, then ``clear(rec)``."""
+        rp = self._rp
         rec = self.rec
+        if rp is not None:  # replayed: the template's calls, or the part that matched
+            rp.cut_to(rec, self._j, share=self._j == len(rp.ops))
+        elif self._dts is not None:
+            tmpl = Replay.of(rec, self._dts)
+            if tmpl is not None:
+                self._tmpl = tmpl
         views = self.fwd.t[: rec.n_rows], self.grads.t[: rec.n_grads]
         self._new()
         self.handles.clear()
@@ -371,73 +437,11 @@ class StepTrace:
         self.handles.clear()
 
     def empty(self) -> bool:
-        return not self.rec.calls and not self.rec.g_roles
+        return not self._j and not self.rec.calls and not self.rec.g_roles
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        self._tmpl = None
         self._new()
-
-
-# Columns of ``ModuleFlags``: NaN / Inf sums among a call's outputs, among its inputs, and
-# NaN among the gradients at its outputs and at its inputs (hooked modules only).
-M_OUT_NAN, M_OUT_INF, M_IN_NAN, M_IN_INF, M_OG_NAN, M_IG_NAN = range(6)
-
-
-class _ModuleGradHook(WeakHook):
-    __slots__ = ("m", "col")
-
-    def __init__(self, flags: ModuleFlags, m: int, col: int) -> None:
-        super().__init__(flags)
-        self.m = m
-        self.col = col
-
-    def __call__(self, g: Tensor) -> None:
-        f = self._ref()
-        if f is not None:
-            v = dense(g.detach())
-            s = torch.sum(v, DIMS[v.ndim], dtype=torch.float32)
-            f.t[self.m, self.col] += torch.isnan(s).to(torch.float32)
-        return None
-
-
-class ModuleFlags:
-    """The non-finite trace of code that ``torch.compile`` traces: no per-tensor host
-    bookkeeping (Python state in a graph would retrace), per-module counts added on the
-    device instead, which the compiler fuses into the model's own kernels. ``order``: the
-    modules children first (the order forward hooks complete in); ``ran``: compiled code
-    added counts since the last ``take``."""
-
-    def __init__(self, n_modules: int, device: torch.device, unsafe: list[bool],
-                 order: tuple[int, ...]) -> None:
-        self.t = torch.zeros(n_modules, 6, dtype=torch.float32, device=device)
-        self.unsafe = unsafe
-        self.order = order
-        self.ran = False
-
-    def call(self, m: int, args: Any, output: Any, kwargs: Any = None) -> None:
-        self.ran = True
-        outs = [t for t in tree_leaves(output) if _float(t)]
-        ins = [t for t in tree_leaves(args) if _float(t)]
-        if kwargs:  # a batch passed by keyword is an input too
-            ins += [t for t in tree_leaves(kwargs) if _float(t)]
-        row = self.t[m]
-        for ts, col in ((outs, M_OUT_NAN), (ins, M_IN_NAN)):
-            if ts:
-                s = torch.stack([torch.sum(v, DIMS[v.ndim], dtype=torch.float32)
-                                 for v in (dense(t.detach()) for t in ts)]).sum()
-                row[col] += torch.isnan(s).to(torch.float32)
-                row[col + 1] += torch.isinf(s).to(torch.float32)
-        if self.unsafe[m] and torch.is_grad_enabled():
-            for ts, col in ((outs, M_OG_NAN), (ins, M_IG_NAN)):
-                for t in ts:
-                    if t.requires_grad:
-                        t.register_hook(_ModuleGradHook(self, m, col))
-
-    def take(self) -> Tensor:
-        """This step's counts (a copy), and zero for the next."""
-        self.ran = False
-        out = self.t.reshape(-1).clone()
-        self.t.zero_()
-        return out

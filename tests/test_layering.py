@@ -30,8 +30,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("stats and device buffers", (
         "stats", "buffers", "hostcopy", "flags", "histograms", "audit")),
     ("hooks and trace (inside forward/backward, and the parameter reads)", (
-        "trace", "batched", "hooks", "params", "lazy", "amp", "origin", "nonfinite",
-        "structure")),
+        "record", "trace", "modflags", "batched", "hooks", "params", "lazy", "amp", "origin",
+        "nonfinite", "structure")),
     ("step path: the end of a step, its flags, the watcher's lifetime", (
         "engine", "monitor", "stepping", "shutdown", "lifetime")),
     ("snapshot: a window on the host", ("snapshot",)),

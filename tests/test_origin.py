@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import gradwatch
 from gradwatch import origin as O
-from gradwatch.trace import IN, OUT, Record
+from gradwatch.record import IN, OUT, Record
 
 NAN, INF = math.nan, math.inf
 
