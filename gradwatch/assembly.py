@@ -74,7 +74,7 @@ class Parts:
         self.guard, self.handles = FaultGuard(), HandleRegistry()
         self.buffers = WindowBuffers(L, device)
         c = self.collector = Collector(self.buffers, infos, cfg.thresholds.saturation_margin,
-                                       self.guard, self.handles.group("tensor"))
+                                       self.guard)
         self.rules = Rules(cfg.thresholds, infos, measure(root, chosen, c.fault), c.fault)
         # the model's dataflow, learned once at the first training forward (the path audit)
         probe = start_probe(root, self.rules.diagnosis.audit, c.fault)
@@ -90,7 +90,6 @@ class Parts:
         c.trace = StepTrace(device, [passes_finite(m) for _, m in mods],
                             [bool(getattr(m, "inplace", False)) for _, m in mods], hooked,
                             self.guard)
-        self.handles.adopt("trace", c.trace.handles)
         c.mflags = ModuleFlags(len(mods), device, hooked, self.map.children_first())
         self.inbox = AlertInbox(cfg.on_alert, max_alerts, is_writer_rank)
         self.sink: Any = None

@@ -37,6 +37,11 @@ from gradwatch.trace import _version
 
 #: Bytes of held tensors past which a batch is reduced early (it bounds the memory kept alive).
 HOLD_BYTES = 64 << 20
+#: Tensors held at most, past which a batch is reduced early: a few ops more per thousand
+#: modules, and no more than this many held objects for the garbage collector to promote
+#: (objects that outlive its young collections bring on its full passes, see
+#: tests/test_gc_pressure.py).
+HOLD_COUNT = 256
 #: Largest tensor held for a batch. Stacking copies it and the batched reductions allocate
 #: temporaries of the whole stack: past a few thousand elements (where a tensor's twenty
 #: reductions stop costing mostly dispatch) one at a time is faster (measured: a batch of
@@ -45,23 +50,30 @@ BATCH_MAX = 1 << 13
 
 
 class _Holding:
-    """Tensors held for a batch, and their bytes (past ``HOLD_BYTES``: reduce early); the
-    buffers the groups of the last batch were stacked into, for the next one."""
+    """Tensors held for a batch (with their slots and versions, in parallel lists: no
+    object made per tensor, which the garbage collector would have to walk), and their
+    bytes (past ``HOLD_BYTES``: reduce early); the buffers the groups of the last batch were
+    stacked into, for the next one."""
 
     def __init__(self) -> None:
-        self._held: list[Any] = []
+        self._slots: list[int] = []
+        self._ts: list[Tensor] = []
+        self._vers: list[int] = []
         self._bytes = 0
         self._bufs: dict[tuple[Any, ...], Tensor] = {}
         self._used: dict[tuple[Any, ...], Tensor] = {}
 
-    def _hold(self, item: Any, nbytes: int) -> None:
-        self._held.append(item)
+    def _hold(self, slot: int, t: Tensor, version: int, nbytes: int) -> None:
+        self._slots.append(slot)
+        self._ts.append(t)
+        self._vers.append(version)
         self._bytes += nbytes
-        if self._bytes > HOLD_BYTES:
+        if self._bytes > HOLD_BYTES or len(self._ts) >= HOLD_COUNT:
             self.flush()
 
-    def _take(self) -> list[Any]:
-        held, self._held, self._bytes = self._held, [], 0
+    def _take(self) -> zip[tuple[int, Tensor, int]]:
+        held = zip(self._slots, self._ts, self._vers)
+        self._slots, self._ts, self._vers, self._bytes = [], [], [], 0
         return held
 
     def _buffer(self, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -126,7 +138,7 @@ class ActBatch(_Holding):
         n = t.numel()
         if n > BATCH_MAX or slot in self.eager or t.dtype not in S.UPCAST:
             return False
-        self._hold((slot, t, _version(t)), n * t.element_size())
+        self._hold(slot, t, _version(t), n * t.element_size())
         return True
 
     def flush(self) -> None:
@@ -197,12 +209,12 @@ class GradBatch(_Holding):
         n = g.numel()
         if n > BATCH_MAX or g.dtype not in S.UPCAST or g.is_sparse:
             return False
-        self._hold((slot, g), n * g.element_size())
+        self._hold(slot, g, 0, n * g.element_size())
         return True
 
     def flush(self) -> None:
         groups: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}
-        for slot, g in self._take():
+        for slot, g, _ in self._take():
             groups.setdefault((tuple(g.shape), g.dtype), []).append((slot, g))
         with torch.no_grad():  # a gradient of create_graph=True is not differentiated here
             for items in groups.values():

@@ -43,11 +43,13 @@ class Removable(Protocol):
 class HandleRegistry:
     """Every removable handle of one watcher, by group; ``remove_all`` at close.
 
-    Groups: ``"module"`` (module forward hooks, removed at close), ``"tensor"`` (output-
-    gradient hooks of the step in progress, dropped at each step end: their tensors die
-    with the step), ``"optimizer"`` (torch's global optimizer step hooks and the root's
-    forward counter), ``"lazy"`` (the materialization hook, removed once the parameters
-    have their shapes) and ``"amp"`` (the GradScaler tap)."""
+    Groups: ``"module"`` (module forward hooks, removed at close), ``"optimizer"`` (torch's
+    global optimizer step hooks and the root's forward counter), ``"lazy"`` (the
+    materialization hook, removed once the parameters have their shapes) and ``"amp"`` (the
+    GradScaler tap). The tensor hooks of a step (output gradients, the trace's gradient
+    checks) keep no handle: they die with their tensors and are inert once the watcher
+    closes (a handle per hook per step, held to the step's end, made the garbage
+    collector's full passes frequent)."""
 
     def __init__(self) -> None:
         self._groups: dict[str, list[Removable]] = {}
@@ -55,26 +57,11 @@ class HandleRegistry:
     def add(self, group: str, handle: Removable) -> None:
         self._groups.setdefault(group, []).append(handle)
 
-    def adopt(self, group: str, handles: list[Any]) -> None:
-        """A part keeps its own live list of handles (``trace.StepTrace.handles``): owned
-        here too, removed with the others."""
-        self._groups[group] = handles
-
-    def group(self, group: str) -> list[Any]:
-        """The live list of one group (the hot path appends to it directly)."""
-        return self._groups.setdefault(group, [])
-
     def remove(self, group: str) -> None:
         handles = self._groups.get(group)
         if handles:
             for h in handles:
                 h.remove()
-            handles.clear()
-
-    def forget(self, group: str) -> None:
-        """Drop a group's handles without removing them (their tensors are gone)."""
-        handles = self._groups.get(group)
-        if handles:
             handles.clear()
 
     def remove_all(self) -> None:

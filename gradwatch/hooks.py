@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
 from gradwatch import stats as S
-from gradwatch.batched import ActBatch, GradBatch
+from gradwatch.batched import BATCH_MAX, HOLD_BYTES, ActBatch, GradBatch
 from gradwatch.buffers import WindowBuffers
 from gradwatch.faults import FaultGuard
 from gradwatch.handles import Inert, WeakHook
@@ -92,7 +92,7 @@ class ForwardDoneHook(_Hook):
     def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         c = self._ref()
         if c is not None:
-            c._traced.clear()
+            c.forward_done()
             if c.full and not torch.compiler.is_compiling():
                 c.flush_outputs()
         return None
@@ -122,7 +122,7 @@ class Collector:
     compiled code adds per-module flags to ``mflags`` instead (``ModuleFlags``)."""
 
     def __init__(self, buffers: WindowBuffers, layers: list[LayerInfo], margin: float,
-                 guard: FaultGuard, tensor_handles: list[Any], trace: Any = None,
+                 guard: FaultGuard, trace: Any = None,
                  mflags: Any = None) -> None:
         self.buffers = buffers
         self.layers = layers
@@ -143,8 +143,10 @@ class Collector:
         # (id, version) -> tensor weakref: a tensor gets its gradient hook once per step
         self._hooked: dict[tuple[int, int], weakref.ref[Tensor]] = {}
         self._traced: list[Tensor] = []  # the same, for compiled code (see _first_hook)
-        # this step's output-gradient hook handles (the watcher's HandleRegistry group)
-        self._handles = tensor_handles
+        # the same for small outputs: id -> version, the tensors kept and their bytes
+        self._small: dict[int, int] = {}
+        self._keep: list[Tensor] = []
+        self._kept = 0
         self.hist: Any = None  # DeviceHistograms when histograms=True
         self.on_eval_done: Any = None  # called when a forward without gradients ends
         # sampled steps, eager code: small outputs and gradients reduced together
@@ -187,11 +189,10 @@ class Collector:
                         hook = self._out_hooks[slot]
                         if hook is None:
                             hook = self._out_hooks[slot] = OutGradHook(self, slot)
-                        h = t.register_hook(hook)
-                        # a handle made in traced code cannot leave the graph; that hook
-                        # dies with its tensor and is inert once the watcher closes
-                        if not compiling:
-                            self._handles.append(h)
+                        # no handle kept: the hook dies with its tensor (at the step's
+                        # end) and is inert once the watcher closes; keeping a thousand
+                        # handles per step made the collector's full passes frequent
+                        t.register_hook(hook)
             except Exception as e:
                 self.guard.fail("out_grad", "output-gradient hook", self.layers[slot].name, e)
 
@@ -252,12 +253,31 @@ class Collector:
                     return False
             self._traced.append(t)
             return True
+        if t.numel() <= BATCH_MAX and self._kept < HOLD_BYTES:
+            # a small output, held until the forward pass ends (as the batch of outputs
+            # holds it): its id stays its own, no weak reference needed (nothing made per
+            # tensor that the garbage collector would walk)
+            i, v = id(t), t._version
+            if self._small.get(i) == v:
+                return False
+            self._small[i] = v
+            self._keep.append(t)
+            self._kept += t.numel() * t.element_size()
+            return True
         key = (id(t), t._version)
         ref = self._hooked.get(key)
         if ref is not None and ref() is t:
             return False
         self._hooked[key] = weakref.ref(t)
         return True
+
+    def forward_done(self) -> None:
+        """The watched root's forward pass ended: the small outputs kept for
+        ``_first_hook`` are let go."""
+        self._traced.clear()
+        self._small.clear()
+        self._keep.clear()
+        self._kept = 0
 
     # -- backward ---------------------------------------------------------------------------
     def on_out_grad(self, slot: int, grad: Tensor) -> None:
@@ -296,8 +316,7 @@ class Collector:
     def end_step(self) -> None:
         self.phase += 1  # the next sampled step reads other elements of large outputs
         self._hooked.clear()
-        self._traced.clear()
-        self._handles.clear()
+        self.forward_done()
 
     def close(self) -> None:
         """The watcher closes: every hook turns inert (their handles are removed by the

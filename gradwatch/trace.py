@@ -122,7 +122,6 @@ class StepTrace:
         self.off = guard.off
         self.fwd = Rows(device, 1024)
         self.grads = Rows(device, 256)
-        self.handles: list[Any] = []
         self._tmpl: Replay | None = None  # the template of the next steps
         self._new()
 
@@ -393,7 +392,7 @@ class StepTrace:
         j = len(rec.g_roles)
         rec.g_roles.append([(m, role)])
         self._g_ids[id(t)] = (weakref.ref(t), j)
-        self.handles.append(t.register_hook(_GradHook(self, rec, j)))
+        t.register_hook(_GradHook(self, rec, j))  # dies with t; inert once closed
 
     # -- backward -----------------------------------------------------------------------------
     def grad(self, j: int, g: Tensor) -> None:
@@ -418,7 +417,6 @@ class StepTrace:
                 self._tmpl = tmpl
         views = self.fwd.t[: rec.n_rows], self.grads.t[: rec.n_grads]
         self._new()
-        self.handles.clear()
         return rec, views[0], views[1]
 
     def clear(self, rec: Record) -> None:
@@ -434,14 +432,12 @@ class StepTrace:
         if self.rec.n_grads:
             self.grads.t[: self.rec.n_grads].zero_()
         self._new()
-        self.handles.clear()
 
     def empty(self) -> bool:
         return not self._j and not self.rec.calls and not self.rec.g_roles
 
     def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
+        """The watcher closes: the record and the template are dropped. The gradient hooks
+        placed in this step keep no handle: they die with their tensors, inert already."""
         self._tmpl = None
         self._new()
