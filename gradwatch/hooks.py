@@ -24,13 +24,16 @@ from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
 from gradwatch import stats as S
-from gradwatch.batched import BATCH_MAX, HOLD_BYTES, ActBatch, GradBatch
+from gradwatch.batched import BATCH_MAX, ActBatch, GradBatch
 from gradwatch.buffers import WindowBuffers
 from gradwatch.faults import FaultGuard
 from gradwatch.handles import Inert, WeakHook
 from gradwatch.selection import LayerInfo
 
 _compiling = torch.compiler.is_compiling
+#: Bytes of small outputs a sampled forward pass keeps for ``Collector._first_hook`` (past
+#: it, weak references): most are kept by autograd for the backward anyway.
+KEEP_BYTES = 16 << 20
 # models pickled (torch.save) while watched by an earlier version name the inert hook here
 _Inert = Inert
 
@@ -253,7 +256,7 @@ class Collector:
                     return False
             self._traced.append(t)
             return True
-        if t.numel() <= BATCH_MAX and self._kept < HOLD_BYTES:
+        if t.numel() <= BATCH_MAX and self._kept < KEEP_BYTES:
             # a small output, held until the forward pass ends (as the batch of outputs
             # holds it): its id stays its own, no weak reference needed (nothing made per
             # tensor that the garbage collector would walk)
