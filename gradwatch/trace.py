@@ -114,12 +114,8 @@ class StepTrace:
 
     def __init__(self, device: torch.device, passes: list[bool], inplace: list[bool],
                  unsafe: list[bool], guard: FaultGuard) -> None:
-        self.device = device
-        self.passes = passes
-        self.inplace = inplace
-        self.unsafe = unsafe
-        self.guard = guard
-        self.off = guard.off
+        self.device, self.passes, self.inplace, self.unsafe = device, passes, inplace, unsafe
+        self.guard, self.off = guard, guard.off
         self.fwd = Rows(device, 1024)
         self.grads = Rows(device, 256)
         self._tmpl: Replay | None = None  # the template of the next steps
@@ -129,20 +125,19 @@ class StepTrace:
         self.rec = Record()
         # id -> (weakref, version when checked, entry): a tensor checked in this record
         self._ids: dict[int, tuple[weakref.ref[Tensor], int, int]] = {}
-        # the value stored last in ``_ids`` (the output of the call before, in a chain of
-        # modules: found without a lookup)
+        # the value stored last in ``_ids`` (in a chain of modules: found without a lookup)
         self._last: tuple[weakref.ref[Tensor], int, int] | None = None
         self._g_ids: dict[int, tuple[weakref.ref[Tensor], int]] = {}
-        # replay: the template (None once a call did not match), the calls that matched,
-        # the tensors held for later calls, the inputs checked, the last output
+        # replay: template (None once a call departs), calls matched, holds, inputs checked
         self._rp: Replay | None = self._tmpl
         self._j = 0
         self._live: list[Any] = [] if self._rp is None else [None] * len(self._rp.hold)
         self._fresh: list[tuple[weakref.ref[Tensor], int, int]] = []
+        # the last output: (tensor, version) while held for a later call, else weakly
         self._prev: tuple[Tensor, int] | None = None
+        self._prev_w: tuple[weakref.ref[Tensor], int] | None = None
         self._prev_o = -1
-        # per call made the general way: its input's and output's dtype (None once a call
-        # needed ``_call``: the record is then no template)
+        # per call made the general way: its input's, output's dtype (None after a ``_call``)
         self._dts: list[tuple[Any, Any]] | None = []
 
     # -- forward ------------------------------------------------------------------------------
@@ -191,8 +186,7 @@ class StepTrace:
                 try:
                     if xrow >= 0 or e < 0:  # checked here, or no floating input
                         ok = type(x) is Tensor and x.dtype is xdt and (
-                            e < 0 or not (x.is_sparse or x.is_nested or (
-                                self._prev is not None and self._prev[0] is x)))
+                            e < 0 or not (x.is_sparse or x.is_nested or self._after(x)))
                         if ok and xrow >= 0:
                             hx = (x, x._version)
                     else:  # the very tensor of entry e, unchanged (or by this module once)
@@ -228,8 +222,13 @@ class StepTrace:
                         live[o] = hy
                     for d in ends:
                         live[d] = None
-                    # the output of the call before, held or not (for a step that departs)
-                    self._prev = hy
+                    # the output of this call, for a step that departs after it
+                    if hy is None:
+                        self._prev = self._prev_w = None
+                    elif live[o] is hy:
+                        self._prev, self._prev_w = hy, None
+                    else:
+                        self._prev, self._prev_w = None, (weakref.ref(y), hy[1])
                     self._prev_o = o
                     self._j = j + 1
                     if self.unsafe[m] and torch.is_grad_enabled():
@@ -333,7 +332,15 @@ class StepTrace:
             held.append((self._prev, self._prev_o))
         for (t, ver), e in held:
             ids[id(t)] = self._last = (weakref.ref(t), ver, e)
-        self._live, self._fresh, self._prev = [], [], None
+        pw = self._prev_w
+        if pw is not None and pw[0]() is not None:
+            ids[id(pw[0]())] = self._last = (pw[0], pw[1], self._prev_o)
+        self._live, self._fresh, self._prev, self._prev_w = [], [], None, None
+
+    def _after(self, x: Tensor) -> bool:
+        """``x`` is the output of the call replayed last (then the step departs)."""
+        p, pw = self._prev, self._prev_w
+        return (p is not None and p[0] is x) or (pw is not None and pw[0]() is x)
 
     def _call(self, m: int, args: Any, kwargs: Any, output: Any) -> None:
         """``call`` for any other signature: every floating tensor among the arguments

@@ -152,11 +152,14 @@ def test_an_in_place_write_between_modules_departs_from_the_template() -> None:
 
 
 def test_a_replayed_step_keeps_no_tensor_alive_that_the_model_does_not() -> None:
-    """Pre-activations that autograd does not save (Linear -> Tanh keeps Tanh's output)
-    are freed during the forward pass, as without gradwatch."""
+    """Pre-activations that autograd does not save (Linear -> Tanh keeps Tanh's output),
+    and the model's output once the loss is made from it, are freed during the forward pass,
+    as without gradwatch."""
     def alive_after_forward(watch: bool) -> list[int]:
         torch.manual_seed(0)
-        model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(8, 8), nn.Tanh())])
+        # ending in a Linear: the model's output, which nothing saves for the backward
+        model = nn.Sequential(*[m for _ in range(4) for m in (nn.Linear(8, 8), nn.Tanh())],
+                              nn.Linear(8, 8))
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         refs: list[weakref.ref[torch.Tensor]] = []
         for lin in model[::2]:
