@@ -244,8 +244,10 @@ class Collector:
     def _first_hook(self, t: Tensor, compiling: bool) -> bool:
         """True the first time this tensor (at this version) reaches a hook in this step.
 
-        Eager: keyed by (id, version) with a weak reference, so no activation is kept
-        alive. Under torch.compile the version is a data-dependent value and weak
+        Eager: a small output (up to ``BATCH_MAX`` elements, ``KEEP_BYTES`` in all) is kept
+        until the forward pass ends, as the batch of outputs keeps it, and keyed by id
+        (it cannot be reused while kept) with its version; a larger one by (id, version)
+        with a weak reference, so it is not kept alive. Under torch.compile the version is a data-dependent value and weak
         references cannot be traced (a graph break each), so the traced code compares
         identities against the tensors hooked so far in this forward call (the list is
         cleared by ``ForwardDoneHook`` at the end of the call, so guards on it are stable).
@@ -322,8 +324,9 @@ class Collector:
         self.forward_done()
 
     def close(self) -> None:
-        """The watcher closes: every hook turns inert (their handles are removed by the
-        watcher's ``HandleRegistry``), the trace forgets its record."""
+        """The watcher closes: every hook turns inert (module hooks are removed by the
+        watcher's ``HandleRegistry``; tensor hooks keep no handle and die with their
+        tensors), the trace forgets its record and its template."""
         self.off.update(("act", "out_grad", "trace"))
         if self.trace is not None:
             self.trace.remove()
