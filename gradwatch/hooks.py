@@ -247,10 +247,11 @@ class Collector:
         Eager: a small output (up to ``BATCH_MAX`` elements, ``KEEP_BYTES`` in all) is kept
         until the forward pass ends, as the batch of outputs keeps it, and keyed by id
         (it cannot be reused while kept) with its version; a larger one by (id, version)
-        with a weak reference, so it is not kept alive. Under torch.compile the version is a data-dependent value and weak
-        references cannot be traced (a graph break each), so the traced code compares
-        identities against the tensors hooked so far in this forward call (the list is
-        cleared by ``ForwardDoneHook`` at the end of the call, so guards on it are stable).
+        with a weak reference, so it is not kept alive. Under torch.compile the version is
+        a data-dependent value and weak references cannot be traced (a graph break each),
+        so the traced code compares identities against the tensors hooked so far in this
+        forward call (the list is cleared by ``ForwardDoneHook`` at the end of the call, so
+        guards on it are stable).
         """
         if compiling:
             for o in self._traced:
