@@ -106,14 +106,28 @@ def device_tensor(values: Sequence[float], dtype: torch.dtype,
 
 @dataclass
 class ParamStepStats:
-    """Per-layer parameter statistics of one optimizer step, as device vectors ``[layers]``."""
+    """Per-layer parameter statistics of one optimizer step, as device vectors ``[layers]``.
+
+    The per-layer non-finite counts (``grad_nonfinite``) are given, or made when first read
+    from ``norms`` (a NaN norm counts one in its layer, ``layer_of``): a light step that
+    the host found finite (``finite``, CPU) never makes them."""
 
     grad_norm: Tensor
     grad_rms: Tensor
     grad_max: Tensor | None  # None on light steps (measured on sampled steps only)
     grad_present: Tensor  # 1.0 where the layer had at least one gradient this step
-    grad_nonfinite: Tensor
+    nonfinite: Tensor | None  # None: made from ``norms`` when first read
     norms: Tensor | None = None  # per parameter with a gradient (``ParamTracker.present``)
+    layer_of: Tensor | None = None  # the layer of each of ``norms``
+    finite: bool = False  # every norm was read finite on the host
+
+    @property
+    def grad_nonfinite(self) -> Tensor:
+        if self.nonfinite is None:
+            assert self.norms is not None and self.layer_of is not None
+            self.nonfinite = torch.zeros_like(self.grad_norm).index_add_(
+                0, self.layer_of, torch.isnan(self.norms).to(torch.float32))
+        return self.nonfinite
 
 
 class WindowBuffers:
@@ -138,6 +152,10 @@ class WindowBuffers:
         self._g_slots: list[int] = []
         self._idx: dict[tuple[int, ...], Tensor] = {}
         self._zero = torch.zeros(n_layers, dtype=torch.float32, device=device)
+        # the window columns of a light step's commit (``commit_step``)
+        self._light_cols = device_tensor(
+            [W[n] for n in ("grad_norm", "grad_rms", "grad_cnt", "grad_nonfinite", "nonfinite")],
+            torch.long, device)
         self._zero_flags = torch.zeros(n_layers, FLAG_COLS, dtype=torch.float32,
                                        device=device)
         self._act_cols = torch.tensor([W[c] for c in _ACT_COLS], dtype=torch.long,
@@ -242,8 +260,17 @@ class WindowBuffers:
         parameter-gradient norms. The per-step values of each part are stacked and added
         into the window with one ``index_add_`` over its columns.
         """
-        self.fold()
         st, win = self.stage, self.window
+        if self._light(params, sampled) and weights is None and updates is None:
+            # the hooks staged nothing: only the parameter-gradient part goes in (without
+            # its non-finite counts when they are known to be 0)
+            assert params is not None
+            vals = [params.grad_norm, params.grad_rms, params.grad_present]
+            if not params.finite:
+                vals += [params.grad_nonfinite] * 2
+            win.index_add_(1, self._light_cols[: len(vals)], torch.stack(vals, 1))
+            return
+        self.fold()
         if sampled:
             self._commit_activations()
         nf = st[:, ST_NF] + st[:, ST_GNF]
@@ -265,6 +292,12 @@ class WindowBuffers:
         key = (params is not None, weights is not None, updates is not None)
         win.index_add_(1, self._cols(key), torch.stack(vals, 1))
         st.zero_()
+
+    def _light(self, params: ParamStepStats | None, sampled: bool) -> bool:
+        """A light step with gradients: its hooks staged nothing (they collect on sampled
+        steps only, and each step's commit or discard clears the stage), so its flags and
+        its window part come from the parameter gradients alone."""
+        return not sampled and params is not None and not (self._row_slots or self._g_slots)
 
     def _cols(self, key: tuple[bool, bool, bool]) -> Tensor:
         """Window columns of ``commit_step``'s stacked values, for which parts are present."""
@@ -307,6 +340,9 @@ class WindowBuffers:
         gradients, the parameter-gradient RMS (0 without one) and the update ratio (0 where
         not measured), for the rules that fire within a step. Call before ``commit_step``;
         the step monitor copies it to the host without waiting (``flags.FlagsToHost``)."""
+        if self._light(params, sampled):
+            return torch.stack([self._zero, params.grad_nonfinite,  # type: ignore[union-attr]
+                                params.grad_rms, self._zero], dim=1)  # type: ignore[union-attr]
         self.fold()
         st = self.stage
         if sampled:

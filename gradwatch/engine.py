@@ -136,8 +136,9 @@ class StepEngine:
             sampled = self.collector.full
             if sampled:
                 self.collector.flush_batches()
-            self.monitor.send(self.buffers.step_flags(grads, sampled, updates), grads, sampled,
-                              self.step + 1)
+            if sampled or not self.monitor.clean(grads, self.step + 1):
+                self.monitor.send(self.buffers.step_flags(grads, sampled, updates), grads,
+                                  sampled, self.step + 1)
             self.buffers.commit_step(grads, weights, updates, sampled)
         except Exception as e:
             self.guard.fail("commit", "step commit", "*", e)

@@ -14,6 +14,7 @@ read op here: the host sees the flags through numpy views.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -32,6 +33,33 @@ if TYPE_CHECKING:
     from gradwatch.hooks import Collector
     from gradwatch.publish import Publisher
     from gradwatch.rules import Rules
+
+
+def _host_sum(v: np.ndarray) -> float:
+    """The sum of a float32/64 array in host memory. A few values are summed as Python
+    floats off a memoryview: less code to run than a numpy reduction, which matters in a
+    step that has just evicted the caches."""
+    return sum(v.data) if v.size <= 256 else float(v.sum())
+
+
+class HostVector:
+    """CPU: a 1-D float32 tensor read on the host through a buffer made once (one copy, no
+    read op; its numpy view is made when the buffer grows)."""
+
+    def __init__(self) -> None:
+        self._t = torch.zeros(0, dtype=torch.float32)
+        self._views: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+
+    def read(self, t: torch.Tensor) -> np.ndarray:
+        n = t.numel()
+        got = self._views.get(n)
+        if got is None:
+            if n > self._t.numel():
+                self._t = torch.zeros(max(n, 2 * self._t.numel()), dtype=torch.float32)
+                self._views.clear()
+            got = self._views[n] = (self._t[:n], self._t.numpy()[:n])
+        got[0].copy_(t)
+        return got[1]
 
 
 class StepMonitor:
@@ -55,26 +83,33 @@ class StepMonitor:
         self.to_host = FlagsToHost(n_layers, device, cols=FLAG_COLS)
         self.trace_step = -1  # the step whose non-finite trace was taken already
         self.trace_cut = False  # the last trace taken left calls out (trace.MAX_ENTRIES)
+        self._clean: Any = None  # CPU: a light step's gradients with nothing to report
+        self._host_norms = HostVector()
+        self._least: tuple[Any, float] = (None, 0.0)  # (tracked parameters, sqrt min numel)
 
     def _failed(self, e: Exception) -> None:
         self.rules.per_step_nonfinite = False  # the window names it from now on
         self.guard.fail("flags", "non-finite flags", "*", e)
 
     def send(self, flags: torch.Tensor, grads: Any, sampled: bool, step: int,
-             before_update: bool = False) -> None:
+             before_update: bool = False, taken: Any = None) -> None:
         """The step's flags, with its non-finite trace unless taken already, to the host:
         on CUDA device ops and a non-blocking copy (``flags.FlagsToHost``), read a step or
         so later; on CPU, where device memory is host memory, read at once through numpy
-        (no torch read op either way)."""
+        (no torch read op either way). ``taken``: the trace's ``take()``, made already."""
         c = self.collector
         tr = c.trace
         rec = None
         rows: list[torch.Tensor] = []
         mf = c.mflags
         order = None
-        if tr is not None and "trace" not in self.guard.off and self.trace_step != step:
+        if taken is not None or (tr is not None and "trace" not in self.guard.off
+                                 and self.trace_step != step):
             self.trace_step = step
-            rec, fv, gv = tr.take()
+            if taken is None:
+                rec = tr.take_record()  # type: ignore[union-attr]
+                taken = (rec, *tr.views(rec))  # type: ignore[union-attr]
+            rec, fv, gv = taken
             self.trace_cut = rec.cut
             rows = [fv, gv]
             if mf is not None and mf.ran:  # compiled code ran: its per-module counts
@@ -97,7 +132,8 @@ class StepMonitor:
             item = self.to_host.read_now(flags, parts, step, meta)
             if rec is not None:
                 tr.clear(rec)  # type: ignore[union-attr]
-            self._examine(item)
+            if meta is not None or not self._quiet(item.layers):
+                self._examine(item)
             return
         payload = torch.cat(parts) if parts else flags.new_zeros(0)
         if rec is not None:
@@ -114,14 +150,72 @@ class StepMonitor:
         tr, mf = self.collector.trace, self.collector.mflags
         if "commit" in self.guard.off or tr is None:
             return
-        if tr.empty() and not (mf is not None and mf.ran):
+        compiled = mf is not None and mf.ran
+        if tr.empty() and not compiled:
             return  # no forward since the last take (an optimizer stepping after the driver)
         try:
-            self.send(no_flags, grads, sampled, step, before_update=before_update)
+            taken = None
+            if (self.device.type == "cpu" and not compiled and "trace" not in self.guard.off
+                    and self.trace_step != step):
+                rec = tr.take_record()
+                if self._finite(tr.host_rows(rec), grads):
+                    # nothing non-finite in the forward, the backward or the gradients:
+                    # nothing for the origin to read (the common step, checked on the host
+                    # at once, no copy)
+                    self.trace_step, self.trace_cut = step, rec.cut
+                    tr.clear(rec)
+                    return
+                taken = (rec, *tr.views(rec))
+            self.send(no_flags, grads, sampled, step, before_update=before_update,
+                      taken=taken)
         except Exception as e:
             self.guard.fail("commit", "step commit", "*", e)
             return
         self.poll()
+
+    def _finite(self, rows: Any, grads: Any) -> bool:
+        """CPU: every trace row (``rows``: ``StepTrace.host_rows``) and every parameter-gradient
+        norm is finite (their sum is; an overflowing sum takes the full read, which tells).
+        Shadow parameters (trainable, not watched) have no norm here: with any of them the
+        full read runs."""
+        norms = None if grads is None else grads.norms
+        if rows is None or self.tracker.shadow:
+            return False
+        total = sum(_host_sum(v) for v in rows)
+        g = 0.0 if norms is None else _host_sum(self._host_norms.read(norms))
+        if not math.isfinite(total + g):
+            return False
+        if norms is not None:
+            grads.finite = True  # its non-finite counts are 0: they need not be made
+        # the norms are >= 0: their sum bounds each layer's sqrt(sum of squares), so a sum
+        # at most extreme_rms * sqrt(numel of the smallest parameter) puts every layer's
+        # gradient RMS under extreme_rms: the step's flags will hold nothing to report
+        if grads is not None and g <= self.extreme_rms * self._least_sqrt_numel():
+            self._clean = grads
+        return True
+
+    def _least_sqrt_numel(self) -> float:
+        """sqrt of the element count of the smallest tracked parameter."""
+        tracked = self.tracker.tracker.trainable
+        if self._least[0] is not tracked:
+            self._least = (tracked, math.sqrt(min((p.numel() for p, _ in tracked), default=0)))
+        return self._least[1]
+
+    def clean(self, grads: Any, step: int) -> bool:
+        """CPU: a light step's flags (built from ``grads`` alone) need not be built nor
+        read: its pre-step found its trace and ``grads`` finite and every gradient RMS
+        under ``extreme_rms`` (``_finite``)."""
+        ok = grads is not None and grads is self._clean and self.trace_step == step
+        self._clean = None
+        return ok
+
+    def _quiet(self, layers: np.ndarray) -> bool:
+        """A step's flags on the host, without a trace: nothing for ``_examine`` to report
+        (no non-finite count, no update ratio, no gradient RMS above ``extreme_rms``)."""
+        # counts and update ratios are >= 0, RMS too: one max per column says it all (a
+        # NaN fails both tests)
+        m = layers.max(0).tolist()
+        return m[0] == 0 and m[1] == 0 and m[2] <= self.extreme_rms and sum(m[3:]) == 0
 
     def eval_done(self, no_flags: torch.Tensor, step: int) -> bool:
         """A forward without gradients ended (evaluation): its trace becomes a record of its

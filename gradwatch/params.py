@@ -122,22 +122,23 @@ class ParamTracker:
         packed = plan.pack(grads, slot="grad") if plan.groups else grads  # type: ignore
         norms = plan.norms(packed)  # type: ignore[arg-type]
         sq = self._zeros.index_add(0, idx, norms * norms)
+        nonfinite: Tensor | None = None
         if sampled:
             maxes = plan.absmax(packed)  # type: ignore[arg-type]
             gmax: Tensor | None = self._zeros.scatter_reduce(0, idx, maxes, "amax")
             # inf - inf and NaN - NaN are NaN: 1 where the max-abs is not finite, else 0
-            bad = torch.nan_to_num_(maxes - maxes, nan=1.0)
+            nonfinite = self._zeros.index_add(0, idx, torch.nan_to_num_(maxes - maxes, nan=1.0))
         else:
-            gmax = None
-            bad = torch.isnan(norms).to(torch.float32)
-        nonfinite = self._zeros.index_add(0, idx, bad)
+            gmax = None  # the non-finite counts: made from the norms when read
         if self._shards is not None:
+            if nonfinite is None:
+                nonfinite = self._zeros.index_add(0, idx, torch.isnan(norms).to(torch.float32))
             both = self._shards.sum_(torch.stack([sq, nonfinite]))
             sq, nonfinite = both[0], both[1]
             if gmax is not None:
                 gmax = self._shards.max_(gmax)
         gnorm = torch.sqrt(sq)
-        return ParamStepStats(gnorm, gnorm / sqrt_numel, gmax, has, nonfinite, norms)
+        return ParamStepStats(gnorm, gnorm / sqrt_numel, gmax, has, nonfinite, norms, idx)
 
     # -- weights: norms after the update, and the update ratio's samples ---------------------
     def _weights(self) -> _Weights:

@@ -1,5 +1,6 @@
 """The host half of a step's non-finite trace (``trace.py``): the ``Record`` of its calls and
-entries, and the ``Replay`` that takes a record as the template of the steps after it.
+entries, the ``Rows`` its values are written into on the device, and the ``Replay`` that
+takes a record as the template of the steps after it.
 
 Most steps call the same modules in the same order on tensors linked the same way. A record
 made of plain calls (one tensor in, one out, no keyword arguments) becomes the *template* of
@@ -17,7 +18,34 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+from torch import Tensor
+
 IN, OUT = 0, 1  # entry kinds: a tensor first seen as an input of a call, or an output
+
+
+class Rows:
+    """A growable 1-D fp32 device log whose rows are 0-d views made once (no indexing op
+    per write)."""
+
+    def __init__(self, device: torch.device, cap: int = 256) -> None:
+        self.device = device
+        self.t = torch.zeros(cap, dtype=torch.float32, device=device)
+        self.rows = list(self.t.unbind())
+        self.host = self.t.numpy() if device.type == "cpu" else None  # CPU: read as is
+
+    def row(self, k: int) -> Tensor:
+        if k >= len(self.rows):
+            self._grow(k + 1)
+        return self.rows[k]
+
+    def _grow(self, need: int) -> None:
+        cap = max(need, 2 * len(self.rows))
+        t = torch.zeros(cap, dtype=torch.float32, device=self.device)
+        t[: self.t.numel()].copy_(self.t)
+        self.t, self.rows = t, list(t.unbind())
+        if self.host is not None:
+            self.host = t.numpy()
 
 
 @dataclass

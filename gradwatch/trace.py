@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_leaves
 
 from gradwatch.faults import FaultGuard
 from gradwatch.handles import WeakHook
-from gradwatch.record import IN, OUT, R_CHECK, R_NONE, R_SAME, Record, Replay
+from gradwatch.record import IN, OUT, R_CHECK, R_NONE, R_SAME, Record, Replay, Rows
 from gradwatch.stats import dense
 
 OFF = "trace"  # the fault guard's name for this part
@@ -48,27 +48,6 @@ MAX_ENTRIES = 1 << 15
 #: call, on the hot path)
 FLOATS = frozenset(d for d in vars(torch).values()
                    if isinstance(d, torch.dtype) and d.is_floating_point)
-
-
-class Rows:
-    """A growable 1-D fp32 device log whose rows are 0-d views made once (no indexing op
-    per write)."""
-
-    def __init__(self, device: torch.device, cap: int = 256) -> None:
-        self.device = device
-        self.t = torch.zeros(cap, dtype=torch.float32, device=device)
-        self.rows = list(self.t.unbind())
-
-    def row(self, k: int) -> Tensor:
-        if k >= len(self.rows):
-            self._grow(k + 1)
-        return self.rows[k]
-
-    def _grow(self, need: int) -> None:
-        cap = max(need, 2 * len(self.rows))
-        t = torch.zeros(cap, dtype=torch.float32, device=self.device)
-        t[: self.t.numel()].copy_(self.t)
-        self.t, self.rows = t, list(t.unbind())
 
 
 class _GradHook(WeakHook):
@@ -411,9 +390,18 @@ class StepTrace:
             self.guard.fail(OFF, "non-finite trace (gradients)", "*", e)
 
     # -- step boundary -------------------------------------------------------------------------
-    def take(self) -> tuple[Record, Tensor, Tensor]:
-        """This record and views of its device rows (forward rows, gradient rows); starts a
-        new record. The caller reads (or copies) the views, then ``clear(rec)``."""
+    def views(self, rec: Record) -> tuple[Tensor, Tensor]:
+        """Views of the device rows of ``rec`` (forward rows, gradient rows)."""
+        return self.fwd.t[: rec.n_rows], self.grads.t[: rec.n_grads]
+
+    def host_rows(self, rec: Record) -> tuple[Any, Any] | None:
+        """CPU: the rows of ``rec`` as numpy views made once (no op); None elsewhere."""
+        f, g = self.fwd.host, self.grads.host
+        return None if f is None or g is None else (f[: rec.n_rows], g[: rec.n_grads])
+
+    def take_record(self) -> Record:
+        """This record, ended; starts a new record. The caller reads (or copies) its rows
+        (``views``, ``host_rows``), then ``clear(rec)``."""
         rp = self._rp
         rec = self.rec
         if rp is not None:  # replayed: the template's calls, or the part that matched
@@ -422,9 +410,8 @@ class StepTrace:
             tmpl = Replay.of(rec, self._dts)
             if tmpl is not None:
                 self._tmpl = tmpl
-        views = self.fwd.t[: rec.n_rows], self.grads.t[: rec.n_grads]
         self._new()
-        return rec, views[0], views[1]
+        return rec
 
     def clear(self, rec: Record) -> None:
         """Zero the gradient rows of ``rec`` (read or copied already; on CUDA the zeroing

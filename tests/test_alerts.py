@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import warnings
 from typing import Any
@@ -267,6 +268,69 @@ def test_inf_in_a_parameter_gradient_is_nonfinite_at_that_layer() -> None:
     with gradwatch.watch(m, optimizer=opt, tensorboard=False, every=100, on_alert=got.append):
         step()
         assert [(a.kind, a.layer, a.step) for a in got] == [("nonfinite", "2", 1)]
+
+
+# -- the same on light steps (on CPU their flags are read on the host only when the step's
+# pre-step check does not clear them) ----------------------------------------------------------
+def scaled_light_step(scale: float, hook: Any = None
+                      ) -> tuple[list[gradwatch.Alert], Any, nn.Module]:
+    """112 quiet steps (past the dense start), then one light step whose loss is scaled by
+    ``scale`` (and with ``hook`` on the bias of '2'): its alerts, the window stats flushed
+    right after it (steps 101-113), and the model (its gradients those of that step)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)  # the gradients stay where they are
+    got: list[gradwatch.Alert] = []
+    w = gradwatch.watch(m, tensorboard=False, every=100, on_alert=got.append)
+    x = torch.randn(4, 8)
+
+    def step(k: float) -> None:
+        opt.zero_grad(set_to_none=True)
+        (m(x).sum() * k).backward()
+        opt.step()
+
+    for _ in range(112):
+        step(1.0)
+    assert not got and not w._collector.full  # the next step is a light one
+    if hook is not None:
+        m[2].bias.register_hook(hook)
+    step(scale)
+    alerts = list(got)
+    snap = w.flush()
+    w.close()
+    return alerts, snap.stats, m
+
+
+def layer_rms(m: nn.Module) -> list[float]:
+    return [math.sqrt(sum(p.grad.pow(2).sum().item() for p in m[i].parameters())
+                      / sum(p.numel() for p in m[i].parameters())) for i in (0, 2)]
+
+
+def test_extreme_gradient_on_a_light_step_is_reported_within_it() -> None:
+    # the gradient of '2''s bias is 4 * scale per element: its RMS 4e3 is over extreme_rms
+    got, _, m = scaled_light_step(1e3)
+    over = {n for n, r in zip("02", layer_rms(m)) if r > 1e3}
+    assert "2" in over
+    assert {(a.kind, a.layer, a.step) for a in got} == {("exploding", n, 113) for n in over}
+    assert sorted(a.value for a in got) == pytest.approx(
+        sorted(r for r in layer_rms(m) if r > 1e3), rel=1e-5)
+
+
+def test_large_gradients_under_extreme_rms_on_a_light_step_stay_quiet() -> None:
+    # per layer under extreme_rms ('2''s bias: RMS 800), while the sum of the norms is over
+    # extreme_rms * sqrt(2) (the bound that lets a step skip reading its flags): they are
+    # read, and nothing is reported
+    got, _, m = scaled_light_step(200.0)
+    assert max(layer_rms(m)) < 1e3
+    assert sum(p.grad.norm().item() for p in m.parameters()) > 1e3 * 2 ** 0.5
+    assert got == []
+
+
+def test_nan_parameter_gradient_on_a_light_step_is_named_and_counted() -> None:
+    got, st, _ = scaled_light_step(1.0, hook=lambda g: torch.full_like(g, float("nan")))
+    assert [(a.kind, a.layer, a.step) for a in got] == [("nonfinite", "2", 113)]
+    # one non-finite gradient tensor in the window (steps 101-113), in '2' only
+    assert st["2"]["nonfinite"] == 1 and st["0"]["nonfinite"] == 0
 
 
 def test_warnings_point_at_the_training_loop_and_keep_no_registry():

@@ -97,14 +97,14 @@ def test_a_light_step_records_each_call_and_shares_entries_along_a_chain() -> No
     taken: list[Record] = []
     w = gradwatch.watch(m, optimizer=opt, tensorboard=False, every=100, sample_every=50)
     trace = w._collector.trace
-    take = trace.take
+    take = trace.take_record
 
-    def spy() -> tuple[Record, torch.Tensor, torch.Tensor]:
-        out = take()
-        taken.append(out[0])
-        return out
+    def spy() -> Record:
+        rec = take()
+        taken.append(rec)
+        return rec
 
-    trace.take = spy  # type: ignore[method-assign]
+    trace.take_record = spy  # type: ignore[method-assign]
     x = torch.randn(3, 4)
     light = []
     for _ in range(2):

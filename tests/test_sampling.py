@@ -215,15 +215,14 @@ def light_checks(w: Any, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     entries of each record taken that hold a row of their own."""
     seen: list[str] = []
     trace = w._collector.trace
-    take = trace.take
+    take = trace.take_record
 
     def spy() -> Any:
-        out = take()
-        rec = out[0]
+        rec = take()
         seen.extend(w._map.names[rec.by[k]] for k in range(rec.n) if rec.src[k] == k)
-        return out
+        return rec
 
-    monkeypatch.setattr(trace, "take", spy)
+    monkeypatch.setattr(trace, "take_record", spy)
     return seen
 
 
