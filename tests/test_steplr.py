@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from gradwatch.flags import StepFlags
@@ -24,6 +25,25 @@ def test_the_evidence_is_the_largest_median_of_the_steps_before() -> None:
     hint = s.hint(9, "'fc' blew up")
     assert hint is not None and "update_ratio 1 " in hint and "at step 2" in hint
     assert "lower the learning rate" in hint and "'fc' blew up" in hint
+
+
+def test_the_median_is_numpys_over_the_measured_layers() -> None:
+    """Odd and even counts, unmeasured layers (0) and NaN ratios left out, float32 flags."""
+    rng = np.random.default_rng(0)
+    for step in range(1, 200):
+        n = int(rng.integers(1, 40))
+        r = rng.lognormal(-7, 2, n).astype(np.float32)
+        r[rng.random(n) < 0.2] = 0.0
+        r[rng.random(n) < 0.1] = np.nan
+        s = StepUpdates(limit=0.0)
+        s.see(step, r)
+        got = r[r > 0]
+        if got.size == 0:
+            assert s.before(step + 1) is None
+        else:
+            u, at = s.before(step + 1)  # type: ignore[misc]
+            # numpy takes the mean of the middle two in float32, this in float64
+            assert at == step and u == pytest.approx(float(np.median(got)), rel=1e-6)
 
 
 def test_healthy_updates_are_no_evidence_and_old_steps_are_forgotten() -> None:
