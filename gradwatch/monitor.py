@@ -9,6 +9,14 @@ through ``flags.FlagsToHost``; what reached the host (``poll``) is read by
 trace, blamed on a layer by ``blame.nonfinite_origin`` (the rule the window uses too); the
 rate limit and the message come from ``Rules.nonfinite_now``/``exploding_now``. No torch
 read op here: the host sees the flags through numpy views.
+
+On CPU, where device memory is host memory, the common step is checked once, at the first
+optimizer's pre-step (``take_trace``): the trace's rows (numpy views made with its log) and
+the gradient norms (copied into a host buffer made once) are summed on the host. A finite
+sum means nothing for the origin to read: no payload is built, nothing examined. When that
+sum also bounds every layer's gradient RMS under ``extreme_rms``, a light step's flags at
+its end are neither built nor read (``clean``); otherwise they are read and examined as on
+CUDA, where every step's flags and trace are pushed to the host without a wait.
 """
 
 from __future__ import annotations
@@ -174,10 +182,10 @@ class StepMonitor:
         self.poll()
 
     def _finite(self, rows: Any, grads: Any) -> bool:
-        """CPU: every trace row (``rows``: ``StepTrace.host_rows``) and every parameter-gradient
-        norm is finite (their sum is; an overflowing sum takes the full read, which tells).
-        Shadow parameters (trainable, not watched) have no norm here: with any of them the
-        full read runs."""
+        """CPU: every trace row (``rows``: ``StepTrace.host_rows``) and every
+        parameter-gradient norm is finite (their sum is; an overflowing sum takes the full
+        read, which tells). Shadow parameters (trainable, not watched) have no norm here:
+        with any of them the full read runs."""
         norms = None if grads is None else grads.norms
         if rows is None or self.tracker.shadow:
             return False
@@ -185,12 +193,13 @@ class StepMonitor:
         g = 0.0 if norms is None else _host_sum(self._host_norms.read(norms))
         if not math.isfinite(total + g):
             return False
-        if norms is not None:
-            grads.finite = True  # its non-finite counts are 0: they need not be made
+        if norms is None or self.tracker.tracker.sharded:
+            return True  # FSDP2 shards: a rank's norms are of its own shards only
+        grads.finite = True  # its non-finite counts are 0: they need not be made
         # the norms are >= 0: their sum bounds each layer's sqrt(sum of squares), so a sum
         # at most extreme_rms * sqrt(numel of the smallest parameter) puts every layer's
         # gradient RMS under extreme_rms: the step's flags will hold nothing to report
-        if grads is not None and g <= self.extreme_rms * self._least_sqrt_numel():
+        if g <= self.extreme_rms * self._least_sqrt_numel():
             self._clean = grads
         return True
 

@@ -71,6 +71,12 @@ class ParamTracker:
         # FSDP2: norms of local shards are partial; one all-reduce makes them global
         self._shards = shard_reducer(self.params)
 
+    @property
+    def sharded(self) -> bool:
+        """The parameters are FSDP2 shards: a rank's gradient norms are of its own shards
+        (the per-layer statistics are made global by an all-reduce)."""
+        return self._shards is not None
+
     def _layout(self, present: tuple[int, ...], grads: list[Tensor]
                 ) -> tuple[Tensor, Tensor, Tensor, S.NormPlan]:
         hit = self._cache.get(present)
