@@ -1,0 +1,120 @@
+"""Variants of one workload in one process, a training step of each in turn: where a step's
+time goes (forward, backward, optimizer step), and the ratio of each variant to the first.
+
+``modules.py`` runs each (variant, workload) in a process of its own; on a shared machine
+two processes minutes apart can differ by several hundredths, more than a change of the
+light step's fixed cost moves a ratio. Here every variant has a model of its own (same
+seed, same batch) in one process and one thread, and each round runs one step of every
+variant in a shuffled order, so that what slows the machine slows all of them alike; the
+median of each phase over the rounds is reported. Variants: ``bare``, ``floor`` and
+``floor_sampled`` (``_common.Floor``), ``light``, ``sampled``, ``default`` and ``every10``
+(``_common.watch_as``; the last two measured past their dense first 100 steps, so their
+medians are of light steps: their sampled steps, one in 10, are in ``modules.py``).
+
+One bias, small and against the floor: a watcher's optimizer hooks are torch's global ones,
+so they also see the other variants' optimizers (and return at once: about 10 µs per step
+here, added to the bare and floor steps).
+
+    python benchmarks/interleaved.py --workload deep10 --variants floor,light,bare
+    python benchmarks/interleaved.py --workload mlp --variants floor_sampled,sampled --steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+from _common import WORKLOADS, Floor, watch_as  # noqa: E402
+
+VARIANTS = ("bare", "floor", "floor_sampled", "light", "sampled", "default", "every10")
+#: The steps a ``default`` or ``every10`` watcher samples before its steady state.
+DENSE_START = 110
+PHASES = ("forward", "backward", "optimizer step", "step")
+
+
+def build(variant: str, workload: str, logdir: str) -> tuple[Any, ...]:
+    torch.manual_seed(0)
+    model, x, y, lossf = WORKLOADS[workload]()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    keep: Any = None
+    if variant.startswith("floor"):
+        keep = Floor(model, opt, sampled=variant == "floor_sampled")
+    elif variant != "bare":
+        keep = watch_as(variant, model, opt, logdir)
+    return model, x, y, lossf, opt, keep
+
+
+def step(run: tuple[Any, ...]) -> tuple[float, float, float, float]:
+    """One training step as a user writes it; seconds of each phase and of the whole."""
+    model, x, y, lossf, opt, _ = run
+    clock = time.perf_counter
+    a = clock()
+    opt.zero_grad(set_to_none=True)
+    loss = lossf(model(x), y)
+    b = clock()
+    loss.backward()
+    c = clock()
+    opt.step()
+    d = clock()
+    return b - a, c - b, d - c, d - a
+
+
+def measure(workload: str, variants: list[str], steps: int, warmup: int,
+            seed: int) -> dict[str, list[float]]:
+    """Median seconds per phase (``PHASES``) of each variant."""
+    torch.set_num_threads(1)
+    random.seed(seed)
+    logdir = tempfile.mkdtemp(prefix="gradwatch-interleaved-")
+    runs = {v: build(v, workload, logdir) for v in variants}
+    for v, run in runs.items():
+        for _ in range(max(warmup, DENSE_START) if v in ("default", "every10") else warmup):
+            step(run)
+    gc.collect()
+    times: dict[str, list[tuple[float, ...]]] = {v: [] for v in variants}
+    order = list(variants)
+    for _ in range(steps):
+        random.shuffle(order)
+        for v in order:
+            times[v].append(step(runs[v]))
+    return {v: [statistics.median(t[k] for t in ts) for k in range(len(PHASES))]
+            for v, ts in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workload", default="deep10", choices=sorted(WORKLOADS))
+    ap.add_argument("--variants", default="floor,light,bare",
+                    help=f"comma-separated, the first is the reference: {', '.join(VARIANTS)}")
+    ap.add_argument("--steps", type=int, default=300, help="steps of each variant, measured")
+    ap.add_argument("--warmup", type=int, default=20,
+                    help=f"steps of each variant first (at least {DENSE_START} for default "
+                         "and every10)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    variants = a.variants.split(",")
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        ap.error(f"--variants: {bad} not in {VARIANTS}")
+    med = measure(a.workload, variants, a.steps, a.warmup, a.seed)
+    ref = med[variants[0]][-1]
+    print(f"{a.workload}, {a.steps} steps of each variant in turn, one thread "
+          f"(median µs per phase; ratio of the step to {variants[0]}'s)")
+    print(f"{'variant':14s}" + "".join(f"{p:>16s}" for p in PHASES) + f"{'ratio':>8s}")
+    for v in variants:
+        print(f"{v:14s}" + "".join(f"{1e6 * t:16.0f}" for t in med[v])
+              + f"{med[v][-1] / ref:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
