@@ -11,9 +11,12 @@ median of each phase over the rounds is reported. Variants: ``bare``, ``floor`` 
 (``_common.watch_as``; the last two measured past their dense first 100 steps, so their
 medians are of light steps: their sampled steps, one in 10, are in ``modules.py``).
 
+``--hooks`` also times the optimizer-step hooks themselves: gradwatch's (torch's global
+pre- and post-step hooks, ``gradwatch.stepping``) and the floor's pre-step hook, per step.
+
 One bias, small and against the floor: a watcher's optimizer hooks are torch's global ones,
-so they also see the other variants' optimizers (and return at once: about 10 µs per step
-here, added to the bare and floor steps).
+so they also see the other variants' optimizers (and return at once: 10-30 µs per step
+here, added to the bare and floor steps; ``--hooks`` shows it in the floor's row).
 
     python benchmarks/interleaved.py --workload deep10 --variants floor,light,bare
     python benchmarks/interleaved.py --workload mlp --variants floor_sampled,sampled --steps 200
@@ -41,6 +44,27 @@ VARIANTS = ("bare", "floor", "floor_sampled", "light", "sampled", "default", "ev
 #: The steps a ``default`` or ``every10`` watcher samples before its steady state.
 DENSE_START = 110
 PHASES = ("forward", "backward", "optimizer step", "step")
+HOOKS = ("gradwatch pre-step", "gradwatch post-step", "floor pre-step")
+_spent = dict.fromkeys(HOOKS, 0.0)  # seconds in each hook during the step being timed
+
+
+def time_hooks() -> None:
+    """Wrap the optimizer-step hooks with timers adding into ``_spent``."""
+    import gradwatch.stepping as stepping
+
+    def timed(fn: Any, name: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                key = name(args[0]) if callable(name) else name
+                _spent[key] += time.perf_counter() - t
+        return run
+
+    hook = stepping._GlobalStepHook
+    hook.__call__ = timed(hook.__call__, lambda h: HOOKS[1] if h._post else HOOKS[0])
+    Floor._pre_step = timed(Floor._pre_step, HOOKS[2])
 
 
 def build(variant: str, workload: str, logdir: str) -> tuple[Any, ...]:
@@ -55,10 +79,13 @@ def build(variant: str, workload: str, logdir: str) -> tuple[Any, ...]:
     return model, x, y, lossf, opt, keep
 
 
-def step(run: tuple[Any, ...]) -> tuple[float, float, float, float]:
-    """One training step as a user writes it; seconds of each phase and of the whole."""
+def step(run: tuple[Any, ...]) -> tuple[float, ...]:
+    """One training step as a user writes it; seconds of each phase and of the whole, then
+    of each hook (``HOOKS``; 0 unless ``time_hooks`` ran)."""
     model, x, y, lossf, opt, _ = run
     clock = time.perf_counter
+    for k in _spent:
+        _spent[k] = 0.0
     a = clock()
     opt.zero_grad(set_to_none=True)
     loss = lossf(model(x), y)
@@ -67,7 +94,7 @@ def step(run: tuple[Any, ...]) -> tuple[float, float, float, float]:
     c = clock()
     opt.step()
     d = clock()
-    return b - a, c - b, d - c, d - a
+    return (b - a, c - b, d - c, d - a, *_spent.values())
 
 
 def measure(workload: str, variants: list[str], steps: int, warmup: int,
@@ -87,7 +114,7 @@ def measure(workload: str, variants: list[str], steps: int, warmup: int,
         random.shuffle(order)
         for v in order:
             times[v].append(step(runs[v]))
-    return {v: [statistics.median(t[k] for t in ts) for k in range(len(PHASES))]
+    return {v: [statistics.median(t[k] for t in ts) for k in range(len(PHASES) + len(HOOKS))]
             for v, ts in times.items()}
 
 
@@ -101,19 +128,28 @@ def main() -> None:
                     help=f"steps of each variant first (at least {DENSE_START} for default "
                          "and every10)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hooks", action="store_true", help="also time the optimizer-step hooks")
     a = ap.parse_args()
     variants = a.variants.split(",")
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         ap.error(f"--variants: {bad} not in {VARIANTS}")
+    if a.hooks:
+        time_hooks()
     med = measure(a.workload, variants, a.steps, a.warmup, a.seed)
-    ref = med[variants[0]][-1]
+    n = len(PHASES)
+    ref = med[variants[0]][n - 1]
     print(f"{a.workload}, {a.steps} steps of each variant in turn, one thread "
           f"(median µs per phase; ratio of the step to {variants[0]}'s)")
     print(f"{'variant':14s}" + "".join(f"{p:>16s}" for p in PHASES) + f"{'ratio':>8s}")
     for v in variants:
-        print(f"{v:14s}" + "".join(f"{1e6 * t:16.0f}" for t in med[v])
-              + f"{med[v][-1] / ref:8.3f}")
+        print(f"{v:14s}" + "".join(f"{1e6 * t:16.0f}" for t in med[v][:n])
+              + f"{med[v][n - 1] / ref:8.3f}")
+    if a.hooks:
+        print("\nmedian µs per step in the optimizer-step hooks")
+        print(f"{'variant':14s}" + "".join(f"{h:>22s}" for h in HOOKS))
+        for v in variants:
+            print(f"{v:14s}" + "".join(f"{1e6 * t:22.0f}" for t in med[v][n:]))
 
 
 if __name__ == "__main__":
