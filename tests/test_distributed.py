@@ -179,6 +179,17 @@ def test_fsdp2_norms_are_global(tmp_path):
 
 
 
+def test_fsdp2_extreme_gradient_in_another_ranks_shard_on_a_light_step(tmp_path):
+    """Rank 0, whose own shards' norms are all 0, still reports within the step a layer whose
+    global gradient RMS is over extreme_rms: its norms bound only its own shards."""
+    pytest.importorskip("torch.distributed.fsdp")
+    r0, r1 = _launch(DW.fsdp_light_body, tmp_path)[0]
+    assert r0["light"][3] and r1["light"][3]  # the step of the large gradient is a light one
+    # rank 0 reports (as with DDP, the other ranks issue no alerts)
+    assert [tuple(a) for a in r0["alerts"]] == [("exploding", "2", 4)]
+    assert r1["alerts"] == []
+
+
 def test_ddp_latest_right_after_the_loop_is_never_stale(tmp_path):
     """100 runs in one process pair (100 launches would take minutes): on both ranks,
     ``latest`` read right after step 20 with every=5 is the window of steps 16-20."""

@@ -106,6 +106,36 @@ def fsdp_body(rank: int, world: int, out: str) -> dict[str, Any]:
     return {"stats": w.latest.stats}
 
 
+def fsdp_light_body(rank: int, world: int, out: str) -> dict[str, Any]:
+    """FSDP2, light steps: at step 4 a gradient far over ``extreme_rms`` lands in one element
+    of '2''s bias, in rank 1's shard only (the ReLU is dead: nothing else has a gradient), so
+    rank 0's own norms are all 0. The alerts each rank gets."""
+    from torch.distributed.fsdp import fully_shard
+
+    import gradwatch
+
+    m = model()
+    with torch.no_grad():
+        m[0].bias.fill_(-100.0)  # a dead ReLU: only '2''s bias gets a gradient
+    for layer in m:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    fully_shard(m)
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    got: list[Any] = []
+    w = gradwatch.watch(m, optimizer=opt, tensorboard=False, every=1000, sample_every=100,
+                        on_alert=got.append)
+    light = []
+    for step in range(6):
+        light.append(not w._collector.full)
+        scale = 1e5 if step == 3 else 1.0
+        (m(batch(step, rank))[:, 2].sum() * scale).backward()  # output 2: rank 1's row
+        opt.step()
+        opt.zero_grad()
+    w.close()
+    return {"light": light, "alerts": [(a.kind, a.layer, a.step) for a in got]}
+
+
 def stale_body(rank: int, world: int, out: str) -> dict[str, Any]:
     """``latest`` read right after the loop, in ``STALE_RUNS`` fresh runs: each rank's step
     and stats of every run (all runs train the same model on the same batches)."""
