@@ -125,9 +125,15 @@ class ParamStepStats:
     def grad_nonfinite(self) -> Tensor:
         if self.nonfinite is None:
             assert self.norms is not None and self.layer_of is not None
-            self.nonfinite = torch.zeros_like(self.grad_norm).index_add_(
-                0, self.layer_of, torch.isnan(self.norms).to(torch.float32))
+            self.nonfinite = nan_per_layer(torch.zeros_like(self.grad_norm), self.layer_of,
+                                           self.norms)
         return self.nonfinite
+
+
+def nan_per_layer(zeros: Tensor, layer_of: Tensor, norms: Tensor) -> Tensor:
+    """Per layer, the parameters whose gradient norm is NaN (``zeros``: ``[layers]``, not
+    written). NaN only: an Inf norm is a finite gradient of ~1e19 (exploding)."""
+    return zeros.index_add(0, layer_of, torch.isnan(norms).to(torch.float32))
 
 
 class WindowBuffers:
@@ -152,10 +158,12 @@ class WindowBuffers:
         self._g_slots: list[int] = []
         self._idx: dict[tuple[int, ...], Tensor] = {}
         self._zero = torch.zeros(n_layers, dtype=torch.float32, device=device)
-        # the window columns of a light step's commit (``commit_step``)
-        self._light_cols = device_tensor(
-            [W[n] for n in ("grad_norm", "grad_rms", "grad_cnt", "grad_nonfinite", "nonfinite")],
-            torch.long, device)
+        # the window columns of a light step's commit (``commit_step``): with its non-finite
+        # counts, and without them (known to be 0)
+        light = [W[n] for n in ("grad_norm", "grad_rms", "grad_cnt", "grad_nonfinite",
+                                "nonfinite")]
+        self._light_cols = (device_tensor(light, torch.long, device),
+                            device_tensor(light[:3], torch.long, device))
         self._zero_flags = torch.zeros(n_layers, FLAG_COLS, dtype=torch.float32,
                                        device=device)
         self._act_cols = torch.tensor([W[c] for c in _ACT_COLS], dtype=torch.long,
@@ -268,7 +276,7 @@ class WindowBuffers:
             vals = [params.grad_norm, params.grad_rms, params.grad_present]
             if not params.finite:
                 vals += [params.grad_nonfinite] * 2
-            win.index_add_(1, self._light_cols[: len(vals)], torch.stack(vals, 1))
+            win.index_add_(1, self._light_cols[params.finite], torch.stack(vals, 1))
             return
         self.fold()
         if sampled:

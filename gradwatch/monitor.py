@@ -34,6 +34,7 @@ from gradwatch.faults import FaultGuard
 from gradwatch.flags import FlagsToHost, HostFlags
 from gradwatch.inbox import AlertInbox
 from gradwatch.nonfinite import NonFiniteTracker, PayloadRecord
+from gradwatch.record import Record
 from gradwatch.selection import LayerInfo
 
 if TYPE_CHECKING:
@@ -100,26 +101,23 @@ class StepMonitor:
         self.guard.fail("flags", "non-finite flags", "*", e)
 
     def send(self, flags: torch.Tensor, grads: Any, sampled: bool, step: int,
-             before_update: bool = False, taken: Any = None) -> None:
+             before_update: bool = False, rec: Record | None = None) -> None:
         """The step's flags, with its non-finite trace unless taken already, to the host:
         on CUDA device ops and a non-blocking copy (``flags.FlagsToHost``), read a step or
         so later; on CPU, where device memory is host memory, read at once through numpy
-        (no torch read op either way). ``taken``: the trace's ``take()``, made already."""
+        (no torch read op either way). ``rec``: the trace's record, taken already."""
         c = self.collector
         tr = c.trace
-        rec = None
         rows: list[torch.Tensor] = []
         mf = c.mflags
         order = None
-        if taken is not None or (tr is not None and "trace" not in self.guard.off
-                                 and self.trace_step != step):
+        if (rec is None and tr is not None and "trace" not in self.guard.off
+                and self.trace_step != step):
+            rec = tr.take_record()
+        if rec is not None:
             self.trace_step = step
-            if taken is None:
-                rec = tr.take_record()  # type: ignore[union-attr]
-                taken = (rec, *tr.views(rec))  # type: ignore[union-attr]
-            rec, fv, gv = taken
             self.trace_cut = rec.cut
-            rows = [fv, gv]
+            rows = list(tr.views(rec))  # type: ignore[union-attr]
             if mf is not None and mf.ran:  # compiled code ran: its per-module counts
                 rows.append(mf.take())
                 order = mf.order
@@ -162,7 +160,7 @@ class StepMonitor:
         if tr.empty() and not compiled:
             return  # no forward since the last take (an optimizer stepping after the driver)
         try:
-            taken = None
+            rec = None
             if (self.device.type == "cpu" and not compiled and "trace" not in self.guard.off
                     and self.trace_step != step):
                 rec = tr.take_record()
@@ -173,9 +171,7 @@ class StepMonitor:
                     self.trace_step, self.trace_cut = step, rec.cut
                     tr.clear(rec)
                     return
-                taken = (rec, *tr.views(rec))
-            self.send(no_flags, grads, sampled, step, before_update=before_update,
-                      taken=taken)
+            self.send(no_flags, grads, sampled, step, before_update=before_update, rec=rec)
         except Exception as e:
             self.guard.fail("commit", "step commit", "*", e)
             return

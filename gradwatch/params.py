@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gradwatch import stats as S
-from gradwatch.buffers import ParamStepStats, device_tensor
+from gradwatch.buffers import ParamStepStats, device_tensor, nan_per_layer
 from gradwatch.distributed import local, shard_reducer
 
 # Largest number of elements per parameter copied to measure an update ratio, taken as
@@ -138,7 +138,7 @@ class ParamTracker:
             gmax = None  # the non-finite counts: made from the norms when read
         if self._shards is not None:
             if nonfinite is None:
-                nonfinite = self._zeros.index_add(0, idx, torch.isnan(norms).to(torch.float32))
+                nonfinite = nan_per_layer(self._zeros, idx, norms)
             both = self._shards.sum_(torch.stack([sq, nonfinite]))
             sq, nonfinite = both[0], both[1]
             if gmax is not None:
