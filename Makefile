@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # The runtime install (torch pinned for development; the package itself allows torch>=2.1).
-$(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
+$(VENV)/.installed: $(BIN)/python setup.cfg setup.py pyproject.toml gradwatch/_kernels.c
 	$(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -e . "$(TORCH_SPEC)"
 	touch $@
@@ -55,4 +55,4 @@ bench: $(VENV)/.dev
 	$(BIN)/python benchmarks/compiled.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache build gradwatch/*.so

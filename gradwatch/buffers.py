@@ -156,6 +156,10 @@ class WindowBuffers:
         self._grad_log = torch.zeros(FOLD_AT, 2, dtype=torch.float32, device=device)
         self._row_slots: list[int] = []
         self._g_slots: list[int] = []
+        # CPU: the C kernels (``cpukernels``) write a call's row in place, at its address
+        self.rows_in_place = device.type == "cpu"
+        self._act_addr = self._act_log.data_ptr() if self.rows_in_place else 0
+        self._grad_addr = self._grad_log.data_ptr() if self.rows_in_place else 0
         self._idx: dict[tuple[int, ...], Tensor] = {}
         self._zero = torch.zeros(n_layers, dtype=torch.float32, device=device)
         # the window columns of a light step's commit (``commit_step``): with its non-finite
@@ -183,6 +187,28 @@ class WindowBuffers:
         torch.stack(row, out=self._act_log[len(self._row_slots)])
         self._row_slots.append(slot)
         if len(self._row_slots) >= FOLD_AT:
+            self.fold()
+
+    def act_row_at(self) -> int:
+        """The address of the next activation row (CPU, ``rows_in_place``): a kernel writes
+        the ``ROW`` values there, then ``logged_activation`` takes the row."""
+        return self._act_addr + len(self._row_slots) * (ROW * 4)
+
+    def logged_activation(self, slot: int) -> None:
+        """The row at ``act_row_at`` now holds ``slot``'s call."""
+        self._row_slots.append(slot)
+        if len(self._row_slots) >= FOLD_AT:
+            self.fold()
+
+    def grad_row_at(self) -> int:
+        """The address of the next output-gradient row (two fp32 values: element count,
+        Σg²), for ``logged_out_grad``."""
+        return self._grad_addr + len(self._g_slots) * 8
+
+    def logged_out_grad(self, slot: int) -> None:
+        """The row at ``grad_row_at`` now holds ``slot``'s output gradient."""
+        self._g_slots.append(slot)
+        if len(self._g_slots) >= FOLD_AT:
             self.fold()
 
     def log_rows(self, slots: list[int], rows: Tensor) -> None:

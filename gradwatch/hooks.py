@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
+from gradwatch import cpukernels as K
 from gradwatch import stats as S
 from gradwatch.batched import BATCH_MAX, ActBatch, GradBatch
 from gradwatch.buffers import WindowBuffers
@@ -181,8 +182,11 @@ class Collector:
                 t = S.dense(leaves[0])  # a nested tensor: the statistics of its elements
                 if compiling:
                     self._traced_stats(slot, t)
-                elif self.hist is not None or not self.act_batch.add(slot, t):
-                    self._stats(slot, t)  # not held for the batch: reduced now
+                elif not self._kernel_row(slot, t):
+                    if self.hist is not None or not self.act_batch.add(slot, t):
+                        self._stats(slot, t)  # not held for the batch: reduced now
+                elif self.hist is not None:
+                    self.hist.add_activation(slot, t)
             except Exception as e:
                 self.guard.fail("act", "activation statistics", self.layers[slot].name, e)
         if "out_grad" not in off:
@@ -209,6 +213,25 @@ class Collector:
             c = torch.full((), value, dtype=torch.float32, device=self.buffers.device)
             self._consts[value] = c
         return c
+
+    def _kernel_row(self, slot: int, t: Tensor) -> bool:
+        """Eager, sampled step, a contiguous float32/bfloat16 CPU output: its statistics in
+        one C call, written into the log's next row (``cpukernels``). False where the
+        kernel does not apply (then the batch or the ops take it): another device or dtype,
+        a large output whose counts are sampled, a NaN or an Inf."""
+        buf = self.buffers
+        if not buf.rows_in_place:
+            return False
+        kind = K.kind_of(t)
+        n = t.numel()
+        if kind < 0 or (n > S.SAMPLE_ABOVE and self.sample is not None):
+            return False
+        units = n // t.shape[0] if t.dim() >= 2 else n  # ``stats.units_of``
+        if not K.act_row(t, kind, units, self.layers[slot].bounds, self.margin,
+                         buf.act_row_at()):
+            return False
+        buf.logged_activation(slot)
+        return True
 
     def _stats(self, slot: int, t: Tensor) -> None:
         """Eager, sampled step, an output not held for the batch of outputs of its shape
@@ -292,10 +315,22 @@ class Collector:
             grad = S.dense(grad)
             if torch.compiler.is_compiling():
                 self.buffers.add_out_grad(slot, S.grad_sq_sum(grad), grad.numel())
-            elif not self.grad_batch.add(slot, grad):
+            elif not self._kernel_grad(slot, grad) and not self.grad_batch.add(slot, grad):
                 self.buffers.log_out_grad(slot, S.grad_sq_sum(grad), self._const(grad.numel()))
         except Exception as e:
             self.guard.fail("out_grad", "output-gradient hook", self.layers[slot].name, e)
+
+    def _kernel_grad(self, slot: int, grad: Tensor) -> bool:
+        """A contiguous float32/bfloat16 CPU output gradient: its element count and Σg² in
+        one C call, into the gradient log's next row (``cpukernels``)."""
+        buf = self.buffers
+        if not buf.rows_in_place:
+            return False
+        kind = K.kind_of(grad)
+        if kind < 0 or not K.sq_row(grad, kind, buf.grad_row_at()):
+            return False
+        buf.logged_out_grad(slot)
+        return True
 
     # -- step boundary ----------------------------------------------------------------------
     def flush_outputs(self) -> None:

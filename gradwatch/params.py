@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from gradwatch import cpukernels as K
 from gradwatch import stats as S
 from gradwatch.buffers import ParamStepStats, device_tensor, nan_per_layer
 from gradwatch.distributed import local, shard_reducer
@@ -61,7 +62,7 @@ class ParamTracker:
         # never written: the source of the out-of-place index_add / scatter_reduce
         self._zeros = torch.zeros(n_layers, device=device)
         self._zeros2 = torch.zeros(2, n_layers, device=device)
-        self._cache: dict[tuple[int, ...], tuple[Tensor, Tensor, Tensor, S.NormPlan]] = {}
+        self._cache: dict[tuple[int, ...], _Layout] = {}
         self.present: tuple[int, ...] = ()  # trainable parameters with a gradient, last step
         self._before: S.Packed | None = None
         self._after: tuple[S.Packed, S.Packed, Tensor] | None = None  # (before, after, norms)
@@ -77,8 +78,7 @@ class ParamTracker:
         (the per-layer statistics are made global by an all-reduce)."""
         return self._shards is not None
 
-    def _layout(self, present: tuple[int, ...], grads: list[Tensor]
-                ) -> tuple[Tensor, Tensor, Tensor, S.NormPlan]:
+    def _layout(self, present: tuple[int, ...], grads: list[Tensor]) -> _Layout:
         hit = self._cache.get(present)
         if hit is None:
             numel = [0.0] * self.n_layers
@@ -90,8 +90,11 @@ class ParamTracker:
             idx_t = device_tensor(idx, torch.long, self.device)
             numel_t = device_tensor(numel, torch.float32, self.device)
             plan = S.NormPlan(grads)  # by the gradients' layout (an embedding's is sparse)
+            # CPU, not sharded: one C call for the norms and maxima (cpukernels.norms)
+            kind = K.list_kind(grads) if self._shards is None else -1
             hit = (idx_t, torch.sqrt(torch.clamp(numel_t, min=1.0)),
-                   (numel_t > 0).to(torch.float32), plan)
+                   (numel_t > 0).to(torch.float32), plan, kind,
+                   (tuple(g.numel() for g in grads), tuple(idx)))
             if len(self._cache) > 64:  # bounded: the set of present grads rarely changes
                 self._cache.clear()
             self._cache[present] = hit
@@ -123,7 +126,16 @@ class ParamTracker:
         if not present:
             return None
         grads = gs if len(present) == len(gs) else [gs[k] for k in present]
-        idx, sqrt_numel, has, plan = self._layout(present, grads)  # type: ignore[arg-type]
+        idx, sqrt_numel, has, plan, kind, (numels, layers) = self._layout(
+            present, grads)  # type: ignore[arg-type]
+        L = self.n_layers
+        got = (K.layer_norms(grads, kind, numels, layers, L, sampled)  # type: ignore
+               if kind >= 0 else None)
+        if got is not None:  # CPU: the per-layer sums too, in the same C call
+            k = len(layers)
+            parts = got.split([k, L, L] + ([L, L] if sampled else []))
+            return ParamStepStats(parts[1], parts[2], parts[3] if sampled else None, has,
+                                  parts[4] if sampled else None, parts[0], idx)
         # one pack (into the plan's buffers) serves the norms and, when sampled, the max
         packed = plan.pack(grads, slot="grad") if plan.groups else grads  # type: ignore
         norms = plan.norms(packed)  # type: ignore[arg-type]
@@ -247,6 +259,11 @@ class ParamTracker:
             sq = self._shards.sum_(sq)
         r = torch.sqrt(sq)
         return r[0] / r[1] + self._nan_not_updated(self._updating)
+
+
+# a gradient list's layout: layer index, sqrt(numel) and presence per layer, the norm plan,
+# the C kernels' element type (-1: not for them), and the element count and layer of each
+_Layout = tuple[Tensor, Tensor, Tensor, S.NormPlan, int, tuple[tuple[int, ...], tuple[int, ...]]]
 
 
 class _Weights:

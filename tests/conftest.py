@@ -53,3 +53,17 @@ def gpt2(tmp_path_factory):
     from tests.support import gpt2log
 
     return gpt2log.train(str(tmp_path_factory.mktemp("gpt2")))
+
+
+@pytest.fixture(params=["C kernels", "PyTorch ops"])
+def kernels(request, monkeypatch):
+    """Run the test twice: with the C kernels of the CPU sampled statistics
+    (``gradwatch.cpukernels``), and with the PyTorch ops that CUDA and every tensor the
+    kernels do not take use."""
+    import gradwatch.cpukernels
+
+    if request.param == "PyTorch ops":
+        monkeypatch.setattr(gradwatch.cpukernels, "_kernels", None)
+    else:
+        assert gradwatch.cpukernels.AVAILABLE, "gradwatch._kernels was not built"
+    return request.param

@@ -13,7 +13,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "interleaved.py"
 def test_phases_add_up_and_hooks_are_timed_where_they_run() -> None:
     out = subprocess.run(
         [sys.executable, str(SCRIPT), "--workload", "deep10", "--variants", "floor,light,bare",
-         "--steps", "6", "--warmup", "2", "--hooks"],
+         "--steps", "25", "--warmup", "2", "--hooks"],
         capture_output=True, text=True, timeout=300, check=True).stdout
     rows = [line.split() for line in out.splitlines() if line.split()[:1]
             and line.split()[0] in ("floor", "light", "bare")]

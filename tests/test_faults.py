@@ -19,6 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import gradwatch
 import gradwatch.batched
+import gradwatch.cpukernels
 import gradwatch.hooks
 import gradwatch.stats
 import gradwatch.stepping
@@ -117,13 +118,18 @@ def test_no_fault_baseline() -> None:
     assert all(finite(w.latest, "out_grad_rms").values())
 
 
-@pytest.mark.parametrize("path", ["batched", "one at a time"])
+@pytest.mark.parametrize("path", ["kernel", "batched", "one at a time"])
 def test_activation_statistics_fault(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
-    # small outputs are reduced together at the end of the forward pass (batched.py); a
-    # large one (or any with histograms on) in its hook
+    # on CPU a float32 output is reduced in its hook by one C call (cpukernels.py); where
+    # the kernels do not apply, small outputs are reduced together at the end of the
+    # forward pass (batched.py), a large one (or any with histograms on) in its hook
+    if path == "kernel":
+        monkeypatch.setattr(gradwatch.cpukernels, "act_row", boom)
+    else:
+        monkeypatch.setattr(gradwatch.cpukernels, "_kernels", None)
     if path == "batched":
         monkeypatch.setattr(gradwatch.batched.ActBatch, "_rows", boom)
-    else:
+    elif path == "one at a time":
         monkeypatch.setattr(gradwatch.batched.ActBatch, "add", lambda *a: False)
         monkeypatch.setattr(gradwatch.stats, "activation_parts", boom)
     w, faults = run_with_fault()
@@ -157,11 +163,15 @@ def test_forward_hook_fault(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(finite(w.latest, "grad_norm").values())  # parameter stats kept
 
 
-@pytest.mark.parametrize("path", ["batched", "one at a time"])
+@pytest.mark.parametrize("path", ["kernel", "batched", "one at a time"])
 def test_output_gradient_hook_fault(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    if path == "kernel":
+        monkeypatch.setattr(gradwatch.cpukernels, "sq_row", boom)
+    else:
+        monkeypatch.setattr(gradwatch.cpukernels, "_kernels", None)
     if path == "batched":
         monkeypatch.setattr(gradwatch.batched.GradBatch, "flush", boom)
-    else:
+    elif path == "one at a time":
         monkeypatch.setattr(gradwatch.batched.GradBatch, "add", lambda *a: False)
         monkeypatch.setattr(gradwatch.stats, "grad_sq_sum", boom)
     w, faults = run_with_fault()
@@ -354,7 +364,7 @@ def test_fault_under_warnings_as_errors(monkeypatch: pytest.MonkeyPatch,
                                         caplog: pytest.LogCaptureFixture) -> None:
     """With warnings turned into errors (``-W error``), a fault is logged instead: it still
     does not stop the training."""
-    monkeypatch.setattr(gradwatch.batched.ActBatch, "_rows", boom)
+    monkeypatch.setattr(gradwatch.cpukernels, "act_row", boom)
     monkeypatch.setattr(Rules, "evaluate", boom)  # a deferred one, from the worker
     base = make_model()
     ref_losses, _, _ = train(copy.deepcopy(base), None)
@@ -366,7 +376,7 @@ def test_fault_under_warnings_as_errors(monkeypatch: pytest.MonkeyPatch,
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(ref_losses, losses))
     logged = [r.getMessage() for r in caplog.records if "internal error" in r.getMessage()]
     assert len(logged) == 2
-    assert "activation statistics (all layers)" in logged[0] and "rules" in logged[1]
+    assert "activation statistics (layer '0')" in logged[0] and "rules" in logged[1]
 
 
 def test_optimizer_step_hook_fault(monkeypatch: pytest.MonkeyPatch) -> None:

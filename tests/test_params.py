@@ -76,7 +76,7 @@ def _check(got: dict, exp: dict, model: nn.Sequential, sampled_ratio: float) -> 
     return checked + 1
 
 
-def test_sampled_parameter_stats_match_float64_across_windows():
+def test_sampled_parameter_stats_match_float64_across_windows(kernels):
     model = _model()
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05,
                           momentum=0.9)
@@ -104,7 +104,7 @@ def test_sampled_parameter_stats_match_float64_across_windows():
     assert checked == 3 * (trained * 5 + 1)
 
 
-def test_nonfinite_gradient_counted_on_a_sampled_step_from_the_same_pack():
+def test_nonfinite_gradient_counted_on_a_sampled_step_from_the_same_pack(kernels):
     # the max-abs of the packed gradients flags an Inf gradient exactly (its norm would too,
     # but an L2 norm of finite values can overflow): the window counts the step non-finite
     model = _model()

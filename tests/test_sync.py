@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import gradwatch
-from gradwatch import stats
+from gradwatch import cpukernels, stats
 from tests.support.syncs import count_host_reads
 from tests.support.zoo import BasicBlock
 
@@ -44,21 +44,23 @@ def reads(watched: bool, found: bool = False, **kw) -> int:
     return c.total
 
 
-def test_no_host_reads_between_flushes():
+def test_no_host_reads_between_flushes(kernels):
     bare = reads(False)
     assert reads(True) == bare
     assert reads(True, sample_every=3) == bare
     assert reads(True, found=True) == bare
 
 
-def test_counter_catches_an_item_in_a_hook(monkeypatch):
-    real = stats.activation_parts
+def test_counter_catches_an_item_in_a_hook(monkeypatch, kernels):
+    # the activation statistics of the path in use: the C kernels' call, or the ops
+    where = (cpukernels, "act_row") if kernels == "C kernels" else (stats, "activation_parts")
+    real = getattr(*where)
 
     def leaky(x, *args):
         x.sum().item()  # the kind of bug the test exists for
         return real(x, *args)
 
-    monkeypatch.setattr(stats, "activation_parts", leaky)
+    monkeypatch.setattr(*where, leaky)
     assert reads(True) > reads(False)
 
 

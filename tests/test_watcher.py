@@ -13,7 +13,7 @@ from tests.support.events import event_files, scalars
 from tests.support.reference import Float64Reference, close, small_mlp
 
 
-def test_small_outputs_stacked_in_kept_buffers_match_float64_when_batch_size_changes():
+def test_small_outputs_stacked_in_kept_buffers_match_float64_when_batch_size_changes(kernels):
     """Small outputs of one shape are reduced stacked, in buffers kept from one sampled step
     to the next: steps whose batch size changes (new shapes, then the old ones again) and a
     model of many same-shape layers still give every value of a float64 reference."""
@@ -37,7 +37,7 @@ def test_small_outputs_stacked_in_kept_buffers_match_float64_when_batch_size_cha
         assert snap.stats["1"]["act_sat_frac"] > 0 or k % 2 == 0  # x4: saturated units
     w.close()
 @pytest.mark.parametrize("sample_every", [1, 3])
-def test_every_stat_matches_float64_reference(sample_every):
+def test_every_stat_matches_float64_reference(sample_every, kernels):
     model = small_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     names = {n: m for n, m in model.named_modules() if n}

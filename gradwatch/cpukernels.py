@@ -1,0 +1,137 @@
+"""One-pass statistics of CPU tensors: the sampled step's reductions in one C call.
+
+On CPU every PyTorch op costs its dispatch, a few microseconds whatever its size, and the
+statistics of one output took about twenty ops (``stats.activation_parts`` and
+``stats.stuck_units``): a sampled step of a small, fast model spent most of its extra time
+there. The C kernels of ``gradwatch._kernels`` (built at install where a C compiler is
+found) read a contiguous float32 or bfloat16 CPU tensor once and write the sums straight
+into a row of the watcher's preallocated fp32 log, the row ``buffers.WindowBuffers`` folds
+like any other; nothing is read back to Python but a flag.
+
+Where the kernels do not apply -- CUDA and other devices, other dtypes, strided or
+subclassed tensors, code that torch.compile traces, a large output whose counts are taken
+on a sample, a NaN or an Inf -- the PyTorch ops give the same statistics. The kernels agree
+with them exactly on the maxima, minima and counts; the sums are accumulated in double per
+block of fp32 sums, at least as close to a float64 reference as PyTorch's fp32 reductions.
+"""
+
+from __future__ import annotations
+
+import logging
+from operator import attrgetter
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from gradwatch import stats as S
+
+try:
+    from gradwatch import _kernels as _built
+except ImportError:  # built without a C compiler: the PyTorch ops do the same
+    _built = None
+#: the C module (its functions are documented in _kernels.c), or None
+_kernels: Any = _built
+
+#: The C kernels are built and importable here.
+AVAILABLE = _kernels is not None
+
+_KIND = {torch.float32: 0, torch.bfloat16: 1}
+_DTYPE = attrgetter("dtype")
+
+
+def kind_of(t: Tensor) -> int:
+    """The kernels' code for ``t``'s element type, or -1 when they do not take ``t``:
+    a dense contiguous CPU tensor of float32 or bfloat16 with storage (a plain
+    ``torch.Tensor``: subclasses such as fake or distributed tensors keep the ops)."""
+    if _kernels is None or not t.is_cpu or type(t) is not Tensor or t.layout != torch.strided:
+        return -1
+    k = _KIND.get(t.dtype, -1)
+    if k < 0 or not t.is_contiguous() or t.is_neg():
+        return -1
+    return k
+
+
+def list_kind(tensors: Sequence[Tensor]) -> int:
+    """``kind_of`` shared by every tensor of a non-empty list (the same element type, none
+    empty), or -1."""
+    kinds = {kind_of(t) if t.numel() else -1 for t in tensors}
+    return kinds.pop() if len(kinds) == 1 else -1
+
+
+def layer_norms(tensors: Sequence[Tensor], kind: int, numels: Sequence[int],
+                layers: Sequence[int], n_layers: int, with_max: bool) -> Tensor | None:
+    """Per-tensor and per-layer gradient statistics of a list, from one C call: one pass
+    over each tensor, nothing stacked or copied. Tensor ``i`` belongs to layer
+    ``layers[i]``. Returns one fp32 vector: ``[norms (len(tensors)) | layer norm | layer
+    RMS]`` and with ``with_max`` also ``[layer max |x| | layer non-finite count]``, each
+    part ``n_layers`` long (see ``_kernels.c``: a NaN gives NaN, as the ops do).
+
+    ``kind``, ``numels``: the list's ``list_kind`` and element counts, found once for a list
+    whose tensors are made anew each step (gradients); checked again here is what can
+    change without the shapes changing (the element type, the layout). None where the
+    kernel does not apply."""
+    try:
+        dtypes = set(map(_DTYPE, tensors))
+        if (len(dtypes) != 1 or _KIND.get(dtypes.pop(), -1) != kind
+                or not all(map(Tensor.is_contiguous, tensors))):
+            return None
+        ptrs = list(map(Tensor.data_ptr, tensors))
+    except RuntimeError:  # a sparse or storage-less tensor
+        return None
+    out = torch.empty(len(ptrs) + (4 if with_max else 2) * n_layers, dtype=torch.float32)
+    _kernels.layer_norms(ptrs, numels, layers, n_layers, kind, out.data_ptr(), with_max)
+    return out
+
+
+def act_row(t: Tensor, kind: int, units: int, bounds: tuple[float, float] | None,
+            margin: float, out: int) -> bool:
+    """The activation row of ``t`` (``buffers.ROW`` fp32 values: numel, Σx, Σx², nonzeros,
+    non-finite, saturated, stuck units, units, max, min) written at address ``out``, the
+    row of a contiguous fp32 CPU tensor. ``units``: ``t`` read as ``[numel // units,
+    units]`` for the stuck units (``stats.stuck_units``), used when ``bounds`` is set.
+    False, with nothing usable written, when ``t`` holds a NaN or an Inf or its storage
+    cannot be read: the caller then takes the ops' path."""
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:  # a tensor without storage (functional or batched wrappers)
+        return False
+    if bounds is None:
+        return bool(_kernels.act_row(ptr, t.numel(), 1, kind, False, 0.0, 0.0, 0.0, 0.0, out))
+    key = (bounds, margin, kind)
+    consts = _CONSTS.get(key)
+    if consts is None:
+        consts = _CONSTS[key] = _bounded_consts(bounds, margin, t.dtype)
+    c, r, slo, shi = consts
+    return bool(_kernels.act_row(ptr, t.numel(), units, kind, True, c, r, slo, shi, out))
+
+
+_CONSTS: dict[tuple[tuple[float, float], float, int], tuple[float, float, float, float]] = {}
+
+
+def _bounded_consts(bounds: tuple[float, float], margin: float, dtype: torch.dtype
+                    ) -> tuple[float, float, float, float]:
+    """The saturation centre and radius (``stats._centre_radius``, compared in fp32 as the
+    ops compare them after their fp32 copy) and the stuck thresholds, rounded to ``dtype``
+    as ``stats.stuck_units`` compares them (a Python scalar takes the tensor's dtype)."""
+    c, r = S._centre_radius(bounds, margin)
+    lo, hi = bounds
+    m = margin * (hi - lo)
+    slo, shi = (torch.tensor(v, dtype=dtype).item() for v in (lo + m, hi - m))
+    return c, r, slo, shi
+
+
+def sq_row(t: Tensor, kind: int, out: int) -> bool:
+    """``[numel, Σx²]`` of ``t`` written at address ``out`` (two fp32 values). False when
+    its storage cannot be read."""
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:
+        return False
+    _kernels.sq_row(ptr, t.numel(), kind, out)
+    return True
+
+
+if not AVAILABLE:
+    logging.getLogger("gradwatch").debug("gradwatch._kernels not built: sampled statistics "
+                                         "on CPU use PyTorch ops")

@@ -1,0 +1,168 @@
+"""The C kernels of the CPU sampled statistics (``gradwatch.cpukernels``) against the
+PyTorch ops they replace and against float64: maxima, minima and counts equal, sums as
+close to float64 as the ops'; NaN and Inf handed back to the ops; tensors they do not take
+refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradwatch import cpukernels as K
+from gradwatch import stats as S
+from gradwatch.buffers import ROW
+
+pytestmark = pytest.mark.skipif(not K.AVAILABLE, reason="gradwatch._kernels not built")
+
+MARGIN = 0.02
+
+
+def test_built_here() -> None:
+    # CI builds the package from a clean clone: the kernels must be there, not silently
+    # replaced by the ops
+    assert K.AVAILABLE
+
+
+def ops_row(t: torch.Tensor, bounds: tuple[float, float] | None) -> list[float]:
+    """The row the hooks log from the PyTorch ops (``hooks.Collector._stats``)."""
+    s1, hi, lo, s2, nnz, nf, sat = S.activation_parts(t, bounds, MARGIN, None)
+    if bounds is not None:
+        stuck, units = S.stuck_units(t, bounds, MARGIN).item(), float(S.units_of(t))
+    else:
+        stuck = units = 0.0
+    return [float(t.numel()), s1.item(), s2.item(), nnz.item(), nf.item(), sat.item(),
+            stuck, units, hi.item(), lo.item()]
+
+
+def kernel_row(t: torch.Tensor, bounds: tuple[float, float] | None) -> list[float] | None:
+    out = torch.full((ROW,), -7.0)
+    kind = K.kind_of(t)
+    assert kind >= 0
+    units = t.numel() // t.shape[0] if t.dim() >= 2 else t.numel()
+    if not K.act_row(t, kind, units, bounds, MARGIN, out.data_ptr()):
+        return None
+    return out.tolist()
+
+
+def check_row(t: torch.Tensor, bounds: tuple[float, float] | None) -> None:
+    got = kernel_row(t, bounds)
+    assert got is not None
+    want = ops_row(t, bounds)
+    # counts, maxima and minima: equal
+    for k in (0, 3, 4, 5, 6, 7, 8, 9):
+        assert got[k] == want[k], (k, got, want)
+    # sums: at least as close to float64 as the ops' fp32 sums (plus one rounding)
+    x = t.double()
+    for k, ref in ((1, x.sum().item()), (2, (x * x).sum().item())):
+        scale = x.abs().sum().item() if k == 1 else ref
+        tol = 1e-6 * max(scale, 1e-30) + 1e-30
+        assert abs(got[k] - ref) <= max(tol, 2 * abs(want[k] - ref)), (k, got[k], want[k], ref)
+
+
+@pytest.mark.parametrize("shape", [(32, 640), (32, 64), (7, 13), (1000,), (4, 3, 5, 5),
+                                   (1, 17), (33,), (3, 1)])
+@pytest.mark.parametrize("bounds", [None, (-1.0, 1.0), (0.0, 1.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_row_matches_the_ops(shape: tuple[int, ...], bounds: tuple[float, float]
+                                        | None, dtype: torch.dtype) -> None:
+    x = torch.randn(shape)
+    if bounds is not None:
+        x = torch.tanh(3 * x) if bounds[0] < 0 else torch.sigmoid(3 * x)
+    flat = x.view(-1)
+    flat[: flat.numel() // 5] = 0.0  # zeros to count
+    if x.dim() >= 2 and bounds is not None:
+        x[:, 0] = bounds[1]  # a unit stuck at the upper bound for the whole batch
+    check_row(x.to(dtype), bounds)
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows=st.integers(1, 40), units=st.integers(1, 70),
+       values=st.sampled_from(["normal", "tanh", "relu", "tiny", "huge"]),
+       bounded=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_activation_row_matches_the_ops_on_any_shape(rows: int, units: int, values: str,
+                                                     bounded: bool, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, units, generator=g)
+    x = {"normal": x, "tanh": torch.tanh(4 * x), "relu": torch.relu(x),
+         "tiny": x * 1e-30, "huge": x * 1e15}[values]
+    check_row(x, (-1.0, 1.0) if bounded else None)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, 3e19])
+def test_nan_inf_and_overflow_go_to_the_ops(bad: float) -> None:
+    # the ops' NaN semantics are the reference: the kernel writes no row and says so
+    for bounds in (None, (-1.0, 1.0)):
+        x = torch.randn(16, 40)
+        x[5, 7] = bad
+        assert kernel_row(x, bounds) is None
+
+
+def test_tensors_the_kernels_do_not_take() -> None:
+    x = torch.randn(8, 6)
+    assert K.kind_of(x) == 0 and K.kind_of(x.bfloat16()) == 1
+    assert K.kind_of(x.t()) == -1  # strided
+    assert K.kind_of(x.double()) == -1 and K.kind_of(x.half()) == -1
+    assert K.kind_of(torch.nn.Parameter(x)) == -1  # a subclass keeps the ops
+    assert K.kind_of(x.to_sparse()) == -1
+    assert K.kind_of(torch.empty(3, device="meta")) == -1
+
+
+def layer_norms(ts: list[torch.Tensor], layers: list[int], L: int, with_max: bool,
+                kind: int = 0) -> list[torch.Tensor] | None:
+    got = K.layer_norms(ts, kind, [t.numel() for t in ts], layers, L, with_max)
+    if got is None:
+        return None
+    assert got.numel() == len(ts) + (4 if with_max else 2) * L
+    return list(got.split([len(ts), L, L] + ([L, L] if with_max else [])))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_max", [True, False])
+def test_layer_norms_match_float64(dtype: torch.dtype, with_max: bool) -> None:
+    shapes = [(64, 64), (64,), (3,), (17, 5), (512, 512), (1,), (1000, 3)]
+    ts = [torch.randn(s).to(dtype) * (k + 1) for k, s in enumerate(shapes)]
+    layers = [0, 0, 2, 3, 3, 3, 1]  # layer 4 has no tensor
+    L = 5
+    kind = K.list_kind(ts)
+    assert kind == K.kind_of(ts[0])
+    got = layer_norms(ts, layers, L, with_max, kind)
+    assert got is not None
+    for k, t in enumerate(ts):
+        ref = t.double().norm().item()
+        assert abs(got[0][k].item() - ref) <= 1e-6 * ref
+    for layer in range(L):
+        mine = [t.double() for t, i in zip(ts, layers) if i == layer]
+        sq = sum((t * t).sum().item() for t in mine)
+        n = sum(t.numel() for t in mine)
+        assert abs(got[1][layer].item() - math.sqrt(sq)) <= 1e-6 * math.sqrt(sq)
+        rms = math.sqrt(sq / max(n, 1))
+        assert abs(got[2][layer].item() - rms) <= 1e-6 * rms
+        if with_max:
+            want = max((t.abs().max().item() for t in mine), default=0.0)
+            assert got[3][layer].item() == want  # exact: a max of the stored values
+            assert got[4][layer].item() == 0.0
+
+
+def test_layer_norms_nan_inf_and_what_they_refuse() -> None:
+    a, b, c, d = torch.randn(100), torch.randn(50), torch.randn(9), torch.randn(30)
+    a[3], b[49], c[0] = math.nan, math.inf, -math.inf
+    got = layer_norms([a, b, c, d], [0, 1, 1, 2], 3, True)
+    assert got is not None
+    norms, lnorm, lrms, lmax, lnf = got
+    assert math.isnan(norms[0]) and norms[1] == math.inf and norms[2] == math.inf
+    assert math.isnan(lnorm[0]) and math.isnan(lmax[0])  # as torch's amax gives NaN
+    assert lnorm[1] == math.inf and lmax[1] == math.inf
+    assert lnf.tolist() == [1.0, 2.0, 0.0]
+    assert math.isfinite(lrms[2]) and lmax[2].item() == d.abs().max().item()
+    # finite values whose squares overflow fp32: the norm is still the true one
+    big = torch.full((4,), 1e20)
+    got = layer_norms([big], [0], 1, False)
+    assert got is not None and abs(got[1][0].item() - 2e20) <= 2e20 * 1e-6
+    # element type or layout changed since the list's kind was found: the ops take it
+    assert layer_norms([a.double()], [0], 1, True) is None
+    assert layer_norms([torch.randn(4, 5).t()], [0], 1, True) is None
+    assert K.list_kind([a, a.double()]) == -1 and K.list_kind([a, torch.empty(0)]) == -1
