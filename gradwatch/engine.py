@@ -136,7 +136,10 @@ class StepEngine:
             sampled = self.collector.full
             if sampled:
                 self.collector.flush_batches()
-            if sampled or not self.monitor.clean(grads, self.step + 1):
+            if self.monitor.clean(grads, self.step + 1):
+                if sampled:  # CPU: nothing to flag; the update ratios are read at once
+                    self.monitor.see_updates(updates, self.step + 1)
+            else:
                 self.monitor.send(self.buffers.step_flags(grads, sampled, updates), grads,
                                   sampled, self.step + 1)
             self.buffers.commit_step(grads, weights, updates, sampled)

@@ -94,6 +94,7 @@ class StepMonitor:
         self.trace_cut = False  # the last trace taken left calls out (trace.MAX_ENTRIES)
         self._clean: Any = None  # CPU: a light step's gradients with nothing to report
         self._host_norms = HostVector()
+        self._host_updates = HostVector()
         self._least: tuple[Any, float] = (None, 0.0)  # (tracked parameters, sqrt min numel)
 
     def _failed(self, e: Exception) -> None:
@@ -207,12 +208,20 @@ class StepMonitor:
         return self._least[1]
 
     def clean(self, grads: Any, step: int) -> bool:
-        """CPU: a light step's flags (built from ``grads`` alone) need not be built nor
-        read: its pre-step found its trace and ``grads`` finite and every gradient RMS
-        under ``extreme_rms`` (``_finite``)."""
+        """CPU: a step's flags need not be built nor read: its pre-step found its trace
+        (outputs and output gradients) and ``grads`` finite and every gradient RMS under
+        ``extreme_rms`` (``_finite``). A sampled step then only hands on its update ratios
+        (``see_updates``)."""
         ok = grads is not None and grads is self._clean and self.trace_step == step
         self._clean = None
         return ok
+
+    def see_updates(self, updates: torch.Tensor | None, step: int) -> None:
+        """CPU, a step ``clean`` found with nothing to flag: its per-layer update ratios
+        (NaN where not measured) read on the host at once, as the learning-rate evidence
+        the step's flags would have carried."""
+        if updates is not None and "flags" not in self.guard.off:
+            self.rules.step_lr.see(step, self._host_updates.read(updates))
 
     def _quiet(self, layers: np.ndarray) -> bool:
         """A step's flags on the host, without a trace: nothing for ``_examine`` to report
