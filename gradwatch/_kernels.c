@@ -2,9 +2,9 @@
  *
  * On CPU each PyTorch op costs its dispatch (a few microseconds) and a pass over memory;
  * the activation statistics of one output took about twenty ops. These kernels read the
- * tensor once and write their sums straight into a row of gradwatch's preallocated fp32
- * log, in the layout of ``buffers.ROW``: nothing is allocated, nothing goes back to Python
- * but a flag. They only ever see contiguous CPU tensors (float32 or bfloat16) the Python
+ * tensor once and add their sums straight into the layer's row of gradwatch's preallocated
+ * fp32 stage (buffers.WindowBuffers.stage): nothing is allocated, nothing goes back to
+ * Python but a flag. They only ever see contiguous CPU tensors (float32 or bfloat16) the Python
  * side has checked; CUDA tensors never come here.
  *
  * Sums are accumulated in fp32 vectors over blocks of BLOCK elements, each block then added
@@ -89,11 +89,12 @@ static inline int64_t hcount(vi v) { /* lanes hold minus the count (true is -1) 
     return s;
 }
 
-/* The activation row of one contiguous tensor of n elements, read as [n / units, units].
- * out (10 floats, buffers.ROW): numel, sum x, sum x^2, nonzeros, non-finite (0), saturated
- * (|x - c| > r, when bounded), stuck units (every row <= slo, or every row >= shi, when
- * bounded), units (when bounded), max x, min x. Returns 0 without a full row when a NaN or
- * an Inf was seen: the caller then takes the ops' path, whose NaN semantics are the
+/* One call of a layer: the statistics of one contiguous tensor of n elements, read as
+ * [n / units, units], added into the layer's stage row ``out`` (buffers.STAGE_COLS floats):
+ * numel, sum x, sum x^2, nonzeros, non-finite (none), saturated (|x - c| > r, when
+ * bounded), stuck units (every row <= slo, or every row >= shi, when bounded) and units
+ * (when bounded) are added; max |x| is maxed in. Returns 0, the row untouched, when a NaN
+ * or an Inf was seen: the caller then takes the ops' path, whose NaN semantics are the
  * reference. */
 CLONES static int act_row(const void *x, Py_ssize_t n, Py_ssize_t units, int kind,
                           int bounded, float c, float r, float slo, float shi, float *out,
@@ -173,20 +174,22 @@ CLONES static int act_row(const void *x, Py_ssize_t n, Py_ssize_t units, int kin
             if (umin[k] < flo) flo = umin[k];
         }
     }
-    out[0] = (float)n;
-    out[1] = (float)d1;
-    out[2] = (float)d2;
-    out[3] = (float)(n - czero);
-    out[4] = 0.0f;
-    out[5] = (float)csat;
-    out[6] = (float)stuck;
-    out[7] = bounded ? (float)units : 0.0f;
-    out[8] = fhi;
-    out[9] = flo;
+    /* added into the layer's stage row, as the ops' rows are folded into it */
+    out[0] += (float)n;
+    out[1] += (float)d1;
+    out[2] += (float)d2;
+    out[3] += (float)(n - czero);
+    /* out[4], the non-finite count, stays: none here */
+    out[5] += (float)csat;
+    out[6] += (float)stuck;
+    out[7] += bounded ? (float)units : 0.0f;
+    float amax = fhi > -flo ? fhi : -flo;
+    if (amax > out[8]) out[8] = amax;
     return 1;
 }
 
-/* sum x^2 of a contiguous tensor (an output gradient): out = [n, sum x^2]. */
+/* An output gradient of n elements, added into its layer's stage columns ``out``
+ * (buffers.ST_GN..ST_GNF): element count, sum x^2, and 1 when that sum is NaN. */
 CLONES static void sq_row(const void *x, Py_ssize_t n, int kind, float *out) {
     const vf zero = (vf){0};
     vf s = zero;
@@ -207,8 +210,9 @@ CLONES static void sq_row(const void *x, Py_ssize_t n, int kind, float *out) {
         float v = load1(x, i, kind);
         d += (double)v * v;
     }
-    out[0] = (float)n;
-    out[1] = (float)d;
+    out[0] += (float)n;
+    out[1] += (float)d;
+    out[2] += isnan(d) ? 1.0f : 0.0f;
 }
 
 /* The L2 norm of a contiguous tensor of n elements, and with want_max its max |x| (NaN

@@ -156,10 +156,11 @@ class WindowBuffers:
         self._grad_log = torch.zeros(FOLD_AT, 2, dtype=torch.float32, device=device)
         self._row_slots: list[int] = []
         self._g_slots: list[int] = []
-        # CPU: the C kernels (``cpukernels``) write a call's row in place, at its address
+        # CPU: the C kernels (``cpukernels``) add a call into its layer's stage row, at its
+        # address; ``_direct``: some did since the stage was last cleared
         self.rows_in_place = device.type == "cpu"
-        self._act_addr = self._act_log.data_ptr() if self.rows_in_place else 0
-        self._grad_addr = self._grad_log.data_ptr() if self.rows_in_place else 0
+        self._stage_addr = self.stage.data_ptr() if self.rows_in_place else 0
+        self._direct = False
         self._idx: dict[tuple[int, ...], Tensor] = {}
         self._zero = torch.zeros(n_layers, dtype=torch.float32, device=device)
         # the window columns of a light step's commit (``commit_step``): with its non-finite
@@ -189,27 +190,17 @@ class WindowBuffers:
         if len(self._row_slots) >= FOLD_AT:
             self.fold()
 
-    def act_row_at(self) -> int:
-        """The address of the next activation row (CPU, ``rows_in_place``): a kernel writes
-        the ``ROW`` values there, then ``logged_activation`` takes the row."""
-        return self._act_addr + len(self._row_slots) * (ROW * 4)
+    def stage_row_at(self, slot: int) -> int:
+        """CPU (``rows_in_place``): the address of ``slot``'s stage row, into which a kernel
+        adds an output's call (``cpukernels.act_row``) as ``fold`` adds a logged row."""
+        self._direct = True
+        return self._stage_addr + slot * (STAGE_COLS * 4)
 
-    def logged_activation(self, slot: int) -> None:
-        """The row at ``act_row_at`` now holds ``slot``'s call."""
-        self._row_slots.append(slot)
-        if len(self._row_slots) >= FOLD_AT:
-            self.fold()
-
-    def grad_row_at(self) -> int:
-        """The address of the next output-gradient row (two fp32 values: element count,
-        Σg²), for ``logged_out_grad``."""
-        return self._grad_addr + len(self._g_slots) * 8
-
-    def logged_out_grad(self, slot: int) -> None:
-        """The row at ``grad_row_at`` now holds ``slot``'s output gradient."""
-        self._g_slots.append(slot)
-        if len(self._g_slots) >= FOLD_AT:
-            self.fold()
+    def stage_grad_at(self, slot: int) -> int:
+        """CPU: the address of ``slot``'s output-gradient stage columns (``ST_GN``..), into
+        which ``cpukernels.sq_row`` adds an output gradient."""
+        self._direct = True
+        return self._stage_addr + (slot * STAGE_COLS + ST_GN) * 4
 
     def log_rows(self, slots: list[int], rows: Tensor) -> None:
         """Several outputs' activation rows at once (``[n, ROW]``, see ``log_activation``)."""
@@ -326,12 +317,14 @@ class WindowBuffers:
         key = (params is not None, weights is not None, updates is not None)
         win.index_add_(1, self._cols(key), torch.stack(vals, 1))
         st.zero_()
+        self._direct = False
 
     def _light(self, params: ParamStepStats | None, sampled: bool) -> bool:
         """A light step with gradients: its hooks staged nothing (they collect on sampled
         steps only, and each step's commit or discard clears the stage), so its flags and
         its window part come from the parameter gradients alone."""
-        return not sampled and params is not None and not (self._row_slots or self._g_slots)
+        return not sampled and params is not None and not (
+            self._row_slots or self._g_slots or self._direct)
 
     def _cols(self, key: tuple[bool, bool, bool]) -> Tensor:
         """Window columns of ``commit_step``'s stacked values, for which parts are present."""
@@ -406,6 +399,7 @@ class WindowBuffers:
         for slots in (self._row_slots, self._g_slots):
             slots.clear()
         self.stage.zero_()
+        self._direct = False
 
     # -- once per flush ---------------------------------------------------------------------
     def finalize(self) -> Tensor:

@@ -5,8 +5,8 @@ statistics of one output took about twenty ops (``stats.activation_parts`` and
 ``stats.stuck_units``): a sampled step of a small, fast model spent most of its extra time
 there. The C kernels of ``gradwatch._kernels`` (built at install where a C compiler is
 found) read a contiguous float32 or bfloat16 CPU tensor once and write the sums straight
-into a row of the watcher's preallocated fp32 log, the row ``buffers.WindowBuffers`` folds
-like any other; nothing is read back to Python but a flag.
+into the layer's row of the watcher's preallocated fp32 stage, as ``WindowBuffers.fold``
+adds the ops' rows; nothing is read back to Python but a flag.
 
 Where the kernels do not apply -- CUDA and other devices, other dtypes, strided or
 subclassed tensors, code that torch.compile traces, a large output whose counts are taken
@@ -86,12 +86,13 @@ def layer_norms(tensors: Sequence[Tensor], kind: int, numels: Sequence[int],
 
 def act_row(t: Tensor, kind: int, units: int, bounds: tuple[float, float] | None,
             margin: float, out: int) -> bool:
-    """The activation row of ``t`` (``buffers.ROW`` fp32 values: numel, Σx, Σx², nonzeros,
-    non-finite, saturated, stuck units, units, max, min) written at address ``out``, the
-    row of a contiguous fp32 CPU tensor. ``units``: ``t`` read as ``[numel // units,
-    units]`` for the stuck units (``stats.stuck_units``), used when ``bounds`` is set.
-    False, with nothing usable written, when ``t`` holds a NaN or an Inf or its storage
-    cannot be read: the caller then takes the ops' path."""
+    """The statistics of one call, ``t``, added into its layer's stage row at address
+    ``out`` (``buffers.STAGE_COLS`` fp32 values of a CPU tensor): numel, Σx, Σx², nonzeros,
+    non-finite (none), saturated, stuck units and units are added, max |x| is maxed in --
+    what ``WindowBuffers.fold`` does with a row of the ops. ``units``: ``t`` read as
+    ``[numel // units, units]`` for the stuck units (``stats.stuck_units``), used when
+    ``bounds`` is set. False, the row untouched, when ``t`` holds a NaN or an Inf or its
+    storage cannot be read: the caller then takes the ops' path."""
     try:
         ptr = t.data_ptr()
     except RuntimeError:  # a tensor without storage (functional or batched wrappers)
@@ -122,8 +123,9 @@ def _bounded_consts(bounds: tuple[float, float], margin: float, dtype: torch.dty
 
 
 def sq_row(t: Tensor, kind: int, out: int) -> bool:
-    """``[numel, Σx²]`` of ``t`` written at address ``out`` (two fp32 values). False when
-    its storage cannot be read."""
+    """An output gradient's element count, Σx² and NaN flag (1 when Σx² is NaN) added into
+    the three fp32 values at address ``out`` (a layer's ``buffers.ST_GN``.. stage columns).
+    False when its storage cannot be read."""
     try:
         ptr = t.data_ptr()
     except RuntimeError:

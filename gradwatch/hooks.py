@@ -216,7 +216,7 @@ class Collector:
 
     def _kernel_row(self, slot: int, t: Tensor) -> bool:
         """Eager, sampled step, a contiguous float32/bfloat16 CPU output: its statistics in
-        one C call, written into the log's next row (``cpukernels``). False where the
+        one C call, added into its layer's stage row (``cpukernels``). False where the
         kernel does not apply (then the batch or the ops take it): another device or dtype,
         a large output whose counts are sampled, a NaN or an Inf."""
         buf = self.buffers
@@ -227,11 +227,8 @@ class Collector:
         if kind < 0 or (n > S.SAMPLE_ABOVE and self.sample is not None):
             return False
         units = n // t.shape[0] if t.dim() >= 2 else n  # ``stats.units_of``
-        if not K.act_row(t, kind, units, self.layers[slot].bounds, self.margin,
-                         buf.act_row_at()):
-            return False
-        buf.logged_activation(slot)
-        return True
+        return K.act_row(t, kind, units, self.layers[slot].bounds, self.margin,
+                         buf.stage_row_at(slot))
 
     def _stats(self, slot: int, t: Tensor) -> None:
         """Eager, sampled step, an output not held for the batch of outputs of its shape
@@ -322,15 +319,12 @@ class Collector:
 
     def _kernel_grad(self, slot: int, grad: Tensor) -> bool:
         """A contiguous float32/bfloat16 CPU output gradient: its element count and Σg² in
-        one C call, into the gradient log's next row (``cpukernels``)."""
+        one C call, added into its layer's stage columns (``cpukernels``)."""
         buf = self.buffers
         if not buf.rows_in_place:
             return False
         kind = K.kind_of(grad)
-        if kind < 0 or not K.sq_row(grad, kind, buf.grad_row_at()):
-            return False
-        buf.logged_out_grad(slot)
-        return True
+        return kind >= 0 and K.sq_row(grad, kind, buf.stage_grad_at(slot))
 
     # -- step boundary ----------------------------------------------------------------------
     def flush_outputs(self) -> None:

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from gradwatch import cpukernels as K
 from gradwatch import stats as S
-from gradwatch.buffers import ROW
+from gradwatch.buffers import STAGE_COLS
 
 pytestmark = pytest.mark.skipif(not K.AVAILABLE, reason="gradwatch._kernels not built")
 
@@ -39,28 +39,46 @@ def ops_row(t: torch.Tensor, bounds: tuple[float, float] | None) -> list[float]:
 
 
 def kernel_row(t: torch.Tensor, bounds: tuple[float, float] | None) -> list[float] | None:
-    out = torch.full((ROW,), -7.0)
+    """The kernel's call added into a stage row, given as the ops' row: max |x| (the
+    stage's max column) in place of max and min."""
+    row = torch.zeros(STAGE_COLS)
+    row[8] = 0.25  # a max from an earlier call of the layer
     kind = K.kind_of(t)
     assert kind >= 0
     units = t.numel() // t.shape[0] if t.dim() >= 2 else t.numel()
-    if not K.act_row(t, kind, units, bounds, MARGIN, out.data_ptr()):
+    if not K.act_row(t, kind, units, bounds, MARGIN, row.data_ptr()):
+        assert row.tolist() == [0.0] * 8 + [0.25] + [0.0] * 3  # untouched
         return None
-    return out.tolist()
+    assert row[9:].tolist() == [0.0, 0.0, 0.0]  # the gradient columns are not its
+    return row[:9].tolist()
 
 
 def check_row(t: torch.Tensor, bounds: tuple[float, float] | None) -> None:
     got = kernel_row(t, bounds)
     assert got is not None
     want = ops_row(t, bounds)
-    # counts, maxima and minima: equal
-    for k in (0, 3, 4, 5, 6, 7, 8, 9):
+    # counts: equal; max |x|: equal, maxed with the row's earlier 0.25
+    for k in (0, 3, 4, 5, 6, 7):
         assert got[k] == want[k], (k, got, want)
+    assert got[8] == max(0.25, want[8], -want[9])
     # sums: at least as close to float64 as the ops' fp32 sums (plus one rounding)
     x = t.double()
     for k, ref in ((1, x.sum().item()), (2, (x * x).sum().item())):
         scale = x.abs().sum().item() if k == 1 else ref
         tol = 1e-6 * max(scale, 1e-30) + 1e-30
         assert abs(got[k] - ref) <= max(tol, 2 * abs(want[k] - ref)), (k, got[k], want[k], ref)
+
+
+def test_output_gradient_adds_into_its_stage_columns() -> None:
+    cols = torch.tensor([3.0, 1.5, 0.0])  # an earlier call of the layer
+    g = torch.randn(7, 33)
+    assert K.sq_row(g, 0, cols.data_ptr())
+    want = (g.double() ** 2).sum().item()
+    assert cols[0] == 3 + 231 and abs(cols[1].item() - (1.5 + want)) <= 1e-6 * want
+    assert cols[2] == 0
+    g[2, 2] = math.nan
+    assert K.sq_row(g.bfloat16(), 1, cols.data_ptr())
+    assert cols[0] == 3 + 2 * 231 and math.isnan(cols[1]) and cols[2] == 1
 
 
 @pytest.mark.parametrize("shape", [(32, 640), (32, 64), (7, 13), (1000,), (4, 3, 5, 5),
