@@ -69,6 +69,11 @@ static inline vf vsel(vi m, vf a, vf b) { /* m ? a : b, lane by lane */
     return out;
 }
 
+static inline vi imax(vi a, vi b) { /* lane by lane (compilers emit one max op) */
+    vi m = a > b;
+    return (a & m) | (b & ~m);
+}
+
 static inline vf vabs(vf a) {
     vi ai;
     memcpy(&ai, &a, sizeof a);
@@ -221,11 +226,14 @@ CLONES static void sq_row(const void *x, Py_ssize_t n, int kind, float *out) {
 CLONES static void norm_max(const void *x, Py_ssize_t n, int kind, int want_max,
                             float *norm, float *mx) {
     /* four independent accumulators: one chain of fused multiply-adds waits on its own
-     * latency, four keep the unit busy */
+     * latency, four keep the unit busy. max |x| is taken on the bit patterns: for |x| (the
+     * sign bit cleared) integer order is float order, and a NaN's pattern is above Inf's,
+     * so an integer max both finds the largest |x| and lets a NaN win, as torch's does. */
     const vf zero = (vf){0};
-    vf s0 = zero, s1 = zero, s2 = zero, s3 = zero, m0 = zero, m1 = zero;
+    vf s0 = zero, s1 = zero, s2 = zero, s3 = zero;
+    vi m0 = (vi){0}, m1 = (vi){0};
     double d = 0.0;
-    float fm = 0.0f;
+    int32_t fm = 0;
     Py_ssize_t i = 0, inblock = 0;
     for (; i + 4 * W <= n; i += 4 * W) {
         vf a = load(x, i, kind), b = load(x, i + W, kind);
@@ -235,10 +243,18 @@ CLONES static void norm_max(const void *x, Py_ssize_t n, int kind, int want_max,
         s2 += c * c;
         s3 += e * e;
         if (want_max) {
-            vf aa = vabs(a), ab = vabs(b), ac = vabs(c), ae = vabs(e);
-            vf p = vsel(aa > ab, aa, ab), q = vsel(ac > ae, ac, ae);
-            m0 = vsel(p > m0, p, m0);
-            m1 = vsel(q > m1, q, m1);
+            vi ia, ib, ic, ie;
+            memcpy(&ia, &a, sizeof ia);
+            memcpy(&ib, &b, sizeof ib);
+            memcpy(&ic, &c, sizeof ic);
+            memcpy(&ie, &e, sizeof ie);
+            ia &= 0x7fffffff;
+            ib &= 0x7fffffff;
+            ic &= 0x7fffffff;
+            ie &= 0x7fffffff;
+            vi p = imax(ia, ib), q = imax(ic, ie);
+            m0 = imax(p, m0);
+            m1 = imax(q, m1);
         }
         inblock += 4 * W;
         if (inblock >= BLOCK) {
@@ -251,7 +267,10 @@ CLONES static void norm_max(const void *x, Py_ssize_t n, int kind, int want_max,
     for (; i < n; i++) {
         float v = load1(x, i, kind);
         d += (double)v * v;
-        if (fabsf(v) > fm) fm = fabsf(v);
+        int32_t iv;
+        memcpy(&iv, &v, sizeof iv);
+        iv &= 0x7fffffff;
+        if (iv > fm) fm = iv;
     }
     *norm = (float)sqrt(d);
     if (want_max) {
@@ -259,10 +278,9 @@ CLONES static void norm_max(const void *x, Py_ssize_t n, int kind, int want_max,
             if (m0[j] > fm) fm = m0[j];
             if (m1[j] > fm) fm = m1[j];
         }
-        /* the max skips NaN (no comparison holds); the sum of squares is NaN exactly when
-         * an element is (an Inf makes it Inf, never NaN): no test per element needed.
-         * (A NaN self-comparison per lane would not vectorize.) */
-        *mx = isnan(d) ? NAN : fm;
+        float f;
+        memcpy(&f, &fm, sizeof f);
+        *mx = isnan(f) ? NAN : f;
     }
 }
 
@@ -327,14 +345,15 @@ static PyObject *py_sq_row(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
-/* layer_norms(ptrs, numels, layers, n_layers, kind, out_ptr, with_max) -> None
+/* layer_norms(ptrs, numels, layers, n_layers, kind, out_ptr, with_max) -> float
  *
  * Tensor i (ptrs[i], numels[i] elements) belongs to layer layers[i] < n_layers. Writes the
  * fp32 array at out_ptr: [norms (k) | layer norm (L) | layer RMS (L)], and with with_max
  * also [layer max |x| (L) | layer non-finite (L)]: each tensor's L2 norm; per layer the
  * norm of its tensors together, that over sqrt(its element count) (0 for a layer without
  * any), the max |x| (0 without any, NaN with a NaN) and the number of its tensors whose max
- * |x| is not finite. */
+ * |x| is not finite. Returns the sum of the tensors' norms (the host's finiteness check and
+ * bound, monitor.StepMonitor._finite). */
 static PyObject *py_layer_norms(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 7) {
         PyErr_SetString(PyExc_TypeError, "layer_norms takes 7 arguments");
@@ -393,8 +412,9 @@ static PyObject *py_layer_norms(PyObject *self, PyObject *const *args, Py_ssize_
         lnorm[l] = (float)nrm;
         lrms[l] = (float)(nrm / sqrt(acc[2 * l + 1] > 1.0 ? acc[2 * l + 1] : 1.0));
     }
-    ret = Py_None;
-    Py_INCREF(ret);
+    double total = 0.0;
+    for (Py_ssize_t i = 0; i < k; i++) total += norm[i];
+    ret = PyFloat_FromDouble(total);
 done:
     PyMem_RawFree(acc);
     Py_XDECREF(ptrs);
@@ -403,9 +423,221 @@ done:
     return ret;
 }
 
+/* The views of the update ratio (params.py): view i starts at ptrs[i] and is rows[i] runs
+ * of runs[i] contiguous elements, run r at element r * strides[i]. */
+typedef struct {
+    PyObject *ptrs, *rows, *runs, *strides;
+    Py_ssize_t k;
+} Views;
+
+static int views_open(Views *v, PyObject *const *args) {
+    v->ptrs = v->rows = v->runs = v->strides = NULL;
+    if (!(v->ptrs = PySequence_Fast(args[0], "ptrs must be a sequence")) ||
+        !(v->rows = PySequence_Fast(args[1], "rows must be a sequence")) ||
+        !(v->runs = PySequence_Fast(args[2], "runs must be a sequence")) ||
+        !(v->strides = PySequence_Fast(args[3], "strides must be a sequence")))
+        return -1;
+    v->k = PySequence_Fast_GET_SIZE(v->ptrs);
+    if (PySequence_Fast_GET_SIZE(v->rows) != v->k || PySequence_Fast_GET_SIZE(v->runs) != v->k ||
+        PySequence_Fast_GET_SIZE(v->strides) != v->k) {
+        PyErr_SetString(PyExc_ValueError, "views: lengths differ");
+        return -1;
+    }
+    return 0;
+}
+
+static void views_close(Views *v) {
+    Py_XDECREF(v->ptrs);
+    Py_XDECREF(v->rows);
+    Py_XDECREF(v->runs);
+    Py_XDECREF(v->strides);
+}
+
+static int view_at(Views *v, Py_ssize_t i, const char **x, Py_ssize_t *rows, Py_ssize_t *run,
+                   Py_ssize_t *stride) {
+    *x = PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(v->ptrs, i));
+    *rows = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(v->rows, i));
+    *run = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(v->runs, i));
+    *stride = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(v->strides, i));
+    if (PyErr_Occurred()) return -1;
+    if (*x == NULL || *rows <= 0 || *run <= 0 || *stride < *run) {
+        PyErr_SetString(PyExc_ValueError, "views: bad view");
+        return -1;
+    }
+    return 0;
+}
+
+/* snapshot(ptrs, rows, runs, strides, kind, dst_ptr) -> None: the views copied one after
+ * the other into the fp32 array at dst_ptr (the weights before an optimizer update). */
+static PyObject *py_snapshot(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "snapshot takes 6 arguments");
+        return NULL;
+    }
+    long kind = PyLong_AsLong(args[4]);
+    float *dst = PyLong_AsVoidPtr(args[5]);
+    if (PyErr_Occurred()) return NULL;
+    Views v;
+    PyObject *ret = NULL;
+    if (views_open(&v, args) < 0) goto done;
+    if (dst == NULL || (kind != F32 && kind != BF16)) {
+        PyErr_SetString(PyExc_ValueError, "snapshot: bad arguments");
+        goto done;
+    }
+    size_t es = kind == F32 ? 4 : 2;
+    for (Py_ssize_t i = 0; i < v.k; i++) {
+        const char *x;
+        Py_ssize_t rows, run, stride;
+        if (view_at(&v, i, &x, &rows, &run, &stride) < 0) goto done;
+        for (Py_ssize_t r = 0; r < rows; r++, dst += run) {
+            const char *src = x + (size_t)(r * stride) * es;
+            if (kind == F32) memcpy(dst, src, (size_t)run * 4);
+            else
+                for (Py_ssize_t j = 0; j < run; j++) dst[j] = load1(src, j, BF16);
+        }
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    views_close(&v);
+    return ret;
+}
+
+/* One run of a view: sum (x - s)^2 and sum x^2 (x: the weights now, s: their snapshot)
+ * added into *dd and *aa. */
+CLONES static void delta_sq(const void *x, const float *s, Py_ssize_t n, int kind, double *dd,
+                            double *aa) {
+    const vf zero = (vf){0};
+    vf vd = zero, va = zero;
+    Py_ssize_t j = 0, inblock = 0;
+    for (; j + W <= n; j += W) {
+        vf a = load(x, j, kind), b;
+        memcpy(&b, s + j, sizeof b);
+        vf dl = a - b;
+        vd += dl * dl;
+        va += a * a;
+        inblock += W;
+        if (inblock >= BLOCK) {
+            *dd += hsum(vd);
+            *aa += hsum(va);
+            vd = va = zero;
+            inblock = 0;
+        }
+    }
+    *dd += hsum(vd);
+    *aa += hsum(va);
+    for (; j < n; j++) {
+        float a = load1(x, j, kind), dl = a - s[j];
+        *dd += (double)dl * dl;
+        *aa += (double)a * a;
+    }
+}
+
+/* update_ratios(ptrs, rows, runs, strides, kind, snap_ptr, layers, n_layers, out_ptr):
+ * per layer l, sqrt(sum (x - before)^2) / sqrt(sum x^2) over its views (before: the
+ * snapshot's copy), written at out_ptr[l] (fp32; 0/0, NaN, for a layer without any). */
+static PyObject *py_update_ratios(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 9) {
+        PyErr_SetString(PyExc_TypeError, "update_ratios takes 9 arguments");
+        return NULL;
+    }
+    long kind = PyLong_AsLong(args[4]);
+    const float *snap = PyLong_AsVoidPtr(args[5]);
+    Py_ssize_t L = PyLong_AsSsize_t(args[7]);
+    float *out = PyLong_AsVoidPtr(args[8]);
+    if (PyErr_Occurred()) return NULL;
+    Views v;
+    PyObject *ret = NULL, *layers = NULL;
+    double *acc = NULL;
+    if (views_open(&v, args) < 0) goto done;
+    if (!(layers = PySequence_Fast(args[6], "layers must be a sequence"))) goto done;
+    if (snap == NULL || out == NULL || L <= 0 || PySequence_Fast_GET_SIZE(layers) != v.k ||
+        (kind != F32 && kind != BF16)) {
+        PyErr_SetString(PyExc_ValueError, "update_ratios: bad arguments");
+        goto done;
+    }
+    if (!(acc = PyMem_RawCalloc((size_t)L * 2, sizeof(double)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    size_t es = kind == F32 ? 4 : 2;
+    for (Py_ssize_t i = 0; i < v.k; i++) {
+        const char *x;
+        Py_ssize_t rows, run, stride;
+        if (view_at(&v, i, &x, &rows, &run, &stride) < 0) goto done;
+        Py_ssize_t l = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(layers, i));
+        if (PyErr_Occurred()) goto done;
+        if (l < 0 || l >= L) {
+            PyErr_SetString(PyExc_ValueError, "update_ratios: bad layer");
+            goto done;
+        }
+        double dd = 0.0, aa = 0.0;
+        for (Py_ssize_t r = 0; r < rows; r++, snap += run)
+            delta_sq(x + (size_t)(r * stride) * es, snap, run, (int)kind, &dd, &aa);
+        acc[2 * l] += dd;
+        acc[2 * l + 1] += aa;
+    }
+    for (Py_ssize_t l = 0; l < L; l++) out[l] = (float)(sqrt(acc[2 * l]) / sqrt(acc[2 * l + 1]));
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyMem_RawFree(acc);
+    Py_XDECREF(layers);
+    views_close(&v);
+    return ret;
+}
+
+/* add_columns(dst_ptr, ncols, n_rows, cols, srcs) -> None: dst (fp32, [n_rows, ncols],
+ * contiguous) gets dst[r, cols[j]] += srcs[j][r] for each j: fp32 vectors of n_rows at the
+ * addresses srcs[j]. */
+static PyObject *py_add_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "add_columns takes 5 arguments");
+        return NULL;
+    }
+    float *dst = PyLong_AsVoidPtr(args[0]);
+    Py_ssize_t ncols = PyLong_AsSsize_t(args[1]), rows = PyLong_AsSsize_t(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    PyObject *cols = PySequence_Fast(args[3], "add_columns: cols must be a sequence");
+    if (cols == NULL) return NULL;
+    PyObject *srcs = PySequence_Fast(args[4], "add_columns: srcs must be a sequence");
+    if (srcs == NULL) {
+        Py_DECREF(cols);
+        return NULL;
+    }
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(cols);
+    PyObject *ret = NULL;
+    if (dst == NULL || k != PySequence_Fast_GET_SIZE(srcs) || rows < 0 || ncols <= 0) {
+        PyErr_SetString(PyExc_ValueError, "add_columns: bad arguments");
+        goto done;
+    }
+    for (Py_ssize_t j = 0; j < k; j++) {
+        Py_ssize_t c = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(cols, j));
+        const float *src = PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(srcs, j));
+        if (PyErr_Occurred()) goto done;
+        if (c < 0 || c >= ncols || src == NULL) {
+            PyErr_SetString(PyExc_ValueError, "add_columns: bad column");
+            goto done;
+        }
+        for (Py_ssize_t r = 0; r < rows; r++) dst[r * ncols + c] += src[r];
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    Py_DECREF(cols);
+    Py_DECREF(srcs);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
+    {"snapshot", (PyCFunction)(void (*)(void))py_snapshot, METH_FASTCALL,
+     "snapshot(ptrs, rows, runs, strides, kind, dst_ptr) -> None"},
+    {"update_ratios", (PyCFunction)(void (*)(void))py_update_ratios, METH_FASTCALL,
+     "update_ratios(ptrs, rows, runs, strides, kind, snap_ptr, layers, n_layers, out_ptr)"},
+    {"add_columns", (PyCFunction)(void (*)(void))py_add_columns, METH_FASTCALL,
+     "add_columns(dst_ptr, ncols, n_rows, cols, srcs) -> None"},
     {"layer_norms", (PyCFunction)(void (*)(void))py_layer_norms, METH_FASTCALL,
-     "layer_norms(ptrs, numels, layers, n_layers, kind, out_ptr, with_max) -> None"},
+     "layer_norms(ptrs, numels, layers, n_layers, kind, out_ptr, with_max) -> float"},
     {"act_row", (PyCFunction)(void (*)(void))py_act_row, METH_FASTCALL,
      "act_row(x_ptr, n, units, kind, bounded, c, r, slo, shi, out_ptr) -> bool"},
     {"sq_row", (PyCFunction)(void (*)(void))py_sq_row, METH_FASTCALL,

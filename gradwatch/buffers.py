@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from gradwatch import cpukernels as K
 from gradwatch import stats as S
 from gradwatch.schema import STATS as STATS  # the public statistics, in display order
 
@@ -120,6 +121,7 @@ class ParamStepStats:
     norms: Tensor | None = None  # per parameter with a gradient (``ParamTracker.present``)
     layer_of: Tensor | None = None  # the layer of each of ``norms``
     finite: bool = False  # every norm was read finite on the host
+    norm_sum: float | None = None  # the sum of ``norms``, where the host has it (CPU kernel)
 
     @property
     def grad_nonfinite(self) -> Tensor:
@@ -169,6 +171,7 @@ class WindowBuffers:
                                 "nonfinite")]
         self._light_cols = (device_tensor(light, torch.long, device),
                             device_tensor(light[:3], torch.long, device))
+        self._light_idx = (tuple(light), tuple(light[:3]))  # the same, for add_columns
         self._zero_flags = torch.zeros(n_layers, FLAG_COLS, dtype=torch.float32,
                                        device=device)
         self._act_cols = torch.tensor([W[c] for c in _ACT_COLS], dtype=torch.long,
@@ -293,7 +296,10 @@ class WindowBuffers:
             vals = [params.grad_norm, params.grad_rms, params.grad_present]
             if not params.finite:
                 vals += [params.grad_nonfinite] * 2
-            win.index_add_(1, self._light_cols[params.finite], torch.stack(vals, 1))
+            # CPU: one C call adds the vectors into their columns (no stack, no index_add_)
+            if not (self.rows_in_place and K.add_columns(
+                    win, self._light_idx[params.finite], vals)):
+                win.index_add_(1, self._light_cols[params.finite], torch.stack(vals, 1))
             return
         self.fold()
         if sampled:

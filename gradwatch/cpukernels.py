@@ -38,13 +38,17 @@ AVAILABLE = _kernels is not None
 
 _KIND = {torch.float32: 0, torch.bfloat16: 1}
 _DTYPE = attrgetter("dtype")
+#: tensor types whose memory is their values (a parameter is one; fake, distributed or
+#: other subclassed tensors are not)
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def kind_of(t: Tensor) -> int:
     """The kernels' code for ``t``'s element type, or -1 when they do not take ``t``:
     a dense contiguous CPU tensor of float32 or bfloat16 with storage (a plain
-    ``torch.Tensor``: subclasses such as fake or distributed tensors keep the ops)."""
-    if _kernels is None or not t.is_cpu or type(t) is not Tensor or t.layout != torch.strided:
+    ``torch.Tensor`` or a parameter: subclasses such as fake or distributed tensors keep
+    the ops)."""
+    if _kernels is None or not t.is_cpu or type(t) not in _PLAIN or t.layout != torch.strided:
         return -1
     k = _KIND.get(t.dtype, -1)
     if k < 0 or not t.is_contiguous() or t.is_neg():
@@ -60,12 +64,14 @@ def list_kind(tensors: Sequence[Tensor]) -> int:
 
 
 def layer_norms(tensors: Sequence[Tensor], kind: int, numels: Sequence[int],
-                layers: Sequence[int], n_layers: int, with_max: bool) -> Tensor | None:
+                layers: Sequence[int], n_layers: int, with_max: bool
+                ) -> tuple[Tensor, float] | None:
     """Per-tensor and per-layer gradient statistics of a list, from one C call: one pass
     over each tensor, nothing stacked or copied. Tensor ``i`` belongs to layer
     ``layers[i]``. Returns one fp32 vector: ``[norms (len(tensors)) | layer norm | layer
     RMS]`` and with ``with_max`` also ``[layer max |x| | layer non-finite count]``, each
-    part ``n_layers`` long (see ``_kernels.c``: a NaN gives NaN, as the ops do).
+    part ``n_layers`` long (see ``_kernels.c``: a NaN gives NaN, as the ops do); and the
+    sum of the norms, on the host (CPU memory: the kernel has it at hand).
 
     ``kind``, ``numels``: the list's ``list_kind`` and element counts, found once for a list
     whose tensors are made anew each step (gradients); checked again here is what can
@@ -80,8 +86,81 @@ def layer_norms(tensors: Sequence[Tensor], kind: int, numels: Sequence[int],
     except RuntimeError:  # a sparse or storage-less tensor
         return None
     out = torch.empty(len(ptrs) + (4 if with_max else 2) * n_layers, dtype=torch.float32)
-    _kernels.layer_norms(ptrs, numels, layers, n_layers, kind, out.data_ptr(), with_max)
-    return out
+    total = _kernels.layer_norms(ptrs, numels, layers, n_layers, kind, out.data_ptr(),
+                                 with_max)
+    return out, total
+
+
+class UpdateViews:
+    """The update ratio's reads of a list of parameters, for the C kernels: parameter ``i``
+    whole when it has at most ``sample`` elements, else ``chunks`` evenly spaced contiguous
+    runs of it (``params._Weights.views``, the same elements), and a snapshot buffer of
+    them all. ``kind``: the list's ``list_kind`` (>= 0)."""
+
+    def __init__(self, params: Sequence[Tensor], layers: Sequence[int], kind: int,
+                 sample: int, chunks: int) -> None:
+        self.params = list(params)
+        self.kind = kind
+        self.layers = tuple(layers)
+        rows, runs, strides = [], [], []
+        for p in self.params:
+            n = p.numel()
+            r, run, stride = (1, n, n) if n <= sample else (chunks, sample // chunks,
+                                                             n // chunks)
+            rows.append(r)
+            runs.append(run)
+            strides.append(stride)
+        self.rows, self.runs, self.strides = tuple(rows), tuple(runs), tuple(strides)
+        self.numels = tuple(p.numel() for p in self.params)
+        self.buf = torch.empty(sum(r * n for r, n in zip(rows, runs)), dtype=torch.float32)
+
+    def _ptrs(self) -> list[int] | None:
+        """The parameters' addresses now, or None when one is no longer a contiguous
+        tensor of the kind and size (its ``.data`` replaced): then nothing is read."""
+        ps = self.params
+        dtypes = set(map(_DTYPE, ps))
+        if (len(dtypes) != 1 or _KIND.get(dtypes.pop(), -1) != self.kind
+                or not all(map(Tensor.is_contiguous, ps))
+                or tuple(map(Tensor.numel, ps)) != self.numels):
+            return None
+        return list(map(Tensor.data_ptr, ps))
+
+    def snapshot(self) -> bool:
+        """Copy the views into the buffer (before the update). False: nothing copied."""
+        ptrs = self._ptrs()
+        if ptrs is None:
+            return False
+        _kernels.snapshot(ptrs, self.rows, self.runs, self.strides, self.kind,
+                          self.buf.data_ptr())
+        return True
+
+    def ratios(self, n_layers: int) -> Tensor | None:
+        """Per layer ‖w - w_snapshot‖ / ‖w‖ over the views (NaN for a layer without any),
+        or None when the parameters changed form since ``snapshot``."""
+        ptrs = self._ptrs()
+        if ptrs is None:
+            return None
+        out = torch.empty(n_layers, dtype=torch.float32)
+        _kernels.update_ratios(ptrs, self.rows, self.runs, self.strides, self.kind,
+                               self.buf.data_ptr(), self.layers, n_layers, out.data_ptr())
+        return out
+
+
+def add_columns(dst: Tensor, cols: Sequence[int], srcs: Sequence[Tensor]) -> bool:
+    """``dst[:, cols[j]] += srcs[j]`` for every ``j``, in one C call: ``dst`` a contiguous
+    fp32 CPU matrix, each of ``srcs`` a contiguous fp32 CPU vector of its rows (what
+    ``index_add_`` of the stacked vectors does, without the stack). False, nothing
+    added, where they are not."""
+    if _kernels is None:
+        return False
+    rows = dst.shape[0]
+    for t in srcs:
+        if t.dtype is not torch.float32 or not t.is_cpu or t.shape != (rows,) or (
+                not t.is_contiguous()):
+            return False
+    _kernels.add_columns(dst.data_ptr(), dst.shape[1], rows, cols,
+                         [t.data_ptr() for t in srcs])
+    return True
 
 
 def act_row(t: Tensor, kind: int, units: int, bounds: tuple[float, float] | None,

@@ -187,7 +187,12 @@ class StepMonitor:
         if rows is None or self.tracker.shadow:
             return False
         total = sum(_host_sum(v) for v in rows)
-        g = 0.0 if norms is None else _host_sum(self._host_norms.read(norms))
+        if norms is None:
+            g = 0.0
+        elif grads.norm_sum is not None:  # summed by the kernel that made the norms
+            g = grads.norm_sum
+        else:
+            g = _host_sum(self._host_norms.read(norms))
         if not math.isfinite(total + g):
             return False
         if norms is None or self.tracker.tracker.sharded:

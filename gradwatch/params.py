@@ -65,6 +65,7 @@ class ParamTracker:
         self._cache: dict[tuple[int, ...], _Layout] = {}
         self.present: tuple[int, ...] = ()  # trainable parameters with a gradient, last step
         self._before: S.Packed | None = None
+        self._snap: K.UpdateViews | None = None  # the C kernels' snapshot (``_Weights.c``)
         self._after: tuple[S.Packed, S.Packed, Tensor] | None = None  # (before, after, norms)
         self._updating: frozenset[int] | None = None  # see before_update
         self._updated_cache: dict[frozenset[int] | None, Tensor] = {}
@@ -133,9 +134,10 @@ class ParamTracker:
                if kind >= 0 else None)
         if got is not None:  # CPU: the per-layer sums too, in the same C call
             k = len(layers)
-            parts = got.split([k, L, L] + ([L, L] if sampled else []))
+            parts = got[0].split([k, L, L] + ([L, L] if sampled else []))
             return ParamStepStats(parts[1], parts[2], parts[3] if sampled else None, has,
-                                  parts[4] if sampled else None, parts[0], idx)
+                                  parts[4] if sampled else None, parts[0], idx,
+                                  norm_sum=got[1])
         # one pack (into the plan's buffers) serves the norms and, when sampled, the max
         packed = plan.pack(grads, slot="grad") if plan.groups else grads  # type: ignore
         norms = plan.norms(packed)  # type: ignore[arg-type]
@@ -185,6 +187,11 @@ class ParamTracker:
             return None
         w = self._weights()
         L = self.n_layers
+        if w.wkind >= 0:  # CPU: every parameter's norm and the per-layer ones, one C call
+            got = K.layer_norms(self.params, w.wkind, w.wnumels, w.wlayers, L, False)
+            if got is not None:
+                n = len(self.params)
+                return got[0][n: n + L] + self._nan_unowned
         parts = []
         if w.views:
             parts.append(self._after_norms(w))
@@ -215,7 +222,8 @@ class ParamTracker:
         parameters that optimizer updates (indices into ``trainable``; None: all); each
         further optimizer of the step adds its own, and ``update_ratios`` leaves out (NaN)
         the layers none of them updated."""
-        if self._before is not None:  # an earlier optimizer of this step copied them
+        if self._before is not None or self._snap is not None:
+            # an earlier optimizer of this step copied them
             had = self._updating
             self._updating = None if had is None or only is None else had | only
             return
@@ -223,7 +231,10 @@ class ParamTracker:
             return
         w = self._weights()
         self._after = None
-        self._before = w.vplan.pack(w.views, copy=True, slot="before")
+        # CPU: one C call copies the views into the snapshot buffer
+        self._snap = w.c if w.c is not None and w.c.snapshot() else None
+        if self._snap is None:
+            self._before = w.vplan.pack(w.views, copy=True, slot="before")
         self._updating = only
 
     def _nan_not_updated(self, only: frozenset[int] | None) -> Tensor:
@@ -245,6 +256,12 @@ class ParamTracker:
         before = self._before
         self._before = None
         kept, self._after = self._after, None
+        snap, self._snap = self._snap, None
+        if snap is not None:
+            r = snap.ratios(self.n_layers)
+            if r is not None:
+                return r + self._nan_not_updated(self._updating)
+            return None  # the parameters changed form during the step: not measured
         if before is None:
             return None
         w = self._weights()
@@ -311,6 +328,18 @@ class _Weights:
         self.vidx = device_tensor(layer, torch.long, dev)
         self.widx = device_tensor(widx, torch.long, dev)
         self.zeros1 = torch.zeros(L + 1, device=dev)
+        # CPU, not sharded: the C kernels read the same elements (cpukernels); None / -1
+        # where they do not apply
+        self.c: K.UpdateViews | None = None
+        self.wkind = -1
+        if t._shards is None and loc:
+            tp = [p for p, _ in t.trainable]
+            kind = K.list_kind(tp) if tp else -1
+            if kind >= 0:
+                self.c = K.UpdateViews(tp, layer, kind, UPDATE_SAMPLE, UPDATE_CHUNKS)
+            self.wkind = K.list_kind(loc)
+            self.wnumels = tuple(p.numel() for p in loc)
+            self.wlayers = tuple(t._param_layers)
 
 
 def merge_grads(a: ParamStepStats | None, b: ParamStepStats | None) -> ParamStepStats | None:

@@ -6,6 +6,7 @@ refused."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,10 +22,14 @@ pytestmark = pytest.mark.skipif(not K.AVAILABLE, reason="gradwatch._kernels not 
 MARGIN = 0.02
 
 
-def test_built_here() -> None:
+def test_built_here_from_the_current_source() -> None:
     # CI builds the package from a clean clone: the kernels must be there, not silently
-    # replaced by the ops
+    # replaced by the ops; and built from the C source as it is (the extension is
+    # optional: a failed rebuild would leave the last one in place)
     assert K.AVAILABLE
+    built = Path(K._kernels.__file__)
+    source = Path(K.__file__).with_name("_kernels.c")
+    assert built.stat().st_mtime >= source.stat().st_mtime, "rebuild: pip install -e ."
 
 
 def ops_row(t: torch.Tensor, bounds: tuple[float, float] | None) -> list[float]:
@@ -124,7 +129,12 @@ def test_tensors_the_kernels_do_not_take() -> None:
     assert K.kind_of(x) == 0 and K.kind_of(x.bfloat16()) == 1
     assert K.kind_of(x.t()) == -1  # strided
     assert K.kind_of(x.double()) == -1 and K.kind_of(x.half()) == -1
-    assert K.kind_of(torch.nn.Parameter(x)) == -1  # a subclass keeps the ops
+    assert K.kind_of(torch.nn.Parameter(x)) == 0  # a parameter's memory is its values
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert K.kind_of(x.as_subclass(Sub)) == -1  # other subclasses keep the ops
     assert K.kind_of(x.to_sparse()) == -1
     assert K.kind_of(torch.empty(3, device="meta")) == -1
 
@@ -134,8 +144,13 @@ def layer_norms(ts: list[torch.Tensor], layers: list[int], L: int, with_max: boo
     got = K.layer_norms(ts, kind, [t.numel() for t in ts], layers, L, with_max)
     if got is None:
         return None
-    assert got.numel() == len(ts) + (4 if with_max else 2) * L
-    return list(got.split([len(ts), L, L] + ([L, L] if with_max else [])))
+    out, total = got
+    assert out.numel() == len(ts) + (4 if with_max else 2) * L
+    parts = list(out.split([len(ts), L, L] + ([L, L] if with_max else [])))
+    want = parts[0].double().sum().item()  # the sum of the norms, on the host
+    assert total == want or (math.isnan(total) and math.isnan(want)) or abs(
+        total - want) <= 1e-6 * abs(want)
+    return parts
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -184,3 +199,52 @@ def test_layer_norms_nan_inf_and_what_they_refuse() -> None:
     assert layer_norms([a.double()], [0], 1, True) is None
     assert layer_norms([torch.randn(4, 5).t()], [0], 1, True) is None
     assert K.list_kind([a, a.double()]) == -1 and K.list_kind([a, torch.empty(0)]) == -1
+
+
+def test_add_columns_is_index_add_of_the_stack() -> None:
+    dst = torch.randn(6, 9)
+    want = dst.clone()
+    srcs = [torch.randn(6) for _ in range(3)]
+    cols = (4, 0, 8)
+    want.index_add_(1, torch.tensor(cols), torch.stack(srcs, 1))
+    assert K.add_columns(dst, cols, srcs)
+    assert torch.equal(dst, want)
+    # what it does not take: nothing added
+    for bad in ([srcs[0].double()], [torch.randn(12)[::2]], [torch.randn(5)]):
+        assert not K.add_columns(dst, (1,), bad)
+    assert torch.equal(dst, want)
+
+
+def test_update_views_snapshot_and_ratios_against_float64() -> None:
+    # whole small parameters, and large ones read as 8 runs of 512 (params._Weights.views)
+    ps = [torch.randn(64, 64), torch.randn(64), torch.randn(600, 40), torch.randn(3)]
+    layers = [0, 0, 1, 3]  # layer 2 has none
+    v = K.UpdateViews(ps, layers, 0, 4096, 8)
+    assert v.snapshot()
+    before = [p.double().clone() for p in ps]
+    for k, p in enumerate(ps):
+        p.add_(torch.randn_like(p) * 10.0 ** -(k + 1))
+    got = v.ratios(4)
+    assert got is not None
+
+    def sampled(t: torch.Tensor) -> torch.Tensor:
+        flat = t.reshape(-1)
+        n = flat.numel()
+        if n <= 4096:
+            return flat
+        return torch.cat([flat[r * (n // 8): r * (n // 8) + 512] for r in range(8)])
+
+    for layer in range(4):
+        idx = [k for k, i in enumerate(layers) if i == layer]
+        d = sum((sampled(ps[k].double()) - sampled(before[k])).pow(2).sum().item() for k in idx)
+        a = sum(sampled(ps[k].double()).pow(2).sum().item() for k in idx)
+        if not idx:
+            assert math.isnan(got[layer])
+        else:
+            want = math.sqrt(d) / math.sqrt(a)
+            assert abs(got[layer].item() - want) <= 1e-5 * want
+    # a parameter replaced by one of another size or kind: nothing read
+    ps[1].data = torch.randn(65)
+    assert v.ratios(4) is None and not v.snapshot()
+    ps[1].data = torch.randn(64).double()
+    assert v.ratios(4) is None
