@@ -216,16 +216,17 @@ class Collector:
 
     def _kernel_row(self, slot: int, t: Tensor) -> bool:
         """Eager, sampled step, a contiguous float32/bfloat16 CPU output: its statistics in
-        one C call, added into its layer's stage row (``cpukernels``). False where the
-        kernel does not apply (then the batch or the ops take it): another device or dtype,
-        a large output whose counts are sampled, a NaN or an Inf."""
+        one C call, added into its layer's stage row (``cpukernels``): one pass, every
+        element read for the counts too, whatever the size (the ops take an element sample
+        of a large output's counts). False where the kernel does not apply (then the batch
+        or the ops take it): another device or dtype, a NaN or an Inf."""
         buf = self.buffers
         if not buf.rows_in_place:
             return False
         kind = K.kind_of(t)
-        n = t.numel()
-        if kind < 0 or (n > S.SAMPLE_ABOVE and self.sample is not None):
+        if kind < 0:
             return False
+        n = t.numel()
         units = n // t.shape[0] if t.dim() >= 2 else n  # ``stats.units_of``
         return K.act_row(t, kind, units, self.layers[slot].bounds, self.margin,
                          buf.stage_row_at(slot))
