@@ -211,6 +211,10 @@ def _texts(acc: Any, tag: str) -> list[tuple[int, str]]:
 def read_run(path: str, name: str) -> RunData:
     from tensorboard.backend.event_processing import event_accumulator as ea
 
+    from gradwatch import checksums
+
+    checksums.install()  # TensorBoard's reader checks each record's CRC32C in Python
+
     # 0 keeps every event: "every alert" means every one, not a reservoir sample
     acc = ea.EventAccumulator(path, size_guidance={ea.SCALARS: 0, ea.TENSORS: 0,
                                                    ea.HISTOGRAMS: 1, ea.IMAGES: 1})

@@ -25,7 +25,7 @@ MAX_LINES = 450
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("schema: stat names, tags, alert fields (torch-free)", ("schema",)),
     ("leaf: no state of the watcher's", (
-        "alerts", "thresholds", "blame", "handles", "faults", "inbox", "options",
+        "alerts", "thresholds", "blame", "handles", "faults", "inbox", "options", "checksums",
         "sampling", "selection", "distributed", "compiled", "worker")),
     ("compiled: C extensions (no Python imports)", ("_kernels",)),
     ("stats and device buffers", (
