@@ -284,6 +284,14 @@ CLONES static void norm_max(const void *x, Py_ssize_t n, int kind, int want_max,
     }
 }
 
+/* the argument count of a METH_FASTCALL function: 1 when it is want, else 0 with the error
+ * set */
+static int nargs_ok(Py_ssize_t nargs, Py_ssize_t want, const char *name) {
+    if (nargs == want) return 1;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments (%zd given)", name, want, nargs);
+    return 0;
+}
+
 /* the per-unit max/min of a bounded activation: kept per thread, grown as needed */
 static _Thread_local float *scratch_buf = NULL;
 static _Thread_local Py_ssize_t scratch_cap = 0;
@@ -300,10 +308,7 @@ static float *scratch_for(Py_ssize_t units) {
 
 /* act_row(x_ptr, n, units, kind, bounded, c, r, slo, shi, out_ptr) -> bool */
 static PyObject *py_act_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 10) {
-        PyErr_SetString(PyExc_TypeError, "act_row takes 10 arguments");
-        return NULL;
-    }
+    if (!nargs_ok(nargs, 10, "act_row")) return NULL;
     void *x = PyLong_AsVoidPtr(args[0]);
     Py_ssize_t n = PyLong_AsSsize_t(args[1]);
     Py_ssize_t units = PyLong_AsSsize_t(args[2]);
@@ -328,10 +333,7 @@ static PyObject *py_act_row(PyObject *self, PyObject *const *args, Py_ssize_t na
 
 /* sq_row(x_ptr, n, kind, out_ptr) -> None */
 static PyObject *py_sq_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "sq_row takes 4 arguments");
-        return NULL;
-    }
+    if (!nargs_ok(nargs, 4, "sq_row")) return NULL;
     void *x = PyLong_AsVoidPtr(args[0]);
     Py_ssize_t n = PyLong_AsSsize_t(args[1]);
     long kind = PyLong_AsLong(args[2]);
@@ -355,10 +357,7 @@ static PyObject *py_sq_row(PyObject *self, PyObject *const *args, Py_ssize_t nar
  * |x| is not finite. Returns the sum of the tensors' norms (the host's finiteness check and
  * bound, monitor.StepMonitor._finite). */
 static PyObject *py_layer_norms(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 7) {
-        PyErr_SetString(PyExc_TypeError, "layer_norms takes 7 arguments");
-        return NULL;
-    }
+    if (!nargs_ok(nargs, 7, "layer_norms")) return NULL;
     Py_ssize_t L = PyLong_AsSsize_t(args[3]);
     long kind = PyLong_AsLong(args[4]);
     float *out = PyLong_AsVoidPtr(args[5]);
@@ -453,27 +452,30 @@ static void views_close(Views *v) {
     Py_XDECREF(v->strides);
 }
 
-static int view_at(Views *v, Py_ssize_t i, const char **x, Py_ssize_t *rows, Py_ssize_t *run,
-                   Py_ssize_t *stride) {
-    *x = PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(v->ptrs, i));
-    *rows = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(v->rows, i));
-    *run = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(v->runs, i));
-    *stride = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(v->strides, i));
+/* one view: rows runs of run elements, run r at x + r * step bytes */
+typedef struct {
+    const char *x;
+    Py_ssize_t rows, run, step;
+} View;
+
+static int view_at(Views *v, Py_ssize_t i, size_t es, View *w) {
+    w->x = PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(v->ptrs, i));
+    w->rows = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(v->rows, i));
+    w->run = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(v->runs, i));
+    Py_ssize_t stride = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(v->strides, i));
     if (PyErr_Occurred()) return -1;
-    if (*x == NULL || *rows <= 0 || *run <= 0 || *stride < *run) {
+    if (w->x == NULL || w->rows <= 0 || w->run <= 0 || stride < w->run) {
         PyErr_SetString(PyExc_ValueError, "views: bad view");
         return -1;
     }
+    w->step = stride * (Py_ssize_t)es;
     return 0;
 }
 
 /* snapshot(ptrs, rows, runs, strides, kind, dst_ptr) -> None: the views copied one after
  * the other into the fp32 array at dst_ptr (the weights before an optimizer update). */
 static PyObject *py_snapshot(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "snapshot takes 6 arguments");
-        return NULL;
-    }
+    if (!nargs_ok(nargs, 6, "snapshot")) return NULL;
     long kind = PyLong_AsLong(args[4]);
     float *dst = PyLong_AsVoidPtr(args[5]);
     if (PyErr_Occurred()) return NULL;
@@ -484,16 +486,14 @@ static PyObject *py_snapshot(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_ValueError, "snapshot: bad arguments");
         goto done;
     }
-    size_t es = kind == F32 ? 4 : 2;
+    View w;
     for (Py_ssize_t i = 0; i < v.k; i++) {
-        const char *x;
-        Py_ssize_t rows, run, stride;
-        if (view_at(&v, i, &x, &rows, &run, &stride) < 0) goto done;
-        for (Py_ssize_t r = 0; r < rows; r++, dst += run) {
-            const char *src = x + (size_t)(r * stride) * es;
-            if (kind == F32) memcpy(dst, src, (size_t)run * 4);
+        if (view_at(&v, i, kind == F32 ? 4 : 2, &w) < 0) goto done;
+        for (Py_ssize_t r = 0; r < w.rows; r++, dst += w.run) {
+            const char *src = w.x + r * w.step;
+            if (kind == F32) memcpy(dst, src, (size_t)w.run * 4);
             else
-                for (Py_ssize_t j = 0; j < run; j++) dst[j] = load1(src, j, BF16);
+                for (Py_ssize_t j = 0; j < w.run; j++) dst[j] = load1(src, j, BF16);
         }
     }
     ret = Py_None;
@@ -537,10 +537,7 @@ CLONES static void delta_sq(const void *x, const float *s, Py_ssize_t n, int kin
  * per layer l, sqrt(sum (x - before)^2) / sqrt(sum x^2) over its views (before: the
  * snapshot's copy), written at out_ptr[l] (fp32; 0/0, NaN, for a layer without any). */
 static PyObject *py_update_ratios(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "update_ratios takes 9 arguments");
-        return NULL;
-    }
+    if (!nargs_ok(nargs, 9, "update_ratios")) return NULL;
     long kind = PyLong_AsLong(args[4]);
     const float *snap = PyLong_AsVoidPtr(args[5]);
     Py_ssize_t L = PyLong_AsSsize_t(args[7]);
@@ -560,20 +557,18 @@ static PyObject *py_update_ratios(PyObject *self, PyObject *const *args, Py_ssiz
         PyErr_NoMemory();
         goto done;
     }
-    size_t es = kind == F32 ? 4 : 2;
+    View w;
     for (Py_ssize_t i = 0; i < v.k; i++) {
-        const char *x;
-        Py_ssize_t rows, run, stride;
-        if (view_at(&v, i, &x, &rows, &run, &stride) < 0) goto done;
         Py_ssize_t l = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(layers, i));
         if (PyErr_Occurred()) goto done;
         if (l < 0 || l >= L) {
             PyErr_SetString(PyExc_ValueError, "update_ratios: bad layer");
             goto done;
         }
+        if (view_at(&v, i, kind == F32 ? 4 : 2, &w) < 0) goto done;
         double dd = 0.0, aa = 0.0;
-        for (Py_ssize_t r = 0; r < rows; r++, snap += run)
-            delta_sq(x + (size_t)(r * stride) * es, snap, run, (int)kind, &dd, &aa);
+        for (Py_ssize_t r = 0; r < w.rows; r++, snap += w.run)
+            delta_sq(w.x + r * w.step, snap, w.run, (int)kind, &dd, &aa);
         acc[2 * l] += dd;
         acc[2 * l + 1] += aa;
     }
@@ -591,10 +586,7 @@ done:
  * contiguous) gets dst[r, cols[j]] += srcs[j][r] for each j: fp32 vectors of n_rows at the
  * addresses srcs[j]. */
 static PyObject *py_add_columns(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "add_columns takes 5 arguments");
-        return NULL;
-    }
+    if (!nargs_ok(nargs, 5, "add_columns")) return NULL;
     float *dst = PyLong_AsVoidPtr(args[0]);
     Py_ssize_t ncols = PyLong_AsSsize_t(args[1]), rows = PyLong_AsSsize_t(args[2]);
     if (PyErr_Occurred()) return NULL;
