@@ -18,7 +18,8 @@ orthogonal weights), in the same run, interleaved:
   floor / bare, first window / bare (each the median over rounds of the ratio within a
   round, with the min-max range); µs per watched module per step ((variant - bare) /
   modules) and aten ops dispatched per watched module per step, counted with a
-  ``TorchDispatchMode`` (``_common.OpCounter``; on a GPU each is a launch).
+  ``TorchDispatchMode`` (``_common.OpCounter``; on a GPU each is a launch; the C kernels of
+  ``gradwatch.cpukernels`` are calls, not aten ops: not counted).
 
 Method as ``overhead.py``: each (variant, workload) in its own process with one thread and
 fixed seeds, variants interleaved in shuffled rounds, process CPU time over whole blocks of

@@ -273,7 +273,8 @@ def render_modules(mo: dict[str, Any]) -> list[str]:
         "Per step kind: ratio to the bare step of the same round (min–max), µs per watched "
         "module per step ((step - bare step) / modules, median over rounds) and aten ops "
         "dispatched per watched module per step ((ops - bare ops) / modules, a "
-        "`TorchDispatchMode` count; on a GPU each is a launch). Deep and narrow models at a "
+        "`TorchDispatchMode` count; on a GPU each is a launch; on CPU gradwatch's C kernels "
+        "are calls, not aten ops, and are not counted). Deep and narrow models at a "
         "fixed total size (N x (Linear(w, w) + Tanh), N·w² = 500·64², batch 32, orthogonal "
         "weights: `deep10` w=640, `deep100` w=202, `deep1000` w=64).", "",
         "| model | floor: ratio | µs/module | ops/module | light: ratio | µs/module | "
