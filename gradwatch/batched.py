@@ -182,7 +182,7 @@ class ActBatch(_Holding):
             m = self.margin * (hi_b - lo_b)
             mx, mn = per.amax(1), per.amin(1)
             stuck = (mx <= lo_b + m).sum(1) + (mn >= hi_b - m).sum(1)
-            c, r = S._centre_radius(bounds, self.margin)
+            c, r = S.centre_radius(bounds, self.margin)
             d = torch.abs(x, out=scr) if c == 0 else torch.sub(x, c, out=scr).abs_()
             cols.append(d.sub_(r).relu_().sign_().sum(1))
             cols += [stuck.to(torch.float32), torch.full_like(s1, per.shape[2])]

@@ -74,21 +74,33 @@ def layer_norms(tensors: Sequence[Tensor], kind: int, numels: Sequence[int],
     sum of the norms, on the host (CPU memory: the kernel has it at hand).
 
     ``kind``, ``numels``: the list's ``list_kind`` and element counts, found once for a list
-    whose tensors are made anew each step (gradients); checked again here is what can
-    change without the shapes changing (the element type, the layout). None where the
+    whose tensors are made anew each step (gradients), checked again (``_addresses``).
+    None where the
     kernel does not apply."""
-    try:
-        dtypes = set(map(_DTYPE, tensors))
-        if (len(dtypes) != 1 or _KIND.get(dtypes.pop(), -1) != kind
-                or not all(map(Tensor.is_contiguous, tensors))):
-            return None
-        ptrs = list(map(Tensor.data_ptr, tensors))
-    except RuntimeError:  # a sparse or storage-less tensor
+    ptrs = _addresses(tensors, kind, numels)
+    if ptrs is None:
         return None
     out = torch.empty(len(ptrs) + (4 if with_max else 2) * n_layers, dtype=torch.float32)
     total = _kernels.layer_norms(ptrs, numels, layers, n_layers, kind, out.data_ptr(),
                                  with_max)
     return out, total
+
+
+def _addresses(tensors: Sequence[Tensor], kind: int, numels: Sequence[int]
+               ) -> list[int] | None:
+    """The tensors' addresses now, or None unless each still is a contiguous tensor of the
+    element type ``kind`` and of its count in ``numels`` (a gradient made in another
+    layout, a parameter whose ``.data`` was replaced): the kernels read exactly that
+    memory, so nothing is read otherwise."""
+    try:
+        dtypes = set(map(_DTYPE, tensors))
+        if (len(dtypes) != 1 or _KIND.get(dtypes.pop(), -1) != kind
+                or not all(map(Tensor.is_contiguous, tensors))
+                or tuple(map(Tensor.numel, tensors)) != tuple(numels)):
+            return None
+        return list(map(Tensor.data_ptr, tensors))
+    except RuntimeError:  # a sparse or storage-less tensor
+        return None
 
 
 class UpdateViews:
@@ -115,15 +127,7 @@ class UpdateViews:
         self.buf = torch.empty(sum(r * n for r, n in zip(rows, runs)), dtype=torch.float32)
 
     def _ptrs(self) -> list[int] | None:
-        """The parameters' addresses now, or None when one is no longer a contiguous
-        tensor of the kind and size (its ``.data`` replaced): then nothing is read."""
-        ps = self.params
-        dtypes = set(map(_DTYPE, ps))
-        if (len(dtypes) != 1 or _KIND.get(dtypes.pop(), -1) != self.kind
-                or not all(map(Tensor.is_contiguous, ps))
-                or tuple(map(Tensor.numel, ps)) != self.numels):
-            return None
-        return list(map(Tensor.data_ptr, ps))
+        return _addresses(self.params, self.kind, self.numels)
 
     def snapshot(self) -> bool:
         """Copy the views into the buffer (before the update). False: nothing copied."""
@@ -191,13 +195,13 @@ _CONSTS: dict[tuple[tuple[float, float], float, int], tuple[float, float, float,
 
 def _bounded_consts(bounds: tuple[float, float], margin: float, dtype: torch.dtype
                     ) -> tuple[float, float, float, float]:
-    """The saturation centre and radius (``stats._centre_radius``, compared in fp32 as the
-    ops compare them after their fp32 copy) and the stuck thresholds, rounded to ``dtype``
-    as ``stats.stuck_units`` compares them (a Python scalar takes the tensor's dtype)."""
-    c, r = S._centre_radius(bounds, margin)
-    lo, hi = bounds
-    m = margin * (hi - lo)
-    slo, shi = (torch.tensor(v, dtype=dtype).item() for v in (lo + m, hi - m))
+    """The saturation centre and radius (``stats.centre_radius``, compared in fp32 as the
+    ops compare them after their fp32 copy) and the stuck thresholds
+    (``stats.stuck_thresholds``), rounded to ``dtype`` as ``stats.stuck_units`` compares
+    them (a Python scalar takes the tensor's dtype)."""
+    c, r = S.centre_radius(bounds, margin)
+    slo, shi = (torch.tensor(v, dtype=dtype).item()
+                for v in S.stuck_thresholds(bounds, margin))
     return c, r, slo, shi
 
 

@@ -224,12 +224,8 @@ class Collector:
         if not buf.rows_in_place:
             return False
         kind = K.kind_of(t)
-        if kind < 0:
-            return False
-        n = t.numel()
-        units = n // t.shape[0] if t.dim() >= 2 else n  # ``stats.units_of``
-        return K.act_row(t, kind, units, self.layers[slot].bounds, self.margin,
-                         buf.stage_row_at(slot))
+        return kind >= 0 and K.act_row(t, kind, S.units_of(t), self.layers[slot].bounds,
+                                       self.margin, buf.stage_row_at(slot))
 
     def _stats(self, slot: int, t: Tensor) -> None:
         """Eager, sampled step, an output not held for the batch of outputs of its shape

@@ -12,11 +12,13 @@ read op here: the host sees the flags through numpy views.
 
 On CPU, where device memory is host memory, the common step is checked once, at the first
 optimizer's pre-step (``take_trace``): the trace's rows (numpy views made with its log) and
-the gradient norms (copied into a host buffer made once) are summed on the host. A finite
-sum means nothing for the origin to read: no payload is built, nothing examined. When that
-sum also bounds every layer's gradient RMS under ``extreme_rms``, a light step's flags at
-its end are neither built nor read (``clean``); otherwise they are read and examined as on
-CUDA, where every step's flags and trace are pushed to the host without a wait.
+the gradient norms (their sum from the C kernel that made them, else copied into a host
+buffer made once) are summed on the host. A finite sum means nothing for the origin to
+read: no payload is built, nothing examined. When that sum also bounds every layer's
+gradient RMS under ``extreme_rms``, the step's flags at its end are neither built nor read
+(``clean``; a sampled step hands on its update ratios, ``see_updates``); otherwise they are
+read and examined as on CUDA, where every step's flags and trace are pushed to the host
+without a wait.
 """
 
 from __future__ import annotations
@@ -92,7 +94,7 @@ class StepMonitor:
         self.to_host = FlagsToHost(n_layers, device, cols=FLAG_COLS)
         self.trace_step = -1  # the step whose non-finite trace was taken already
         self.trace_cut = False  # the last trace taken left calls out (trace.MAX_ENTRIES)
-        self._clean: Any = None  # CPU: a light step's gradients with nothing to report
+        self._clean: Any = None  # CPU: a step's gradients with nothing to report
         self._host_norms = HostVector()
         self._host_updates = HostVector()
         self._least: tuple[Any, float] = (None, 0.0)  # (tracked parameters, sqrt min numel)

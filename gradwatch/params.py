@@ -91,7 +91,7 @@ class ParamTracker:
             idx_t = device_tensor(idx, torch.long, self.device)
             numel_t = device_tensor(numel, torch.float32, self.device)
             plan = S.NormPlan(grads)  # by the gradients' layout (an embedding's is sparse)
-            # CPU, not sharded: one C call for the norms and maxima (cpukernels.norms)
+            # CPU, not sharded: one C call for the norms and maxima (cpukernels.layer_norms)
             kind = K.list_kind(grads) if self._shards is None else -1
             hit = (idx_t, torch.sqrt(torch.clamp(numel_t, min=1.0)),
                    (numel_t > 0).to(torch.float32), plan, kind,
@@ -332,6 +332,8 @@ class _Weights:
         # where they do not apply
         self.c: K.UpdateViews | None = None
         self.wkind = -1
+        self.wnumels: tuple[int, ...] = ()
+        self.wlayers: tuple[int, ...] = ()
         if t._shards is None and loc:
             tp = [p for p, _ in t.trainable]
             kind = K.list_kind(tp) if tp else -1

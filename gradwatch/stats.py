@@ -14,6 +14,7 @@ taken on an evenly strided sample of very large tensors (``sample_view``).
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Sequence
 
 import torch
@@ -120,7 +121,7 @@ def activation_parts(x: Tensor, bounds: tuple[float, float] | None, margin: floa
     # x - x: 0 if finite, NaN if NaN/Inf
     nf = torch.sub(v, v, out=tmp).nan_to_num_(nan=1.0).sum()
     if bounds is not None:
-        c, r = _centre_radius(bounds, margin)
+        c, r = centre_radius(bounds, margin)
         d = torch.abs(v, out=tmp) if c == 0 else torch.sub(v, c, out=tmp).abs_()
         sat = d.sub_(r).relu_().sign_().sum()
     else:
@@ -130,7 +131,7 @@ def activation_parts(x: Tensor, bounds: tuple[float, float] | None, margin: floa
     return [s1, hi, lo, s2, nnz, nf, sat]
 
 
-def _centre_radius(bounds: tuple[float, float], margin: float) -> tuple[float, float]:
+def centre_radius(bounds: tuple[float, float], margin: float) -> tuple[float, float]:
     """Saturated means ``|x - c| > r``: within ``margin * (hi - lo)`` of a bound."""
     lo, hi = bounds
     return (hi + lo) / 2, (hi - lo) / 2 - margin * (hi - lo)
@@ -174,7 +175,7 @@ def fused_activation(flat: Tensor, bounds: tuple[float, float] | None,
     global _FUSED
     if _FUSED is False or torch.compiler.is_compiling():
         return None
-    c, r = (0.0, float("inf")) if bounds is None else _centre_radius(bounds, margin)
+    c, r = (0.0, float("inf")) if bounds is None else centre_radius(bounds, margin)
     try:
         if _FUSED is None:
             _FUSED = torch.compile(_activation_kernel, dynamic=True, fullgraph=True)
@@ -241,17 +242,24 @@ def stuck_units(x: Tensor, bounds: tuple[float, float], margin: float) -> Tensor
     """
     v = x.detach()
     v = v.reshape(v.shape[0], -1) if v.dim() >= 2 else v.reshape(1, -1)
-    lo, hi = bounds
-    m = margin * (hi - lo)
+    at_lo, at_hi = stuck_thresholds(bounds, margin)
     # amax/amin over a dim are plain reductions; aminmax(dim=0) is ~10x slower on CPU
     mx, mn = v.amax(0), v.amin(0)
-    stuck = torch.count_nonzero(mx <= lo + m) + torch.count_nonzero(mn >= hi - m)
+    stuck = torch.count_nonzero(mx <= at_lo) + torch.count_nonzero(mn >= at_hi)
     return stuck.to(torch.float32)
 
 
+def stuck_thresholds(bounds: tuple[float, float], margin: float) -> tuple[float, float]:
+    """A unit is stuck when its max over the batch is at most the first, or its min at
+    least the second: within ``margin * (hi - lo)`` of a bound."""
+    lo, hi = bounds
+    m = margin * (hi - lo)
+    return lo + m, hi - m
+
+
 def units_of(x: Tensor) -> int:
-    """The number of units ``stuck_units`` looks at."""
-    return x[0].numel() if x.dim() >= 2 else x.numel()
+    """The number of units ``stuck_units`` looks at (from the shape: no op)."""
+    return math.prod(x.shape[1:]) if x.dim() >= 2 else x.numel()
 
 
 #: ``foreach_absmax``: tensors at least this large get two plain reductions, not ``aminmax``

@@ -198,6 +198,9 @@ def test_layer_norms_nan_inf_and_what_they_refuse() -> None:
     # element type or layout changed since the list's kind was found: the ops take it
     assert layer_norms([a.double()], [0], 1, True) is None
     assert layer_norms([torch.randn(4, 5).t()], [0], 1, True) is None
+    # a tensor of another size than the list was laid out with (a parameter whose .data
+    # was replaced): not read past its end
+    assert K.layer_norms([a], 0, [101], [0], 1, True) is None
     assert K.list_kind([a, a.double()]) == -1 and K.list_kind([a, torch.empty(0)]) == -1
 
 
