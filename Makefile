@@ -49,6 +49,7 @@ bench: $(VENV)/.dev
 	$(PIP) install -r benchmarks/requirements-peers.txt "$(TORCH_SPEC)" || echo "peers not installed: their rows are skipped"
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/modules.py
+	$(BIN)/python benchmarks/interleaved.py --table
 	$(BIN)/python benchmarks/breakdown.py
 	$(BIN)/python benchmarks/anomaly.py
 	$(BIN)/python benchmarks/flush.py

@@ -11,6 +11,16 @@ median of each phase over the rounds is reported. Variants: ``bare``, ``floor`` 
 (``_common.watch_as``; the last two measured past their dense first 100 steps, so their
 medians are of light steps: their sampled steps, one in 10, are in ``modules.py``).
 
+``--whole`` measures whole periods instead: rounds of one block of 100 consecutive steps of
+each variant, in a shuffled order (a block is one default window: its flush and its 10
+sampled steps; ten ``every=10`` windows). A block's cost is the CPU time of the training
+thread in its steps plus the CPU time the variant's background writer (its flush: rules,
+TensorBoard) spent on it, read from that thread's own clock. The ratio of each block to the
+first variant's block of the same round, median over rounds: the cost of the default and of
+``every=10`` in steady state, everything included, side by side. (Blocks, not single steps
+in turn: a model that does not fit the cache beside the others' would otherwise be slowed
+alike in every variant, which shrinks every ratio; deep100's floor step took 1.5x longer so.)
+
 ``--hooks`` also times the optimizer-step hooks themselves: gradwatch's (torch's global
 pre- and post-step hooks, ``gradwatch.stepping``) and the floor's pre-step hook, per step.
 
@@ -20,6 +30,8 @@ here, added to the bare and floor steps; ``--hooks`` shows it in the floor's row
 
     python benchmarks/interleaved.py --workload deep10 --variants floor,light,bare
     python benchmarks/interleaved.py --workload mlp --variants floor_sampled,sampled --steps 200
+    python benchmarks/interleaved.py --workload deep100 --variants floor,default,every10 --whole 5
+    python benchmarks/interleaved.py --table      # every workload, --whole, into RESULTS.md
 """
 
 from __future__ import annotations
@@ -118,6 +130,102 @@ def measure(workload: str, variants: list[str], steps: int, warmup: int,
             for v, ts in times.items()}
 
 
+#: Steps of each variant in a ``--whole`` block: one default window, ten ``every=10`` ones.
+BLOCK = 100
+
+
+def worker_clock(run: tuple[Any, ...]) -> float:
+    """CPU seconds the run's background writer has spent so far (0 without one), once the
+    jobs queued so far have run."""
+    watcher = run[-1]
+    worker = getattr(getattr(watcher, "_publish", None), "worker", None)
+    if worker is None:
+        return 0.0
+    worker.join()
+    thread = worker._thread
+    if thread is None or thread.ident is None or not thread.is_alive():
+        return 0.0
+    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+
+
+def measure_whole(workload: str, variants: list[str], blocks: int, warmup: int,
+                  seed: int) -> dict[str, list[float]]:
+    """CPU seconds of each variant per ``BLOCK`` steps, one value per round: the training
+    thread's time in every step (``time.thread_time``) plus its writer thread's."""
+    torch.set_num_threads(1)
+    random.seed(seed)
+    logdir = tempfile.mkdtemp(prefix="gradwatch-interleaved-")
+    runs = {v: build(v, workload, logdir) for v in variants}
+    for v, run in runs.items():  # a multiple of BLOCK: every block starts a window alike
+        for _ in range(max(warmup, DENSE_START + BLOCK - DENSE_START % BLOCK)
+                       if v in ("default", "every10") else warmup):
+            step(run)
+    gc.collect()
+    totals: dict[str, list[float]] = {v: [] for v in variants}
+    order = list(variants)
+    clock = time.thread_time
+    for _ in range(blocks):
+        random.shuffle(order)
+        for v in order:  # a block of one variant, then the next: each keeps its cache
+            run = runs[v]
+            start = worker_clock(run)
+            spent = 0.0
+            for _ in range(BLOCK):
+                t = clock()
+                step(run)
+                spent += clock() - t
+            totals[v].append(spent + worker_clock(run) - start)
+    return totals
+
+
+def main_whole(a: argparse.Namespace, variants: list[str]) -> None:
+    totals = measure_whole(a.workload, variants, a.whole, a.warmup, a.seed)
+    ref = totals[variants[0]]
+    print(f"{a.workload}, {a.whole} rounds of a block of {BLOCK} steps of each variant, one "
+          f"thread (CPU ms per step, training thread and background writer; ratio to "
+          f"{variants[0]}'s block of the round: median, min-max)")
+    print(f"{'variant':14s}{'ms/step':>10s}{'ratio':>8s}{'range':>14s}")
+    for v in variants:
+        r = sorted(t / f for t, f in zip(totals[v], ref))
+        print(f"{v:14s}{1e3 * statistics.median(totals[v]) / BLOCK:10.3f}"
+              f"{statistics.median(r):8.3f}{f'{r[0]:.3f}-{r[-1]:.3f}':>14s}")
+
+
+#: ``--table``: the variants, and the blocks per workload (fewer where a step is slow).
+TABLE_VARIANTS = ("floor", "light", "default", "every10")
+TABLE_BLOCKS = {"transformer": 3, "gpt2": 3}
+
+
+def table(blocks: int, seed: int, out: str | None) -> dict[str, Any]:
+    """``--whole`` for every workload: per workload and variant the median ratio to the
+    floor over blocks, its range and the CPU ms per step; written as the ``interleaved``
+    section of ``results.json``/``RESULTS.md`` unless ``out`` is None."""
+    from _common import machine
+
+    t0 = time.time()
+    summary: dict[str, Any] = {}
+    for w in WORKLOADS:
+        n = min(blocks, TABLE_BLOCKS.get(w, blocks))
+        totals = measure_whole(w, list(TABLE_VARIANTS), n, 20, seed)
+        ref = totals[TABLE_VARIANTS[0]]
+        row: dict[str, Any] = {"blocks": n}
+        for v in TABLE_VARIANTS:
+            r = sorted(t / f for t, f in zip(totals[v], ref))
+            row[v] = {"ms_per_step": 1e3 * statistics.median(totals[v]) / BLOCK,
+                      "median": statistics.median(r), "min": r[0], "max": r[-1]}
+        summary[w] = row
+        print(w, {v: round(q["median"], 3) for v, q in row.items() if v != "blocks"},
+              flush=True)
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "block": BLOCK, "wall_s": round(time.time() - t0, 1),
+              "load_avg": os.getloadavg(), "summary": summary}
+    if out is not None:
+        from report import update
+
+        update(out, "interleaved", result)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workload", default="deep10", choices=sorted(WORKLOADS))
@@ -128,12 +236,26 @@ def main() -> None:
                     help=f"steps of each variant first (at least {DENSE_START} for default "
                          "and every10)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--table", action="store_true",
+                    help=f"--whole (5 blocks unless given) for every workload with "
+                         f"{','.join(TABLE_VARIANTS)}, written into results.json and "
+                         "RESULTS.md")
+    ap.add_argument("--no-write", action="store_true", help="--table: print only")
     ap.add_argument("--hooks", action="store_true", help="also time the optimizer-step hooks")
+    ap.add_argument("--whole", type=int, default=0, metavar="BLOCKS",
+                    help=f"measure BLOCKS blocks of {BLOCK} whole steps of each variant, "
+                         "background writer included (instead of per-phase medians)")
     a = ap.parse_args()
+    if a.table:
+        table(a.whole or 5, a.seed, None if a.no_write else os.path.join(HERE, "results.json"))
+        return
     variants = a.variants.split(",")
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         ap.error(f"--variants: {bad} not in {VARIANTS}")
+    if a.whole:
+        main_whole(a, variants)
+        return
     if a.hooks:
         time_hooks()
     med = measure(a.workload, variants, a.steps, a.warmup, a.seed)

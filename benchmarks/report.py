@@ -95,10 +95,10 @@ def _f(x: Any, fmt: str = "{:.2f}") -> str:
 
 def render(data: dict[str, Any]) -> str:
     lines = ["# gradwatch benchmark results", "",
-             "Written by `make bench`: `benchmarks/overhead.py`, `modules.py`, `breakdown.py`, "
-             "`anomaly.py`, `flush.py` and `compiled.py`, each into its own section; the "
-             "numbers below are from the last run of each, see `results.json` for every "
-             "round.", ""]
+             "Written by `make bench`: `benchmarks/overhead.py`, `modules.py`, "
+             "`interleaved.py --table`, `breakdown.py`, `anomaly.py`, `flush.py` and "
+             "`compiled.py`, each into its own section; the numbers below are from the last "
+             "run of each, see `results.json` for every round.", ""]
     ov = data.get("overhead")
     if ov:
         m = ov["machine"]
@@ -178,6 +178,8 @@ def render(data: dict[str, Any]) -> str:
         lines.append("")
     if data.get("modules"):
         lines += render_modules(data["modules"])
+    if data.get("interleaved"):
+        lines += render_interleaved(data["interleaved"])
     bd = data.get("breakdown")
     if bd and bd.get("table"):
         lines += ["## Breakdown: where the time goes per watched module (CPU)", "",
@@ -304,6 +306,33 @@ def render_modules(mo: dict[str, Any]) -> list[str]:
     lines += ["", f"Host reads per step that the gradwatch rows add to the bare step: {shown} "
               "(counted at the dispatcher; the GPT-2-style model reads one value per step "
               "by itself).", ""]
+    return lines
+
+
+def render_interleaved(il: dict[str, Any]) -> list[str]:
+    """The whole-period table of ``interleaved.py --table``."""
+    lines = [
+        "## The same ratios in one process, whole periods (CPU)", "",
+        f"`python benchmarks/interleaved.py --table` ({il['date']}, load average "
+        f"{', '.join(f'{x:.1f}' for x in il['load_avg'])}). Per workload one process and one "
+        "thread holds a model of each variant (same seed, same batch) and runs a step of "
+        f"each in turn, in a shuffled order, for blocks of {il['block']} steps: one default "
+        "window (its flush, its 10 sampled steps), ten `every=10` windows. A block's cost "
+        "is the CPU time of the training thread in its steps plus the CPU time the "
+        "variant's background writer (rules, TensorBoard) spent in the block, read from "
+        "that thread's clock. Each cell: the median over blocks of the ratio to the floor's "
+        "block (min–max), after the first 110 steps of `default` and `every10`. What slows "
+        "the machine slows every variant of a block alike, so these ratios move by less "
+        "than those of separate processes above.", "",
+        "| workload | blocks | floor ms/step | light / floor | default / floor | "
+        "every=10 / floor |",
+        "| --- | --- | --- | --- | --- | --- |"]
+    for w, row in il["summary"].items():
+        lines.append(f"| {w} | {row['blocks']} | {row['floor']['ms_per_step']:.2f} | "
+                     + " | ".join(f"{row[v]['median']:.3f} ({row[v]['min']:.3f}–"
+                                  f"{row[v]['max']:.3f})"
+                                  for v in ("light", "default", "every10")) + " |")
+    lines.append("")
     return lines
 
 

@@ -25,16 +25,13 @@ from torch.utils._pytree import tree_leaves
 
 from gradwatch import cpukernels as K
 from gradwatch import stats as S
-from gradwatch.batched import BATCH_MAX, ActBatch, GradBatch
+from gradwatch.batched import ActBatch, GradBatch
 from gradwatch.buffers import WindowBuffers
 from gradwatch.faults import FaultGuard
-from gradwatch.handles import Inert, WeakHook
+from gradwatch.handles import GradHook, Inert, WeakHook, grad_site
 from gradwatch.selection import LayerInfo
 
 _compiling = torch.compiler.is_compiling
-#: Bytes of small outputs a sampled forward pass keeps for ``Collector._first_hook`` (past
-#: it, weak references): most are kept by autograd for the backward anyway.
-KEEP_BYTES = 16 << 20
 # models pickled (torch.save) while watched by an earlier version name the inert hook here
 _Inert = Inert
 
@@ -102,13 +99,27 @@ class ForwardDoneHook(_Hook):
         return None
 
 
-class OutGradHook(_Hook):
-    __slots__ = ()
+class OutGradHook(GradHook):
+    """The gradient at an output of watched layer ``slot`` (``handles.GradHook``)."""
 
-    def __call__(self, grad: Tensor) -> None:
+    __slots__ = ("slot",)
+
+    def __init__(self, collector: Collector, slot: int, nr: int) -> None:
+        super().__init__(collector, nr)
+        self.slot = slot
+
+    def grad(self, g: Tensor) -> None:
         c = self._ref()
         if c is not None and "out_grad" not in c.off:
-            c.on_out_grad(self.slot, grad)
+            c.on_out_grad(self.slot, g)
+
+    def __call__(self, g: Any) -> None:  # GradHook's with ``grad`` inlined: one frame less
+        nr = self.nr                     # per watched output on a sampled step
+        if nr >= 0:
+            g = g[nr]
+        c = self._ref()
+        if g is not None and c is not None and "out_grad" not in c.off:
+            c.on_out_grad(self.slot, g)
         return None
 
 
@@ -147,18 +158,15 @@ class Collector:
         # (id, version) -> tensor weakref: a tensor gets its gradient hook once per step
         self._hooked: dict[tuple[int, int], weakref.ref[Tensor]] = {}
         self._traced: list[Tensor] = []  # the same, for compiled code (see _first_hook)
-        # the same for small outputs: id -> version, the tensors kept and their bytes
-        self._small: dict[int, int] = {}
-        self._keep: list[Tensor] = []
-        self._kept = 0
         self.hist: Any = None  # DeviceHistograms when histograms=True
         self.on_eval_done: Any = None  # called when a forward without gradients ends
         # sampled steps, eager code: small outputs and gradients reduced together
         self.act_batch = ActBatch(buffers.log_rows, lambda s: self.layers[s].bounds, margin)
         self.grad_batch = GradBatch(buffers.log_grad_rows)
-        # one output-gradient hook per layer, made at its first placement and registered
-        # again on each sampled step
-        self._out_hooks: list[OutGradHook | None] = [None] * len(layers)
+        # the output-gradient hooks of each layer, by output index on the autograd node
+        # (``handles.grad_site``), made at their first placement and placed again on each
+        # sampled step
+        self._out_hooks: list[dict[int, OutGradHook]] = [{} for _ in layers]
 
     # -- forward ----------------------------------------------------------------------------
     def on_output(self, slot: int, output: Any) -> None:
@@ -191,15 +199,17 @@ class Collector:
                 self.guard.fail("act", "activation statistics", self.layers[slot].name, e)
         if "out_grad" not in off:
             try:
+                hooks = self._out_hooks[slot]
                 for t in leaves:
                     if t.requires_grad and self._first_hook(t, compiling):
-                        hook = self._out_hooks[slot]
+                        site, nr = grad_site(t, compiling)
+                        hook = hooks.get(nr)
                         if hook is None:
-                            hook = self._out_hooks[slot] = OutGradHook(self, slot)
-                        # no handle kept: the hook dies with its tensor (at the step's
+                            hook = hooks[nr] = OutGradHook(self, slot, nr)
+                        # no handle kept: the hook dies with the graph (at the step's
                         # end) and is inert once the watcher closes; keeping a thousand
                         # handles per step made the collector's full passes frequent
-                        t.register_hook(hook)
+                        hook.place(site)
             except Exception as e:
                 self.guard.fail("out_grad", "output-gradient hook", self.layers[slot].name, e)
 
@@ -224,8 +234,11 @@ class Collector:
         if not buf.rows_in_place:
             return False
         kind = K.kind_of(t)
-        return kind >= 0 and K.act_row(t, kind, S.units_of(t), self.layers[slot].bounds,
-                                       self.margin, buf.stage_row_at(slot))
+        if kind < 0:
+            return False
+        bounds = self.layers[slot].bounds  # the units matter to a bounded layer only
+        return K.act_row(t, kind, 0 if bounds is None else S.units_of(t), bounds,
+                         self.margin, buf.stage_row_at(slot))
 
     def _stats(self, slot: int, t: Tensor) -> None:
         """Eager, sampled step, an output not held for the batch of outputs of its shape
@@ -261,31 +274,20 @@ class Collector:
     def _first_hook(self, t: Tensor, compiling: bool) -> bool:
         """True the first time this tensor (at this version) reaches a hook in this step.
 
-        Eager: a small output (up to ``BATCH_MAX`` elements, ``KEEP_BYTES`` in all) is kept
-        until the forward pass ends, as the batch of outputs keeps it, and keyed by id
-        (it cannot be reused while kept) with its version; a larger one by (id, version)
-        with a weak reference, so it is not kept alive. Under torch.compile the version is
-        a data-dependent value and weak references cannot be traced (a graph break each),
-        so the traced code compares identities against the tensors hooked so far in this
-        forward call (the list is cleared by ``ForwardDoneHook`` at the end of the call, so
-        guards on it are stable).
+        Eager: keyed by (id, version) with a weak reference, so the tensor is not kept
+        alive (keeping the outputs to the end of the forward pass, as an earlier version
+        did for small ones, cost more than the references: on CPU the kernels hold no
+        output, and an output kept past its use makes the allocator hand out new memory).
+        Under torch.compile the version is a data-dependent value and weak references
+        cannot be traced (a graph break each), so the traced code compares identities
+        against the tensors hooked so far in this forward call (the list is cleared by
+        ``ForwardDoneHook`` at the end of the call, so guards on it are stable).
         """
         if compiling:
             for o in self._traced:
                 if o is t:
                     return False
             self._traced.append(t)
-            return True
-        if t.numel() <= BATCH_MAX and self._kept < KEEP_BYTES:
-            # a small output, held until the forward pass ends (as the batch of outputs
-            # holds it): its id stays its own, no weak reference needed (nothing made per
-            # tensor that the garbage collector would walk)
-            i, v = id(t), t._version
-            if self._small.get(i) == v:
-                return False
-            self._small[i] = v
-            self._keep.append(t)
-            self._kept += t.numel() * t.element_size()
             return True
         key = (id(t), t._version)
         ref = self._hooked.get(key)
@@ -295,33 +297,33 @@ class Collector:
         return True
 
     def forward_done(self) -> None:
-        """The watched root's forward pass ended: the small outputs kept for
-        ``_first_hook`` are let go."""
+        """The watched root's forward pass ended: the references of ``_first_hook`` are let
+        go (none is held to the optimizer step, where the young objects of a step would
+        outlive the collector's young passes: a 1,000-module model then ran a full
+        collection every 20 sampled steps, see tests/test_gc_pressure.py)."""
         self._traced.clear()
-        self._small.clear()
-        self._keep.clear()
-        self._kept = 0
+        self._hooked.clear()
 
     # -- backward ---------------------------------------------------------------------------
     def on_out_grad(self, slot: int, grad: Tensor) -> None:
         # registered on sampled steps only (a light step checks outputs and parameter gradients)
         try:
-            grad = S.dense(grad)
-            if torch.compiler.is_compiling():
+            if _compiling():
+                grad = S.dense(grad)
                 self.buffers.add_out_grad(slot, S.grad_sq_sum(grad), grad.numel())
-            elif not self._kernel_grad(slot, grad) and not self.grad_batch.add(slot, grad):
+                return
+            buf = self.buffers
+            if buf.rows_in_place and not grad.is_nested:
+                # a contiguous float32/bfloat16 CPU output gradient: its element count and
+                # Σg² in one C call, added into its layer's stage columns (``cpukernels``)
+                kind = K.kind_of(grad)
+                if kind >= 0 and K.sq_row(grad, kind, buf.stage_grad_at(slot)):
+                    return
+            grad = S.dense(grad)
+            if not self.grad_batch.add(slot, grad):
                 self.buffers.log_out_grad(slot, S.grad_sq_sum(grad), self._const(grad.numel()))
         except Exception as e:
             self.guard.fail("out_grad", "output-gradient hook", self.layers[slot].name, e)
-
-    def _kernel_grad(self, slot: int, grad: Tensor) -> bool:
-        """A contiguous float32/bfloat16 CPU output gradient: its element count and Σg² in
-        one C call, added into its layer's stage columns (``cpukernels``)."""
-        buf = self.buffers
-        if not buf.rows_in_place:
-            return False
-        kind = K.kind_of(grad)
-        return kind >= 0 and K.sq_row(grad, kind, buf.stage_grad_at(slot))
 
     # -- step boundary ----------------------------------------------------------------------
     def flush_outputs(self) -> None:
@@ -347,7 +349,6 @@ class Collector:
 
     def end_step(self) -> None:
         self.phase += 1  # the next sampled step reads other elements of large outputs
-        self._hooked.clear()
         self.forward_done()
 
     def close(self) -> None:

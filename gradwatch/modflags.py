@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
-from gradwatch.handles import WeakHook
+from gradwatch.handles import GradHook, grad_site
 from gradwatch.stats import dense
 from gradwatch.trace import DIMS, _float
 
@@ -20,21 +20,23 @@ from gradwatch.trace import DIMS, _float
 M_OUT_NAN, M_OUT_INF, M_IN_NAN, M_IN_INF, M_OG_NAN, M_IG_NAN = range(6)
 
 
-class _ModuleGradHook(WeakHook):
+class _ModuleGradHook(GradHook):
+    """A NaN in the gradient at an input or output of module ``m``, counted in column
+    ``col`` (traced code: always a tensor hook, ``handles.grad_site``)."""
+
     __slots__ = ("m", "col")
 
-    def __init__(self, flags: ModuleFlags, m: int, col: int) -> None:
-        super().__init__(flags)
+    def __init__(self, flags: ModuleFlags, m: int, col: int, nr: int) -> None:
+        super().__init__(flags, nr)
         self.m = m
         self.col = col
 
-    def __call__(self, g: Tensor) -> None:
+    def grad(self, g: Tensor) -> None:
         f = self._ref()
         if f is not None:
             v = dense(g.detach())
             s = torch.sum(v, DIMS[v.ndim], dtype=torch.float32)
             f.t[self.m, self.col] += torch.isnan(s).to(torch.float32)
-        return None
 
 
 class ModuleFlags:
@@ -68,7 +70,8 @@ class ModuleFlags:
             for ts, col in ((outs, M_OG_NAN), (ins, M_IG_NAN)):
                 for t in ts:
                     if t.requires_grad:
-                        t.register_hook(_ModuleGradHook(self, m, col))
+                        site, nr = grad_site(t)
+                        _ModuleGradHook(self, m, col, nr).place(site)
 
     def take(self) -> Tensor:
         """This step's counts (a copy), and zero for the next."""

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
 from gradwatch.faults import FaultGuard
-from gradwatch.handles import WeakHook
+from gradwatch.handles import GradHook, grad_site
 from gradwatch.record import IN, OUT, R_CHECK, R_NONE, R_SAME, Record, Replay, Rows
 from gradwatch.stats import dense
 
@@ -50,19 +50,18 @@ FLOATS = frozenset(d for d in vars(torch).values()
                    if isinstance(d, torch.dtype) and d.is_floating_point)
 
 
-class _GradHook(WeakHook):
-    """Tensor hook: the fp32 sum of one gradient into row ``j`` of the grad log of the
-    record it was placed in (a gradient that arrives after that record was taken is left
-    out)."""
+class _GradHook(GradHook):
+    """The fp32 sum of one gradient into row ``j`` of the grad log of the record it was
+    placed in (a gradient that arrives after that record was taken is left out)."""
 
     __slots__ = ("_rec", "j")
 
-    def __init__(self, trace: StepTrace, rec: Record, j: int) -> None:
-        super().__init__(trace)
+    def __init__(self, trace: StepTrace, rec: Record, j: int, nr: int) -> None:
+        super().__init__(trace, nr)
         self._rec = rec
         self.j = j
 
-    def __call__(self, g: Tensor) -> None:
+    def grad(self, g: Tensor) -> None:
         tr = self._ref()
         if tr is not None and OFF not in tr.off and tr.rec is self._rec:
             tr.grad(self.j, g)
@@ -378,7 +377,8 @@ class StepTrace:
         j = len(rec.g_roles)
         rec.g_roles.append([(m, role)])
         self._g_ids[id(t)] = (weakref.ref(t), j)
-        t.register_hook(_GradHook(self, rec, j))  # dies with t; inert once closed
+        site, nr = grad_site(t)
+        _GradHook(self, rec, j, nr).place(site)  # dies with the graph; inert once closed
 
     # -- backward -----------------------------------------------------------------------------
     def grad(self, j: int, g: Tensor) -> None:

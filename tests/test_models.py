@@ -4,6 +4,7 @@ and every hook is gone after close()."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -52,6 +53,31 @@ class DictModel(nn.Module):
     def forward(self, x):
         d = self.body(x)
         return self.head(d["y"] + d["z"])
+
+
+class GatedSplit(nn.Module):
+    """Owns its weight and returns the two halves of one product (``chunk``: one autograd
+    node, two outputs); the model below uses only the first, so at the second there is no
+    gradient (None) while the first has one."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 8) / 6**0.5)
+
+    def forward(self, x):
+        return (x @ self.w).chunk(2, dim=-1)
+
+
+class HalfUsed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.split = GatedSplit()
+        self.act = nn.Tanh()
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        used, _unused = self.split(x)
+        return self.head(self.act(used))
 
 
 class Reused(nn.Module):
@@ -111,6 +137,7 @@ CASES = {
     "lstm": (LSTMNet, lambda: torch.randn(3, 7, 4)),
     "dict_none_int": (DictModel, lambda: torch.randn(4, 5)),
     "called_thrice": (Reused, lambda: torch.randn(4, 6)),
+    "half_used_outputs": (HalfUsed, lambda: torch.randn(4, 6)),
     "frozen": (frozen_mlp, lambda: torch.randn(8, 4)),
     "tied": (Tied, lambda: torch.randint(0, 20, (4, 3))),
     "no_params": (lambda: nn.Sequential(nn.ReLU(), nn.Tanh()), lambda: torch.randn(4, 3)),
@@ -126,6 +153,7 @@ def test_model_kind_trains_watched(kind):
     opt = torch.optim.SGD(params, lr=0.01) if params else None
     x0 = data()
     w = gradwatch.watch(model, optimizer=opt, tensorboard=False, every=3)
+    warnings.simplefilter("error", gradwatch.GradwatchWarning)  # no part switched off
     for _ in range(6):
         x = data()
         if x.is_floating_point() and not params:
@@ -210,9 +238,14 @@ def _noparams(stats, w):
     assert all("grad_norm" not in s for s in stats.values())
 
 
-CHECKS = {"resnet_inplace": _resnet, "transformer": _transformer, "lstm": _lstm,
-          "dict_none_int": _dict, "called_thrice": _thrice, "frozen": _frozen, "tied": _tied,
-          "no_params": _noparams}
+def _half_used(stats, w):
+    # measured from the used half's gradient (the other half has none, and is skipped)
+    assert stats["split"]["out_grad_rms"] > 0 and stats["split"]["grad_norm"] > 0
+
+
+CHECKS = {"half_used_outputs": _half_used, "resnet_inplace": _resnet,
+          "transformer": _transformer, "lstm": _lstm, "dict_none_int": _dict,
+          "called_thrice": _thrice, "frozen": _frozen, "tied": _tied, "no_params": _noparams}
 
 
 def test_module_called_several_times_aggregates_calls():
