@@ -11,15 +11,21 @@ median of each phase over the rounds is reported. Variants: ``bare``, ``floor`` 
 (``_common.watch_as``; the last two measured past their dense first 100 steps, so their
 medians are of light steps: their sampled steps, one in 10, are in ``modules.py``).
 
-``--whole`` measures whole periods instead: rounds of one block of 100 consecutive steps of
-each variant, in a shuffled order (a block is one default window: its flush and its 10
-sampled steps; ten ``every=10`` windows). A block's cost is the CPU time of the training
-thread in its steps plus the CPU time the variant's background writer (its flush: rules,
-TensorBoard) spent on it, read from that thread's own clock. The ratio of each block to the
-first variant's block of the same round, median over rounds: the cost of the default and of
-``every=10`` in steady state, everything included, side by side. (Blocks, not single steps
-in turn: a model that does not fit the cache beside the others' would otherwise be slowed
-alike in every variant, which shrinks every ratio; deep100's floor step took 1.5x longer so.)
+``--whole`` measures whole periods instead: blocks of 100 steps of each variant (one
+default window: its flush and its 10 sampled steps; ten ``every=10`` windows), made of runs
+of 20 consecutive steps of one variant, the variants' runs in a shuffled order. A block's
+cost is the CPU time of the training thread in its steps plus the CPU time the variant's
+background threads (its flush: gradwatch's writer with the rules and the event, and
+TensorBoard's thread writing the records to the file) spent on it, read from their own
+clocks. The ratio of each block to the first variant's block of the same round, median over
+rounds: the cost of the default and of ``every=10`` in steady state, everything included,
+side by side. (Runs, not single steps in turn: a model that does not fit the cache beside
+the others' was slowed alike in every variant, which shrinks every ratio -- deep100's floor
+step took 1.5x longer so; not whole blocks in turn either: the machine's speed drifts over
+the seconds a block takes, which moved a block's ratio by up to 0.07. What is left of the
+first: the first two steps of a run find a cold cache, about 5 ms more per run of 20 steps
+of the 10-layer model (5% of the run; 0.5% at 1,000 layers), paid by every variant alike,
+which shrinks an excess over the floor by as much.)
 
 ``--hooks`` also times the optimizer-step hooks themselves: gradwatch's (torch's global
 pre- and post-step hooks, ``gradwatch.stepping``) and the floor's pre-step hook, per step.
@@ -130,22 +136,29 @@ def measure(workload: str, variants: list[str], steps: int, warmup: int,
             for v, ts in times.items()}
 
 
-#: Steps of each variant in a ``--whole`` block: one default window, ten ``every=10`` ones.
+#: Steps of each variant in a ``--whole`` block: one default window, ten ``every=10`` ones;
+#: run ``SEGMENT`` consecutive steps of a variant at a time.
 BLOCK = 100
+SEGMENT = 20
 
 
 def worker_clock(run: tuple[Any, ...]) -> float:
-    """CPU seconds the run's background writer has spent so far (0 without one), once the
-    jobs queued so far have run."""
+    """CPU seconds the run's background threads have spent so far (0 without any), once the
+    jobs queued to gradwatch's writer so far have run: gradwatch's writer thread (rules,
+    the window's event) and TensorBoard's own thread that writes the records to the file
+    (its queue is not waited for: what it has left counts in the next block)."""
     watcher = run[-1]
     worker = getattr(getattr(watcher, "_publish", None), "worker", None)
     if worker is None:
         return 0.0
     worker.join()
-    thread = worker._thread
-    if thread is None or thread.ident is None or not thread.is_alive():
-        return 0.0
-    return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+    threads = [worker._thread]
+    file_writer = getattr(getattr(getattr(watcher, "_sink", None), "writer", None),
+                          "file_writer", None)
+    async_writer = getattr(getattr(file_writer, "event_writer", None), "_async_writer", None)
+    threads.append(getattr(async_writer, "_worker", None))
+    return sum(time.clock_gettime(time.pthread_getcpuclockid(t.ident)) for t in threads
+               if t is not None and t.ident is not None and t.is_alive())
 
 
 def measure_whole(workload: str, variants: list[str], blocks: int, warmup: int,
@@ -165,25 +178,28 @@ def measure_whole(workload: str, variants: list[str], blocks: int, warmup: int,
     order = list(variants)
     clock = time.thread_time
     for _ in range(blocks):
-        random.shuffle(order)
-        for v in order:  # a block of one variant, then the next: each keeps its cache
-            run = runs[v]
-            start = worker_clock(run)
-            spent = 0.0
-            for _ in range(BLOCK):
-                t = clock()
-                step(run)
-                spent += clock() - t
-            totals[v].append(spent + worker_clock(run) - start)
+        spent = dict.fromkeys(variants, 0.0)
+        for _ in range(BLOCK // SEGMENT):
+            random.shuffle(order)
+            for v in order:  # a run of consecutive steps of one variant: its cache warm
+                run = runs[v]
+                start = worker_clock(run)
+                for _ in range(SEGMENT):
+                    t = clock()
+                    step(run)
+                    spent[v] += clock() - t
+                spent[v] += worker_clock(run) - start
+        for v in variants:
+            totals[v].append(spent[v])
     return totals
 
 
 def main_whole(a: argparse.Namespace, variants: list[str]) -> None:
     totals = measure_whole(a.workload, variants, a.whole, a.warmup, a.seed)
     ref = totals[variants[0]]
-    print(f"{a.workload}, {a.whole} rounds of a block of {BLOCK} steps of each variant, one "
-          f"thread (CPU ms per step, training thread and background writer; ratio to "
-          f"{variants[0]}'s block of the round: median, min-max)")
+    print(f"{a.workload}, {a.whole} blocks of {BLOCK} steps of each variant in runs of "
+          f"{SEGMENT}, one thread (CPU ms per step, training thread and background writer; "
+          f"ratio to {variants[0]}'s block: median, min-max)")
     print(f"{'variant':14s}{'ms/step':>10s}{'ratio':>8s}{'range':>14s}")
     for v in variants:
         r = sorted(t / f for t, f in zip(totals[v], ref))
@@ -217,7 +233,7 @@ def table(blocks: int, seed: int, out: str | None) -> dict[str, Any]:
         print(w, {v: round(q["median"], 3) for v, q in row.items() if v != "blocks"},
               flush=True)
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "block": BLOCK, "wall_s": round(time.time() - t0, 1),
+              "block": BLOCK, "segment": SEGMENT, "wall_s": round(time.time() - t0, 1),
               "load_avg": os.getloadavg(), "summary": summary}
     if out is not None:
         from report import update

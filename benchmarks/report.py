@@ -315,15 +315,16 @@ def render_interleaved(il: dict[str, Any]) -> list[str]:
         "## The same ratios in one process, whole periods (CPU)", "",
         f"`python benchmarks/interleaved.py --table` ({il['date']}, load average "
         f"{', '.join(f'{x:.1f}' for x in il['load_avg'])}). Per workload one process and one "
-        "thread holds a model of each variant (same seed, same batch) and runs a step of "
-        f"each in turn, in a shuffled order, for blocks of {il['block']} steps: one default "
-        "window (its flush, its 10 sampled steps), ten `every=10` windows. A block's cost "
-        "is the CPU time of the training thread in its steps plus the CPU time the "
-        "variant's background writer (rules, TensorBoard) spent in the block, read from "
-        "that thread's clock. Each cell: the median over blocks of the ratio to the floor's "
-        "block (min–max), after the first 110 steps of `default` and `every10`. What slows "
-        "the machine slows every variant of a block alike, so these ratios move by less "
-        "than those of separate processes above.", "",
+        "thread holds a model of each variant (same seed, same batch). Blocks of "
+        f"{il['block']} steps of each variant (one default window: its flush and its 10 "
+        f"sampled steps; ten `every=10` windows) are run in turns of {il.get('segment', 10)} "
+        "consecutive steps of one variant, the variants in a shuffled order. A block's cost is "
+        "the CPU time of the training thread in its steps plus the CPU time of the variant's "
+        "background threads (gradwatch's writer: the rules and the window's event; "
+        "TensorBoard's thread writing the file), read from their own clocks. Each cell: the "
+        "median over blocks of the ratio to the floor's block (min–max), after the first 200 "
+        "steps. What slows the machine slows every variant of a block alike, so these ratios "
+        "move by less than those of separate processes above.", "",
         "| workload | blocks | floor ms/step | light / floor | default / floor | "
         "every=10 / floor |",
         "| --- | --- | --- | --- | --- | --- |"]
