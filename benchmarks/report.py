@@ -234,12 +234,17 @@ def _ratio(r: dict[str, Any] | None) -> str:
     return f"{r['median']:.2f}x ({r['min']:.2f}–{r['max']:.2f})"
 
 
+def _when(r: dict[str, Any]) -> str:
+    """When a section's script ran, and how loaded the machine was at its end."""
+    return f"{r['date']}, load average {', '.join(f'{x:.1f}' for x in r['load_avg'])}"
+
+
 def render_modules(mo: dict[str, Any]) -> list[str]:
     """The floor table and the module-count series of ``modules.py``."""
     lines = [
         "## gradwatch against the floor, per workload (CPU)", "",
-        f"`python benchmarks/modules.py` ({mo['rounds']} interleaved rounds, {mo['date']}, "
-        f"load average {', '.join(f'{x:.1f}' for x in mo['load_avg'])}). The *floor* "
+        f"`python benchmarks/modules.py` ({mo['rounds']} interleaved rounds, {_when(mo)}). "
+        "The *floor* "
         "(`_common.Floor`, written by hand, measured in the same run): one "
         "`torch._foreach_norm` over every parameter gradient per step, and a forward hook on "
         "every module that sums in fp32, into a buffer allocated once, each output of a module "
@@ -313,9 +318,8 @@ def render_interleaved(il: dict[str, Any]) -> list[str]:
     """The whole-period table of ``interleaved.py --table``."""
     lines = [
         "## The same ratios in one process, whole periods (CPU)", "",
-        f"`python benchmarks/interleaved.py --table` ({il['date']}, load average "
-        f"{', '.join(f'{x:.1f}' for x in il['load_avg'])}). Per workload one process and one "
-        "thread holds a model of each variant (same seed, same batch). Blocks of "
+        f"`python benchmarks/interleaved.py --table` ({_when(il)}). Per workload one process "
+        "and one thread holds a model of each variant (same seed, same batch). Blocks of "
         f"{il['block']} steps of each variant (one default window: its flush and its 10 "
         f"sampled steps; ten `every=10` windows) are run in turns of {il.get('segment', 10)} "
         "consecutive steps of one variant, the variants in a shuffled order. A block's cost is "

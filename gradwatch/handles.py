@@ -60,9 +60,9 @@ class GradHook(WeakHook):
     A tensor hook (``Tensor.register_hook``) is kept on that same node and runs at the same
     moment, with the same gradient, also when the tensor is later modified in place (the
     node stays the one it had when the hook was placed): the node's pre-hook is that hook
-    for about a seventh of the cost of placing it (``register_hook`` builds a hook
-    dictionary and a handle in Python: 12 µs against 1.8 µs here, paid per hooked tensor
-    per step). No handle is kept: the hook dies with the graph.
+    without ``register_hook``'s Python (its hook dictionary and checks), paid per hooked
+    tensor per step: placed and called in a 500-layer chain, 5.6 µs against 7.5 µs a
+    tensor. No handle is kept: the hook dies with the graph.
 
     An output that does not reach the loss while another output of its node does (one
     chunk of a ``chunk``) has no gradient: ``None``, under either kind of hook; it is

@@ -1,8 +1,9 @@
 """The module and tensor hooks of the statistics, and the ``Collector`` they feed.
 
 * ``ForwardHook`` (every module): the call goes to the non-finite trace (``trace.py``) and,
-  for a watched module, to the activation statistics; a tensor hook on each output tensor
-  that requires grad (``OutGradHook``) measures the back-propagated error signal.
+  for a watched module, to the activation statistics; a hook on the gradient at each output
+  tensor that requires grad (``OutGradHook``, a ``handles.GradHook``: a pre-hook of the
+  autograd node that made it) measures the back-propagated error signal.
 * ``Collector``: the hot-path state those hooks share (buffers, sampled/light step, the
   held batches of ``batched.py``).
 
@@ -353,8 +354,8 @@ class Collector:
 
     def close(self) -> None:
         """The watcher closes: every hook turns inert (module hooks are removed by the
-        watcher's ``HandleRegistry``; tensor hooks keep no handle and die with their
-        tensors), the trace forgets its record and its template."""
+        watcher's ``HandleRegistry``; gradient hooks keep no handle and die with their
+        graph), the trace forgets its record and its template."""
         self.off.update(("act", "out_grad", "trace"))
         if self.trace is not None:
             self.trace.remove()

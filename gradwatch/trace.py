@@ -12,8 +12,9 @@ finite (``selection.passes_finite``) gets no sum of its own: its output is *deri
 its input's entry.
 
 Modules whose backward can turn finite gradients non-finite (``selection.grad_safe`` is
-False: custom modules, containers with code of their own) also get a tensor hook on each
-input and output that requires grad: the gradient's fp32 sum goes into a second log.
+False: custom modules, containers with code of their own) also get a hook on the gradient
+at each input and output that requires grad (``handles.GradHook``): the gradient's fp32 sum
+goes into a second log.
 
 Steps that repeat the step before are replayed against its record (``record.Replay``).
 
