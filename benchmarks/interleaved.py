@@ -115,17 +115,25 @@ def step(run: tuple[Any, ...]) -> tuple[float, ...]:
     return (b - a, c - b, d - c, d - a, *_spent.values())
 
 
-def measure(workload: str, variants: list[str], steps: int, warmup: int,
-            seed: int) -> dict[str, list[float]]:
-    """Median seconds per phase (``PHASES``) of each variant."""
+def ready(workload: str, variants: list[str], warmup: int, dense: int,
+          seed: int) -> dict[str, tuple[Any, ...]]:
+    """A run of each variant (one thread), past ``warmup`` steps, and past ``dense`` for
+    ``default`` and ``every10`` (their densely sampled start); the heap collected."""
     torch.set_num_threads(1)
     random.seed(seed)
     logdir = tempfile.mkdtemp(prefix="gradwatch-interleaved-")
     runs = {v: build(v, workload, logdir) for v in variants}
     for v, run in runs.items():
-        for _ in range(max(warmup, DENSE_START) if v in ("default", "every10") else warmup):
+        for _ in range(max(warmup, dense) if v in ("default", "every10") else warmup):
             step(run)
     gc.collect()
+    return runs
+
+
+def measure(workload: str, variants: list[str], steps: int, warmup: int,
+            seed: int) -> dict[str, list[float]]:
+    """Median seconds per phase (``PHASES``) of each variant."""
+    runs = ready(workload, variants, warmup, DENSE_START, seed)
     times: dict[str, list[tuple[float, ...]]] = {v: [] for v in variants}
     order = list(variants)
     for _ in range(steps):
@@ -164,16 +172,9 @@ def worker_clock(run: tuple[Any, ...]) -> float:
 def measure_whole(workload: str, variants: list[str], blocks: int, warmup: int,
                   seed: int) -> dict[str, list[float]]:
     """CPU seconds of each variant per ``BLOCK`` steps, one value per round: the training
-    thread's time in every step (``time.thread_time``) plus its writer thread's."""
-    torch.set_num_threads(1)
-    random.seed(seed)
-    logdir = tempfile.mkdtemp(prefix="gradwatch-interleaved-")
-    runs = {v: build(v, workload, logdir) for v in variants}
-    for v, run in runs.items():  # a multiple of BLOCK: every block starts a window alike
-        for _ in range(max(warmup, DENSE_START + BLOCK - DENSE_START % BLOCK)
-                       if v in ("default", "every10") else warmup):
-            step(run)
-    gc.collect()
+    thread's time in every step (``time.thread_time``) plus its background threads'."""
+    # past the dense start to a multiple of BLOCK: every block starts a window alike
+    runs = ready(workload, variants, warmup, DENSE_START + BLOCK - DENSE_START % BLOCK, seed)
     totals: dict[str, list[float]] = {v: [] for v in variants}
     order = list(variants)
     clock = time.thread_time

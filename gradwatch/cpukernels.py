@@ -9,8 +9,9 @@ into the layer's row of the watcher's preallocated fp32 stage, as ``WindowBuffer
 adds the ops' rows; nothing is read back to Python but a flag.
 
 Where the kernels do not apply -- CUDA and other devices, other dtypes, strided or
-subclassed tensors, code that torch.compile traces, a large output whose counts are taken
-on a sample, a NaN or an Inf -- the PyTorch ops give the same statistics. The kernels agree
+subclassed tensors, code that torch.compile traces, a NaN or an Inf -- the PyTorch ops give
+the same statistics (their counts of an output above 262,144 elements on a sample; the
+kernels read every element). The kernels agree
 with them exactly on the maxima, minima and counts; the sums are accumulated in double per
 block of fp32 sums, at least as close to a float64 reference as PyTorch's fp32 reductions.
 """
@@ -116,9 +117,7 @@ class UpdateViews:
         self.layers = tuple(layers)
         rows, runs, strides = [], [], []
         for p in self.params:
-            n = p.numel()
-            r, run, stride = (1, n, n) if n <= sample else (chunks, sample // chunks,
-                                                             n // chunks)
+            r, run, stride = S.sample_runs(p.numel(), sample, chunks)
             rows.append(r)
             runs.append(run)
             strides.append(stride)

@@ -312,9 +312,8 @@ class _Weights:
                 continue
             self.big.append(p)
             flat = x.detach().reshape(-1)
-            run = UPDATE_SAMPLE // UPDATE_CHUNKS
-            views.append(flat.as_strided((UPDATE_CHUNKS, run), (n // UPDATE_CHUNKS, 1),
-                                         flat.storage_offset()))
+            rows, run, stride = S.sample_runs(n, UPDATE_SAMPLE, UPDATE_CHUNKS)
+            views.append(flat.as_strided((rows, run), (stride, 1), flat.storage_offset()))
             widx.append(L)
         layer = [i for _, i in t.trainable]
         rest = [j for j in range(len(t.params)) if j not in whole]

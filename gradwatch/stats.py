@@ -257,6 +257,15 @@ def stuck_thresholds(bounds: tuple[float, float], margin: float) -> tuple[float,
     return lo + m, hi - m
 
 
+def sample_runs(n: int, sample: int, chunks: int) -> tuple[int, int, int]:
+    """The elements of a tensor of ``n`` that the update ratio reads: ``(rows, run,
+    stride)``, ``rows`` contiguous runs of ``run`` elements, ``stride`` apart from the first
+    element: the whole tensor when ``n <= sample``, else ``chunks`` evenly spaced runs of
+    ``sample // chunks`` (a plain stride would touch one cache line per element). The ops'
+    views (``params._Weights``) and the C kernels' (``cpukernels.UpdateViews``) read these."""
+    return (1, n, n) if n <= sample else (chunks, sample // chunks, n // chunks)
+
+
 def units_of(x: Tensor) -> int:
     """The number of units ``stuck_units`` looks at (from the shape: no op)."""
     return math.prod(x.shape[1:]) if x.dim() >= 2 else x.numel()
