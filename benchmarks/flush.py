@@ -2,8 +2,8 @@
 
 For models of 10, 100 and 1000 watched layers (a chain of Linear(32, 32), batch 8):
 
-* flush: the training-thread part of a flush (finalize the window on the device, launch
-  the host copy, reset, hand over to the background thread), timed around
+* flush: the training-thread part of a flush (launch the window's host copy, reset it,
+  hand over to the background thread, which divides the means), timed around
   ``StepEngine.launch_flush``; the background part (snapshot, rules, TensorBoard) is timed
   separately by joining the worker, and is not on the training thread;
 * hooks: (watched step - bare step) / layers, both timed in the same process, alternating

@@ -621,6 +621,126 @@ done:
     return ret;
 }
 
+/* The stage's columns (buffers.ST_N ..): act_row and sq_row add into them in this order. */
+enum { S_N, S_S1, S_S2, S_NNZ, S_NF, S_SAT, S_STUCK, S_UNITS, S_MAX, S_GN, S_GS2, S_GNF,
+       S_COLS };
+/* commit's ways of taking a per-layer value into its window column */
+enum { C_ADD = 0, C_MAX = 1, C_ADD_KNOWN = 2, C_COUNT_KNOWN = 3, C_MODES = 4 };
+
+/* torch.maximum: a NaN on either side gives NaN */
+static inline float nan_max(float a, float b) {
+    return (isnan(a) || isnan(b)) ? NAN : (a > b ? a : b);
+}
+
+static inline float at_least(float x, float lo) { /* torch.clamp(x, min=lo): NaN stays */
+    return x < lo ? lo : x;
+}
+
+/* One sampled step's activation statistics from its stage row, into the window row, as
+ * buffers.WindowBuffers._commit_activations computes them with ops (the same fp32
+ * operations in the same order, each rounded once: no multiply-add is fused, as none is in
+ * the ops). cols: the 9 window columns of buffers._ACT_COLS, then act_max's. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("fp-contract=off")))
+#endif
+static void commit_act_row(const float *st, float *win, const Py_ssize_t *cols) {
+    float n = st[S_N], s1 = st[S_S1];
+    float n1 = at_least(n, 1.0f);
+    float mean = s1 / n1;
+    float prod = s1 * mean;
+    float var = (st[S_S2] - prod) / at_least(n1 - 1.0f, 1.0f);
+    float gn = st[S_GN], units = st[S_UNITS];
+    float vals[9] = {
+        mean,
+        sqrtf(at_least(var, 0.0f)),
+        (n - st[S_NNZ]) / n1,
+        st[S_SAT] / n1,
+        n > 0 ? 1.0f : 0.0f,
+        sqrtf(st[S_GS2] / at_least(gn, 1.0f)),
+        gn > 0 ? 1.0f : 0.0f,
+        st[S_STUCK] / at_least(units, 1.0f),
+        units > 0 ? 1.0f : 0.0f,
+    };
+    for (int j = 0; j < 9; j++) win[cols[j]] += vals[j];
+    win[cols[9]] = nan_max(win[cols[9]], st[S_MAX]);
+}
+
+/* commit(dst_ptr, ncols, n_rows, ops, stage_ptr, act_cols) -> None: a step's per-layer
+ * values into the window (fp32 [n_rows, ncols], contiguous), what buffers.commit_step does
+ * with ops on a sampled step. ops: (mode, col, src_ptr, src_stride) each, src an fp32
+ * vector of n_rows (src_stride floats apart); mode C_ADD adds it into column col, C_MAX
+ * maxes it in (torch.maximum), C_ADD_KNOWN adds it where it is not NaN, C_COUNT_KNOWN adds
+ * 1 where it is not NaN. stage_ptr (0: none): the stage (fp32 [n_rows, S_COLS]) whose
+ * activation statistics go into act_cols (commit_act_row). */
+static PyObject *py_commit(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!nargs_ok(nargs, 6, "commit")) return NULL;
+    float *dst = PyLong_AsVoidPtr(args[0]);
+    Py_ssize_t ncols = PyLong_AsSsize_t(args[1]), rows = PyLong_AsSsize_t(args[2]);
+    const float *stage = args[4] == Py_None ? NULL : PyLong_AsVoidPtr(args[4]);
+    if (PyErr_Occurred()) return NULL;
+    if (dst == NULL || rows < 0 || ncols <= 0) {
+        PyErr_SetString(PyExc_ValueError, "commit: bad window");
+        return NULL;
+    }
+    Py_ssize_t act[10];
+    if (stage != NULL) {
+        PyObject *ac = PySequence_Fast(args[5], "commit: act_cols must be a sequence");
+        if (ac == NULL) return NULL;
+        int ok = PySequence_Fast_GET_SIZE(ac) == 10;
+        for (Py_ssize_t j = 0; ok && j < 10; j++) {
+            act[j] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(ac, j));
+            ok = !PyErr_Occurred() && act[j] >= 0 && act[j] < ncols;
+        }
+        Py_DECREF(ac);
+        if (!ok) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "commit: bad act_cols");
+            return NULL;
+        }
+    }
+    PyObject *ops = PySequence_Fast(args[3], "commit: ops must be a sequence");
+    if (ops == NULL) return NULL;
+    Py_ssize_t k = PySequence_Fast_GET_SIZE(ops);
+    PyObject *ret = NULL;
+    /* every op checked before the window is touched: a bad one changes nothing */
+    for (int pass = 0; pass < 2; pass++) {
+        for (Py_ssize_t j = 0; j < k; j++) {
+            PyObject *op = PySequence_Fast_GET_ITEM(ops, j);
+            if (!PyTuple_Check(op) || PyTuple_GET_SIZE(op) != 4) {
+                PyErr_SetString(PyExc_ValueError, "commit: each op is (mode, col, src, stride)");
+                goto done;
+            }
+            long mode = PyLong_AsLong(PyTuple_GET_ITEM(op, 0));
+            Py_ssize_t c = PyLong_AsSsize_t(PyTuple_GET_ITEM(op, 1));
+            const float *src = PyLong_AsVoidPtr(PyTuple_GET_ITEM(op, 2));
+            Py_ssize_t stride = PyLong_AsSsize_t(PyTuple_GET_ITEM(op, 3));
+            if (PyErr_Occurred()) goto done;
+            if (mode < 0 || mode >= C_MODES || c < 0 || c >= ncols || src == NULL
+                    || stride < 1) {
+                PyErr_SetString(PyExc_ValueError, "commit: bad op");
+                goto done;
+            }
+            if (pass == 0) continue;
+            float *d = dst + c;
+            for (Py_ssize_t r = 0; r < rows; r++, d += ncols) {
+                float v = src[r * stride];
+                switch (mode) {
+                case C_ADD: *d += v; break;
+                case C_MAX: *d = nan_max(*d, v); break;
+                case C_ADD_KNOWN: *d += isnan(v) ? 0.0f : v; break;
+                default: *d += isnan(v) ? 0.0f : 1.0f; break;
+                }
+            }
+        }
+    }
+    if (stage != NULL)
+        for (Py_ssize_t r = 0; r < rows; r++) commit_act_row(stage + r * S_COLS, dst + r * ncols, act);
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    Py_DECREF(ops);
+    return ret;
+}
+
 static PyMethodDef methods[] = {
     {"snapshot", (PyCFunction)(void (*)(void))py_snapshot, METH_FASTCALL,
      "snapshot(ptrs, rows, runs, strides, kind, dst_ptr) -> None"},
@@ -628,6 +748,8 @@ static PyMethodDef methods[] = {
      "update_ratios(ptrs, rows, runs, strides, kind, snap_ptr, layers, n_layers, out_ptr)"},
     {"add_columns", (PyCFunction)(void (*)(void))py_add_columns, METH_FASTCALL,
      "add_columns(dst_ptr, ncols, n_rows, cols, srcs) -> None"},
+    {"commit", (PyCFunction)(void (*)(void))py_commit, METH_FASTCALL,
+     "commit(dst_ptr, ncols, n_rows, ops, stage_ptr, act_cols) -> None"},
     {"layer_norms", (PyCFunction)(void (*)(void))py_layer_norms, METH_FASTCALL,
      "layer_norms(ptrs, numels, layers, n_layers, kind, out_ptr, with_max) -> float"},
     {"act_row", (PyCFunction)(void (*)(void))py_act_row, METH_FASTCALL,

@@ -12,15 +12,14 @@ No method here reads a device value on the host.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from gradwatch import cpukernels as K
 from gradwatch import stats as S
+from gradwatch.hostcopy import device_tensor
 from gradwatch.schema import STATS as STATS  # the public statistics, in display order
 
 # Stage columns (one step). ST_N..ST_UNITS are sums over the calls of the step, in the order
@@ -75,7 +74,7 @@ _PARTS = (("grad_norm", "grad_rms", "grad_cnt", "grad_nonfinite"),
           ("weight_norm", "weight_cnt"), ("update_ratio", "update_cnt"))
 
 # stat -> (value column, count column or None for a plain sum)
-_FINAL: dict[str, tuple[str, str | None]] = {
+FINAL_COLUMNS: dict[str, tuple[str, str | None]] = {
     "grad_norm": ("grad_norm", "grad_cnt"),
     "grad_rms": ("grad_rms", "grad_cnt"),
     "grad_max": ("grad_max", "grad_max_cnt"),
@@ -91,18 +90,9 @@ _FINAL: dict[str, tuple[str, str | None]] = {
     "_act_nonfinite": ("act_nonfinite", None),
     "_act_stuck_frac": ("act_stuck_frac", "stuck_cnt"),
 }
-# Columns of ``finalize()``: the public STATS, then internal ones for the rules.
-FINAL_KEYS: tuple[str, ...] = tuple(_FINAL)
+# Columns of ``snapshot.final_values``: the public STATS, then internal ones for the rules.
+FINAL_KEYS: tuple[str, ...] = tuple(FINAL_COLUMNS)
 assert FINAL_KEYS[: len(STATS)] == STATS
-
-
-def device_tensor(values: Sequence[float], dtype: torch.dtype,
-                  device: torch.device) -> Tensor:
-    """A small tensor of host values on ``device``, made while training runs: on CUDA from
-    pinned memory without blocking (the pinned allocator keeps the source until the copy is
-    done), so a cache miss in the hot path does not sync the device."""
-    src = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
-    return src.to(device, non_blocking=True)
 
 
 @dataclass
@@ -146,12 +136,6 @@ class WindowBuffers:
         self.device = device
         self.stage = torch.zeros(n_layers, STAGE_COLS, dtype=torch.float32, device=device)
         self.window = torch.zeros(n_layers, len(WINDOW), dtype=torch.float32, device=device)
-        self._final_idx = torch.tensor(
-            [W[v] for v, _ in _FINAL.values()], dtype=torch.long, device=device
-        )
-        cnt = [W[c] if c is not None else -1 for _, c in _FINAL.values()]
-        self._cnt_idx = torch.tensor([max(c, 0) for c in cnt], dtype=torch.long, device=device)
-        self._is_mean = torch.tensor([c >= 0 for c in cnt], device=device)
         # per-call logs of the eager hooks (see ``fold``): rows of preallocated tensors, and
         # the slot of each row
         self._act_log = torch.zeros(FOLD_AT, ROW, dtype=torch.float32, device=device)
@@ -177,6 +161,13 @@ class WindowBuffers:
         self._act_cols = torch.tensor([W[c] for c in _ACT_COLS], dtype=torch.long,
                                       device=device)
         self._col_idx: dict[tuple[bool, bool, bool], Tensor] = {}
+        # CPU, ``cpukernels.commit``: the window columns of the activation statistics and
+        # the stage's non-finite counts added into theirs, (mode, column, address, stride)
+        self._act_cols_host = tuple(W[c] for c in _ACT_COLS) + (W["act_max"],)
+        self._stage_ops = tuple(
+            (K.ADD, W[col], self._stage_addr + st * 4, STAGE_COLS)
+            for col, st in (("act_nonfinite", ST_NF), ("nonfinite", ST_NF),
+                            ("nonfinite", ST_GNF))) if self.rows_in_place else ()
 
     # -- hot path: called from hooks ------------------------------------------------------
     # Eager hooks stack each call's device scalars into the next row of a preallocated log
@@ -302,6 +293,10 @@ class WindowBuffers:
                 win.index_add_(1, self._light_cols[params.finite], torch.stack(vals, 1))
             return
         self.fold()
+        if self.rows_in_place and self._commit_kernel(params, weights, updates, sampled):
+            st.zero_()
+            self._direct = False
+            return
         if sampled:
             self._commit_activations()
         nf = st[:, ST_NF] + st[:, ST_GNF]
@@ -324,6 +319,28 @@ class WindowBuffers:
         win.index_add_(1, self._cols(key), torch.stack(vals, 1))
         st.zero_()
         self._direct = False
+
+    def _commit_kernel(self, params: ParamStepStats | None, weights: Tensor | None,
+                       updates: Tensor | None, sampled: bool) -> bool:
+        """CPU: ``commit_step``'s ops below in one C call (``cpukernels.commit``), the same
+        columns from the same fp32 operations. False where the kernel does not take them."""
+        nf = W["nonfinite"]
+        ops: list[tuple[int, int, Tensor]] = []
+        if params is not None:
+            ops += [(K.ADD, W["grad_norm"], params.grad_norm),
+                    (K.ADD, W["grad_rms"], params.grad_rms),
+                    (K.ADD, W["grad_cnt"], params.grad_present)]
+            if not (params.finite and params.nonfinite is None):  # else known to be 0
+                ops += [(K.ADD, W["grad_nonfinite"], params.grad_nonfinite),
+                        (K.ADD, nf, params.grad_nonfinite)]
+            if params.grad_max is not None:
+                ops += [(K.MAX, W["grad_max"], params.grad_max),
+                        (K.ADD, W["grad_max_cnt"], params.grad_present)]
+        for (value, count), v in zip(_PARTS[1:], (weights, updates)):
+            if v is not None:
+                ops += [(K.ADD_KNOWN, W[value], v), (K.COUNT_KNOWN, W[count], v)]
+        return K.commit(self.window, ops, self._stage_ops,
+                        self._stage_addr if sampled else None, self._act_cols_host)
 
     def _light(self, params: ParamStepStats | None, sampled: bool) -> bool:
         """A light step with gradients: its hooks staged nothing (they collect on sampled
@@ -408,24 +425,6 @@ class WindowBuffers:
         self._direct = False
 
     # -- once per flush ---------------------------------------------------------------------
-    def finalize(self) -> Tensor:
-        """Window -> ``[layers, len(FINAL_KEYS)]`` fp32 device tensor of window values.
-
-        Means are divided by their counts; a stat with a zero count is NaN. A new tensor is
-        returned, so the window can be reset right after.
-        """
-        win = self.window
-        vals = win.index_select(1, self._final_idx)
-        cnts = win.index_select(1, self._cnt_idx)
-        mean = vals / cnts
-        nan = torch.full_like(vals, math.nan)
-        mean = torch.where(cnts > 0, mean, nan)
-        # max-reduced stats (grad_max, act_max) are not divided, only masked by their count
-        for stat in ("grad_max", "act_max"):
-            j = FINAL_KEYS.index(stat)
-            mean[:, j] = torch.where(cnts[:, j] > 0, vals[:, j], nan[:, j])
-        return torch.where(self._is_mean, mean, vals)
-
     def reset_window(self) -> None:
         self.window.zero_()
 

@@ -166,6 +166,38 @@ def add_columns(dst: Tensor, cols: Sequence[int], srcs: Sequence[Tensor]) -> boo
     return True
 
 
+#: ``commit``'s ways of taking a per-layer vector into its window column (``_kernels.c``):
+#: add it, max it in (``torch.maximum``: NaN wins), add it where it is not NaN, add 1 where
+#: it is not NaN
+ADD, MAX, ADD_KNOWN, COUNT_KNOWN = range(4)
+
+
+def commit(dst: Tensor, ops: Sequence[tuple[int, int, Tensor]], fixed: Sequence[Any],
+           stage: int | None, act_cols: Sequence[int]) -> bool:
+    """A step's per-layer values into the window ``dst`` (a contiguous fp32 CPU matrix) in
+    one C call, what ``buffers.WindowBuffers.commit_step`` does with ops: each ``(mode,
+    col, vec)`` of ``ops`` takes ``vec`` (fp32, one value per row) into column ``col`` as
+    ``mode`` says; ``fixed``: the same as ``(mode, col, address, stride)`` of gradwatch's
+    own buffers, found once; with ``stage`` (the address of the fp32 ``[rows,
+    buffers.STAGE_COLS]`` stage), its activation statistics go into ``act_cols``
+    (``buffers._ACT_COLS``' columns, then act_max's), from each stage row with the ops' fp32
+    operations in their order. Several adds into one column (the non-finite count's parts)
+    are done one by one, in order, where the ops sum them first: the same value while they
+    are whole counts. False, nothing touched, where a vector is not an fp32 CPU vector of
+    the window's rows."""
+    if _kernels is None:
+        return False
+    rows = dst.shape[0]
+    spec = list(fixed)
+    for mode, col, t in ops:
+        if (t.dtype is not torch.float32 or not t.is_cpu or type(t) not in _PLAIN
+                or t.shape != (rows,) or t.stride(0) < 1):
+            return False
+        spec.append((mode, col, t.data_ptr(), t.stride(0)))
+    _kernels.commit(dst.data_ptr(), dst.shape[1], rows, spec, stage, act_cols)
+    return True
+
+
 def act_row(t: Tensor, kind: int, units: int, bounds: tuple[float, float] | None,
             margin: float, out: int) -> bool:
     """The statistics of one call, ``t``, added into its layer's stage row at address

@@ -178,7 +178,7 @@ class StepEngine:
                 return
             if world_size() > 1:
                 self.buffers.reduce_across_ranks()
-            copy = HostCopy(self.buffers.finalize())
+            copy = HostCopy(self.buffers.window)  # made final on the background thread
             hist = self.hist.take() if self.hist is not None and self.hist.on else None
         except Exception as e:
             self.guard.fail("flush", "flush", "*", e)

@@ -5,11 +5,12 @@ can land there while the training goes on); ``mark`` records a completion marker
 device stream behind the copies issued so far (``torch.cuda.Event``); ``landed`` says
 whether it has passed, never blocking. ``HostCopy`` is one tensor on its way to the host
 (the window at a flush); ``flags.FlagsToHost`` reuses a few buffers for the per-step flags.
+The other way, ``device_tensor`` puts a few host values on the device without a stall.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +34,15 @@ def mark(event: Callable[[], Any] | None = None) -> Any:
 def landed(marker: Any) -> bool:
     """Whether the copies before ``marker`` have landed (None/True: synchronous copies)."""
     return marker is None or marker is True or bool(marker.query())
+
+
+def device_tensor(values: Sequence[float], dtype: torch.dtype,
+                  device: torch.device) -> Tensor:
+    """A small tensor of host values on ``device``, made while training runs: on CUDA from
+    pinned memory without blocking (the pinned allocator keeps the source until the copy is
+    done), so a cache miss in the hot path does not sync the device."""
+    src = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return src.to(device, non_blocking=True)
 
 
 class HostCopy:

@@ -15,8 +15,9 @@ from torch import Tensor
 
 from gradwatch import cpukernels as K
 from gradwatch import stats as S
-from gradwatch.buffers import ParamStepStats, device_tensor, nan_per_layer
+from gradwatch.buffers import ParamStepStats, nan_per_layer
 from gradwatch.distributed import local, shard_reducer
+from gradwatch.hostcopy import device_tensor
 
 # Largest number of elements per parameter copied to measure an update ratio, taken as
 # UPDATE_CHUNKS evenly spaced contiguous runs: a plain stride would touch one cache line

@@ -18,7 +18,7 @@ from gradwatch.hostcopy import HostCopy
 from gradwatch.inbox import AlertInbox
 from gradwatch.rules import Rules
 from gradwatch.selection import LayerInfo
-from gradwatch.snapshot import Snapshot
+from gradwatch.snapshot import Snapshot, final_values
 from gradwatch.worker import Worker
 
 
@@ -87,9 +87,8 @@ class Publisher:
 
     def _process(self, step: int, copy: HostCopy, order: list[int], amp: int,
                  hist: Any, force: bool, host_nf: Any = None) -> None:
-        values = copy.numpy()
+        values = final_values(copy.numpy())
         if host_nf is not None and host_nf.any():
-            values = values.copy()
             for key in ("nonfinite", "_act_nonfinite"):
                 values[:, FINAL_KEYS.index(key)] += host_nf
         snap = Snapshot.build(step, values, self._infos, order, self._applies, amp)

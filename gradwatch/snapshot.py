@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from gradwatch.buffers import FINAL_KEYS, STATS
+from gradwatch.buffers import FINAL_COLUMNS, FINAL_KEYS, STATS, W
 from gradwatch.selection import LayerInfo
 
 _PARAM_STATS = ("grad_norm", "grad_rms", "grad_max")
@@ -31,6 +31,27 @@ def applicable(info: LayerInfo, has_optimizer: bool) -> tuple[str, ...]:
             continue
         out.append(s)
     return tuple(out)
+
+
+_VALUE_COLS = np.array([W[v] for v, _ in FINAL_COLUMNS.values()])
+_COUNT_COLS = np.array([W[c] if c is not None else 0 for _, c in FINAL_COLUMNS.values()])
+_IS_MEAN = np.array([c is not None for _, c in FINAL_COLUMNS.values()])
+_NOT_DIVIDED = np.array([k in ("grad_max", "act_max") for k in FINAL_KEYS])
+
+
+def final_values(window: np.ndarray) -> np.ndarray:
+    """The window (its host copy, ``[layers, len(WINDOW)]`` fp32) -> ``[layers,
+    len(FINAL_KEYS)]`` fp32 window values, on the background thread.
+
+    Means are divided by their counts; a stat with a zero count is NaN. The max-reduced
+    stats (grad_max, act_max) are not divided, only masked by their count. In fp32, as the
+    window was kept (a division correctly rounded, on any device). Done here, not on the
+    training thread: the flush there is one copy of the window and its reset."""
+    vals = window[:, _VALUE_COLS]
+    cnts = window[:, _COUNT_COLS]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = np.where(_NOT_DIVIDED, vals, vals / cnts)
+    return np.where(_IS_MEAN, np.where(cnts > 0, mean, np.float32(np.nan)), vals)
 
 
 @dataclass

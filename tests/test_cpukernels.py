@@ -251,3 +251,95 @@ def test_update_views_snapshot_and_ratios_against_float64() -> None:
     assert v.ratios(4) is None and not v.snapshot()
     ps[1].data = torch.randn(64).double()
     assert v.ratios(4) is None
+
+
+def _commit_both(stage: torch.Tensor, params: object, weights: torch.Tensor | None,
+                 updates: torch.Tensor | None, sampled: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step committed by the C call and by the ops, from the same stage and window."""
+    from gradwatch.buffers import W, WindowBuffers
+
+    out = []
+    window = torch.randn(stage.shape[0], 22, generator=torch.Generator().manual_seed(1)).abs()
+    # the one column several values add into holds counts, which any order adds exactly
+    window[:, W["nonfinite"]] = window[:, W["nonfinite"]].mul(10).round()
+    for in_place in (True, False):
+        buf = WindowBuffers(stage.shape[0], torch.device("cpu"))
+        buf.rows_in_place = in_place  # False: the ops' path (CUDA, no C compiler)
+        buf.stage.copy_(stage)
+        buf.window.copy_(window)
+        buf._direct = True  # the kernels staged this step
+        buf.commit_step(params, weights, updates, sampled)  # type: ignore[arg-type]
+        assert not buf.stage.any()
+        out.append(buf.window)
+    return out[0], out[1]
+
+
+@settings(max_examples=120, deadline=None)
+@given(layers=st.integers(1, 12), seed=st.integers(0, 2**31 - 1),
+       odd=st.sampled_from([0.0, math.nan, math.inf, -math.inf]),
+       sampled=st.booleans(), parts=st.sampled_from(["none", "grads", "all"]))
+def test_commit_kernel_is_the_ops_commit(layers: int, seed: int, odd: float, sampled: bool,
+                                         parts: str) -> None:
+    from gradwatch.buffers import (
+        ST_GN,
+        ST_GNF,
+        ST_MAX,
+        ST_N,
+        ST_NF,
+        ST_NNZ,
+        ST_SAT,
+        ST_STUCK,
+        ST_UNITS,
+        ParamStepStats,
+        W,
+    )
+
+    g = torch.Generator().manual_seed(seed)
+    st_ = torch.randn(layers, STAGE_COLS, generator=g) * 10
+    counts = torch.randint(0, 50, (layers, STAGE_COLS), generator=g).float()
+    for c in (ST_N, ST_NNZ, ST_NF, ST_SAT, ST_STUCK, ST_UNITS, ST_GN, ST_GNF):
+        st_[:, c] = counts[:, c]
+    st_[0, ST_N] = 0.0  # a layer not called this step
+    st_[:, ST_MAX] = st_[:, ST_MAX].abs()
+    st_[-1, 1 + seed % 3] = odd  # a sum (Σx, Σx² or nonzeros) holds a NaN/Inf
+    params = weights = updates = None
+    if parts != "none":
+        v = [torch.rand(layers, generator=g) for _ in range(4)]
+        v[1][0] = odd
+        present = (torch.rand(layers, generator=g) > 0.3).float()
+        params = ParamStepStats(v[0], v[1], v[2] if sampled else None, present,
+                                counts[:, 0].clone())
+    if parts == "all":
+        weights = torch.rand(layers, generator=g)
+        updates = torch.rand(layers, generator=g)
+        weights[layers // 2] = math.nan  # not measured for this layer
+        updates[0] = math.nan
+    c_win, ops_win = _commit_both(st_, params, weights, updates, sampled)
+    assert torch.equal(c_win.isnan(), ops_win.isnan())
+    c_win, ops_win = c_win.nan_to_num(), ops_win.nan_to_num()
+    # the two square roots: the kernel's is correctly rounded, torch's vectorised fp32
+    # sqrt is 1 ulp off for about 1 value in 160; bit for bit everywhere else
+    roots = [W["act_std"], W["out_grad_rms"]]
+    torch.testing.assert_close(c_win[:, roots], ops_win[:, roots], rtol=2.5e-7, atol=0)
+    c_win[:, roots] = ops_win[:, roots]
+    assert torch.equal(c_win, ops_win)
+
+
+def test_commit_refuses_what_it_does_not_take() -> None:
+    dst = torch.zeros(4, 22)
+    vec = torch.ones(4)
+    for bad in (vec.double(), torch.ones(8)[::2].double(), torch.ones(5), torch.ones(4, 1)):
+        assert not K.commit(dst, [(K.ADD, 0, vec), (K.ADD, 0, bad)], (), None, ())
+    assert not dst.any()
+    with pytest.raises(ValueError):  # a column out of range: the window untouched
+        K.commit(dst, [(K.ADD, 0, vec), (K.ADD, 22, vec)], (), None, ())
+    with pytest.raises(ValueError):  # a mode it does not know
+        K.commit(dst, [(7, 0, vec)], (), None, ())
+    assert not dst.any()
+    # a strided vector (a column of a matrix) is read with its stride
+    col = torch.arange(12.0).reshape(4, 3)[:, 1]
+    assert K.commit(dst, [(K.ADD, 3, vec), (K.COUNT_KNOWN, 3, vec), (K.MAX, 5, col)], (),
+                    None, ())
+    assert dst[:, 3].tolist() == [2.0] * 4 and dst[:, 5].tolist() == [1.0, 4.0, 7.0, 10.0]
+    assert dst.sum().item() == 30.0

@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 import gradwatch
 import gradwatch.batched
 import gradwatch.cpukernels
+import gradwatch.engine as engine
 import gradwatch.hooks
 import gradwatch.stats
 import gradwatch.stepping
@@ -224,11 +225,12 @@ def test_step_commit_fault(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_flush_fault(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
 
-    def failing(self: WindowBuffers) -> Any:
+    def failing(window: Any) -> Any:
         calls.append(1)
         raise Boom("injected")
 
-    monkeypatch.setattr(WindowBuffers, "finalize", failing)
+    # the window's copy to the host, on the training thread
+    monkeypatch.setattr(engine, "HostCopy", failing)
     w, faults = run_with_fault()
     one_fault(faults, "flush", "all layers")
     assert len(calls) == 1 and w.latest is None
