@@ -47,8 +47,8 @@ def final_values(window: np.ndarray) -> np.ndarray:
     stats (grad_max, act_max) are not divided, only masked by their count. In fp32, as the
     window was kept (a division correctly rounded, on any device). Done here, not on the
     training thread: the flush there is one copy of the window and its reset."""
-    vals = window[:, _VALUE_COLS]
-    cnts = window[:, _COUNT_COLS]
+    vals = window.take(_VALUE_COLS, axis=1)  # row-major, as the rows are read
+    cnts = window.take(_COUNT_COLS, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         mean = np.where(_NOT_DIVIDED, vals, vals / cnts)
     return np.where(_IS_MEAN, np.where(cnts > 0, mean, np.float32(np.nan)), vals)
