@@ -18,7 +18,7 @@ from gradwatch.hostcopy import HostCopy
 from gradwatch.inbox import AlertInbox
 from gradwatch.rules import Rules
 from gradwatch.selection import LayerInfo
-from gradwatch.snapshot import Snapshot, final_values
+from gradwatch.snapshot import Layout, Snapshot, final_values
 from gradwatch.worker import Worker
 
 
@@ -37,6 +37,7 @@ class Publisher:
         self.off = guard.off  # "rules", "sink", "pictures": switched off after a failure
         self.inbox = inbox
         self.latest: Snapshot | None = None
+        self._layout: Layout | None = None  # the last window's (``Snapshot.build``)
         self.worker = Worker(lambda e: guard.report("background writer", "*", e, defer=True))
 
     # -- from the training thread -----------------------------------------------------------
@@ -91,7 +92,9 @@ class Publisher:
         if host_nf is not None and host_nf.any():
             for key in ("nonfinite", "_act_nonfinite"):
                 values[:, FINAL_KEYS.index(key)] += host_nf
-        snap = Snapshot.build(step, values, self._infos, order, self._applies, amp)
+        snap = Snapshot.build(step, values, self._infos, order, self._applies, amp,
+                              self._layout)
+        self._layout = snap.layout
         names = [self._infos[i].name for i in order]
         found = self._guard("rules", "rules", lambda: self._rules.evaluate(
             step, snap.stats, names, snap.act_nonfinite, snap.act_stuck)) or []

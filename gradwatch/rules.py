@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import statistics
 import threading
 from typing import Any, Callable, Mapping, Sequence, Tuple
@@ -34,6 +35,7 @@ _fmt = fmt  # the one number format of every view (schema.fmt)
 
 
 Verdict = Tuple[float, float, bool]  # value, threshold, extreme
+_NONFINITE = operator.methodcaller("get", "nonfinite", 0)  # a layer's count, 0 when absent
 
 
 def classify_grads(rms: Mapping[str, float], ema: Mapping[str, float], warm: bool,
@@ -164,6 +166,8 @@ class Rules:
                  audit: InitAudit | None = None, fault: Fault | None = None) -> None:
         self.t = thresholds
         self.layers = {li.name: li for li in layers}
+        self._relu_like = tuple(li.name for li in layers if li.relu_like)
+        self._bounded = tuple(li.name for li in layers if li.bounds is not None)
         # cause and hint of each alert, from the init audit and the windows' history
         self.diagnosis = Diagnosis(audit or InitAudit(), layers, thresholds, fault=fault)
         self.windows = 0
@@ -281,7 +285,10 @@ class Rules:
         # a layer where no condition holds and none is pending (a streak or a clearing
         # count: ``_condition`` sets ``_clear`` with every streak) has nothing to update
         pending = {key[0] for key in self._clear}
+        maybe = self._candidates(stats, pending.union(vanishing, exploding))
         for name, s in stats.items():
+            if name not in maybe:
+                continue
             info = self.layers.get(name)
             van = vanishing.get(name)
             exp = exploding.get(name)
@@ -307,6 +314,19 @@ class Rules:
                                ">=", note=f"{units:.0%} of its units at a bound for every "
                                "sample" if act_stuck is not None else ""))
 
+    def _candidates(self, stats: Mapping[str, Mapping[str, float]], flagged: set[str]
+                    ) -> set[str]:
+        """The layers where a condition may hold this window, found without a Python step
+        per layer: ``flagged`` (a vanishing or exploding verdict, a pending streak) and the
+        dead or saturated candidates among the ReLU-like and bounded layers (the others
+        can be neither). ``_window`` checks each of them in full and skips the rest."""
+        t = self.t
+        flagged.update(n for n in self._relu_like if n in stats and stats[n].get(
+            "act_zero_frac", math.nan) >= t.dead_frac)
+        flagged.update(n for n in self._bounded if n in stats and stats[n].get(
+            "act_sat_frac", math.nan) >= t.saturated_frac)
+        return flagged
+
     def optimizer_family(self) -> tuple[str, float]:
         """The family of the optimizer in use (``optimizer_family``), SGD-like when none is
         known."""
@@ -329,9 +349,10 @@ class Rules:
         origin."""
 
         # no output count and no gradient count above zero: no fault (the common window,
-        # decided without a call per layer)
-        if all(v == 0 for v in act_nonfinite.values()) and not any(
-                s.get("nonfinite", 0) > 0 for s in stats.values()):
+        # decided in C-level loops, no Python step per layer: a count is falsy when 0 and
+        # NaN is not; ``0.0 < v`` is false for a NaN, as ``v > 0`` is)
+        if not any(act_nonfinite.values()) and not any(
+                map((0.0).__lt__, map(_NONFINITE, stats.values()))):
             return None
 
         def out_bad(n: str) -> float:

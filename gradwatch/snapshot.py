@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -59,7 +58,9 @@ class Snapshot:
     """One flushed window: host floats per layer and stat (NaN: not collected this window).
 
     ``step`` is the number of training steps completed at the flush; ``amp_skipped`` the
-    steps of the window that a GradScaler skipped.
+    steps of the window that a GradScaler skipped. A snapshot made by ``build`` also keeps
+    the host array its dicts were read from (``values``) and where each value sits in it
+    (``layout``), so the TensorBoard sink takes them in one array read.
     """
 
     step: int
@@ -67,6 +68,8 @@ class Snapshot:
     amp_skipped: int = 0
     act_nonfinite: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
     act_stuck: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
+    values: np.ndarray | None = field(default=None, repr=False, compare=False)
+    layout: Layout | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"step": self.step, "amp_skipped": self.amp_skipped,
@@ -75,27 +78,50 @@ class Snapshot:
     @classmethod
     def build(cls, step: int, values: np.ndarray, layers: Sequence[LayerInfo],
               order: Sequence[int], applies: Sequence[tuple[str, ...]],
-              amp_skipped: int = 0) -> Snapshot:
-        """From the ``[layers, FINAL_KEYS]`` host array; layers in ``order`` first."""
-        seen = set(order)
-        rows = list(order) + [i for i in range(len(layers)) if i not in seen]
+              amp_skipped: int = 0, layout: Layout | None = None) -> Snapshot:
+        """From the ``[layers, FINAL_KEYS]`` host array; layers in ``order`` first.
+        ``layout``: the last snapshot's, used again while the layers, their stat sets and
+        ``order`` are the same (a lazy module materialised replaces its ``LayerInfo``)."""
+        key = (tuple(order), tuple(layers), tuple(applies))
+        lay = layout if layout is not None and layout.key == key else Layout(
+            layers, key, applies)
         # one bulk conversion to Python floats (the same doubles ``float(values[i, j])``
         # gives), then each layer's row picked by a getter made once per stat set
         table = values.tolist()
-        nf_col, stuck_col = _COL["_act_nonfinite"], _COL["_act_stuck_frac"]
-        stats: dict[str, dict[str, float]] = {}
-        act_nf: dict[str, float] = {}
-        stuck: dict[str, float] = {}
-        for i in rows:
-            name = layers[i].name
-            row = table[i]
-            keys = applies[i]
-            stats[name] = dict(zip(keys, _picker(keys)(row)))
-            v = row[nf_col]
-            act_nf[name] = 0.0 if math.isnan(v) else v
-            if layers[i].bounds is not None:
-                stuck[name] = row[stuck_col]
-        return cls(step, stats, amp_skipped, act_nf, stuck)
+        stats = {name: dict(zip(keys, pick(table[i]))) for i, name, keys, pick in lay.items}
+        nf = values[lay.rows, _COL["_act_nonfinite"]]
+        nf = np.where(np.isnan(nf), np.float32(0.0), nf)  # NaN: not measured, not a count
+        act_nf = dict(zip(lay.names, nf.tolist()))
+        stuck = dict(zip(lay.bounded, values[lay.bounded_rows, _COL["_act_stuck_frac"]]
+                         .tolist()))
+        return cls(step, stats, amp_skipped, act_nf, stuck, values, lay)
+
+
+class Layout:
+    """Where a snapshot's values sit in the host array: its layers (in ``order`` first,
+    then those never called), the row and stat set of each, and every (layer, stat) value's
+    row and column in the order of the dicts. The publisher keeps the last one and gives it
+    again while they are the same (``key``)."""
+
+    def __init__(self, layers: Sequence[LayerInfo], key: tuple[Any, ...],
+                 applies: Sequence[tuple[str, ...]]) -> None:
+        self.key = key  # (order, layers, applies) as tuples
+        order = key[0]
+        seen = set(order)
+        rows = list(order) + [i for i in range(len(layers)) if i not in seen]
+        self.items = tuple((i, layers[i].name, applies[i], _picker(applies[i])) for i in rows)
+        self.names = tuple(layers[i].name for i in rows)
+        self.rows = np.asarray(rows, dtype=np.intp)
+        bounded = [i for i in rows if layers[i].bounds is not None]
+        self.bounded = tuple(layers[i].name for i in bounded)
+        self.bounded_rows = np.asarray(bounded, dtype=np.intp)
+        # for the sink: each layer's (name, stats), every value's row and column in that
+        # order (names are unique: module names), and the layout's identity tells it
+        self.keys = tuple((layers[i].name, applies[i]) for i in rows)
+        self.unique = len(set(self.names)) == len(self.names)
+        self.flat_rows = np.asarray([i for i in rows for _ in applies[i]], dtype=np.intp)
+        self.flat_cols = np.asarray([_COL[k] for i in rows for k in applies[i]],
+                                    dtype=np.intp)
 
 
 _COL = {k: j for j, k in enumerate(FINAL_KEYS)}

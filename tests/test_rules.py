@@ -7,6 +7,8 @@ import math
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gradwatch import Thresholds
 from gradwatch.rules import Rules, classify_grads
@@ -264,3 +266,43 @@ def test_thresholds_coerce_dict_and_unknown_key() -> None:
         Thresholds.coerce({"patienc": 3})
     with pytest.raises(TypeError, match="thresholds"):
         Thresholds.coerce(3)  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_the_layers_skipped_unread_are_those_where_nothing_can_hold(seed: int) -> None:
+    """``Rules._candidates`` finds the layers to check in full without a Python step per
+    layer: over windows of dead, saturated, vanishing, exploding, clearing and healthy
+    layers, the alerts are those of checking every layer."""
+    import random
+
+    rnd = random.Random(seed)
+    infos = [f(f"m{i}") for i, f in enumerate(rnd.choices([linear, relu, sigmoid], k=12))]
+    windows = []
+    for _ in range(8):
+        stats: dict[str, dict[str, float]] = {}
+        for li in infos:
+            s = {"nonfinite": 0.0}
+            if li.has_trainable:
+                s["grad_rms"] = rnd.choice([1e-9, 1e-3, 2e-3, 5e-3, 50.0, 1e7, NAN])
+            if li.relu_like:
+                s["act_zero_frac"] = rnd.choice([0.5, 0.98, 0.995, 1.0, NAN])
+            if li.bounds is not None:
+                s["act_sat_frac"] = rnd.choice([0.1, 0.9, 0.99, NAN])
+            if rnd.random() > 0.1:  # a layer not called in some windows
+                stats[li.name] = s
+        windows.append(stats)
+    stuck = {li.name: rnd.choice([0.0, 0.5, 1.0]) for li in infos if li.bounds is not None}
+
+    def alerts(rules: Rules) -> list[list[tuple[str, str, str]]]:
+        out = []
+        for k, stats in enumerate(windows):
+            found = rules.evaluate(10 * (k + 1), stats, list(stats), {}, stuck)
+            out.append([(a.layer, a.kind, a.message) for a in found])
+        return out
+
+    every = Rules(Thresholds(patience=2, warmup=1), infos)
+    every._candidates = lambda stats, flagged: set(stats)  # type: ignore[method-assign]
+    got = alerts(Rules(Thresholds(patience=2, warmup=1), infos))
+    assert got == alerts(every)
+    assert any(got)  # the windows do raise alerts

@@ -68,3 +68,60 @@ def test_watcher_values_match_snapshot(tmp_path):
     got = [(e.step, e.value) for e in ea.Scalars(scalar_tag("grad_norm", "0"))]
     assert [s for s, _ in got] == [2, 4]
     assert math.isclose(got[-1][1], w.latest.stats["0"]["grad_norm"], rel_tol=1e-6)
+
+
+def _layers(n: int) -> tuple[list, list]:
+    from gradwatch.selection import LayerInfo
+    from gradwatch.snapshot import applicable
+
+    infos = [LayerInfo(f"l{i}", "Tanh" if i % 2 else "Linear", i % 2 == 0, i % 2 == 0,
+                       (-1.0, 1.0) if i % 2 else None, False) for i in range(n)]
+    return infos, [applicable(li, True) for li in infos]
+
+
+def test_a_built_snapshot_is_summarised_from_its_array_byte_for_byte():
+    """``Snapshot.build`` keeps its host array: the sink reads the values from it in one
+    read, and writes the bytes the per-layer dicts give (NaN cut, inf kept)."""
+    import numpy as np
+
+    from gradwatch.buffers import FINAL_KEYS
+    from gradwatch.sinks.tensorboard import _WindowTemplate
+
+    infos, applies = _layers(9)
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((9, len(FINAL_KEYS))).astype(np.float32)
+    values[2, 3] = np.nan
+    values[4, :] = np.nan  # a layer never called this window
+    values[5, 0] = np.inf  # an overflowed sum
+    order = [3, 1, 0, 2, 5]  # called in this order; 4, 6, 7, 8 never
+    snap = Snapshot.build(10, values, infos, order, applies, 1)
+    assert list(snap.stats)[:5] == ["l3", "l1", "l0", "l2", "l5"]
+    fast = _WindowTemplate().summary(snap.stats, 1.0, snap).SerializeToString()
+    by_dicts = _WindowTemplate().summary(snap.stats, 1.0).SerializeToString()
+    assert fast == by_dicts
+    # a template reused over windows of another order, then of the first one again
+    t = _WindowTemplate()
+    for o in (order, order[::-1], order):
+        s = Snapshot.build(10, values, infos, o, applies, 1)
+        assert t.summary(s.stats, 1.0, s).SerializeToString() == _WindowTemplate().summary(
+            s.stats, 1.0).SerializeToString()
+
+
+def test_snapshot_layout_is_made_again_when_the_layers_change():
+    import numpy as np
+
+    from gradwatch.buffers import FINAL_KEYS
+    from gradwatch.selection import LayerInfo
+
+    infos, applies = _layers(4)
+    values = np.arange(4 * len(FINAL_KEYS), dtype=np.float32).reshape(4, -1)
+    a = Snapshot.build(1, values, infos, [0, 1, 2, 3], applies)
+    b = Snapshot.build(2, values, infos, [0, 1, 2, 3], applies, layout=a.layout)
+    assert b.layout is a.layout and b.stats == a.stats
+    c = Snapshot.build(3, values, infos, [1, 0, 2, 3], applies, layout=b.layout)
+    assert c.layout is not b.layout and list(c.stats) == ["l1", "l0", "l2", "l3"]
+    # a lazy module materialised: its LayerInfo replaced in the shared list
+    infos[1] = LayerInfo("l1", "Linear", True, True, None, False)
+    d = Snapshot.build(4, values, infos, [1, 0, 2, 3], applies, layout=c.layout)
+    assert d.layout is not c.layout and "l1" not in d.act_stuck and "l3" in d.act_stuck
+    assert d.act_stuck["l3"] == float(values[3, FINAL_KEYS.index("_act_stuck_frac")])

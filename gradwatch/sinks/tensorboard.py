@@ -154,6 +154,7 @@ class _WindowTemplate:
         self._at: Any = None  # [n, 4] indices of each record's float bytes in _buf
         self._owner: Any = None  # per byte of _buf: the index of its record
         self._n = 0
+        self._layout: Any = None  # the snapshot layout ``_key`` was last checked against
 
     def _build(self, key: tuple[tuple[str, tuple[str, ...]], ...]) -> None:
         import numpy as np
@@ -177,21 +178,33 @@ class _WindowTemplate:
         self._n = len(sizes)
         self._key = key
 
-    def summary(self, stats: Mapping[str, Mapping[str, float]], amp_skipped: float) -> Any:
+    def summary(self, stats: Mapping[str, Mapping[str, float]], amp_skipped: float,
+                snap: Snapshot | None = None) -> Any:
         """The window's Summary: every non-NaN stat (layers and stats in ``stats``' order),
-        then ``AMP_SKIPPED_TAG``."""
+        then ``AMP_SKIPPED_TAG``. ``snap``: the snapshot ``stats`` are of; one that keeps
+        its host array (``Snapshot.build``) gives the values in one read of it."""
         import itertools
 
         import numpy as np
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        key = tuple((layer, tuple(s)) for layer, s in stats.items())
-        if key != self._key:
-            self._build(key)
-        flat = np.fromiter(itertools.chain.from_iterable(s.values() for s in stats.values()),
-                           dtype=np.float64, count=self._n)
-        with np.errstate(over="ignore"):  # beyond fp32: inf, as the proto field stores it
-            f32 = flat.astype("<f4")
+        values = None if snap is None else snap.values
+        lay = None if snap is None else snap.layout
+        if values is not None and lay is not None and lay.unique:
+            if lay is not self._layout:  # the same layers and stats as ``lay.keys``
+                if lay.keys != self._key:
+                    self._build(lay.keys)
+                self._layout = lay
+            flat = f32 = values[lay.flat_rows, lay.flat_cols].astype("<f4")
+        else:
+            key = tuple((layer, tuple(s)) for layer, s in stats.items())
+            if key != self._key:
+                self._build(key)
+            self._layout = None
+            flat = np.fromiter(itertools.chain.from_iterable(
+                s.values() for s in stats.values()), dtype=np.float64, count=self._n)
+            with np.errstate(over="ignore"):  # beyond fp32: inf, as the proto stores it
+                f32 = flat.astype("<f4")
         buf = self._buf.copy()
         buf[self._at] = f32.view(np.uint8).reshape(-1, 4)
         nan = np.isnan(flat)
@@ -244,7 +257,7 @@ class TensorBoardSink:
             add_layers(w, layers, snap.step)
             self._layers_written = tuple(layers)
         if getattr(w, "_get_file_writer", None) is not None:
-            head: Any = self._template.summary(snap.stats, float(snap.amp_skipped))
+            head: Any = self._template.summary(snap.stats, float(snap.amp_skipped), snap)
             self._alerts(alerts, snap.step, [], head)
         else:
             values = [(scalar_tag(stat, layer), v) for layer, stats in snap.stats.items()
