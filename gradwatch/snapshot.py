@@ -123,6 +123,15 @@ class Layout:
         self.flat_cols = np.asarray([_COL[k] for i in rows for k in applies[i]],
                                     dtype=np.intp)
 
+    def __getstate__(self) -> dict[str, Any]:  # a snapshot is pickled with its layout
+        state = dict(self.__dict__)
+        state["items"] = tuple(item[:3] for item in self.items)  # the getters are made again
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["items"] = tuple((i, n, k, _picker(k)) for i, n, k in state["items"])
+        self.__dict__.update(state)
+
 
 _COL = {k: j for j, k in enumerate(FINAL_KEYS)}
 

@@ -125,3 +125,23 @@ def test_snapshot_layout_is_made_again_when_the_layers_change():
     d = Snapshot.build(4, values, infos, [1, 0, 2, 3], applies, layout=c.layout)
     assert d.layout is not c.layout and "l1" not in d.act_stuck and "l3" in d.act_stuck
     assert d.act_stuck["l3"] == float(values[3, FINAL_KEYS.index("_act_stuck_frac")])
+
+
+def test_a_built_snapshot_pickles_and_copies():
+    """``watcher.latest`` stays a plain value: pickled or deep-copied with its layout (a
+    layer of one stat has a getter made in place, which pickle cannot take as it is)."""
+    import copy
+    import pickle
+
+    import numpy as np
+
+    from gradwatch.buffers import FINAL_KEYS
+
+    infos, applies = _layers(3)
+    applies[2] = ("act_mean",)
+    values = np.arange(3 * len(FINAL_KEYS), dtype=np.float32).reshape(3, -1)
+    snap = Snapshot.build(5, values, infos, [2, 0, 1], applies)
+    for other in (pickle.loads(pickle.dumps(snap)), copy.deepcopy(snap)):
+        assert other == snap and other.act_stuck == snap.act_stuck
+        again = Snapshot.build(6, values, infos, [2, 0, 1], applies, layout=other.layout)
+        assert again.stats == snap.stats
