@@ -327,11 +327,11 @@ class WindowBuffers:
         nf = W["nonfinite"]
         ops: list[tuple[int, int, Tensor]] = []
         if params is not None:
-            ops += [(K.ADD, W["grad_norm"], params.grad_norm),
-                    (K.ADD, W["grad_rms"], params.grad_rms),
-                    (K.ADD, W["grad_cnt"], params.grad_present)]
+            norm, rms, cnt, g_nf = (W[c] for c in _PARTS[0])
+            ops += [(K.ADD, norm, params.grad_norm), (K.ADD, rms, params.grad_rms),
+                    (K.ADD, cnt, params.grad_present)]
             if not (params.finite and params.nonfinite is None):  # else known to be 0
-                ops += [(K.ADD, W["grad_nonfinite"], params.grad_nonfinite),
+                ops += [(K.ADD, g_nf, params.grad_nonfinite),
                         (K.ADD, nf, params.grad_nonfinite)]
             if params.grad_max is not None:
                 ops += [(K.MAX, W["grad_max"], params.grad_max),

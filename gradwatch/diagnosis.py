@@ -108,7 +108,7 @@ class Diagnosis:
         self.dead_frac = thresholds.dead_frac
         self.sat_frac = thresholds.saturated_frac
         self.info = {li.name: li for li in layers}
-        self._relu_like = tuple(li.name for li in layers if li.relu_like)
+        self.relu_like = tuple(li.name for li in layers if li.relu_like)  # for the rules too
         self._lock = threading.Lock()
         self._history: collections.deque[_Window] = collections.deque(maxlen=limits.history)
         self._seen = 0
@@ -152,7 +152,7 @@ class Diagnosis:
         try:
             ur = [s["update_ratio"] for s in stats.values()
                   if math.isfinite(s.get("update_ratio", math.nan))]
-            zero = {n: stats[n]["act_zero_frac"] for n in self._relu_like
+            zero = {n: stats[n]["act_zero_frac"] for n in self.relu_like
                     if "act_zero_frac" in stats.get(n, ())}
             with self._lock:
                 self._history.append(_Window(step, self._seen, statistics.median(ur) if ur

@@ -166,7 +166,6 @@ class Rules:
                  audit: InitAudit | None = None, fault: Fault | None = None) -> None:
         self.t = thresholds
         self.layers = {li.name: li for li in layers}
-        self._relu_like = tuple(li.name for li in layers if li.relu_like)
         self._bounded = tuple(li.name for li in layers if li.bounds is not None)
         # cause and hint of each alert, from the init audit and the windows' history
         self.diagnosis = Diagnosis(audit or InitAudit(), layers, thresholds, fault=fault)
@@ -321,7 +320,7 @@ class Rules:
         dead or saturated candidates among the ReLU-like and bounded layers (the others
         can be neither). ``_window`` checks each of them in full and skips the rest."""
         t = self.t
-        flagged.update(n for n in self._relu_like if n in stats and stats[n].get(
+        flagged.update(n for n in self.diagnosis.relu_like if n in stats and stats[n].get(
             "act_zero_frac", math.nan) >= t.dead_frac)
         flagged.update(n for n in self._bounded if n in stats and stats[n].get(
             "act_sat_frac", math.nan) >= t.saturated_frac)
