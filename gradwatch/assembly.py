@@ -77,7 +77,14 @@ class Parts:
                                        self.guard)
         self.rules = Rules(cfg.thresholds, infos, measure(root, chosen, c.fault), c.fault)
         # the model's dataflow, learned once at the first training forward (the path audit)
-        probe = start_probe(root, self.rules.diagnosis.audit, c.fault)
+        learned = weakref.WeakMethod(self._learned)  # the probe must not keep the model
+
+        def then(graph: Any) -> None:
+            fn = learned()
+            if fn is not None:
+                fn(graph)
+
+        probe = start_probe(root, self.rules.diagnosis.audit, c.fault, then)
         if probe is not None:
             self.handles.add("probe", probe)
         # lazy modules: parameters are tracked once materialized, at the first forward
@@ -85,12 +92,13 @@ class Parts:
         params = ParamTracker([] if self.lazy else owners, L, device)
         # the non-finite trace covers every module of the model, watched or not
         mods = self.mods = [(n or ROOT_NAME, m) for n, m in root.named_modules()]
-        hooked = [not grad_safe(m) for _, m in mods]
+        hooked = self.hooked = [not grad_safe(m) for _, m in mods]
         self.map = ModelMap.build(mods, hooked)
         c.trace = StepTrace(device, [passes_finite(m) for _, m in mods],
                             [bool(getattr(m, "inplace", False)) for _, m in mods], hooked,
                             self.guard)
-        c.mflags = ModuleFlags(len(mods), device, hooked, self.map.children_first())
+        # compiled code keeps the hooks of the start (a change would recompile it)
+        c.mflags = ModuleFlags(len(mods), device, list(hooked), self.map.children_first())
         self.inbox = AlertInbox(cfg.on_alert, max_alerts, is_writer_rank)
         self.sink: Any = None
         # distributed: only rank 0 opens a writer, so a run has one event file
@@ -144,6 +152,23 @@ class Parts:
         for p, slot in owners:
             own[slot].append(p)
         return [describe(n, m, own[i]) for i, (n, m) in enumerate(self.chosen)]
+
+    def _learned(self, graph: Any) -> None:
+        """The first training forward's autograd graph (``structure.StructureProbe``): a
+        module whose own code made only ops that keep finite gradients finite
+        (``structure.own_code_safe``: Hugging Face's ``Conv1D``, most attention and
+        activation classes, the blocks around them) needs its gradients hooked no more than
+        a torch module does, while its calls take the same path (``trace.path_key``). The
+        model's root keeps its hooks: the gradient arriving at its output is where a NaN
+        made by the loss is seen. ``hooked`` is the trace's and the model map's list."""
+        trace = self.collector.trace
+        if trace is None:
+            return
+        for m, (name, _) in enumerate(self.mods):
+            keys = graph.grad_safe.get(name)
+            if m and self.hooked[m] and keys:
+                trace.paths[m] = keys  # a call on another path is hooked again
+                self.hooked[m] = False
 
     def materialized(self) -> None:
         """After a forward of a model with lazy modules: once every parameter has its

@@ -11,10 +11,10 @@ inputs to the module that made them. A parameter-free module that keeps finite i
 finite (``selection.passes_finite``) gets no sum of its own: its output is *derived* from
 its input's entry.
 
-Modules whose backward can turn finite gradients non-finite (``selection.grad_safe`` is
-False: custom modules, containers with code of their own) also get a hook on the gradient
-at each input and output that requires grad (``handles.GradHook``): the gradient's fp32 sum
-goes into a second log.
+Modules whose backward can turn finite gradients non-finite (not ``selection.grad_safe``,
+nor of safe code by ``structure.own_code_safe`` while their calls keep its path) also get a
+hook on the gradient at each input and output that requires grad (``handles.GradHook``):
+the gradient's fp32 sum goes into a second log.
 
 Steps that repeat the step before are replayed against its record (``record.Replay``).
 
@@ -36,17 +36,16 @@ from gradwatch.faults import FaultGuard
 from gradwatch.handles import GradHook, grad_site
 from gradwatch.record import IN, OUT, R_CHECK, R_NONE, R_SAME, Record, Replay, Rows
 from gradwatch.stats import dense
+from gradwatch.structure import path_key, with_node
 
 OFF = "trace"  # the fault guard's name for this part
 
 #: ``torch.sum(x, DIMS[x.ndim], ..., out=row)`` reduces every dim into a 0-d row
 DIMS: tuple[tuple[int, ...], ...] = tuple(tuple(range(n)) for n in range(33))
-#: Entries kept per record before a long stretch of forward calls without a step (an
-#: evaluation loop) is cut into a record of its own: bounds the host lists and the logs.
+#: Entries per record before forward calls without a step (evaluation) are cut: a bound
 MAX_ENTRIES = 1 << 15
 
-#: the floating-point dtypes (``x.dtype in FLOATS``: an attribute read and a set lookup, no
-#: call, on the hot path)
+#: the floating-point dtypes (``x.dtype in FLOATS``: no call on the hot path)
 FLOATS = frozenset(d for d in vars(torch).values()
                    if isinstance(d, torch.dtype) and d.is_floating_point)
 
@@ -94,6 +93,8 @@ class StepTrace:
     def __init__(self, device: torch.device, passes: list[bool], inplace: list[bool],
                  unsafe: list[bool], guard: FaultGuard) -> None:
         self.device, self.passes, self.inplace, self.unsafe = device, passes, inplace, unsafe
+        # per module judged safe by its code (structure.own_code_safe): its calls' path keys
+        self.paths: list[frozenset[Any] | None] = [None] * len(unsafe)
         self.guard, self.off = guard, guard.off
         self.fwd = Rows(device, 1024)
         self.grads = Rows(device, 256)
@@ -210,7 +211,8 @@ class StepTrace:
                         self._prev, self._prev_w = None, (weakref.ref(y), hy[1])
                     self._prev_o = o
                     self._j = j + 1
-                    if self.unsafe[m] and torch.is_grad_enabled():
+                    if (self.unsafe[m] or (self.paths[m] is not None and self._departs(
+                            m, x, y))) and torch.is_grad_enabled():
                         if e >= 0 and x.requires_grad:
                             self._hook_grad(x, m, IN)
                         if kind != R_NONE and y.requires_grad:
@@ -287,7 +289,8 @@ class StepTrace:
         dts = self._dts
         if dts is not None:
             dts.append((x.dtype, y.dtype))
-        if self.unsafe[m] and torch.is_grad_enabled():
+        if (self.unsafe[m] or (self.paths[m] is not None and self._departs(m, x, y))
+                ) and torch.is_grad_enabled():
             if ins and x.requires_grad:
                 self._hook_grad(x, m, IN)
             if outs and y.requires_grad:
@@ -345,7 +348,8 @@ class StepTrace:
                 if _float(y):
                     outs.append(self._output(y, m))
         rec.calls.append((m, ins, tuple(outs)))
-        if self.unsafe[m] and torch.is_grad_enabled():
+        if (self.unsafe[m] or (self.paths[m] is not None and self._departs(
+                m, with_node(xs), with_node(outs_t)))) and torch.is_grad_enabled():
             for t in xs:
                 if _float(t) and t.requires_grad:
                     self._hook_grad(t, m, IN)
@@ -368,6 +372,14 @@ class StepTrace:
         if seen is not None and seen[0]() is y and seen[1] >= 0 and _version(y) == seen[1]:
             return seen[2]  # handed on unchanged (an input, or a child's output)
         return self._check(y, m, OUT)
+
+    def _departs(self, m: int, x: Any, y: Any) -> bool:
+        """Module ``m`` (of safe code on ``paths[m]``) made ``y`` on another path: hook it."""
+        paths, key = self.paths[m], path_key(x, y) if torch.is_grad_enabled() else None
+        if key is None or paths is None or key in paths:
+            return False
+        self.paths[m], self.unsafe[m] = None, True
+        return True
 
     def _hook_grad(self, t: Tensor, m: int, role: int) -> None:
         rec = self.rec

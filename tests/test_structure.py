@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -325,3 +326,247 @@ def test_a_gradient_100x_the_median_is_exploding_under_sgd_not_under_adam() -> N
         alerts = [a for step in (10, 20) for a in r.evaluate(step, stats, list(stats), {})]
         found[name] = [(a.layer, a.kind, a.step) for a in alerts]
     assert found == {"sgd": [("4", "exploding", 20)], "adam": []}
+
+
+# -- which modules' gradients the non-finite trace hooks ------------------------------------------
+class Conv1DLike(nn.Module):
+    """Hugging Face GPT-2's ``Conv1D``: a linear map written as ``addmm`` on a view."""
+
+    def __init__(self, nx: int, nf: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.2)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.size()[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(size)
+
+
+class NewGELULike(nn.Module):
+    """The tanh approximation of GELU, written out (``x ** 3``, ``tanh``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = math.sqrt(2.0 / math.pi)
+        return 0.5 * x * (1.0 + torch.tanh(c * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class RMSNormLike(nn.Module):
+    """T5/LLaMA's RMS norm: ``rsqrt`` of the mean square (its backward is Inf at 0)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+
+class Block(nn.Module):
+    """A residual block whose own code is a sum and a scaling by a number."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.fc = Conv1DLike(d, d)
+        self.norm = RMSNormLike(d)
+        self.act = NewGELULike()
+        self.first = RMSNormLike(d)  # on the batch: no gradient goes through its rsqrt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.first(x)
+        return x + self.act(self.norm(self.fc(x))) / 2.0
+
+
+class Scaled(nn.Module):
+    """Multiplies by what its parent set on it, not by an argument."""
+
+    scale: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class Captures(nn.Module):
+    """Hands its child a ``sqrt`` of its own through an attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = Scaled()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inner.scale = torch.sqrt(x.abs() + 1.0)
+        return self.inner(x)
+
+
+class Op(nn.Module):
+    def __init__(self, fn: Any) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+class Net(nn.Module):
+    """A model of its own class: its root keeps its gradient hooks whatever its code."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        self.block = Block(d)
+        self.captures = Captures()
+        self.root = Op(lambda x: (x.abs() + 1.0).pow(0.5))
+        self.div = Op(lambda x: x / (x.abs() + 1.0))
+        self.cube = Op(lambda x: x.pow(3) / 4.0)
+        self.head = Conv1DLike(d, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.captures(self.block(x))
+        return self.head(self.cube(self.div(self.root(x))))
+
+
+def hooked_after_one_step(model: nn.Module, **watch: Any) -> set[str]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with gradwatch.watch(model, optimizer=opt, tensorboard=False, **watch) as w:
+        parts = w._parts
+        F.mse_loss(model(torch.randn(4, 6)), torch.zeros(4, 2)).backward()
+        opt.step()
+        return {n for (n, _), h in zip(parts.mods, parts.hooked) if h}
+
+
+def test_gradients_are_hooked_only_where_a_module_s_own_code_can_make_a_nan() -> None:
+    torch.manual_seed(0)
+    assert hooked_after_one_step(Net()) == {
+        "(root)",  # the model's output: where a NaN made by the loss is seen
+        "block.norm",  # rsqrt
+        "captures",  # its sqrt, read by its child through an attribute
+        "root",  # x ** 0.5
+        "div",  # a division by a tensor
+    }
+
+
+@pytest.mark.filterwarnings("ignore:gradwatch. 0 training forward")
+def test_without_a_training_forward_every_module_of_its_own_class_stays_hooked() -> None:
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with gradwatch.watch(model, optimizer=opt, tensorboard=False) as w:
+        with torch.no_grad():
+            model(torch.randn(4, 6))
+        hooked = {n for (n, _), h in zip(w._parts.mods, w._parts.hooked) if h}
+    assert hooked == {n or "(root)" for n, _ in model.named_modules()}
+
+
+def test_hugging_face_gpt2_keeps_only_its_output_hooked() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=97,
+                                  n_positions=16, use_cache=False)
+    model = transformers.GPT2LMHeadModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 97, (2, 16))
+    with gradwatch.watch(model, optimizer=opt, tensorboard=False) as w:
+        before = {n for (n, _), h in zip(w._parts.mods, w._parts.hooked) if h}
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        after = {n for (n, _), h in zip(w._parts.mods, w._parts.hooked) if h}
+    # Conv1D, the attention, NewGELUActivation and the blocks were hooked as code unknown
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.1.mlp.act",
+            "transformer.h.0.attn", "transformer.h.1"} <= before
+    assert after == {"(root)"}
+
+
+class SqrtWhere(nn.Module):
+    """``where(x > 0, sqrt(x), 0)`` once ``bad`` is set: finite forward, NaN gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bad = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        safe = x if self.bad else x.clamp_min(1e-6)
+        return torch.where(x > 0, safe.sqrt(), torch.zeros_like(x))
+
+
+class Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = Conv1DLike(6, 8)
+        self.act = NewGELULike()
+        self.gate = SqrtWhere()
+        self.head = Conv1DLike(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gate(self.act(self.fc(x))))
+
+
+@pytest.mark.parametrize("fault", ["module", "loss"])
+def test_a_backward_nan_on_a_light_step_is_still_named_where_it_was_born(fault: str) -> None:
+    torch.manual_seed(0)
+    model = Chain()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    got: list[gradwatch.Alert] = []
+    with gradwatch.watch(model, optimizer=opt, tensorboard=False, every=10, sample_every=5,
+                         on_alert=got.append) as w:
+        for step in range(1, 24):
+            model.gate.bad = step == 23 and fault == "module"
+            out = model(torch.randn(8, 6))
+            if step == 23 and fault == "loss":  # finite, but its gradient is NaN at 0
+                loss = torch.where(out > 1e9, (out - 2e9).sqrt(), out).pow(2).mean()
+            else:
+                loss = F.mse_loss(out, torch.zeros(8, 2))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hooked = {n for (n, _), h in zip(w._parts.mods, w._parts.hooked) if h}
+    assert hooked == {"(root)", "gate"}
+    nf = [(a.layer, a.step, a.cause) for a in got if a.kind == "nonfinite"]
+    assert nf[:1] == [("gate" if fault == "module" else "(root)", 23, "backward_op")]
+    if fault == "loss":
+        assert "loss" in next(a for a in got if a.kind == "nonfinite").message
+
+
+@pytest.mark.parametrize("private", [True, False])
+def test_the_sequence_number_now_is_the_next_node_s(private: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from gradwatch import structure
+
+    if not private:  # a torch without torch._C._autograd._get_sequence_nr
+        monkeypatch.delattr(torch._C._autograd, "_get_sequence_nr", raising=False)
+    x = torch.ones(3, requires_grad=True)
+    now = structure._sequence_now()
+    y = x * 2.0
+    assert y.grad_fn is not None and y.grad_fn._sequence_nr() == now
+
+
+class Switched(nn.Module):
+    """A ReLU until ``on``; then ``where(x > 0, sqrt(x), 0)``, or, with ``same_end``, a
+    ``sqrt`` before the same last op as before (``* 2``)."""
+
+    def __init__(self, same_end: bool) -> None:
+        super().__init__()
+        self.on, self.same_end = False, same_end
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.same_end:
+            return (torch.where(x > 0, x.sqrt(), 0) if self.on else x) * 2.0
+        return torch.where(x > 0, x.sqrt(), 0) if self.on else torch.relu(x)
+
+
+@pytest.mark.parametrize("same_end", [False, True])
+def test_a_module_whose_code_takes_another_path_later_is_hooked_again(same_end: bool) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), Switched(same_end), nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    got: list[gradwatch.Alert] = []
+    with gradwatch.watch(model, optimizer=opt, tensorboard=False, every=10,
+                         on_alert=got.append) as w:
+        hooked = []
+        for step in range(1, 16):
+            model[1].on = step >= 14
+            loss = F.mse_loss(model(torch.randn(8, 6)), torch.zeros(8, 2))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            hooked.append(w._parts.hooked[2])  # "1" (mods: root, "0", "1", "2")
+    assert [m for m, _ in w._parts.mods] == ["(root)", "0", "1", "2"]
+    assert hooked == [False] * 13 + [True] * 2  # learned in the first forward
+    nf = [(a.layer, a.step, a.cause) for a in got if a.kind == "nonfinite"]
+    assert nf[:1] == [("1", 14, "backward_op")]
