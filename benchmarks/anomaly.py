@@ -218,12 +218,14 @@ def main() -> None:
     from report import update
 
     update(a.out, "anomaly", result)
-    with open(a.doc, "w") as f:
-        f.write(nonfinite_page(result))
+    page = nonfinite_page(result, kept_prose(a.doc))
+    with open(a.doc, "w", encoding="utf-8") as f:
+        f.write(page)
 
 
-def nonfinite_page(result: dict[str, Any]) -> str:
-    """docs/nonfinite.md: the side-by-side table with what it means and how to re-run it."""
+def nonfinite_page(result: dict[str, Any], prose: str) -> str:
+    """docs/nonfinite.md: the side-by-side table with what it means and how to re-run it,
+    then ``prose``, the page's hand-written part (``kept_prose``)."""
     from report import render_anomaly
 
     return "\n".join([
@@ -266,51 +268,24 @@ def nonfinite_page(result: dict[str, Any]) -> str:
         "does produce 0 * inf.",
         "- fp16 autocast runs on CPU in this torch (checked), so the overflow case uses "
         "float16, not bfloat16 (whose range is fp32's and would not overflow there).", "",
-        HOW,
+        prose,
     ])
 
 
-HOW = """## How gradwatch finds the origin, and what it costs
+#: Where the hand-written part of docs/nonfinite.md starts: kept as it is when the page is
+#: written again (the table above it is this script's).
+MARK = "## How gradwatch finds the origin"
 
-- **Every module is traced** (`gradwatch/trace.py`), containers and custom modules
-  included, watched or not: a forward hook on each records its call. Each tensor seen for
-  the first time in a step (an output, or an input no module made: the batch, a tensor made
-  by code between modules) gets one fp32 sum, written into the next row of a preallocated
-  device log: NaN if it holds a NaN, ±Inf if it holds infinities of one sign. A tensor
-  already checked (the previous module's output, same object, same version) is not summed
-  again: the entry is shared, and that is what links each module's inputs to the module
-  that made them. A torch activation, dropout or pooling module gets no sum of its own:
-  its output is finite exactly when its input is.
-- **Gradients are hooked where they can turn non-finite**: a tensor hook on each input and
-  output of every module whose backward can make a NaN from finite values (custom modules,
-  containers with code of their own; `selection.grad_safe` lists the torch modules that
-  cannot, short of an overflow). The parameter-gradient norms taken every step cover the
-  rest.
-- **Nothing is read in the step.** At the optimizer's pre-step (the forward and backward
-  done, no weight updated yet) the rows are copied to the host (non-blocking into pinned
-  memory on CUDA), with the record of which module made which entry. The host looks at them
-  with one vectorised `isnan`; only when a NaN is there does it walk the record
-  (`gradwatch/origin.py`): the first call whose output holds a NaN its inputs did not (the
-  forward hooks of children run before their parent's, so the first is the innermost); a
-  NaN made from an Inf is followed back to where the Inf was made; the batch when no module
-  made it; for the backward, the innermost hooked module whose output gradient was finite
-  and whose input or parameter gradient is not. A module that owns weights is checked
-  once more then (its weights' sums, as the forward used them) to tell `forward_op` from
-  `parameters`.
-- **One alert per event.** What the NaN spreads to (later modules, weights poisoned by the
-  update, every later step) is counted into that alert; the detector re-arms once a step
-  is finite again, and the same origin again within the rate limit is held back and
-  counted like any other alert.
-- **Compiled code** (`torch.compile`) keeps no per-tensor bookkeeping (Python state in a
-  graph would retrace): per-module NaN/Inf counts of outputs and inputs, and of their
-  gradients where hooked, are added on the device, and the same reading is made from them.
-- **Limits.** A sum holding both `+inf` and `-inf` reads as NaN. With a closure passed to
-  `step()` (LBFGS, Lightning) or `watcher.step()` without an optimizer, the weights can
-  only be checked after the update, and a module whose weights are then non-finite gets
-  `unknown` rather than a guess. When one tensor feeds two hooked modules, its gradient is
-  their sum: the later one is named. Parameter-free torch modules hand values on
-  unchecked, so an overflow inside one is named at the module that made the Inf it got.
-"""
+
+def kept_prose(path: str) -> str:
+    """The hand-written part of the page at ``path`` (from ``MARK`` on), or ""."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return ""
+    at = text.find(MARK)
+    return text[at:] if at >= 0 else ""
 
 
 if __name__ == "__main__":
