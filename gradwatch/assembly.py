@@ -161,13 +161,11 @@ class Parts:
         a torch module does, while its calls take the same path (``trace.path_key``). The
         model's root keeps its hooks: the gradient arriving at its output is where a NaN
         made by the loss is seen. ``hooked`` is the trace's and the model map's list."""
-        trace = self.collector.trace
-        if trace is None:
-            return
+        paths = self.collector.trace.paths
         for m, (name, _) in enumerate(self.mods):
             keys = graph.grad_safe.get(name)
             if m and self.hooked[m] and keys:
-                trace.paths[m] = keys  # a call on another path is hooked again
+                paths[m] = keys  # a call on another path is hooked again
                 self.hooked[m] = False
 
     def materialized(self) -> None:

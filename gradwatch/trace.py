@@ -375,7 +375,7 @@ class StepTrace:
 
     def _departs(self, m: int, x: Any, y: Any) -> bool:
         """Module ``m`` (of safe code on ``paths[m]``) made ``y`` on another path: hook it."""
-        paths, key = self.paths[m], path_key(x, y) if torch.is_grad_enabled() else None
+        paths, key = self.paths[m], path_key(x, y)  # None without a gradient (no_grad)
         if key is None or paths is None or key in paths:
             return False
         self.paths[m], self.unsafe[m] = None, True
