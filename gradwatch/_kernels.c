@@ -347,6 +347,37 @@ static PyObject *py_sq_row(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+/* sum_f32(ptr, n) -> float: the sum of the n fp32 values at ptr, in double (0.0 for none);
+ * a NaN or an Inf among them makes it NaN or infinite (the trace's host check,
+ * trace.StepTrace.host_total). */
+static PyObject *py_sum_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!nargs_ok(nargs, 2, "sum_f32")) return NULL;
+    const float *x = PyLong_AsVoidPtr(args[0]);
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    if (n < 0 || (n > 0 && x == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "sum_f32: bad arguments");
+        return NULL;
+    }
+    double s = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++) s += x[i];
+    return PyFloat_FromDouble(s);
+}
+
+/* zero_f32(ptr, n) -> None: the n fp32 values at ptr set to 0 (trace.StepTrace.clear). */
+static PyObject *py_zero_f32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!nargs_ok(nargs, 2, "zero_f32")) return NULL;
+    float *x = PyLong_AsVoidPtr(args[0]);
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    if (n < 0 || (n > 0 && x == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "zero_f32: bad arguments");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) x[i] = 0.0f;
+    Py_RETURN_NONE;
+}
+
 /* layer_norms(ptrs, numels, layers, n_layers, kind, out_ptr, with_max) -> float
  *
  * Tensor i (ptrs[i], numels[i] elements) belongs to layer layers[i] < n_layers. Writes the
@@ -750,6 +781,10 @@ static PyMethodDef methods[] = {
      "add_columns(dst_ptr, ncols, n_rows, cols, srcs) -> None"},
     {"commit", (PyCFunction)(void (*)(void))py_commit, METH_FASTCALL,
      "commit(dst_ptr, ncols, n_rows, ops, stage_ptr, act_cols) -> None"},
+    {"zero_f32", (PyCFunction)(void (*)(void))py_zero_f32, METH_FASTCALL,
+     "zero_f32(ptr, n) -> None"},
+    {"sum_f32", (PyCFunction)(void (*)(void))py_sum_f32, METH_FASTCALL,
+     "sum_f32(ptr, n) -> float"},
     {"layer_norms", (PyCFunction)(void (*)(void))py_layer_norms, METH_FASTCALL,
      "layer_norms(ptrs, numels, layers, n_layers, kind, out_ptr, with_max) -> float"},
     {"act_row", (PyCFunction)(void (*)(void))py_act_row, METH_FASTCALL,

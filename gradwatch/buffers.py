@@ -7,12 +7,12 @@ Two levels, both preallocated ``[layers, columns]`` fp32 tensors on the training
 
 Each column declares how it reduces across steps and ranks (``sum`` or ``max``); reset,
 the per-step commit and the distributed reduction all follow from that declaration.
-No method here reads a device value on the host.
-"""
+No method here reads a device value on the host."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -112,6 +112,7 @@ class ParamStepStats:
     layer_of: Tensor | None = None  # the layer of each of ``norms``
     finite: bool = False  # every norm was read finite on the host
     norm_sum: float | None = None  # the sum of ``norms``, where the host has it (CPU kernel)
+    out: Any = None  # the C kernel's output these are views of (``ParamTracker.recycle``)
 
     @property
     def grad_nonfinite(self) -> Tensor:
@@ -277,13 +278,16 @@ class WindowBuffers:
         layer has none), or None on steps where they were not measured. ``sampled``: the step
         collected the full stat set; a light step only carries non-finite flags and the
         parameter-gradient norms. The per-step values of each part are stacked and added
-        into the window with one ``index_add_`` over its columns.
-        """
+        into the window with one ``index_add_`` over its columns."""
         st, win = self.stage, self.window
         if self._light(params, sampled) and weights is None and updates is None:
-            # the hooks staged nothing: only the parameter-gradient part goes in (without
-            # its non-finite counts when they are known to be 0)
-            assert params is not None
+            # the hooks staged nothing: only the parameter-gradient part goes in (without its
+            # non-finite counts when known to be 0); the C kernel's own vectors (params._Out)
+            assert params is not None  # are added with nothing to check
+            out = params.out
+            if out is not None and params.finite and out.key[1] == win.shape[0] and K.add_at(
+                    win, self._light_idx[True], (*out.ptrs[1:3], params.grad_present.data_ptr())):
+                return
             vals = [params.grad_norm, params.grad_rms, params.grad_present]
             if not params.finite:
                 vals += [params.grad_nonfinite] * 2
@@ -419,8 +423,8 @@ class WindowBuffers:
 
     def discard_step(self) -> None:
         """Drop the staged step (a step the GradScaler skipped)."""
-        for slots in (self._row_slots, self._g_slots):
-            slots.clear()
+        self._row_slots.clear()
+        self._g_slots.clear()
         self.stage.zero_()
         self._direct = False
 
@@ -432,8 +436,7 @@ class WindowBuffers:
         """One all-reduce per declared reduction kind over the whole window buffer.
 
         Columns declared "same" keep their local value. ``nonfinite`` sums the local
-        part (outputs, output gradients) and adds the parameter part once.
-        """
+        part (outputs, output gradients) and adds the parameter part once."""
         import torch.distributed as dist
 
         nf, gnf = W["nonfinite"], W["grad_nonfinite"]

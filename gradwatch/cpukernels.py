@@ -65,14 +65,15 @@ def list_kind(tensors: Sequence[Tensor]) -> int:
 
 
 def layer_norms(tensors: Sequence[Tensor], kind: int, numels: Sequence[int],
-                layers: Sequence[int], n_layers: int, with_max: bool
-                ) -> tuple[Tensor, float] | None:
+                layers: Sequence[int], n_layers: int, with_max: bool, out: Tensor
+                ) -> float | None:
     """Per-tensor and per-layer gradient statistics of a list, from one C call: one pass
     over each tensor, nothing stacked or copied. Tensor ``i`` belongs to layer
-    ``layers[i]``. Returns one fp32 vector: ``[norms (len(tensors)) | layer norm | layer
-    RMS]`` and with ``with_max`` also ``[layer max |x| | layer non-finite count]``, each
-    part ``n_layers`` long (see ``_kernels.c``: a NaN gives NaN, as the ops do); and the
-    sum of the norms, on the host (CPU memory: the kernel has it at hand).
+    ``layers[i]``. Writes ``out`` (a contiguous fp32 CPU vector): ``[norms
+    (len(tensors)) | layer norm | layer RMS]`` and with ``with_max`` also ``[layer max |x|
+    | layer non-finite count]``, each part ``n_layers`` long (see ``_kernels.c``: a NaN
+    gives NaN, as the ops do). Returns the sum of the norms, on the host (CPU memory: the
+    kernel has it at hand).
 
     ``kind``, ``numels``: the list's ``list_kind`` and element counts, found once for a list
     whose tensors are made anew each step (gradients), checked again (``_addresses``).
@@ -81,10 +82,10 @@ def layer_norms(tensors: Sequence[Tensor], kind: int, numels: Sequence[int],
     ptrs = _addresses(tensors, kind, numels)
     if ptrs is None:
         return None
-    out = torch.empty(len(ptrs) + (4 if with_max else 2) * n_layers, dtype=torch.float32)
-    total = _kernels.layer_norms(ptrs, numels, layers, n_layers, kind, out.data_ptr(),
-                                 with_max)
-    return out, total
+    if out.numel() != len(ptrs) + (4 if with_max else 2) * n_layers:
+        raise ValueError(f"out: {out.numel()} elements for {len(ptrs)} tensors")
+    return _kernels.layer_norms(ptrs, numels, layers, n_layers, kind, out.data_ptr(),
+                                with_max)
 
 
 def _addresses(tensors: Sequence[Tensor], kind: int, numels: Sequence[int]
@@ -163,6 +164,16 @@ def add_columns(dst: Tensor, cols: Sequence[int], srcs: Sequence[Tensor]) -> boo
             return False
     _kernels.add_columns(dst.data_ptr(), dst.shape[1], rows, cols,
                          [t.data_ptr() for t in srcs])
+    return True
+
+
+def add_at(dst: Tensor, cols: Sequence[int], addrs: Sequence[int]) -> bool:
+    """``add_columns`` of vectors known to be contiguous fp32 CPU vectors of ``dst``'s
+    rows, given by their addresses (made so by gradwatch: nothing checked). False, nothing
+    added, without the kernels."""
+    if _kernels is None:
+        return False
+    _kernels.add_columns(dst.data_ptr(), dst.shape[1], dst.shape[0], cols, addrs)
     return True
 
 

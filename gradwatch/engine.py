@@ -97,10 +97,16 @@ class StepEngine:
             self.amp.optimizer = opt
 
     # -- the step's end ---------------------------------------------------------------------
-    def take_trace(self) -> None:
+    def start_take(self) -> Any:
+        """Before ``read_grads``: what ``take_trace`` needs of the trace, taken
+        (``StepMonitor.start_take``)."""
+        return self.monitor.start_take(self.step + 1)
+
+    def take_trace(self, taken: Any = None) -> None:
         """At the first optimizer's pre-step: the step's non-finite trace to the host."""
         self.monitor.take_trace(self.buffers.no_flags(), self.pending_grads,
-                                self.collector.full, self.step + 1, before_update=True)
+                                self.collector.full, self.step + 1, before_update=True,
+                                taken=taken)
 
     def end_step(self, skipped: bool = False) -> None:
         sampled = self.collector.full and not skipped
@@ -116,6 +122,7 @@ class StepEngine:
             self.amp_skipped += 1
         else:
             self._commit(grads, weights, updates)
+            self.params.recycle(grads)
         self.collector.end_step()
         if self.amp is not None:
             self.amp.new_step()

@@ -89,6 +89,7 @@ class FlagsToHost:
         self._first: int | None = None
         self._dropped = False
         self._seq = 0
+        self._held = False  # a slot may hold flags not polled yet
 
     def push(self, flags: Tensor, step: int, trace: Tensor | None = None,
              meta: Any = None) -> None:
@@ -103,6 +104,7 @@ class FlagsToHost:
                 slot.host[self._head: self._head + n_trace].copy_(trace)
             slot.event, slot.step, slot.meta, slot.n_trace = True, step, meta, n_trace
             slot.seq, slot.dropped = step, False
+            self._held = True
             return
         acc = self._acc
         acc[:, :2] += flags[:, :2]
@@ -124,6 +126,7 @@ class FlagsToHost:
         # a trace describes one step: kept only when the span is that one step
         whole = self._first == step
         slot.event, slot.seq, slot.step = ev, self._seq, step
+        self._held = True
         slot.meta, slot.n_trace = (meta, n_trace) if whole else (None, -1)
         slot.dropped = self._dropped or (trace is not None and not whole)
         self._first = None
@@ -149,6 +152,8 @@ class FlagsToHost:
     def poll(self) -> list[HostFlags]:
         """The flags that have reached the host, oldest first, for each step (or span) with
         a non-zero value; the arrays are copies, the slots are freed."""
+        if not self._held:  # nothing pushed since the last poll freed every slot
+            return []
         done = [s for s in self._slots
                 if s.event is not None and landed(s.event)]
         out = []
@@ -160,6 +165,7 @@ class FlagsToHost:
                 out.append(HostFlags(s.step, head[: self.n_layers].copy(), float(head[-1, 0]),
                                  trace, s.meta, s.dropped))
             s.event, s.meta = None, None
+        self._held = any(s.event is not None for s in self._slots)
         return out
 
 

@@ -11,7 +11,7 @@ rate limit and the message come from ``Rules.nonfinite_now``/``exploding_now``. 
 read op here: the host sees the flags through numpy views.
 
 On CPU, where device memory is host memory, the common step is checked once, at the first
-optimizer's pre-step (``take_trace``): the trace's rows (numpy views made with its log) and
+optimizer's pre-step (``take_trace``): the trace's rows (read in place, ``Rows.host_sum``) and
 the gradient norms (their sum from the C kernel that made them, else copied into a host
 buffer made once) are summed on the host. A finite sum means nothing for the origin to
 read: no payload is built, nothing examined. When that sum also bounds every layer's
@@ -152,22 +152,40 @@ class StepMonitor:
         head = torch.cat([flags, extra.unsqueeze(0)])
         self.to_host.push(head, step, payload if meta is not None else None, meta)
 
+    def start_take(self, step: int) -> tuple[Record, float | None] | None:
+        """CPU, before the step's gradients are read: its trace record, taken, and the sum
+        of its rows (None: no host view), for ``take_trace``. Done first so that the
+        Python code after the gradient pass, which evicts the caches, is short."""
+        tr, mf = self.collector.trace, self.collector.mflags
+        if ("commit" in self.guard.off or "trace" in self.guard.off or tr is None
+                or self.device.type != "cpu" or (mf is not None and mf.ran)
+                or self.trace_step == step or tr.empty()):
+            return None
+        try:
+            rec = tr.take_record()
+            return rec, tr.host_total(rec)
+        except Exception as e:
+            self.guard.fail("commit", "step commit", "*", e)
+            return None
+
     def take_trace(self, no_flags: torch.Tensor, grads: Any, sampled: bool, step: int,
-                   before_update: bool) -> None:
+                   before_update: bool,
+                   taken: tuple[Record, float | None] | None = None) -> None:
         """The step's trace to the host now (at the optimizer's pre-step), and on CPU read
-        at once: the weights a NaN may come from are still those the forward used."""
+        at once: the weights a NaN may come from are still those the forward used.
+        ``taken``: what ``start_take`` took of it."""
         tr, mf = self.collector.trace, self.collector.mflags
         if "commit" in self.guard.off or tr is None:
             return
-        compiled = mf is not None and mf.ran
-        if tr.empty() and not compiled:
-            return  # no forward since the last take (an optimizer stepping after the driver)
+        if taken is None:
+            if tr.empty() and not (mf is not None and mf.ran):
+                return  # no forward since the last take (an optimizer stepping after the driver)
+            taken = self.start_take(step)
         try:
             rec = None
-            if (self.device.type == "cpu" and not compiled and "trace" not in self.guard.off
-                    and self.trace_step != step):
-                rec = tr.take_record()
-                if self._finite(tr.host_rows(rec), grads):
+            if taken is not None:
+                rec, total = taken
+                if self._finite(total, grads):
                     # nothing non-finite in the forward, the backward or the gradients:
                     # nothing for the origin to read (the common step, checked on the host
                     # at once, no copy)
@@ -180,15 +198,14 @@ class StepMonitor:
             return
         self.poll()
 
-    def _finite(self, rows: Any, grads: Any) -> bool:
-        """CPU: every trace row (``rows``: ``StepTrace.host_rows``) and every
-        parameter-gradient norm is finite (their sum is; an overflowing sum takes the full
-        read, which tells). Shadow parameters (trainable, not watched) have no norm here:
-        with any of them the full read runs."""
+    def _finite(self, total: float | None, grads: Any) -> bool:
+        """CPU: every trace row (``total``: the sum of ``StepTrace.host_total``, None
+        without them) and every parameter-gradient norm is finite (their sum is; an
+        overflowing sum takes the full read, which tells). Shadow parameters (trainable,
+        not watched) have no norm here: with any of them the full read runs."""
         norms = None if grads is None else grads.norms
-        if rows is None or self.tracker.shadow:
+        if total is None or self.tracker.shadow:
             return False
-        total = sum(_host_sum(v) for v in rows)
         if norms is None:
             g = 0.0
         elif grads.norm_sum is not None:  # summed by the kernel that made the norms

@@ -243,6 +243,8 @@ class NonFiniteTracker:
 
     def settle(self) -> list[Found]:
         """Parameter checks that reached the host: ``forward_op`` or ``parameters``."""
+        if not self._pending:
+            return []
         out = []
         left = []
         for found, hv, m, exact in self._pending:

@@ -71,6 +71,9 @@ class ParamTracker:
         self._updating: frozenset[int] | None = None  # see before_update
         self._updated_cache: dict[frozenset[int] | None, Tensor] = {}
         self._w: _Weights | None = None
+        # the C kernel's output vectors, by (tensors, sampled): handed back by ``recycle``
+        # once a step's statistics are committed, so a step makes no tensor for them
+        self._outs: dict[tuple[int, int, bool], _Out] = {}
         # FSDP2: norms of local shards are partial; one all-reduce makes them global
         self._shards = shard_reducer(self.params)
 
@@ -131,14 +134,16 @@ class ParamTracker:
         idx, sqrt_numel, has, plan, kind, (numels, layers) = self._layout(
             present, grads)  # type: ignore[arg-type]
         L = self.n_layers
-        got = (K.layer_norms(grads, kind, numels, layers, L, sampled)  # type: ignore
-               if kind >= 0 else None)
-        if got is not None:  # CPU: the per-layer sums too, in the same C call
-            k = len(layers)
-            parts = got[0].split([k, L, L] + ([L, L] if sampled else []))
-            return ParamStepStats(parts[1], parts[2], parts[3] if sampled else None, has,
-                                  parts[4] if sampled else None, parts[0], idx,
-                                  norm_sum=got[1])
+        if kind >= 0:  # CPU: the per-layer sums too, in the same C call
+            out = self._outs.pop((len(layers), L, sampled), None) or _Out(len(layers), L,
+                                                                          sampled)
+            total = K.layer_norms(grads, kind, numels, layers, L, sampled,  # type: ignore
+                                  out.buf)
+            if total is not None:
+                v = out.parts
+                return ParamStepStats(v[1], v[2], v[3] if sampled else None, has,
+                                      v[4] if sampled else None, v[0], idx,
+                                      norm_sum=total, out=out)
         # one pack (into the plan's buffers) serves the norms and, when sampled, the max
         packed = plan.pack(grads, slot="grad") if plan.groups else grads  # type: ignore
         norms = plan.norms(packed)  # type: ignore[arg-type]
@@ -160,6 +165,13 @@ class ParamTracker:
                 gmax = self._shards.max_(gmax)
         gnorm = torch.sqrt(sq)
         return ParamStepStats(gnorm, gnorm / sqrt_numel, gmax, has, nonfinite, norms, idx)
+
+    def recycle(self, stats: ParamStepStats | None) -> None:
+        """``stats`` are committed and nothing else holds them (a step found finite): their
+        kernel output serves the next step."""
+        if stats is not None and stats.out is not None and stats.finite:
+            out, stats.out = stats.out, None
+            self._outs[out.key] = out
 
     # -- weights: norms after the update, and the update ratio's samples ---------------------
     def _weights(self) -> _Weights:
@@ -189,10 +201,11 @@ class ParamTracker:
         w = self._weights()
         L = self.n_layers
         if w.wkind >= 0:  # CPU: every parameter's norm and the per-layer ones, one C call
-            got = K.layer_norms(self.params, w.wkind, w.wnumels, w.wlayers, L, False)
-            if got is not None:
-                n = len(self.params)
-                return got[0][n: n + L] + self._nan_unowned
+            n = len(self.params)
+            out = torch.empty(n + 2 * L, dtype=torch.float32)
+            if K.layer_norms(self.params, w.wkind, w.wnumels, w.wlayers, L, False,
+                             out) is not None:
+                return out[n: n + L] + self._nan_unowned
         parts = []
         if w.views:
             parts.append(self._after_norms(w))
@@ -277,6 +290,20 @@ class ParamTracker:
             sq = self._shards.sum_(sq)
         r = torch.sqrt(sq)
         return r[0] / r[1] + self._nan_not_updated(self._updating)
+
+
+class _Out:
+    """The fp32 vector ``cpukernels.layer_norms`` writes for ``k`` tensors of ``L`` layers,
+    and its parts (``[norms | layer norm | layer RMS]``, with ``sampled`` also ``[layer max
+    |x| | layer non-finite]``) as views made once."""
+
+    __slots__ = ("key", "buf", "parts", "ptrs")
+
+    def __init__(self, k: int, L: int, sampled: bool) -> None:
+        self.key = (k, L, sampled)
+        self.buf = torch.empty(k + (4 if sampled else 2) * L, dtype=torch.float32)
+        self.parts = self.buf.split([k, L, L] + ([L, L] if sampled else []))
+        self.ptrs = tuple(t.data_ptr() for t in self.parts)  # for buffers.commit_step
 
 
 # a gradient list's layout: layer index, sqrt(numel) and presence per layer, the norm plan,

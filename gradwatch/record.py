@@ -18,8 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from gradwatch import cpukernels as K
 
 IN, OUT = 0, 1  # entry kinds: a tensor first seen as an input of a call, or an output
 
@@ -33,6 +36,7 @@ class Rows:
         self.t = torch.zeros(cap, dtype=torch.float32, device=device)
         self.rows = list(self.t.unbind())
         self.host = self.t.numpy() if device.type == "cpu" else None  # CPU: read as is
+        self.addr = self.t.data_ptr()
 
     def row(self, k: int) -> Tensor:
         if k >= len(self.rows):
@@ -43,9 +47,29 @@ class Rows:
         cap = max(need, 2 * len(self.rows))
         t = torch.zeros(cap, dtype=torch.float32, device=self.device)
         t[: self.t.numel()].copy_(self.t)
-        self.t, self.rows = t, list(t.unbind())
+        self.t, self.rows, self.addr = t, list(t.unbind()), t.data_ptr()
         if self.host is not None:
             self.host = t.numpy()
+
+    def host_sum(self, n: int) -> float | None:
+        """CPU: the sum of the first ``n`` rows, in double (finite when each row is),
+        read in place by one C call where the kernels are built (less code to run after a
+        backward that evicted the caches), else by numpy. None on other devices."""
+        if self.host is None:
+            return None
+        kernels = K._kernels
+        if kernels is not None:
+            return kernels.sum_f32(self.addr, n)
+        return float(self.host[:n].sum(dtype=np.float64))
+
+    def zero(self, n: int) -> None:
+        """The first ``n`` rows set to 0: in place by one C call on CPU where the kernels
+        are built, else one op (on the device's stream)."""
+        kernels = K._kernels
+        if kernels is not None and self.host is not None:
+            kernels.zero_f32(self.addr, n)
+        else:
+            self.t[:n].zero_()
 
 
 @dataclass

@@ -265,18 +265,21 @@ class Stepping:
             # only when the model ran since the last step: else these are the gradients
             # the last watcher.step() reported (it came before this optimizer step)
             if not closure and self._since > 0:
+                taken = w.start_take()
                 w.read_grads(only)
                 self._grads_at = (self._at_step, self._since)
-                w.take_trace()
+                w.take_trace(taken)
         else:
             if role == _COMPANION:
                 self._others += 1
                 self._other_names.add(_name(opt))
             if not closure:
-                w.read_grads(only)
                 # the step's forward and backward are done, no weight updated yet: the
-                # moment to read its non-finite trace (the first optimizer of the step)
-                w.take_trace()
+                # moment to read its non-finite trace (the first optimizer of the step),
+                # taken before the gradient pass, checked with its norms after it
+                taken = w.start_take()
+                w.read_grads(only)
+                w.take_trace(taken)
         if w.collector.full:  # a sampled step: the weights before the first update
             w.copy_before_update(only)
 

@@ -407,14 +407,14 @@ class StepTrace:
         """Views of the device rows of ``rec`` (forward rows, gradient rows)."""
         return self.fwd.t[: rec.n_rows], self.grads.t[: rec.n_grads]
 
-    def host_rows(self, rec: Record) -> tuple[Any, Any] | None:
-        """CPU: the rows of ``rec`` as numpy views made once (no op); None elsewhere."""
-        f, g = self.fwd.host, self.grads.host
-        return None if f is None or g is None else (f[: rec.n_rows], g[: rec.n_grads])
+    def host_total(self, rec: Record) -> float | None:
+        """CPU: the sum of the rows of ``rec`` (``Rows.host_sum``); None elsewhere."""
+        f, g = self.fwd.host_sum(rec.n_rows), self.grads.host_sum(rec.n_grads)
+        return None if f is None or g is None else f + g
 
     def take_record(self) -> Record:
         """This record, ended; starts a new record. The caller reads (or copies) its rows
-        (``views``, ``host_rows``), then ``clear(rec)``."""
+        (``views``, ``host_total``), then ``clear(rec)``."""
         rp = self._rp
         rec = self.rec
         if rp is not None:  # replayed: the template's calls, or the part that matched
@@ -431,7 +431,7 @@ class StepTrace:
         runs after the copy, in stream order): a hook that does not run in the next record
         leaves 0 (finite) in its row."""
         if rec.n_grads:
-            self.grads.t[: rec.n_grads].zero_()
+            self.grads.zero(rec.n_grads)
 
     def discard(self) -> None:
         """Drop this record (a step the GradScaler skipped: its gradients overflowed on

@@ -141,11 +141,10 @@ def test_tensors_the_kernels_do_not_take() -> None:
 
 def layer_norms(ts: list[torch.Tensor], layers: list[int], L: int, with_max: bool,
                 kind: int = 0) -> list[torch.Tensor] | None:
-    got = K.layer_norms(ts, kind, [t.numel() for t in ts], layers, L, with_max)
-    if got is None:
+    out = torch.full((len(ts) + (4 if with_max else 2) * L,), math.nan)
+    total = K.layer_norms(ts, kind, [t.numel() for t in ts], layers, L, with_max, out)
+    if total is None:
         return None
-    out, total = got
-    assert out.numel() == len(ts) + (4 if with_max else 2) * L
     parts = list(out.split([len(ts), L, L] + ([L, L] if with_max else [])))
     want = parts[0].double().sum().item()  # the sum of the norms, on the host
     assert total == want or (math.isnan(total) and math.isnan(want)) or abs(
@@ -200,7 +199,9 @@ def test_layer_norms_nan_inf_and_what_they_refuse() -> None:
     assert layer_norms([torch.randn(4, 5).t()], [0], 1, True) is None
     # a tensor of another size than the list was laid out with (a parameter whose .data
     # was replaced): not read past its end
-    assert K.layer_norms([a], 0, [101], [0], 1, True) is None
+    assert K.layer_norms([a], 0, [101], [0], 1, True, torch.empty(5)) is None
+    with pytest.raises(ValueError, match="out: 4 elements for 1 tensors"):
+        K.layer_norms([a], 0, [100], [0], 1, True, torch.empty(4))
     assert K.list_kind([a, a.double()]) == -1 and K.list_kind([a, torch.empty(0)]) == -1
 
 
@@ -343,3 +344,26 @@ def test_commit_refuses_what_it_does_not_take() -> None:
                     None, ())
     assert dst[:, 3].tolist() == [2.0] * 4 and dst[:, 5].tolist() == [1.0, 4.0, 7.0, 10.0]
     assert dst.sum().item() == 30.0
+
+
+def test_trace_rows_summed_and_zeroed_in_place(kernels):
+    # the trace's rows (record.Rows): summed in double on the host at the optimizer's
+    # pre-step (a NaN or Inf makes the sum so), their gradient rows zeroed after; by the C
+    # kernels, and by numpy and an op without them; the address follows a grown log
+    from gradwatch.record import Rows
+
+    rows = Rows(torch.device("cpu"), cap=8)
+    rows.t[:5] = torch.tensor([1.0, 2.0, 3.0, 4.0, 1e-8])
+    assert rows.host_sum(0) == 0.0 and rows.host_sum(3) == 6.0
+    assert rows.host_sum(5) == 10.0 + float(torch.tensor(1e-8))  # in double, as stored
+    rows.t[1] = math.nan
+    assert math.isnan(rows.host_sum(3)) and rows.host_sum(1) == 1.0
+    rows.t[1] = -math.inf
+    assert rows.host_sum(3) == -math.inf
+    rows.zero(2)
+    assert rows.t[:4].tolist() == [0.0, 0.0, 3.0, 4.0]
+    rows.row(20).fill_(7.0)  # grows the log: a new tensor, its address taken again
+    assert rows.t.numel() >= 21 and rows.addr == rows.t.data_ptr()
+    assert rows.host_sum(21) == 3.0 + 4.0 + float(torch.tensor(1e-8)) + 7.0
+    rows.zero(21)
+    assert rows.host_sum(rows.t.numel()) == 0.0

@@ -11,6 +11,8 @@ parameter's storage is replaced mid-run.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -122,3 +124,57 @@ def test_nonfinite_gradient_counted_on_a_sampled_step_from_the_same_pack(kernels
     w.close()
     assert snap.stats["4"]["nonfinite"] >= 1
     assert snap.stats["2"]["nonfinite"] == 0 and snap.stats["6"]["nonfinite"] == 0
+
+
+def test_light_steps_reuse_one_kernel_output_and_a_nonfinite_step_keeps_its_own():
+    # On CPU the C kernel writes a step's gradient norms into a vector made once and handed
+    # back at the step's commit. The window values stay exact over the reuse, and a step
+    # with a non-finite gradient keeps its vector: the next step does not write over what
+    # was read of it.
+    from gradwatch import cpukernels
+
+    assert cpukernels.AVAILABLE, "gradwatch._kernels was not built"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    w = gradwatch.watch(model, tensorboard=False, every=4, sample_every=10**6,
+                        on_alert="ignore")
+    params = w._engine.params
+    read = params.grad_stats
+    outs: list = []
+
+    def spy(*args, **kwargs):
+        got = read(*args, **kwargs)
+        outs.append(got.out)
+        return got
+
+    params.grad_stats = spy
+    want: dict[str, list[float]] = {"0": [], "2": []}
+    g = torch.Generator().manual_seed(1)
+    snaps = []
+    for i in range(7):
+        loss = model(torch.randn(5, 6, generator=g)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        if i == 5:
+            model[0].weight.grad[0, 0] = float("nan")
+        for name in want:
+            m = model[int(name)]
+            want[name].append(math.sqrt(sum(float((p.grad.double() ** 2).sum())
+                                            for p in m.parameters())))
+        opt.step()
+        if i == 3:
+            snaps.append(w.flush())
+    w.close()
+    # steps 0 and 4 are sampled (another vector, the first of each window); the light
+    # steps 1-3 and 5 share one
+    assert outs[1] is outs[2] is outs[3] is outs[5] and outs[0] is not outs[1]
+    assert outs[4] is outs[0]
+    # the non-finite step 5 keeps its own: step 6 writes another, step 5's NaN stays
+    assert outs[6] is not outs[5]
+    assert math.isnan(outs[5].parts[0][0].item()) and math.isnan(outs[5].parts[1][0].item())
+    for name, norms in want.items():
+        numel = sum(p.numel() for p in model[int(name)].parameters())
+        got = snaps[0].stats[name]
+        assert close(got["grad_norm"], sum(norms[:4]) / 4, rel=1e-5), name
+        assert close(got["grad_rms"], sum(norms[:4]) / 4 / math.sqrt(numel), rel=1e-5), name
