@@ -65,6 +65,7 @@ PARTS: tuple[tuple[str, str], ...] = (
     ("fold", "gradwatch.buffers:WindowBuffers.fold"),
     ("commit", "gradwatch.buffers:WindowBuffers.commit_step"),
     ("non-finite flags", "gradwatch.buffers:WindowBuffers.step_flags"),
+    ("non-finite flags", "gradwatch.monitor:StepMonitor.start_take"),
     ("non-finite flags", "gradwatch.monitor:StepMonitor.take_trace"),
     ("non-finite flags", "gradwatch.monitor:StepMonitor.send"),
     ("non-finite flags", "gradwatch.monitor:StepMonitor.poll"),
