@@ -59,7 +59,7 @@ class Rows:
             return None
         kernels = K._kernels
         if kernels is not None:
-            return kernels.sum_f32(self.addr, n)
+            return kernels.sum_f32(self.addr, self._within(n))
         return float(self.host[:n].sum(dtype=np.float64))
 
     def zero(self, n: int) -> None:
@@ -67,9 +67,15 @@ class Rows:
         are built, else one op (on the device's stream)."""
         kernels = K._kernels
         if kernels is not None and self.host is not None:
-            kernels.zero_f32(self.addr, n)
+            kernels.zero_f32(self.addr, self._within(n))
         else:
             self.t[:n].zero_()
+
+    def _within(self, n: int) -> int:
+        """``n``, checked against the log's length (the C calls read raw memory)."""
+        if not 0 <= n <= len(self.rows):
+            raise ValueError(f"rows: {n} of a log of {len(self.rows)}")
+        return n
 
 
 @dataclass

@@ -367,3 +367,9 @@ def test_trace_rows_summed_and_zeroed_in_place(kernels):
     assert rows.host_sum(21) == 3.0 + 4.0 + float(torch.tensor(1e-8)) + 7.0
     rows.zero(21)
     assert rows.host_sum(rows.t.numel()) == 0.0
+    if kernels != "PyTorch ops":  # the C calls read raw memory: never past the log
+        n = rows.t.numel()
+        with pytest.raises(ValueError, match=f"rows: {n + 1} of a log of {n}"):
+            rows.host_sum(n + 1)
+        with pytest.raises(ValueError, match=f"rows: -1 of a log of {n}"):
+            rows.zero(-1)
