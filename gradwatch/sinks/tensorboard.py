@@ -179,14 +179,14 @@ class _WindowTemplate:
         self._key = key
 
     def summary(self, stats: Mapping[str, Mapping[str, float]], amp_skipped: float,
-                snap: Snapshot | None = None) -> Any:
-        """The window's Summary: every non-NaN stat (layers and stats in ``stats``' order),
-        then ``AMP_SKIPPED_TAG``. ``snap``: the snapshot ``stats`` are of; one that keeps
-        its host array (``Snapshot.build``) gives the values in one read of it."""
+                snap: Snapshot | None = None) -> bytes:
+        """The window's serialized Summary: every non-NaN stat (layers and stats in
+        ``stats``' order), then ``AMP_SKIPPED_TAG``. ``snap``: the snapshot ``stats`` are
+        of; one that keeps its host array (``Snapshot.build``) gives the values in one read
+        of it."""
         import itertools
 
         import numpy as np
-        from tensorboard.compat.proto.summary_pb2 import Summary
 
         values = None if snap is None else snap.values
         lay = None if snap is None else snap.layout
@@ -210,9 +210,16 @@ class _WindowTemplate:
         nan = np.isnan(flat)
         if nan.any():
             buf = buf[~nan[self._owner]]
-        summary = Summary.FromString(buf.tobytes())
-        summary.value.add(tag=AMP_SKIPPED_TAG, simple_value=amp_skipped)
-        return summary
+        return buf.tobytes() + _values_bytes([(AMP_SKIPPED_TAG, amp_skipped)])
+
+
+def _values_bytes(values: Sequence[tuple[str, float]]) -> bytes:
+    """A serialized Summary of ``values`` (tag, simple_value): appended to another one's
+    bytes, its values follow that one's (a repeated field's records concatenate)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    return Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in values]
+                   ).SerializeToString()
 
 
 def _varint(n: int) -> bytes:
@@ -257,7 +264,7 @@ class TensorBoardSink:
             add_layers(w, layers, snap.step)
             self._layers_written = tuple(layers)
         if getattr(w, "_get_file_writer", None) is not None:
-            head: Any = self._template.summary(snap.stats, float(snap.amp_skipped), snap)
+            head = self._template.summary(snap.stats, float(snap.amp_skipped), snap)
             self._alerts(alerts, snap.step, [], head)
         else:
             values = [(scalar_tag(stat, layer), v) for layer, stats in snap.stats.items()
@@ -272,30 +279,30 @@ class TensorBoardSink:
         self._flushed = time.monotonic()
 
     def _write_window(self, values: Sequence[tuple[str, float]], step: int,
-                      head: Any = None) -> None:
+                      head: bytes = b"") -> None:
         """All scalars of a window in one event (one Summary with many values: the same
         records ``add_scalar`` writes one by one, at a fraction of the cost): ``head`` (a
-        Summary already holding the window's stats, or None) then ``values``. Writers other
-        than a SummaryWriter get ``add_scalar`` calls."""
+        serialized Summary holding the window's stats) then ``values``. The Event is parsed
+        once from its bytes (its summary is field 5) and handed to the file writer, which
+        sets its time and step and serialises it: ``add_summary`` would first copy the
+        Summary into a new Event, as long again as the parse. Writers other than a
+        SummaryWriter get ``add_scalar`` calls."""
         get = getattr(self.writer, "_get_file_writer", None)
         if get is None:
             for tag, v in values:
                 self.writer.add_scalar(tag, v, step)
             return
-        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.compat.proto.event_pb2 import Event
 
-        summary = head if head is not None else Summary()
-        add = summary.value.add
-        for t, v in values:
-            add(tag=t, simple_value=v)
-        get().add_summary(summary, step)
+        body = head + _values_bytes(values)
+        get().add_event(Event.FromString(b"\x2a" + _varint(len(body)) + body), step)
 
     def write_alerts(self, alerts: Sequence[Alert], step: int) -> None:
         """Alerts found between windows (a per-step alert): their counts and table."""
         self._alerts(alerts, step, [])
 
     def _alerts(self, alerts: Sequence[Alert], step: int,
-                values: list[tuple[str, float]], head: Any = None) -> None:
+                values: list[tuple[str, float]], head: bytes = b"") -> None:
         """``head`` (see ``_write_window``), ``values`` and the alert counts as one event at
         ``step``, then the table of every alert written at ``step`` (this call's and earlier
         calls' at the same step)."""
