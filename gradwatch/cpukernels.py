@@ -162,9 +162,7 @@ def add_columns(dst: Tensor, cols: Sequence[int], srcs: Sequence[Tensor]) -> boo
         if t.dtype is not torch.float32 or not t.is_cpu or t.shape != (rows,) or (
                 not t.is_contiguous()):
             return False
-    _kernels.add_columns(dst.data_ptr(), dst.shape[1], rows, cols,
-                         [t.data_ptr() for t in srcs])
-    return True
+    return add_at(dst, cols, [t.data_ptr() for t in srcs])
 
 
 def add_at(dst: Tensor, cols: Sequence[int], addrs: Sequence[int]) -> bool:

@@ -11,14 +11,14 @@ rate limit and the message come from ``Rules.nonfinite_now``/``exploding_now``. 
 read op here: the host sees the flags through numpy views.
 
 On CPU, where device memory is host memory, the common step is checked once, at the first
-optimizer's pre-step (``take_trace``): the trace's rows (read in place, ``Rows.host_sum``) and
-the gradient norms (their sum from the C kernel that made them, else copied into a host
-buffer made once) are summed on the host. A finite sum means nothing for the origin to
-read: no payload is built, nothing examined. When that sum also bounds every layer's
-gradient RMS under ``extreme_rms``, the step's flags at its end are neither built nor read
-(``clean``; a sampled step hands on its update ratios, ``see_updates``); otherwise they are
-read and examined as on CUDA, where every step's flags and trace are pushed to the host
-without a wait.
+optimizer's pre-step (``start_take`` before the gradient pass, ``take_trace`` after it): the
+trace's rows (read in place, ``Rows.host_sum``) and the gradient norms (their sum from the
+C kernel that made them, else copied into a host buffer made once) are summed on the host.
+A finite sum means nothing for the origin to read: no payload is built, nothing examined.
+When that sum also bounds every layer's gradient RMS under ``extreme_rms``, the step's
+flags at its end are neither built nor read (``clean``; a sampled step hands on its update
+ratios, ``see_updates``); otherwise they are read and examined as on CUDA, where every
+step's flags and trace are pushed to the host without a wait.
 """
 
 from __future__ import annotations

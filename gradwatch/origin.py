@@ -42,10 +42,10 @@ class ModelMap:
     hooked: list[bool]  # gradients hooked (``assembly.Parts.hooked``, the trace's list)
 
     @classmethod
-    def build(cls, modules: Sequence[tuple[str, nn.Module]], hooked: Sequence[bool]) -> ModelMap:
+    def build(cls, modules: Sequence[tuple[str, nn.Module]], hooked: list[bool]) -> ModelMap:
         """From ``named_modules()`` pairs (the root first); containment follows each
         module's children, so a module shared by two parents has both as ancestors.
-        ``hooked`` is kept as given when a list (the trace's, which it updates)."""
+        ``hooked`` is kept as given (the trace's list, which it updates)."""
         index = {id(m): i for i, (_, m) in enumerate(modules)}
         parents: list[set[int]] = [set() for _ in modules]
         for i, (_, m) in enumerate(modules):
@@ -72,7 +72,7 @@ class ModelMap:
             ancestors=ancestors,
             owns_params=[any(p is not None for p in m._parameters.values())
                          for _, m in modules],
-            hooked=hooked if isinstance(hooked, list) else list(hooked),  # shared
+            hooked=hooked,
         )
 
     def children_first(self) -> tuple[int, ...]:
