@@ -12,13 +12,17 @@ docs/real-models.md holds its output.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import sys
 import time
 
 import torch
 
-from tests.support.real_models import CASES, train
+# the repository's root, for the cases in tests/support (run as ``python benchmarks/...``)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tests.support.real_models import CASES, train  # noqa: E402
 
 HEADER = ("| case | model | what is broken | first alert | layer | cause | step | expected "
           "| verdict |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")

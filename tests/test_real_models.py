@@ -28,3 +28,18 @@ def test_real_model(case: Case) -> None:
     else:
         assert out.first is not None and out.first.kind == case.kind
         assert out.first.cause == case.cause and out.first.hint
+
+
+def test_the_table_script_runs_as_documented() -> None:
+    # ``python benchmarks/real_models.py CASE`` from the repository's root, as
+    # docs/real-models.md gives it: the case's row, right
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "benchmarks/real_models.py", "vit-nan-batch-keyword"],
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [r for r in done.stdout.splitlines() if r.startswith("| vit-nan-batch-keyword |")]
+    assert len(rows) == 1 and rows[0].endswith("| right |"), done.stdout[-2000:]
