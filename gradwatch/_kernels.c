@@ -220,6 +220,34 @@ CLONES static void sq_row(const void *x, Py_ssize_t n, int kind, float *out) {
     out[2] += isnan(d) ? 1.0f : 0.0f;
 }
 
+/* The fp32 sum of a contiguous tensor of n elements: the non-finite trace's check of one
+ * tensor (trace.py), where torch.sum(x, dtype=float32) was one op each. Four fp32 vector
+ * accumulators over blocks of BLOCK elements, each block added in double, the total rounded
+ * to fp32: a NaN, or infinities of both signs, make it NaN; infinities of one sign make it
+ * infinite; finite values whose sum passes the fp32 range make it infinite, as torch's fp32
+ * sum does. */
+CLONES static float sum_all(const void *x, Py_ssize_t n, int kind) {
+    const vf zero = (vf){0};
+    vf s0 = zero, s1 = zero, s2 = zero, s3 = zero;
+    double d = 0.0;
+    Py_ssize_t i = 0, inblock = 0;
+    for (; i + 4 * W <= n; i += 4 * W) {
+        s0 += load(x, i, kind);
+        s1 += load(x, i + W, kind);
+        s2 += load(x, i + 2 * W, kind);
+        s3 += load(x, i + 3 * W, kind);
+        inblock += 4 * W;
+        if (inblock >= BLOCK) {
+            d += hsum(s0 + s1) + hsum(s2 + s3);
+            s0 = s1 = s2 = s3 = zero;
+            inblock = 0;
+        }
+    }
+    d += hsum(s0 + s1) + hsum(s2 + s3);
+    for (; i < n; i++) d += load1(x, i, kind);
+    return (float)d;
+}
+
 /* The L2 norm of a contiguous tensor of n elements, and with want_max its max |x| (NaN
  * when it holds a NaN, as torch's amax gives): one pass. Σx² accumulated in double per
  * block, so a norm of finite values overflows only past the fp32 range itself. */
@@ -344,6 +372,23 @@ static PyObject *py_sq_row(PyObject *self, PyObject *const *args, Py_ssize_t nar
         return NULL;
     }
     sq_row(x, n, (int)kind, out);
+    Py_RETURN_NONE;
+}
+
+/* sum_row(x_ptr, n, kind, out_ptr) -> None: the fp32 value at out_ptr set to the sum of
+ * the n elements at x_ptr (0 for none) */
+static PyObject *py_sum_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (!nargs_ok(nargs, 4, "sum_row")) return NULL;
+    void *x = PyLong_AsVoidPtr(args[0]);
+    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
+    long kind = PyLong_AsLong(args[2]);
+    float *out = PyLong_AsVoidPtr(args[3]);
+    if (PyErr_Occurred()) return NULL;
+    if (out == NULL || n < 0 || (n > 0 && x == NULL) || (kind != F32 && kind != BF16)) {
+        PyErr_SetString(PyExc_ValueError, "sum_row: bad arguments");
+        return NULL;
+    }
+    *out = n > 0 ? sum_all(x, n, (int)kind) : 0.0f;
     Py_RETURN_NONE;
 }
 
@@ -791,6 +836,8 @@ static PyMethodDef methods[] = {
      "act_row(x_ptr, n, units, kind, bounded, c, r, slo, shi, out_ptr) -> bool"},
     {"sq_row", (PyCFunction)(void (*)(void))py_sq_row, METH_FASTCALL,
      "sq_row(x_ptr, n, kind, out_ptr) -> None"},
+    {"sum_row", (PyCFunction)(void (*)(void))py_sum_row, METH_FASTCALL,
+     "sum_row(x_ptr, n, kind, out_ptr) -> None"},
     {NULL, NULL, 0, NULL},
 };
 

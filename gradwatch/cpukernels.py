@@ -245,6 +245,24 @@ def _bounded_consts(bounds: tuple[float, float], margin: float, dtype: torch.dty
     return c, r, slo, shi
 
 
+def sum_into(t: Tensor, out: int) -> bool:
+    """The fp32 value at address ``out`` (a row of the non-finite trace's CPU log) set to
+    the sum of ``t``, as ``torch.sum(t, dtype=torch.float32)`` classes it (finite, NaN,
+    infinite), by one C call: ``kind_of`` inline (this runs for every checked tensor of
+    every step). False, nothing written, where the kernels do not take ``t``."""
+    if _kernels is None or not t.is_cpu or type(t) not in _PLAIN or t.layout != torch.strided:
+        return False
+    k = _KIND.get(t.dtype, -1)
+    if k < 0 or not t.is_contiguous() or t.is_neg():
+        return False
+    try:
+        ptr = t.data_ptr()
+    except RuntimeError:  # a tensor without storage (functional or batched wrappers)
+        return False
+    _kernels.sum_row(ptr, t.numel(), k, out)
+    return True
+
+
 def sq_row(t: Tensor, kind: int, out: int) -> bool:
     """An output gradient's element count, Σx² and NaN flag (1 when Σx² is NaN) added into
     the three fp32 values at address ``out`` (a layer's ``buffers.ST_GN``.. stage columns).

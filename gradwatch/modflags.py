@@ -12,8 +12,9 @@ from torch import Tensor
 from torch.utils._pytree import tree_leaves
 
 from gradwatch.handles import GradHook, grad_site
+from gradwatch.record import DIMS
 from gradwatch.stats import dense
-from gradwatch.trace import DIMS, _float
+from gradwatch.trace import _float
 
 # Columns of ``ModuleFlags``: NaN / Inf sums among a call's outputs, among its inputs, and
 # NaN among the gradients at its outputs and at its inputs (hooked modules only).

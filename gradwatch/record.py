@@ -24,6 +24,9 @@ from torch import Tensor
 
 from gradwatch import cpukernels as K
 
+#: ``torch.sum(x, DIMS[x.ndim], ..., out=row)`` reduces every dim into a 0-d row
+DIMS: tuple[tuple[int, ...], ...] = tuple(tuple(range(n)) for n in range(33))
+
 IN, OUT = 0, 1  # entry kinds: a tensor first seen as an input of a call, or an output
 
 
@@ -50,6 +53,16 @@ class Rows:
         self.t, self.rows, self.addr = t, list(t.unbind()), t.data_ptr()
         if self.host is not None:
             self.host = t.numpy()
+
+    def put_sum(self, k: int, t: Tensor) -> None:
+        """Row ``k`` = the fp32 sum of ``t`` (a dense tensor: NaN when it holds a NaN, ±Inf
+        when it holds infinities of one sign): on CPU one C call where the kernels take
+        ``t`` (``cpukernels.sum_into``: no op dispatched, no ``detach``), else one op."""
+        if k >= len(self.rows):
+            self._grow(k + 1)
+        if self.host is None or not K.sum_into(t, self.addr + 4 * k):
+            t = t.detach()
+            torch.sum(t, DIMS[t.ndim], dtype=torch.float32, out=self.rows[k])
 
     def host_sum(self, n: int) -> float | None:
         """CPU: the sum of the first ``n`` rows, in double (finite when each row is),

@@ -40,8 +40,6 @@ from gradwatch.structure import path_key, with_node
 
 OFF = "trace"  # the fault guard's name for this part
 
-#: ``torch.sum(x, DIMS[x.ndim], ..., out=row)`` reduces every dim into a 0-d row
-DIMS: tuple[tuple[int, ...], ...] = tuple(tuple(range(n)) for n in range(33))
 #: Entries per record before forward calls without a step (evaluation) are cut: a bound
 MAX_ENTRIES = 1 << 15
 
@@ -126,8 +124,7 @@ class StepTrace:
         rec = self.rec
         k = len(rec.ents)
         r = rec.n_rows
-        v = dense(x.detach())
-        torch.sum(v, DIMS[v.ndim], dtype=torch.float32, out=self.fwd.row(r))
+        self.fwd.put_sum(r, dense(x))
         rec.n_rows = r + 1
         if x.dtype is torch.float16:
             rec.half.append(r)
@@ -185,19 +182,15 @@ class StepTrace:
                 except RuntimeError:  # an inference tensor has no version: never held
                     ok = False
                 if ok:
-                    rows = self.fwd.rows
+                    put = self.fwd.put_sum
                     if xrow >= 0:
-                        torch.sum(x.detach(), DIMS[x.ndim], dtype=torch.float32,
-                                  out=rows[xrow])
+                        put(xrow, x)
                         if rp.hold[e]:
                             live[e] = hx
                         else:  # a model input, as a rule: kept for a step that departs
                             self._fresh.append((weakref.ref(x), hx[1], e))
                     if kind == R_CHECK:
-                        v_ = y.detach()
-                        if v_.is_nested:
-                            v_ = dense(v_)
-                        torch.sum(v_, DIMS[v_.ndim], dtype=torch.float32, out=rows[row])
+                        put(row, dense(y) if y.is_nested else y)
                     if hy is not None and kind != R_SAME and rp.hold[o]:
                         live[o] = hy
                     for d in ends:
@@ -270,15 +263,7 @@ class StepTrace:
                     outs = (seen[2],)  # handed on unchanged (an input, or a child's output)
                 else:  # _check, inline
                     r = rec.n_rows
-                    rows = self.fwd.rows
-                    try:
-                        out = rows[r]
-                    except IndexError:
-                        out = self.fwd.row(r)
-                    v_ = y.detach()
-                    if v_.is_nested:
-                        v_ = dense(v_)
-                    torch.sum(v_, DIMS[v_.ndim], dtype=torch.float32, out=out)
+                    self.fwd.put_sum(r, dense(y) if y.is_nested else y)
                     rec.n_rows = r + 1
                     if y.dtype is torch.float16:
                         rec.half.append(r)
@@ -396,8 +381,7 @@ class StepTrace:
     # -- backward -----------------------------------------------------------------------------
     def grad(self, j: int, g: Tensor) -> None:
         try:
-            v = dense(g.detach())
-            torch.sum(v, DIMS[v.ndim], dtype=torch.float32, out=self.grads.row(j))
+            self.grads.put_sum(j, dense(g))
             self.rec.fired.append(j)
         except Exception as e:
             self.guard.fail(OFF, "non-finite trace (gradients)", "*", e)

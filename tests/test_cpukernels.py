@@ -373,3 +373,57 @@ def test_trace_rows_summed_and_zeroed_in_place(kernels):
             rows.host_sum(n + 1)
         with pytest.raises(ValueError, match=f"rows: -1 of a log of {n}"):
             rows.zero(-1)
+
+
+def _check_cases() -> list[tuple[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    big = torch.randn(5000, generator=g)  # past one block of the kernel's fp32 sums
+    cases = [("finite", torch.randn(32, 640, generator=g)), ("odd size", torch.randn(7, 13)),
+             ("empty", torch.zeros(0, 4)), ("0-d", torch.tensor(2.5)), ("long", big),
+             ("bf16", torch.randn(33, 65, generator=g).bfloat16()),
+             ("fp16 (the op)", torch.randn(9, 9, generator=g).half()),
+             ("fp64 (the op)", torch.randn(9, 9, generator=g).double()),
+             ("transposed (the op)", torch.randn(40, 30, generator=g).t()),
+             ("requires grad", torch.randn(6, 70, generator=g).requires_grad_()),
+             ("overflow", torch.full((300,), 3e38))]
+    for name, at, v in [("nan", 4999, math.nan), ("+inf", 0, math.inf), ("-inf", 77, -math.inf)]:
+        t = big.clone()
+        t[at] = v
+        cases.append((name, t))
+    both = big.clone()
+    both[3], both[4000] = math.inf, -math.inf  # infinities of both signs: NaN
+    cases.append(("+inf and -inf", both))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(_check_cases())))
+def test_trace_check_sum_is_torch_sum(kernels, case: int) -> None:
+    # record.Rows.put_sum, the non-finite trace's check of one tensor: the row is NaN,
+    # +-Inf or finite as torch.sum(dtype=float32) makes it, finite sums as close to float64
+    # as fp32 allows; by one C call where the kernels take the tensor, else by the op; a row
+    # past the log grows it (the C call writes at the new address)
+    from gradwatch.record import Rows
+
+    name, t = _check_cases()[case]
+    rows = Rows(torch.device("cpu"), cap=4)
+    rows.put_sum(1, t)
+    rows.put_sum(9, t)
+    ref = torch.sum(t.detach(), dtype=torch.float32).item()
+    f64 = t.detach().double().sum().item()
+    assert rows.t.numel() >= 10 and rows.addr == rows.t.data_ptr()
+    for got in (rows.t[1].item(), rows.t[9].item()):
+        if math.isnan(ref):
+            assert math.isnan(got), name
+        elif math.isinf(ref):
+            assert got == ref, name
+        else:
+            assert got == pytest.approx(f64, rel=1e-5, abs=1e-4), name
+    assert rows.t[[0, 2, 3]].tolist() == [0.0, 0.0, 0.0]
+    out = torch.full((1,), 7.0)
+    took = K.sum_into(t, out.data_ptr())
+    if kernels == "PyTorch ops":
+        assert not took and out.item() == 7.0
+    else:
+        assert took == (name not in ("fp16 (the op)", "fp64 (the op)", "transposed (the op)"))
+        if took:
+            assert out.item() == rows.t[1].item() or math.isnan(out.item()) and math.isnan(ref)
