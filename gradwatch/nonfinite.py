@@ -121,7 +121,9 @@ class NonFiniteTracker:
         self.armed = True
         self.last_finite = 0  # the last step whose trace held no NaN
         self.last_bad = -1  # the last step whose trace held one
-        self.host_nf = np.zeros(len(chosen))  # light-step non-finite outputs per watched layer
+        # light-step non-finite outputs per watched layer; None while the window has none
+        self._n_watched = len(chosen)
+        self.host_nf: np.ndarray | None = None
         self._pending: list[tuple[Found, HostCopy, int, bool]] = []
 
     # -- training thread, end of a step (device ops only) -------------------------------------
@@ -262,10 +264,15 @@ class NonFiniteTracker:
         for m, _, outs in rec.calls:
             s = self.module_slot.get(m)
             if s is not None:
-                self.host_nf[s] += sum(1 for k in outs if st[k] in (O.NAN, O.INF))
+                n = sum(1 for k in outs if st[k] in (O.NAN, O.INF))
+                if n:
+                    if self.host_nf is None:
+                        self.host_nf = np.zeros(self._n_watched)
+                    self.host_nf[s] += n
 
-    def take_counts(self) -> np.ndarray:
-        out, self.host_nf = self.host_nf, np.zeros_like(self.host_nf)
+    def take_counts(self) -> np.ndarray | None:
+        """The window's light-step counts (None: none), handed over at its flush."""
+        out, self.host_nf = self.host_nf, None
         return out
 
     def _half(self, rec: Record, st: np.ndarray, o: O.Origin) -> bool:

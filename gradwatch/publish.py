@@ -38,6 +38,8 @@ class Publisher:
         self.inbox = inbox
         self.latest: Snapshot | None = None
         self._layout: Layout | None = None  # the last window's (``Snapshot.build``)
+        self._names: list[str] = []  # its layers in forward order (the rules' order)
+        self._layers: list[tuple[str, str]] = []  # all its layers (the sink's): name, type
         self.worker = Worker(lambda e: guard.report("background writer", "*", e, defer=True))
 
     # -- from the training thread -----------------------------------------------------------
@@ -94,15 +96,18 @@ class Publisher:
                 values[:, FINAL_KEYS.index(key)] += host_nf
         snap = Snapshot.build(step, values, self._infos, order, self._applies, amp,
                               self._layout)
-        self._layout = snap.layout
-        names = [self._infos[i].name for i in order]
+        if snap.layout is not self._layout:  # the names in forward order, with their types
+            lay = snap.layout
+            self._names = [self._infos[i].name for i in order]
+            # Snapshot.stats lists the layers in forward order, never-called ones last
+            self._layers = [(self._infos[i].name, self._infos[i].type_name)
+                            for i in lay.rows.tolist()] if lay is not None else []
+            self._layout = lay
+        names, layers = self._names, self._layers
         found = self._guard("rules", "rules", lambda: self._rules.evaluate(
             step, snap.stats, names, snap.act_nonfinite, snap.act_stuck)) or []
         self.latest = snap
         if self._sink is not None:
-            # Snapshot.stats lists the layers in forward order, never-called ones last
-            types = {i.name: i.type_name for i in self._infos}
-            layers = [(name, types[name]) for name in snap.stats]
             self._guard("sink", "TensorBoard sink",
                         lambda: self._sink.write(snap, found, force, layers))
             if self._pictures is not None and "sink" not in self.off:

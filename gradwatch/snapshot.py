@@ -34,8 +34,10 @@ def applicable(info: LayerInfo, has_optimizer: bool) -> tuple[str, ...]:
 
 _VALUE_COLS = np.array([W[v] for v, _ in FINAL_COLUMNS.values()])
 _COUNT_COLS = np.array([W[c] if c is not None else 0 for _, c in FINAL_COLUMNS.values()])
-_IS_MEAN = np.array([c is not None for _, c in FINAL_COLUMNS.values()])
-_NOT_DIVIDED = np.array([k in ("grad_max", "act_max") for k in FINAL_KEYS])
+_NOT_MEAN = np.array([c is None for _, c in FINAL_COLUMNS.values()])
+# read as they are (divided by 1): the max-reduced stats (masked by their count) and the
+# values that are not means
+_AS_IS = np.array([k in ("grad_max", "act_max") for k in FINAL_KEYS]) | _NOT_MEAN
 
 
 def final_values(window: np.ndarray) -> np.ndarray:
@@ -48,9 +50,11 @@ def final_values(window: np.ndarray) -> np.ndarray:
     training thread: the flush there is one copy of the window and its reset."""
     vals = window.take(_VALUE_COLS, axis=1)  # row-major, as the rows are read
     cnts = window.take(_COUNT_COLS, axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean = np.where(_NOT_DIVIDED, vals, vals / cnts)
-    return np.where(_IS_MEAN, np.where(cnts > 0, mean, np.float32(np.nan)), vals)
+    ok = cnts > 0
+    ok |= _NOT_MEAN
+    cnts[:, _AS_IS] = 1.0
+    out = np.full(vals.shape, np.nan, dtype=np.float32)
+    return np.divide(vals, cnts, out=out, where=ok)
 
 
 @dataclass

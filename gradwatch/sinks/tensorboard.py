@@ -8,6 +8,7 @@ values (never ``add_scalars``, which makes one event file per tag).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -210,12 +211,15 @@ class _WindowTemplate:
         nan = np.isnan(flat)
         if nan.any():
             buf = buf[~nan[self._owner]]
-        return buf.tobytes() + _values_bytes([(AMP_SKIPPED_TAG, amp_skipped)])
+        return buf.tobytes() + _values_bytes(((AMP_SKIPPED_TAG, amp_skipped),))
 
 
-def _values_bytes(values: Sequence[tuple[str, float]]) -> bytes:
+@functools.lru_cache(maxsize=256)
+def _values_bytes(values: tuple[tuple[str, float], ...]) -> bytes:
     """A serialized Summary of ``values`` (tag, simple_value): appended to another one's
-    bytes, its values follow that one's (a repeated field's records concatenate)."""
+    bytes, its values follow that one's (a repeated field's records concatenate). Kept
+    for the values seen last: a window's counts (alerts by kind, skipped AMP steps) are
+    the same from one window to the next."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     return Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in values]
@@ -294,7 +298,7 @@ class TensorBoardSink:
             return
         from tensorboard.compat.proto.event_pb2 import Event
 
-        body = head + _values_bytes(values)
+        body = head + _values_bytes(tuple(values))
         get().add_event(Event.FromString(b"\x2a" + _varint(len(body)) + body), step)
 
     def write_alerts(self, alerts: Sequence[Alert], step: int) -> None:
