@@ -423,21 +423,22 @@ static PyObject *py_zero_f32(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_NONE;
 }
 
-/* layer_norms(ptrs, numels, layers, n_layers, kind, out_ptr, with_max) -> float
+/* layer_norms(ptrs, numels, layers, n_layers, kind, out_ptr, with_max, empty) -> float
  *
  * Tensor i (ptrs[i], numels[i] elements) belongs to layer layers[i] < n_layers. Writes the
  * fp32 array at out_ptr: [norms (k) | layer norm (L) | layer RMS (L)], and with with_max
  * also [layer max |x| (L) | layer non-finite (L)]: each tensor's L2 norm; per layer the
- * norm of its tensors together, that over sqrt(its element count) (0 for a layer without
- * any), the max |x| (0 without any, NaN with a NaN) and the number of its tensors whose max
+ * norm of its tensors together, that over sqrt(its element count) (both ``empty`` for a
+ * layer without any: 0 for gradients, NaN for weight norms), the max |x| (0 without any, NaN with a NaN) and the number of its tensors whose max
  * |x| is not finite. Returns the sum of the tensors' norms (the host's finiteness check and
  * bound, monitor.StepMonitor._finite). */
 static PyObject *py_layer_norms(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (!nargs_ok(nargs, 7, "layer_norms")) return NULL;
+    if (!nargs_ok(nargs, 8, "layer_norms")) return NULL;
     Py_ssize_t L = PyLong_AsSsize_t(args[3]);
     long kind = PyLong_AsLong(args[4]);
     float *out = PyLong_AsVoidPtr(args[5]);
     int with_max = PyObject_IsTrue(args[6]);
+    float empty = (float)PyFloat_AsDouble(args[7]);
     if (PyErr_Occurred()) return NULL;
     PyObject *ptrs = NULL, *numels = NULL, *layers = NULL;
     double *acc = NULL;
@@ -483,6 +484,10 @@ static PyObject *py_layer_norms(PyObject *self, PyObject *const *args, Py_ssize_
         }
     }
     for (Py_ssize_t l = 0; l < L; l++) {
+        if (acc[2 * l + 1] == 0.0) { /* a layer without any tensor */
+            lnorm[l] = lrms[l] = empty;
+            continue;
+        }
         double nrm = sqrt(acc[2 * l]);
         lnorm[l] = (float)nrm;
         lrms[l] = (float)(nrm / sqrt(acc[2 * l + 1] > 1.0 ? acc[2 * l + 1] : 1.0));
@@ -831,7 +836,7 @@ static PyMethodDef methods[] = {
     {"sum_f32", (PyCFunction)(void (*)(void))py_sum_f32, METH_FASTCALL,
      "sum_f32(ptr, n) -> float"},
     {"layer_norms", (PyCFunction)(void (*)(void))py_layer_norms, METH_FASTCALL,
-     "layer_norms(ptrs, numels, layers, n_layers, kind, out_ptr, with_max) -> float"},
+     "layer_norms(ptrs, numels, layers, n_layers, kind, out_ptr, with_max, empty) -> float"},
     {"act_row", (PyCFunction)(void (*)(void))py_act_row, METH_FASTCALL,
      "act_row(x_ptr, n, units, kind, bounded, c, r, slo, shi, out_ptr) -> bool"},
     {"sq_row", (PyCFunction)(void (*)(void))py_sq_row, METH_FASTCALL,

@@ -65,27 +65,26 @@ def list_kind(tensors: Sequence[Tensor]) -> int:
 
 
 def layer_norms(tensors: Sequence[Tensor], kind: int, numels: Sequence[int],
-                layers: Sequence[int], n_layers: int, with_max: bool, out: Tensor
-                ) -> float | None:
+                layers: Sequence[int], n_layers: int, with_max: bool, out: Tensor,
+                empty: float = 0.0) -> float | None:
     """Per-tensor and per-layer gradient statistics of a list, from one C call: one pass
     over each tensor, nothing stacked or copied. Tensor ``i`` belongs to layer
     ``layers[i]``. Writes ``out`` (a contiguous fp32 CPU vector): ``[norms
     (len(tensors)) | layer norm | layer RMS]`` and with ``with_max`` also ``[layer max |x|
     | layer non-finite count]``, each part ``n_layers`` long (see ``_kernels.c``: a NaN
-    gives NaN, as the ops do). Returns the sum of the norms, on the host (CPU memory: the
-    kernel has it at hand).
+    gives NaN, as the ops do; a layer without any tensor has norm and RMS ``empty``).
+    Returns the sum of the norms, on the host (CPU memory: the kernel has it at hand).
 
     ``kind``, ``numels``: the list's ``list_kind`` and element counts, found once for a list
     whose tensors are made anew each step (gradients), checked again (``_addresses``).
-    None where the
-    kernel does not apply."""
+    None where the kernel does not apply."""
     ptrs = _addresses(tensors, kind, numels)
     if ptrs is None:
         return None
     if out.numel() != len(ptrs) + (4 if with_max else 2) * n_layers:
         raise ValueError(f"out: {out.numel()} elements for {len(ptrs)} tensors")
     return _kernels.layer_norms(ptrs, numels, layers, n_layers, kind, out.data_ptr(),
-                                with_max)
+                                with_max, empty)
 
 
 def _addresses(tensors: Sequence[Tensor], kind: int, numels: Sequence[int]

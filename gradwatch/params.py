@@ -74,6 +74,7 @@ class ParamTracker:
         # the C kernel's output vectors, by (tensors, sampled): handed back by ``recycle``
         # once a step's statistics are committed, so a step makes no tensor for them
         self._outs: dict[tuple[int, int, bool], _Out] = {}
+        self._wout: _Out | None = None  # the weight norms' (``weight_norms``)
         # FSDP2: norms of local shards are partial; one all-reduce makes them global
         self._shards = shard_reducer(self.params)
 
@@ -201,11 +202,14 @@ class ParamTracker:
         w = self._weights()
         L = self.n_layers
         if w.wkind >= 0:  # CPU: every parameter's norm and the per-layer ones, one C call
-            n = len(self.params)
-            out = torch.empty(n + 2 * L, dtype=torch.float32)
-            if K.layer_norms(self.params, w.wkind, w.wnumels, w.wlayers, L, False,
-                             out) is not None:
-                return out[n: n + L] + self._nan_unowned
+            # into a vector made once (committed within the step); NaN for a layer that
+            # owns no parameter (``_nan_unowned``): no op after the pass
+            out = self._wout
+            if out is None or out.key != (len(self.params), L, False):
+                out = self._wout = _Out(len(self.params), L, False)
+            if K.layer_norms(self.params, w.wkind, w.wnumels, w.wlayers, L, False, out.buf,
+                             math.nan) is not None:
+                return out.parts[1]
         parts = []
         if w.views:
             parts.append(self._after_norms(w))
@@ -273,9 +277,9 @@ class ParamTracker:
         snap, self._snap = self._snap, None
         if snap is not None:
             r = snap.ratios(self.n_layers)
-            if r is not None:
+            if r is not None and self._updating is not None:  # None: every view updated
                 return r + self._nan_not_updated(self._updating)
-            return None  # the parameters changed form during the step: not measured
+            return r  # None: the parameters changed form during the step, not measured
         if before is None:
             return None
         w = self._weights()

@@ -140,9 +140,10 @@ def test_tensors_the_kernels_do_not_take() -> None:
 
 
 def layer_norms(ts: list[torch.Tensor], layers: list[int], L: int, with_max: bool,
-                kind: int = 0) -> list[torch.Tensor] | None:
-    out = torch.full((len(ts) + (4 if with_max else 2) * L,), math.nan)
-    total = K.layer_norms(ts, kind, [t.numel() for t in ts], layers, L, with_max, out)
+                kind: int = 0, empty: float = 0.0) -> list[torch.Tensor] | None:
+    out = torch.full((len(ts) + (4 if with_max else 2) * L,), 7.0)
+    total = K.layer_norms(ts, kind, [t.numel() for t in ts], layers, L, with_max, out,
+                          empty)
     if total is None:
         return None
     parts = list(out.split([len(ts), L, L] + ([L, L] if with_max else [])))
@@ -154,20 +155,27 @@ def layer_norms(ts: list[torch.Tensor], layers: list[int], L: int, with_max: boo
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_max", [True, False])
-def test_layer_norms_match_float64(dtype: torch.dtype, with_max: bool) -> None:
+@pytest.mark.parametrize("empty", [0.0, math.nan])  # gradients' and weight norms' value
+def test_layer_norms_match_float64(dtype: torch.dtype, with_max: bool, empty: float) -> None:
     shapes = [(64, 64), (64,), (3,), (17, 5), (512, 512), (1,), (1000, 3)]
     ts = [torch.randn(s).to(dtype) * (k + 1) for k, s in enumerate(shapes)]
     layers = [0, 0, 2, 3, 3, 3, 1]  # layer 4 has no tensor
     L = 5
     kind = K.list_kind(ts)
     assert kind == K.kind_of(ts[0])
-    got = layer_norms(ts, layers, L, with_max, kind)
+    got = layer_norms(ts, layers, L, with_max, kind, empty)
     assert got is not None
     for k, t in enumerate(ts):
         ref = t.double().norm().item()
         assert abs(got[0][k].item() - ref) <= 1e-6 * ref
     for layer in range(L):
         mine = [t.double() for t, i in zip(ts, layers) if i == layer]
+        if not mine:  # a layer without a tensor: its norm and RMS are the value given
+            assert got[1][layer].item() == pytest.approx(empty, nan_ok=True)
+            assert got[2][layer].item() == pytest.approx(empty, nan_ok=True)
+            if with_max:
+                assert got[3][layer].item() == 0.0 and got[4][layer].item() == 0.0
+            continue
         sq = sum((t * t).sum().item() for t in mine)
         n = sum(t.numel() for t in mine)
         assert abs(got[1][layer].item() - math.sqrt(sq)) <= 1e-6 * math.sqrt(sq)
