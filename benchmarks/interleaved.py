@@ -118,7 +118,13 @@ def step(run: tuple[Any, ...]) -> tuple[float, ...]:
 def ready(workload: str, variants: list[str], warmup: int, dense: int,
           seed: int) -> dict[str, tuple[Any, ...]]:
     """A run of each variant (one thread), past ``warmup`` steps, and past ``dense`` for
-    ``default`` and ``every10`` (their densely sampled start); the heap collected."""
+    ``default`` and ``every10`` (their densely sampled start); the heap collected, then
+    frozen (``gc.freeze``, undone when the measure ends): the collector's full passes leave
+    out what was made before the measure. This process holds a model per variant (four
+    1,000-layer models), and a full pass over all of them took about 100 ms, landing in
+    whichever variant's step set it off (about one in 100 steps at 1,000 layers): up to 0.02
+    on a block's ratio, none of it any variant's own. What each variant allocates while it
+    runs is still collected, in its steps, young passes and full ones."""
     torch.set_num_threads(1)
     random.seed(seed)
     logdir = tempfile.mkdtemp(prefix="gradwatch-interleaved-")
@@ -127,6 +133,7 @@ def ready(workload: str, variants: list[str], warmup: int, dense: int,
         for _ in range(max(warmup, dense) if v in ("default", "every10") else warmup):
             step(run)
     gc.collect()
+    gc.freeze()
     return runs
 
 
@@ -136,10 +143,13 @@ def measure(workload: str, variants: list[str], steps: int, warmup: int,
     runs = ready(workload, variants, warmup, DENSE_START, seed)
     times: dict[str, list[tuple[float, ...]]] = {v: [] for v in variants}
     order = list(variants)
-    for _ in range(steps):
-        random.shuffle(order)
-        for v in order:
-            times[v].append(step(runs[v]))
+    try:
+        for _ in range(steps):
+            random.shuffle(order)
+            for v in order:
+                times[v].append(step(runs[v]))
+    finally:
+        gc.unfreeze()  # the runs can go when this returns
     return {v: [statistics.median(t[k] for t in ts) for k in range(len(PHASES) + len(HOOKS))]
             for v, ts in times.items()}
 
@@ -178,20 +188,23 @@ def measure_whole(workload: str, variants: list[str], blocks: int, warmup: int,
     totals: dict[str, list[float]] = {v: [] for v in variants}
     order = list(variants)
     clock = time.thread_time
-    for _ in range(blocks):
-        spent = dict.fromkeys(variants, 0.0)
-        for _ in range(BLOCK // SEGMENT):
-            random.shuffle(order)
-            for v in order:  # a run of consecutive steps of one variant: its cache warm
-                run = runs[v]
-                start = worker_clock(run)
-                for _ in range(SEGMENT):
-                    t = clock()
-                    step(run)
-                    spent[v] += clock() - t
-                spent[v] += worker_clock(run) - start
-        for v in variants:
-            totals[v].append(spent[v])
+    try:
+        for _ in range(blocks):
+            spent = dict.fromkeys(variants, 0.0)
+            for _ in range(BLOCK // SEGMENT):
+                random.shuffle(order)
+                for v in order:  # a run of consecutive steps of one variant: cache warm
+                    run = runs[v]
+                    start = worker_clock(run)
+                    for _ in range(SEGMENT):
+                        t = clock()
+                        step(run)
+                        spent[v] += clock() - t
+                    spent[v] += worker_clock(run) - start
+            for v in variants:
+                totals[v].append(spent[v])
+    finally:
+        gc.unfreeze()  # the runs can go when this returns
     return totals
 
 
@@ -208,9 +221,12 @@ def main_whole(a: argparse.Namespace, variants: list[str]) -> None:
               f"{statistics.median(r):8.3f}{f'{r[0]:.3f}-{r[-1]:.3f}':>14s}")
 
 
-#: ``--table``: the variants, and the blocks per workload (fewer where a step is slow).
+#: ``--table``: the variants, and the blocks per workload: at most 3 where a step is slow;
+#: 2-3x ``--whole`` on the chains, whose blocks take 1-6 s and whose ratios spread most
+#: (a fixed cost per step or per window is the largest part of their short steps)
 TABLE_VARIANTS = ("floor", "light", "default", "every10")
 TABLE_BLOCKS = {"transformer": 3, "gpt2": 3}
+TABLE_MORE = {"deep10": 3, "deep100": 3, "deep1000": 2}
 
 
 def table(blocks: int, seed: int, out: str | None) -> dict[str, Any]:
@@ -222,7 +238,7 @@ def table(blocks: int, seed: int, out: str | None) -> dict[str, Any]:
     t0 = time.time()
     summary: dict[str, Any] = {}
     for w in WORKLOADS:
-        n = min(blocks, TABLE_BLOCKS.get(w, blocks))
+        n = min(blocks, TABLE_BLOCKS[w]) if w in TABLE_BLOCKS else blocks * TABLE_MORE.get(w, 1)
         totals = measure_whole(w, list(TABLE_VARIANTS), n, 20, seed)
         ref = totals[TABLE_VARIANTS[0]]
         row: dict[str, Any] = {"blocks": n}

@@ -60,3 +60,34 @@ def test_whole_blocks_count_the_steps_and_the_background_threads(tmp_path) -> No
         step(run)
     assert worker_clock(run) > before
     watcher.close()
+
+
+def test_the_heap_is_frozen_only_while_measuring() -> None:
+    """The runs made before a measure are frozen out of the collector's full passes while
+    it runs (a full pass over four 1,000-layer models took about 100 ms, landing in
+    whichever variant set it off), and unfrozen when it returns, so they can be collected."""
+    import gc
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import interleaved
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    before = gc.get_freeze_count()  # what this suite's own fixture froze (conftest.py)
+    seen: list[int] = []
+    real_step = interleaved.step
+
+    def step(run):  # noqa: ANN001, ANN202 - the script's own signature
+        seen.append(gc.get_freeze_count())
+        return real_step(run)
+
+    interleaved.step = step
+    try:
+        totals = interleaved.measure_whole("deep10", ["floor", "light"], 1, 2, 0)
+    finally:
+        interleaved.step = real_step
+    assert set(totals) == {"floor", "light"} and all(len(t) == 1 for t in totals.values())
+    assert len(seen) == 2 * 2 + 2 * interleaved.BLOCK  # the warm-up, then one block each
+    assert seen[:4] == [before] * 4  # the warm-up: nothing more frozen
+    assert min(seen[4:]) > before  # the measured steps: the runs frozen
+    assert gc.get_freeze_count() == 0  # thawed when the measure returned
