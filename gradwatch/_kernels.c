@@ -228,23 +228,20 @@ CLONES static void sq_row(const void *x, Py_ssize_t n, int kind, float *out) {
  * sum does. */
 CLONES static float sum_all(const void *x, Py_ssize_t n, int kind) {
     const vf zero = (vf){0};
-    vf s0 = zero, s1 = zero, s2 = zero, s3 = zero;
     double d = 0.0;
-    Py_ssize_t i = 0, inblock = 0;
-    for (; i + 4 * W <= n; i += 4 * W) {
-        s0 += load(x, i, kind);
-        s1 += load(x, i + W, kind);
-        s2 += load(x, i + 2 * W, kind);
-        s3 += load(x, i + 3 * W, kind);
-        inblock += 4 * W;
-        if (inblock >= BLOCK) {
-            d += hsum(s0 + s1) + hsum(s2 + s3);
-            s0 = s1 = s2 = s3 = zero;
-            inblock = 0;
+    for (Py_ssize_t start = 0; start < n; start += BLOCK) { /* BLOCK: a multiple of 4 W */
+        const Py_ssize_t end = n - start > BLOCK ? start + BLOCK : n;
+        vf s0 = zero, s1 = zero, s2 = zero, s3 = zero;
+        Py_ssize_t i = start;
+        for (; i + 4 * W <= end; i += 4 * W) {
+            s0 += load(x, i, kind);
+            s1 += load(x, i + W, kind);
+            s2 += load(x, i + 2 * W, kind);
+            s3 += load(x, i + 3 * W, kind);
         }
+        d += hsum(s0 + s1) + hsum(s2 + s3);
+        for (; i < end; i++) d += load1(x, i, kind);
     }
-    d += hsum(s0 + s1) + hsum(s2 + s3);
-    for (; i < n; i++) d += load1(x, i, kind);
     return (float)d;
 }
 
