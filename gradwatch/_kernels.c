@@ -426,8 +426,9 @@ static PyObject *py_zero_f32(PyObject *self, PyObject *const *args, Py_ssize_t n
  * fp32 array at out_ptr: [norms (k) | layer norm (L) | layer RMS (L)], and with with_max
  * also [layer max |x| (L) | layer non-finite (L)]: each tensor's L2 norm; per layer the
  * norm of its tensors together, that over sqrt(its element count) (both ``empty`` for a
- * layer without any: 0 for gradients, NaN for weight norms), the max |x| (0 without any, NaN with a NaN) and the number of its tensors whose max
- * |x| is not finite. Returns the sum of the tensors' norms (the host's finiteness check and
+ * layer without any: 0 for gradients, NaN for weight norms), the max |x| (0 without any,
+ * NaN with a NaN) and the number of its tensors whose max |x| is not finite. Returns the
+ * sum of the tensors' norms (the host's finiteness check and
  * bound, monitor.StepMonitor._finite). */
 static PyObject *py_layer_norms(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (!nargs_ok(nargs, 8, "layer_norms")) return NULL;

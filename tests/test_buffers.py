@@ -40,3 +40,46 @@ def test_nan_off_the_sample_still_counts_as_nonfinite():
     buf.add_activation(0, vec, x.numel())
     flags = buf.step_flags(None)
     assert flags[0, 0].item() == 1.0 and buf.stage[0, ST_NF].item() == 1.0
+
+
+def test_final_values_divide_mask_and_keep_per_column():
+    """``snapshot.final_values``, element by element: a mean is its sum over its count in
+    fp32 (NaN for a zero count), a max-reduced stat is kept as it is where its count is
+    positive (NaN otherwise), a value without a count is kept; NaN and Inf sums included,
+    no warning raised."""
+    import warnings
+
+    import numpy as np
+
+    from gradwatch.buffers import FINAL_COLUMNS, W
+
+    rng = np.random.default_rng(7)
+    width = max(W.values()) + 1
+    for trial in range(200):
+        window = (rng.standard_normal((5, width)) * 10.0 ** rng.integers(-30, 30)).astype(
+            np.float32)
+        pick = rng.random(window.shape)
+        window[pick < 0.05] = np.nan
+        window[(pick >= 0.05) & (pick < 0.1)] = np.inf
+        window[(pick >= 0.1) & (pick < 0.15)] = -np.inf
+        for _, c in FINAL_COLUMNS.values():  # counts: whole, some of them zero
+            if c is not None:
+                window[:, W[c]] = rng.integers(0, 3, 5) * rng.integers(1, 1000, 5)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = final_values(window)
+        assert got.dtype == np.float32 and got.shape == (5, len(FINAL_KEYS))
+        for j, (key, (v, c)) in enumerate(FINAL_COLUMNS.items()):
+            assert FINAL_KEYS[j] == key
+            for i in range(5):
+                val = window[i, W[v]]
+                if c is None:
+                    want = val
+                elif window[i, W[c]] <= 0:
+                    want = np.float32(np.nan)
+                elif key in ("grad_max", "act_max"):
+                    want = val
+                else:
+                    want = np.float32(val / window[i, W[c]])
+                same = got[i, j] == want or (np.isnan(got[i, j]) and np.isnan(want))
+                assert same, (trial, key, i, got[i, j], want)
