@@ -356,36 +356,45 @@ static PyObject *py_act_row(PyObject *self, PyObject *const *args, Py_ssize_t na
                                    (float)slo, (float)shi, out, scratch));
 }
 
+/* The arguments (x_ptr, n, kind, out_ptr) of sq_row and sum_row, read and checked: 1, or 0
+ * with the error set. n may be 0 only where empty is allowed (then x_ptr may be 0). */
+static int row_args(PyObject *const *args, Py_ssize_t nargs, const char *name, int empty,
+                    void **x, Py_ssize_t *n, int *kind, float **out) {
+    if (!nargs_ok(nargs, 4, name)) return 0;
+    *x = PyLong_AsVoidPtr(args[0]);
+    *n = PyLong_AsSsize_t(args[1]);
+    long k = PyLong_AsLong(args[2]);
+    *out = PyLong_AsVoidPtr(args[3]);
+    if (PyErr_Occurred()) return 0;
+    if (*out == NULL || *n < (empty ? 0 : 1) || (*n > 0 && *x == NULL) ||
+        (k != F32 && k != BF16)) {
+        PyErr_Format(PyExc_ValueError, "%s: bad arguments", name);
+        return 0;
+    }
+    *kind = (int)k;
+    return 1;
+}
+
 /* sq_row(x_ptr, n, kind, out_ptr) -> None */
 static PyObject *py_sq_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (!nargs_ok(nargs, 4, "sq_row")) return NULL;
-    void *x = PyLong_AsVoidPtr(args[0]);
-    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
-    long kind = PyLong_AsLong(args[2]);
-    float *out = PyLong_AsVoidPtr(args[3]);
-    if (PyErr_Occurred()) return NULL;
-    if (x == NULL || out == NULL || n <= 0 || (kind != F32 && kind != BF16)) {
-        PyErr_SetString(PyExc_ValueError, "sq_row: bad arguments");
-        return NULL;
-    }
-    sq_row(x, n, (int)kind, out);
+    void *x;
+    Py_ssize_t n;
+    int kind;
+    float *out;
+    if (!row_args(args, nargs, "sq_row", 0, &x, &n, &kind, &out)) return NULL;
+    sq_row(x, n, kind, out);
     Py_RETURN_NONE;
 }
 
 /* sum_row(x_ptr, n, kind, out_ptr) -> None: the fp32 value at out_ptr set to the sum of
  * the n elements at x_ptr (0 for none) */
 static PyObject *py_sum_row(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (!nargs_ok(nargs, 4, "sum_row")) return NULL;
-    void *x = PyLong_AsVoidPtr(args[0]);
-    Py_ssize_t n = PyLong_AsSsize_t(args[1]);
-    long kind = PyLong_AsLong(args[2]);
-    float *out = PyLong_AsVoidPtr(args[3]);
-    if (PyErr_Occurred()) return NULL;
-    if (out == NULL || n < 0 || (n > 0 && x == NULL) || (kind != F32 && kind != BF16)) {
-        PyErr_SetString(PyExc_ValueError, "sum_row: bad arguments");
-        return NULL;
-    }
-    *out = n > 0 ? sum_all(x, n, (int)kind) : 0.0f;
+    void *x;
+    Py_ssize_t n;
+    int kind;
+    float *out;
+    if (!row_args(args, nargs, "sum_row", 1, &x, &n, &kind, &out)) return NULL;
+    *out = n > 0 ? sum_all(x, n, kind) : 0.0f;
     Py_RETURN_NONE;
 }
 

@@ -96,12 +96,12 @@ class Publisher:
                 values[:, FINAL_KEYS.index(key)] += host_nf
         snap = Snapshot.build(step, values, self._infos, order, self._applies, amp,
                               self._layout)
-        if snap.layout is not self._layout:  # the names in forward order, with their types
-            lay = snap.layout
-            self._names = [self._infos[i].name for i in order]
-            # Snapshot.stats lists the layers in forward order, never-called ones last
-            self._layers = [(self._infos[i].name, self._infos[i].type_name)
-                            for i in lay.rows.tolist()] if lay is not None else []
+        lay = snap.layout
+        if lay is not None and lay is not self._layout:  # a new layout: its names and types
+            # its rows: the layers in forward order, never-called ones last
+            self._names = list(lay.names[: len(order)])
+            self._layers = [(name, self._infos[i].type_name)
+                            for name, i in zip(lay.names, lay.rows.tolist())]
             self._layout = lay
         names, layers = self._names, self._layers
         found = self._guard("rules", "rules", lambda: self._rules.evaluate(
