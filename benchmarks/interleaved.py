@@ -16,16 +16,18 @@ default window: its flush and its 10 sampled steps; ten ``every=10`` windows), m
 of 20 consecutive steps of one variant, the variants' runs in a shuffled order. A block's
 cost is the CPU time of the training thread in its steps plus the CPU time the variant's
 background threads (its flush: gradwatch's writer with the rules and the event, and
-TensorBoard's thread writing the records to the file) spent on it, read from their own
-clocks. The ratio of each block to the first variant's block of the same round, median over
-rounds: the cost of the default and of ``every=10`` in steady state, everything included,
-side by side. (Runs, not single steps in turn: a model that does not fit the cache beside
-the others' was slowed alike in every variant, which shrinks every ratio -- deep100's floor
-step took 1.5x longer so; not whole blocks in turn either: the machine's speed drifts over
-the seconds a block takes, which moved a block's ratio by up to 0.07. What is left of the
-first: the first two steps of a run find a cold cache, about 5 ms more per run of 20 steps
-of the 10-layer model (5% of the run; 0.5% at 1,000 layers), paid by every variant alike,
-which shrinks an excess over the floor by as much.)
+TensorBoard's thread writing the records to the file) spent since the variant's run before,
+read from their own clocks without waiting for them (a loop does not wait: a window still
+being written counts in the variant's next run). The ratio of each block to the first
+variant's block of the same round, median over rounds: the cost of the default and of
+``every=10`` in steady state, everything included, side by side. (Runs, not single steps in
+turn: a model that does not fit the cache beside the others' was slowed alike in every
+variant, which shrinks every ratio -- deep100's floor step took 1.5x longer so; not whole
+blocks in turn either: the machine's speed drifts over the seconds a block takes, which
+moved a block's ratio by up to 0.07. What is left of the first: the first two steps of a
+run find a cold cache, about 5 ms more per run of 20 steps of the 10-layer model (5% of the
+run; 0.5% at 1,000 layers), paid by every variant alike, which shrinks an excess over the
+floor by as much.)
 
 ``--hooks`` also times the optimizer-step hooks themselves: gradwatch's (torch's global
 pre- and post-step hooks, ``gradwatch.stepping``) and the floor's pre-step hook, per step.
@@ -161,15 +163,16 @@ SEGMENT = 20
 
 
 def worker_clock(run: tuple[Any, ...]) -> float:
-    """CPU seconds the run's background threads have spent so far (0 without any), once the
-    jobs queued to gradwatch's writer so far have run: gradwatch's writer thread (rules,
-    the window's event) and TensorBoard's own thread that writes the records to the file
-    (its queue is not waited for: what it has left counts in the next block)."""
+    """CPU seconds the run's background threads have spent so far (0 without any):
+    gradwatch's writer thread (rules, the window's event) and TensorBoard's own thread that
+    writes the records to the file. Read as they are, waiting for nothing, as a training
+    loop never waits for them: ``measure_whole`` counts each read's growth since the
+    variant's read before, so what a thread does between two runs of its variant counts in
+    the next one."""
     watcher = run[-1]
     worker = getattr(getattr(watcher, "_publish", None), "worker", None)
     if worker is None:
         return 0.0
-    worker.join()
     threads = [worker._thread]
     file_writer = getattr(getattr(getattr(watcher, "_sink", None), "writer", None),
                           "file_writer", None)
@@ -188,6 +191,7 @@ def measure_whole(workload: str, variants: list[str], blocks: int, warmup: int,
     totals: dict[str, list[float]] = {v: [] for v in variants}
     order = list(variants)
     clock = time.thread_time
+    seen = {v: worker_clock(runs[v]) for v in variants}  # background CPU counted so far
     try:
         for _ in range(blocks):
             spent = dict.fromkeys(variants, 0.0)
@@ -195,12 +199,13 @@ def measure_whole(workload: str, variants: list[str], blocks: int, warmup: int,
                 random.shuffle(order)
                 for v in order:  # a run of consecutive steps of one variant: cache warm
                     run = runs[v]
-                    start = worker_clock(run)
                     for _ in range(SEGMENT):
                         t = clock()
                         step(run)
                         spent[v] += clock() - t
-                    spent[v] += worker_clock(run) - start
+                    now = worker_clock(run)
+                    spent[v] += now - seen[v]
+                    seen[v] = now
             for v in variants:
                 totals[v].append(spent[v])
     finally:

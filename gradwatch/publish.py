@@ -48,7 +48,7 @@ class Publisher:
         """Queue a window; ``force``: push it to disk now (an explicit flush); ``host_nf``:
         per layer, non-finite outputs counted on the host (light steps, from the trace)."""
         self.worker.submit(lambda: self._process(step, copy, order, amp, hist, force,
-                                                 host_nf))
+                                                 host_nf), later=not force)
 
     def flush_sink(self) -> None:
         """Queue a writer flush (an explicit flush of an empty window)."""

@@ -1,4 +1,15 @@
-"""The background thread that runs the rules and the sinks off the training thread."""
+"""The background thread that runs the rules and the sinks off the training thread.
+
+Waking a sleeping thread costs both threads: the training thread a system call, the woken
+thread a cold start (its first numpy call after a wake took 5x its warm time), and the
+writer thread of TensorBoard a wake of its own per event. Windows a few tens of
+milliseconds apart (``every=10`` on a small model) paid that on every window. So a window
+handed over less than ``BATCH_SECS`` after the one before waits for the worker's next tick
+(``submit(later=True)``): the training thread only appends it to a list, and the worker,
+which keeps ticking while windows keep coming, takes every waiting one in one wake. A
+window after a quiet spell is taken at once; anything that reads or waits (``join``,
+``close``) and any other job hands the waiting ones over first, in order.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +17,11 @@ import queue
 import threading
 import time
 from typing import Callable
+
+#: The longest a window waits on the training thread for the worker's next tick (seconds).
+BATCH_SECS = 1.0
+
+Job = Callable[[], None]
 
 
 class WorkerThread(threading.Thread):
@@ -21,12 +37,16 @@ class Worker:
     """
 
     def __init__(self, on_error: Callable[[BaseException], None]) -> None:
-        self._q: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._q: queue.Queue[Job | None] = queue.Queue()
         self._on_error = on_error
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()  # re-entrant: see Watcher._lock
+        self._later: list[Job] = []  # jobs waiting for the next tick, in order
+        self._ticking = False  # the worker takes ``_later`` every BATCH_SECS
 
-    def submit(self, job: Callable[[], None]) -> None:
+    def submit(self, job: Job, later: bool = False) -> None:
+        """Queue ``job``; ``later``: it may wait for the worker's next tick (at most
+        ``BATCH_SECS``) if the worker is already ticking."""
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 thread = WorkerThread(target=self._run, name="gradwatch-worker",
@@ -34,12 +54,29 @@ class Worker:
                 try:
                     thread.start()
                 except RuntimeError:  # interpreter shutting down: no new threads
-                    self._run_inline(job)
+                    jobs, self._later = self._later + [job], []
+                    for j in jobs:
+                        self._run_inline(j)
                     return
                 self._thread = thread
-        self._q.put(job)
+                self._ticking = False
+            if later:
+                self._later.append(job)
+                if self._ticking:
+                    return
+                self._ticking = True
+                self._hand_over()
+                return
+            self._hand_over()
+            self._q.put(job)
 
-    def _run_inline(self, job: Callable[[], None]) -> None:
+    def _hand_over(self) -> None:
+        """(Under ``_lock``.) The jobs waiting for a tick into the queue."""
+        for j in self._later:
+            self._q.put(j)
+        self._later.clear()
+
+    def _run_inline(self, job: Job) -> None:
         try:
             job()
         except BaseException as e:  # noqa: BLE001 - reported, never propagated
@@ -49,7 +86,10 @@ class Worker:
                 pass
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until every submitted job has run; False if ``timeout`` ran out first."""
+        """Wait until every submitted job has run, the ones waiting for a tick included;
+        False if ``timeout`` ran out first."""
+        with self._lock:
+            self._hand_over()
         if self._thread is None or not self._thread.is_alive():
             return True
         if timeout is None:
@@ -70,21 +110,32 @@ class Worker:
         return isinstance(threading.current_thread(), WorkerThread)
 
     def stop_later(self) -> None:
-        """End the thread once the jobs queued so far have run; waits for nothing."""
+        """End the thread once the jobs submitted so far have run; waits for nothing."""
         with self._lock:
             if self._thread is not None and self._thread.is_alive():
+                self._hand_over()
                 self._q.put(None)
 
     def close(self, timeout: float | None = None) -> None:
         t = self._thread
         if t is not None and t.is_alive():
-            self._q.put(None)
+            with self._lock:
+                self._hand_over()
+                self._q.put(None)
             t.join(timeout)
         self._thread = None
 
     def _run(self) -> None:
         while True:
-            job = self._q.get()
+            try:  # ticking: wake every BATCH_SECS for the jobs that waited
+                job = self._q.get(timeout=BATCH_SECS if self._ticking else None)
+            except queue.Empty:
+                with self._lock:
+                    if self._later:
+                        self._hand_over()
+                    else:  # nothing came in a tick: sleep until a job wakes the thread
+                        self._ticking = False
+                continue
             try:
                 if job is None:
                     return

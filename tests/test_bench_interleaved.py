@@ -58,6 +58,7 @@ def test_whole_blocks_count_the_steps_and_the_background_threads(tmp_path) -> No
     before = worker_clock(run)
     for _ in range(20):  # two more flushes
         step(run)
+    watcher._publish.worker.join()  # (the clock waits for nothing: a loop does not)
     assert worker_clock(run) > before
     watcher.close()
 

@@ -354,7 +354,9 @@ def test_only_raise_stops_training() -> None:
     base = make_model()
     th = {"vanishing_rms": 10.0, "patience": 1}
     with pytest.raises(gradwatch.GradientAlertError) as e:
-        train(base, {"tensorboard": False, "on_alert": "raise", "thresholds": th})
+        _, _, w = train(base, {"tensorboard": False, "on_alert": "raise", "thresholds": th})
+        assert w is not None
+        w.flush()  # (the window's rules run off the training thread: flush waits for them)
     assert e.value.alert.kind == "vanishing" and e.value.alert.step == EVERY
     # the raise left it watching (its global optimizer hooks too): close it, which flushes
     # and raises the next alert of the same kind
