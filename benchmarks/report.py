@@ -325,7 +325,9 @@ def render_interleaved(il: dict[str, Any]) -> list[str]:
         "consecutive steps of one variant, the variants in a shuffled order. A block's cost is "
         "the CPU time of the training thread in its steps plus the CPU time of the variant's "
         "background threads (gradwatch's writer: the rules and the window's event; "
-        "TensorBoard's thread writing the file), read from their own clocks. Each cell: the "
+        "TensorBoard's thread writing the file), read from their own clocks without waiting "
+        "for them (what they do between two turns of a variant counts in its next turn). "
+        "Each cell: the "
         "median over blocks of the ratio to the floor's block (min–max), after the first 200 "
         "steps. What slows the machine slows every variant of a block alike, so these ratios "
         "move by less than those of separate processes above.", "",

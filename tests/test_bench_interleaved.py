@@ -92,3 +92,17 @@ def test_the_heap_is_frozen_only_while_measuring() -> None:
     assert seen[:4] == [before] * 4  # the warm-up: nothing more frozen
     assert min(seen[4:]) > before  # the measured steps: the runs frozen
     assert gc.get_freeze_count() == 0  # thawed when the measure returned
+
+
+def test_windows_benchmark_counts_each_thread() -> None:
+    """``benchmarks/windows.py``: both hand-over modes run, and each thread's CPU is read."""
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "windows.py"), "--workload", "deep10",
+         "--steps", "40", "--rounds", "2"],
+        capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [line.rsplit(None, 5) for line in out.splitlines()
+            if line.startswith(("one by one", "a tick at a time"))]
+    assert [r[0] for r in rows] == ["one by one", "a tick at a time"]
+    for _, train, flush, writer, tb, bg in rows:
+        assert float(train) > 0 and float(flush) > 0 and float(writer) > 0
+        assert float(tb) >= 0 and float(bg) > 0
