@@ -45,8 +45,9 @@ class Publisher:
     # -- from the training thread -----------------------------------------------------------
     def window(self, step: int, copy: HostCopy, order: list[int], amp: int,
                hist: Any = None, force: bool = False, host_nf: Any = None) -> None:
-        """Queue a window; ``force``: push it to disk now (an explicit flush); ``host_nf``:
-        per layer, non-finite outputs counted on the host (light steps, from the trace)."""
+        """Queue a window (it may wait for the worker's next tick, ``worker.py``);
+        ``force``: taken at once and pushed to disk (an explicit flush); ``host_nf``: per
+        layer, non-finite outputs counted on the host (light steps, from the trace)."""
         self.worker.submit(lambda: self._process(step, copy, order, amp, hist, force,
                                                  host_nf), later=not force)
 
