@@ -32,12 +32,15 @@ sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 from _common import WORKLOADS  # noqa: E402
-from interleaved import worker_clock  # noqa: E402
+from interleaved import step, worker_clock  # noqa: E402
 
 MODES = ("one by one", "a tick at a time")
 
 
-def build(workload: str, every: int, logdir: str, one_by_one: bool) -> tuple[Any, ...]:
+def build(workload: str, every: int, logdir: str, one_by_one: bool,
+          flushes: list[float]) -> tuple[Any, ...]:
+    """A run as ``interleaved.step`` takes it; ``flushes`` gets the training thread's CPU
+    seconds of each of its flushes."""
     import gradwatch
 
     torch.manual_seed(0)
@@ -48,7 +51,6 @@ def build(workload: str, every: int, logdir: str, one_by_one: bool) -> tuple[Any
         worker = w._publish.worker
         submit = worker.submit
         worker.submit = lambda job, later=False: submit(job, False)
-    flushes: list[float] = []
     engine = w._engine
     launch = engine.launch_flush
 
@@ -58,14 +60,7 @@ def build(workload: str, every: int, logdir: str, one_by_one: bool) -> tuple[Any
         flushes.append(time.thread_time() - t)
 
     engine.launch_flush = timed
-    return model, x, y, lossf, opt, w, flushes
-
-
-def step(run: tuple[Any, ...]) -> None:
-    model, x, y, lossf, opt = run[:5]
-    opt.zero_grad(set_to_none=True)
-    lossf(model(x), y).backward()
-    opt.step()
+    return model, x, y, lossf, opt, w
 
 
 def threads(run: tuple[Any, ...]) -> tuple[float, float]:
@@ -84,8 +79,9 @@ def measure(workload: str, every: int, steps: int, rounds: int, seed: int) -> di
     torch.set_num_threads(1)
     random.seed(seed)
     logdir = tempfile.mkdtemp(prefix="gradwatch-windows-")
-    runs = {m: build(workload, every, os.path.join(logdir, str(k)), m == MODES[0])
-            for k, m in enumerate(MODES)}
+    flushes: dict[str, list[float]] = {m: [] for m in MODES}
+    runs = {m: build(workload, every, os.path.join(logdir, str(k)), m == MODES[0],
+                     flushes[m]) for k, m in enumerate(MODES)}
     for run in runs.values():
         for _ in range(110 + every - 110 % every):  # past the dense start, on a window's end
             step(run)
@@ -100,7 +96,7 @@ def measure(workload: str, every: int, steps: int, rounds: int, seed: int) -> di
             random.shuffle(order)
             for m in order:
                 run = runs[m]
-                run[6].clear()
+                flushes[m].clear()
                 t = time.thread_time()
                 for _ in range(steps):
                     step(run)
@@ -110,7 +106,7 @@ def measure(workload: str, every: int, steps: int, rounds: int, seed: int) -> di
                 per[m]["train"].append(1e3 * spent / steps)
                 per[m]["writer"].append(1e3 * (now[0] - seen[m][0]) / windows)
                 per[m]["tensorboard"].append(1e3 * (now[1] - seen[m][1]) / windows)
-                per[m]["flush"].append(1e6 * statistics.median(run[6]))
+                per[m]["flush"].append(1e6 * statistics.median(flushes[m]))
                 seen[m] = now
     finally:
         gc.unfreeze()

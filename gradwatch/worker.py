@@ -48,27 +48,24 @@ class Worker:
         """Queue ``job``; ``later``: it may wait for the worker's next tick (at most
         ``BATCH_SECS``) if the worker is already ticking."""
         with self._lock:
+            self._later.append(job)  # behind the ones waiting: jobs run in submission order
             if self._thread is None or not self._thread.is_alive():
                 thread = WorkerThread(target=self._run, name="gradwatch-worker",
                                       daemon=True)
                 try:
                     thread.start()
                 except RuntimeError:  # interpreter shutting down: no new threads
-                    jobs, self._later = self._later + [job], []
+                    jobs, self._later = self._later, []
                     for j in jobs:
                         self._run_inline(j)
                     return
                 self._thread = thread
                 self._ticking = False
             if later:
-                self._later.append(job)
                 if self._ticking:
-                    return
+                    return  # taken at the worker's next tick
                 self._ticking = True
-                self._hand_over()
-                return
             self._hand_over()
-            self._q.put(job)
 
     def _hand_over(self) -> None:
         """(Under ``_lock``.) The jobs waiting for a tick into the queue."""
